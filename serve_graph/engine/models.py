@@ -1,0 +1,189 @@
+"""Model loading through Demucs' own path, and random-weight models in Demucs' checkpoint format.
+
+`load_model` goes through `demucs.pretrained.get_model`: a pretrained name (downloaded by Demucs
+into its caches) or a name/signature from a local model repo folder, which holds
+`<sig>-<checksum>.th` checkpoints and `<name>.yaml` bags. When weights are missing the error names
+the file and where to put it, since this may run where nothing can be downloaded.
+"""
+import hashlib
+import io
+import typing as tp
+from fractions import Fraction
+from pathlib import Path
+
+import torch as th
+import yaml
+from demucs.apply import BagOfModels
+from demucs.htdemucs import HTDemucs
+from demucs.pretrained import REMOTE_ROOT, ROOT_URL, _parse_remote_files, get_model
+from demucs.repo import LocalRepo, ModelLoadingError
+
+from .errors import ModelNotFoundError
+from .windows import ModelGeometry
+
+DEFAULT_MODEL = "htdemucs"
+SOURCES = ["drums", "bass", "other", "vocals"]
+
+# The architecture of the pretrained `htdemucs` (signature 955717e8), from its checkpoint's kwargs.
+HTDEMUCS_KWARGS: tp.Dict[str, tp.Any] = dict(
+    sources=SOURCES, audio_channels=2, samplerate=44100, segment=Fraction(39, 5),
+    channels=48, growth=2, nfft=4096, depth=4, rewrite=True, cac=True,
+    wiener_iters=0, end_iters=0, freq_emb=0.2, emb_scale=10, emb_smooth=True,
+    kernel_size=8, stride=4, time_stride=2, context=1, context_enc=0,
+    norm_starts=4, norm_groups=4, dconv_mode=3, dconv_depth=2, dconv_comp=8, dconv_init=1e-3,
+    bottom_channels=512, t_layers=5, t_hidden_scale=4.0, t_heads=8, t_dropout=0.0,
+    t_emb="sin", t_layer_scale=True, t_gelu=True, rescale=0.1,
+)
+
+# A few-thousand-parameter HTDemucs with the same code paths, for tests (1 s segment).
+TINY_KWARGS: tp.Dict[str, tp.Any] = dict(
+    sources=SOURCES, audio_channels=2, samplerate=44100, segment=Fraction(1, 1),
+    channels=8, growth=2, nfft=64, depth=2, dconv_comp=4, t_layers=1, t_heads=2,
+    t_hidden_scale=1.0, bottom_channels=0, norm_starts=4,
+)
+
+Model = tp.Union[th.nn.Module, BagOfModels]
+
+
+def load_model(name: str = DEFAULT_MODEL, repo: tp.Optional[tp.Union[str, Path]] = None) -> Model:
+    """Load `name` (pretrained name, bag name or signature) the way `demucs.separate -n name
+    [--repo repo]` does. Raises `ModelNotFoundError` saying which file is missing and where."""
+    if repo is not None:
+        repo = Path(repo)
+        _check_local_repo(name, repo)
+        try:
+            model = get_model(name, repo=repo)
+        except ModelLoadingError as exc:
+            raise ModelNotFoundError(f"model repo {repo}: {exc}") from exc
+    else:
+        try:
+            model = get_model(name)
+        except Exception as exc:  # network errors, missing cache, unknown name
+            raise ModelNotFoundError(_remote_hint(name, exc)) from exc
+    model.eval()
+    return model
+
+
+def _check_local_repo(name: str, repo: Path) -> None:
+    if not repo.is_dir():
+        raise ModelNotFoundError(
+            f"model repo {repo} is not a directory: create it and put the model's "
+            f"checkpoint(s) <signature>-<checksum>.th and bag file {name}.yaml in it")
+    checkpoints = LocalRepo(repo).list_model()
+    if name in checkpoints:
+        return
+    bag_file = repo / f"{name}.yaml"
+    if not bag_file.is_file():
+        raise ModelNotFoundError(
+            f"model {name!r} not found in {repo}: expected {bag_file} (a bag listing "
+            f"signatures) or a checkpoint {repo}/{name}-<checksum>.th")
+    signatures = yaml.safe_load(bag_file.read_text())["models"]
+    urls = _parse_remote_files(REMOTE_ROOT / "files.txt")
+    for sig in signatures:
+        if sig not in checkpoints:
+            source = f" (download it from {urls[sig]})" if sig in urls else ""
+            raise ModelNotFoundError(
+                f"model {name!r} needs checkpoint {sig}-<checksum>.th, missing from "
+                f"{repo}{source}: put the file in {repo}")
+
+
+def _remote_hint(name: str, exc: BaseException) -> str:
+    bag_file = REMOTE_ROOT / f"{name}.yaml"
+    cache = Path(th.hub.get_dir()) / "checkpoints"
+    hint = (f"could not load pretrained model {name!r} ({type(exc).__name__}: {exc}). "
+            f"Without internet, put its checkpoint(s) in {cache}, or in a folder together with "
+            f"a copy of {bag_file} and pass that folder as the model repo")
+    if bag_file.is_file():
+        urls = _parse_remote_files(REMOTE_ROOT / "files.txt")
+        sigs = yaml.safe_load(bag_file.read_text())["models"]
+        files = [urls.get(sig, f"{sig}-<checksum>.th") for sig in sigs]
+        hint += ": " + ", ".join(files)
+    return hint
+
+
+def sub_models(model: Model) -> tp.List[th.nn.Module]:
+    """The models of a bag, or `[model]`."""
+    return list(model.models) if isinstance(model, BagOfModels) else [model]
+
+
+def model_geometry(model: Model) -> ModelGeometry:
+    """Segment and input lengths (samples) of each sub-model, sources and bag weights."""
+    models = sub_models(model)
+    segment_lengths = tuple(int(m.samplerate * m.segment) for m in models)
+    input_lengths = tuple(_input_length_rule(m, length)
+                          for m, length in zip(models, segment_lengths))
+    if isinstance(model, BagOfModels):
+        weights = tuple(tuple(float(w) for w in ws) for ws in model.weights)
+    else:
+        weights = (tuple(1. for _ in model.sources),)
+    return ModelGeometry(model.samplerate, model.audio_channels, tuple(model.sources),
+                         segment_lengths, input_lengths, weights, isinstance(model, BagOfModels),
+                         tuple(_forward_draw_bound(m) for m in models))
+
+
+def _forward_draw_bound(model: th.nn.Module) -> int:
+    """`n` when a forward of `model` calls `random.randrange(n)` once, else 0."""
+    transformer = getattr(model, "crosstransformer", None)
+    if isinstance(model, HTDemucs) and transformer is not None and transformer.emb == "sin":
+        return transformer.sin_random_shift + 1
+    return 0
+
+
+def _input_length_rule(model: th.nn.Module, segment_length: int):
+    if isinstance(model, HTDemucs) and model.use_train_segment:
+        return int(model.segment * model.samplerate)
+    if hasattr(model, "valid_length"):
+        return tuple(model.valid_length(length) for length in range(1, segment_length + 1))
+    return tuple(range(1, segment_length + 1))
+
+
+def build_htdemucs(kwargs: tp.Optional[dict] = None, seed: int = 0) -> HTDemucs:
+    """An HTDemucs (full-size `htdemucs` architecture by default) with random weights."""
+    th.manual_seed(seed)
+    model = HTDemucs(**dict(HTDEMUCS_KWARGS if kwargs is None else kwargs))
+    return model.eval()
+
+
+def save_checkpoint(model: th.nn.Module, repo: tp.Union[str, Path], sig: str) -> Path:
+    """Save `model` as Demucs does (`states.serialize_model` + `save_with_checksum`):
+    `{klass, args, kwargs, state}` in `repo/<sig>-<sha256[:8]>.th`."""
+    args, kwargs = model._init_args_kwargs
+    package = {"klass": model.__class__, "args": args, "kwargs": kwargs,
+               "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "training_args": {}}
+    buf = io.BytesIO()
+    th.save(package, buf)
+    checksum = hashlib.sha256(buf.getvalue()).hexdigest()[:8]
+    path = Path(repo) / f"{sig}-{checksum}.th"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def save_bag(repo: tp.Union[str, Path], name: str, signatures: tp.List[str],
+             weights: tp.Optional[tp.List[tp.List[float]]] = None,
+             segment: tp.Optional[float] = None) -> Path:
+    """Write the bag file `repo/<name>.yaml` that Demucs' `BagOnlyRepo` reads."""
+    bag: tp.Dict[str, tp.Any] = {"models": list(signatures)}
+    if weights is not None:
+        bag["weights"] = weights
+    if segment is not None:
+        bag["segment"] = segment
+    path = Path(repo) / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(bag))
+    return path
+
+
+def make_random_repo(repo: tp.Union[str, Path], name: str = DEFAULT_MODEL, size: str = "full",
+                     num_models: int = 1, weights: tp.Optional[tp.List[tp.List[float]]] = None,
+                     seed: int = 0) -> Path:
+    """Create a local model repo holding bag `name` of `num_models` random HTDemucs
+    (`size` "full": the htdemucs architecture, "tiny": for tests). Returns the repo folder."""
+    kwargs = {"full": HTDEMUCS_KWARGS, "tiny": TINY_KWARGS}[size]
+    signatures = []
+    for index in range(num_models):
+        sig = hashlib.sha1(f"{name}-{size}-{seed}-{index}".encode()).hexdigest()[:8]
+        save_checkpoint(build_htdemucs(kwargs, seed=seed + index), repo, sig)
+        signatures.append(sig)
+    save_bag(repo, name, signatures, weights)
+    return Path(repo)

@@ -1,0 +1,262 @@
+"""Window plan, transition weights and overlap-add: the arithmetic of `demucs.apply.apply_model`.
+
+`apply_model` recurses (bag of models -> shifts -> split -> one chunk) and runs one chunk at a
+time. Here the same recursion is flattened into a `Plan`: a list of `Window`s, each an independent
+model call, so that windows can be batched together (across songs, too) and their outputs
+overlap-added afterwards in any order.
+
+Conventions: a mix is a float32 tensor `[C, T]` (C audio channels, T samples at the model rate).
+Positions and lengths are in samples. A *pass* is one model of the bag at one shift offset; it
+sees the mix through a *view* (the shifted signal of `apply_model`), which it splits into windows
+of the model's segment length with the given overlap.
+"""
+import random
+import typing as tp
+from dataclasses import dataclass
+
+import torch as th
+from torch.nn import functional as F
+
+MAX_SHIFT_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What planning needs to know of a model or bag of models, without the weights.
+
+    `input_lengths[m]` is the fixed model input length (samples) of sub-model `m` when the model
+    always runs on windows of one length (HTDemucs), else a table: entry `L - 1` is the model's
+    `valid_length(L)` for a window of `L` samples. `forward_draws[m]` is `n` when every forward
+    of sub-model `m` calls `random.randrange(n)` once (HTDemucs' sin embedding does), else 0.
+    """
+    samplerate: int
+    audio_channels: int
+    sources: tp.Tuple[str, ...]
+    segment_lengths: tp.Tuple[int, ...]
+    input_lengths: tp.Tuple[tp.Union[int, tp.Tuple[int, ...]], ...]
+    weights: tp.Tuple[tp.Tuple[float, ...], ...]
+    is_bag: bool = False
+    forward_draws: tp.Tuple[int, ...] = ()
+
+    @property
+    def num_models(self) -> int:
+        return len(self.segment_lengths)
+
+    def input_length(self, model_index: int, length: int) -> int:
+        """Samples fed to sub-model `model_index` for a window of `length` samples."""
+        rule = self.input_lengths[model_index]
+        return rule if isinstance(rule, int) else rule[length - 1]
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One model of the bag at one shift.
+
+    `view_start` is where the pass's view begins in mix coordinates (negative with a shift: the
+    view starts inside the zero padding), `view_length` its length in samples; `shift` is the
+    offset drawn for this pass (None without shifts).
+    """
+    model_index: int
+    shift: tp.Optional[int]
+    view_start: int
+    view_length: int
+    segment_length: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """One model call: `input_length` samples of the mix from `input_start` (mix coordinates,
+    zero outside the mix) go in; the centre `length` samples of the output are added at `offset`
+    of pass `pass_index`'s view."""
+    index: int
+    pass_index: int
+    model_index: int
+    offset: int
+    length: int
+    input_start: int
+    input_length: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """All windows of one separation of a mix of `length` samples."""
+    length: int
+    shifts: int
+    max_shift: int
+    transition_power: float
+    passes: tp.Tuple[Pass, ...]
+    windows: tp.Tuple[Window, ...]
+
+    def windows_of_pass(self, pass_index: int) -> tp.List[Window]:
+        return [w for w in self.windows if w.pass_index == pass_index]
+
+
+def normalise(wav: th.Tensor) -> tp.Tuple[th.Tensor, float, float]:
+    """Normalise a mix `[C, T]` by the mean and std of its channel mean, as
+    `demucs.api.Separator.separate_tensor` does. Returns `(normalised [C, T], mean, std)`."""
+    ref = wav.mean(0)
+    mean = ref.mean()
+    std = ref.std() + 1e-8
+    return (wav - mean) / std, float(mean), float(std)
+
+
+def denormalise(stems: th.Tensor, mean: float, std: float) -> th.Tensor:
+    """Undo `normalise` on stems `[S, C, T]`."""
+    return stems * std + mean
+
+
+def plan_windows(length: int, geometry: ModelGeometry, shifts: int = 1, overlap: float = 0.25,
+                 seed: tp.Optional[int] = 0, offsets: tp.Optional[tp.List[tp.List[int]]] = None,
+                 transition_power: float = 1.) -> Plan:
+    """Plan the windows of a separation of `length` samples.
+
+    Shift offsets are `offsets[model][shift]` when given, else drawn from `random.Random(seed)`
+    (seed None: the global `random`) in `apply_model`'s order: model by model, shift by shift,
+    with the draws that the model's forward makes for each window of a pass in between, so that
+    seeding the global RNG with `seed` makes `apply_model` draw the very same offsets.
+    """
+    if length <= 0:
+        raise ValueError("cannot separate an empty signal")
+    if not 0 <= overlap < 1:
+        raise ValueError("overlap must be in [0, 1)")
+    if transition_power < 1:
+        raise ValueError("transition_power < 1 leads to weird behavior")
+    rng = random if seed is None else random.Random(seed)
+    max_shift = int(MAX_SHIFT_SECONDS * geometry.samplerate)
+    passes: tp.List[Pass] = []
+    windows: tp.List[Window] = []
+    for model_index, segment_length in enumerate(geometry.segment_lengths):
+        for shift_index in range(max(shifts, 1)):
+            if shifts:
+                shift = (rng.randint(0, max_shift) if offsets is None
+                         else offsets[model_index][shift_index])
+                pass_ = Pass(model_index, shift, shift - max_shift, length + max_shift - shift,
+                             segment_length)
+            else:
+                pass_ = Pass(model_index, None, 0, length, segment_length)
+            passes.append(pass_)
+            pass_windows = _split(pass_, len(passes) - 1, len(windows), overlap, geometry)
+            windows.extend(pass_windows)
+            draw_bound = geometry.forward_draws[model_index]
+            if shifts and offsets is None and draw_bound:
+                for _ in pass_windows:
+                    rng.randrange(draw_bound)  # type: ignore
+    return Plan(length, shifts, max_shift, transition_power, tuple(passes), tuple(windows))
+
+
+def _split(pass_: Pass, pass_index: int, first_index: int, overlap: float,
+           geometry: ModelGeometry) -> tp.List[Window]:
+    """The windows of one pass: `apply_model`'s split branch."""
+    stride = int((1 - overlap) * pass_.segment_length)
+    windows = []
+    for offset in range(0, pass_.view_length, stride):
+        chunk = min(pass_.segment_length, pass_.view_length - offset)
+        input_length = geometry.input_length(pass_.model_index, chunk)
+        start = pass_.view_start + offset - (input_length - chunk) // 2
+        windows.append(Window(first_index + len(windows), pass_index, pass_.model_index, offset,
+                              chunk, start, input_length))
+    return windows
+
+
+def window_input(mix: th.Tensor, window: Window) -> th.Tensor:
+    """The model input of `window`: `[C, input_length]` samples of `mix [C, T]` from
+    `window.input_start`, zero-padded where it reaches outside the mix (`TensorChunk.padded`)."""
+    total = mix.shape[-1]
+    start, end = window.input_start, window.input_start + window.input_length
+    inside = mix[..., max(0, start):min(total, end)]
+    return F.pad(inside, (max(0, start) - start, end - min(total, end)))
+
+
+def center_trim(output: th.Tensor, length: int) -> th.Tensor:
+    """Keep the centre `length` samples of `output [..., L]`; an odd extra sample goes right."""
+    delta = output.shape[-1] - length
+    if delta < 0:
+        raise ValueError(f"output of {output.shape[-1]} samples is shorter than {length}")
+    return output[..., delta // 2:output.shape[-1] - (delta - delta // 2)]
+
+
+def transition_weight(segment_length: int, power: float = 1.,
+                      device: tp.Union[str, th.device] = 'cpu') -> th.Tensor:
+    """Triangle weight `[segment_length]`, maximal in the middle of a window, as in `apply_model`."""
+    weight = th.cat([th.arange(1, segment_length // 2 + 1, device=device),
+                     th.arange(segment_length - segment_length // 2, 0, -1, device=device)])
+    return (weight / weight.max())**power
+
+
+class OverlapAdd:
+    """Accumulates window outputs `[S, C, window.length]` of a `Plan` into stems `[S, C, T]`.
+
+    Windows may be added in any order. A pass's buffers live only until its last window is in:
+    then it is normalised by its summed weights, cropped back to mix coordinates and added to its
+    model's estimate, in the order of operations of `apply_model`.
+    """
+
+    def __init__(self, plan: Plan, geometry: ModelGeometry):
+        self.plan = plan
+        self.geometry = geometry
+        self._pending = [0] * len(plan.passes)
+        for window in plan.windows:
+            self._pending[window.pass_index] += 1
+        self._pass_out: tp.Dict[int, th.Tensor] = {}
+        self._pass_weight: tp.Dict[int, th.Tensor] = {}
+        self._model_out: tp.Dict[int, th.Tensor] = {}
+        self._weights: tp.Dict[int, th.Tensor] = {}
+
+    @property
+    def done(self) -> bool:
+        return not any(self._pending)
+
+    def add(self, window: Window, output: th.Tensor) -> None:
+        """Add the trimmed output `[S, C, window.length]` of `window`."""
+        index = window.pass_index
+        pass_ = self.plan.passes[index]
+        if index not in self._pass_out:
+            shape = (output.shape[0], output.shape[1], pass_.view_length)
+            self._pass_out[index] = th.zeros(shape, dtype=output.dtype)
+            self._pass_weight[index] = th.zeros(pass_.view_length, dtype=output.dtype)
+        weight = self._transition(pass_.segment_length)[:window.length]
+        span = slice(window.offset, window.offset + window.length)
+        self._pass_out[index][..., span] += weight * output
+        self._pass_weight[index][span] += weight
+        self._pending[index] -= 1
+        if self._pending[index] == 0:
+            self._finish_pass(index)
+
+    def _transition(self, segment_length: int) -> th.Tensor:
+        if segment_length not in self._weights:
+            self._weights[segment_length] = transition_weight(segment_length,
+                                                              self.plan.transition_power)
+        return self._weights[segment_length]
+
+    def _finish_pass(self, index: int) -> None:
+        pass_ = self.plan.passes[index]
+        out = self._pass_out.pop(index)
+        sum_weight = self._pass_weight.pop(index)
+        assert sum_weight.min() > 0
+        out /= sum_weight
+        if pass_.shift is not None:
+            out = out[..., self.plan.max_shift - pass_.shift:]
+        model_out = self._model_out.get(pass_.model_index)
+        self._model_out[pass_.model_index] = out if model_out is None else model_out + out
+
+    def result(self) -> th.Tensor:
+        """Stems `[S, C, T]` (normalised domain) once every window was added."""
+        if not self.done:
+            raise RuntimeError(f"{sum(self._pending)} windows are still missing")
+        if self.plan.shifts:
+            for out in self._model_out.values():
+                out /= self.plan.shifts
+        if not self.geometry.is_bag:
+            return self._model_out[0]
+        estimates: tp.Union[float, th.Tensor] = 0.
+        totals = [0.] * len(self.geometry.sources)
+        for model_index, model_weights in enumerate(self.geometry.weights):
+            out = self._model_out[model_index]
+            for k, inst_weight in enumerate(model_weights):
+                out[k] *= inst_weight
+                totals[k] += inst_weight
+            estimates = estimates + out
+        assert isinstance(estimates, th.Tensor)
+        for k in range(estimates.shape[0]):
+            estimates[k] /= totals[k]
+        return estimates

@@ -1,0 +1,71 @@
+"""Command line: `python -m serve_graph separate song.mp3 -o stems.zip` (the local twin of
+`POST /separate`) and `python -m serve_graph serve` (the Ray Serve graph)."""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .engine import (DEFAULT_MODEL, PRECISIONS, ModelNotFoundError, ModelRunner,
+                     SeparationError, SeparationOptions, load_model, separate_to_zip)
+
+MODEL_ENV, REPO_ENV = "SERVE_GRAPH_MODEL", "SERVE_GRAPH_MODEL_REPO"
+
+
+def _separate_parser(sub) -> None:
+    p = sub.add_parser("separate", help="separate one audio file into a ZIP of stems")
+    p.add_argument("audio_file", type=Path)
+    p.add_argument("-o", "--output", type=Path,
+                   help="ZIP to write (default: <audio_file stem>_stems.zip beside the input)")
+    p.add_argument("--two-stems", choices=["vocals", "drums", "bass", "other"])
+    p.add_argument("--shifts", type=int, default=1)
+    p.add_argument("--overlap", type=float, default=0.25)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--wav", action="store_true", help="WAV stems instead of MP3")
+    fmt.add_argument("--flac", action="store_true", help="FLAC stems instead of MP3")
+    p.add_argument("--wav-depth", default="int16", choices=["int16", "int24", "float32"])
+    p.add_argument("--mp3-bitrate", type=int, default=192)
+    p.add_argument("--seed", type=int, default=0, help="seed of the shift offsets")
+    p.add_argument("--model", default=os.environ.get(MODEL_ENV, DEFAULT_MODEL),
+                   help=f"pretrained name, bag or signature (env {MODEL_ENV})")
+    p.add_argument("--model-repo", default=os.environ.get(REPO_ENV),
+                   help=f"local model repo folder (env {REPO_ENV})")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_separate(args) -> int:
+    fmt = "wav" if args.wav else "flac" if args.flac else "mp3"
+    options = SeparationOptions(args.two_stems, args.shifts, args.overlap, fmt,
+                                args.mp3_bitrate, args.wav_depth, args.seed)
+    output = args.output or args.audio_file.with_name(args.audio_file.stem + "_stems.zip")
+    try:
+        data = args.audio_file.read_bytes()
+        start = time.perf_counter()
+        runner = ModelRunner(load_model(args.model, args.model_repo), args.device,
+                             args.precision)
+        archive = separate_to_zip(data, runner, options, args.batch_size,
+                                  progress=not args.no_progress)
+    except (OSError, ModelNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SeparationError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 2
+    output.write_bytes(archive)
+    print(f"wrote {output} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve_graph", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _separate_parser(sub)
+    args = parser.parse_args(argv)
+    return run_separate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Audio in and out: decode any format FFmpeg reads, encode stems as MP3/WAV/FLAC, ZIP them.
+
+Audio tensors are float32 `[C, T]`, C channels by T samples, nominal range [-1, 1].
+"""
+import io
+import struct
+import typing as tp
+import zipfile
+
+import av
+import julius
+import numpy as np
+import torch as th
+
+from .errors import AudioTooLongError, InvalidAudioError, InvalidParameterError
+from .mp3 import encode_mp3
+
+FORMATS = ("mp3", "wav", "flac")
+WAV_DEPTHS = ("int16", "int24", "float32")
+
+
+def decode(data: bytes, samplerate: int = 44100, channels: int = 2,
+           max_seconds: tp.Optional[float] = None) -> th.Tensor:
+    """Decode `data` (any container/codec FFmpeg reads) to float32 `[channels, T]` at
+    `samplerate` Hz. Mono is duplicated; more than two channels are downmixed by FFmpeg's
+    channel-layout rules; other rates are resampled with a windowed sinc (julius, as Demucs).
+
+    Raises `InvalidAudioError` for empty, corrupt, truncated or non-audio bytes and
+    `AudioTooLongError` past `max_seconds` (checked before and while decoding).
+    """
+    if not data:
+        raise InvalidAudioError("the file is empty")
+    source_rate, wav = _decode_native(data, max_seconds)
+    wav = th.from_numpy(wav)
+    if wav.shape[0] != channels:
+        wav = wav.mean(0, keepdim=True) if channels == 1 else wav[:1].expand(channels, -1)
+    if source_rate != samplerate:
+        wav = julius.resample_frac(wav.contiguous(), source_rate, samplerate)
+    return wav.contiguous()
+
+
+def _decode_native(data: bytes, max_seconds: tp.Optional[float]) -> tp.Tuple[int, np.ndarray]:
+    """Decode the first audio stream at its own rate: `(rate, [1 or 2, T] float32)`."""
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.FFmpegError, ValueError, UnicodeDecodeError) as exc:
+        raise InvalidAudioError(f"not an audio file FFmpeg can read: {exc}") from None
+    with container:
+        if not container.streams.audio:
+            raise InvalidAudioError("the file has no audio stream")
+        stream = container.streams.audio[0]
+        rate = stream.codec_context.sample_rate or stream.rate
+        if not rate:
+            raise InvalidAudioError("the audio stream has no sample rate")
+        declared = _declared_seconds(container, stream, data)
+        if max_seconds is not None and declared is not None and declared > max_seconds + 1:
+            raise AudioTooLongError(f"the audio lasts {declared:.1f} s, longer than the "
+                                    f"limit of {max_seconds:.0f} s")
+        layout = "stereo" if stream.codec_context.channels > 2 else None
+        resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+        limit = None if max_seconds is None else int(max_seconds * rate) + 1
+        blocks: tp.List[np.ndarray] = []
+        decoded = 0
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    blocks.append(out.to_ndarray())
+                    decoded += out.samples
+                if limit is not None and decoded > limit:
+                    raise AudioTooLongError(f"the audio is longer than the limit of "
+                                            f"{max_seconds:.0f} s")
+            for out in resampler.resample(None):
+                blocks.append(out.to_ndarray())
+        except av.FFmpegError as exc:
+            raise InvalidAudioError(f"corrupt or truncated audio after "
+                                    f"{decoded / rate:.2f} s: {exc}") from None
+    if not decoded:
+        raise InvalidAudioError("no audio could be decoded from the file (empty or corrupt)")
+    wav = np.concatenate(blocks, axis=1).astype(np.float32, copy=False)
+    if declared is not None and wav.shape[1] / rate < 0.9 * declared - 0.5:
+        raise InvalidAudioError(f"truncated audio: {wav.shape[1] / rate:.2f} s decoded of the "
+                                f"{declared:.2f} s the file declares")
+    return rate, wav
+
+
+# Containers whose headers state the exact length; FFmpeg only estimates others from bitrates.
+_EXACT_LENGTH_FORMATS = {"wav", "w64", "aiff", "flac", "caf", "mov,mp4,m4a,3gp,3g2,mj2"}
+
+
+def _declared_seconds(container, stream, data: bytes) -> tp.Optional[float]:
+    """The duration the file's header states, None where FFmpeg only estimates it (an MP3
+    without a Xing/Info header, streams)."""
+    if stream.duration is None or stream.time_base is None:
+        return None
+    exact = (container.format.name in _EXACT_LENGTH_FORMATS or
+             (container.format.name == "mp3" and (b"Xing" in data[:1 << 20] or
+                                                 b"Info" in data[:1 << 20])))
+    return float(stream.duration * stream.time_base) if exact else None
+
+
+def prevent_clip(wav: th.Tensor) -> th.Tensor:
+    """Rescale the whole stem if it would clip, as `demucs.separate` does by default."""
+    return wav / max(1.01 * float(wav.abs().max()), 1.)
+
+
+def _interleaved(wav: th.Tensor) -> np.ndarray:
+    """`[C, T]` float tensor -> `[T, C]` float32 array."""
+    return np.ascontiguousarray(wav.detach().cpu().numpy().T, dtype=np.float32)
+
+
+def to_pcm16(wav: th.Tensor) -> np.ndarray:
+    """`[C, T]` float in [-1, 1] -> interleaved int16 `[T, C]` (Demucs' scaling)."""
+    return (np.clip(_interleaved(wav), -1, 1) * (2**15 - 1)).astype("<i2")
+
+
+def encode_wav(wav: th.Tensor, samplerate: int, depth: str = "int16") -> bytes:
+    """RIFF/WAVE bytes of `[C, T]` float audio as 16/24-bit PCM or 32-bit float."""
+    channels = wav.shape[0]
+    if depth == "int16":
+        payload, bits, tag = to_pcm16(wav).tobytes(), 16, 1
+    elif depth == "int24":
+        ints = (np.clip(_interleaved(wav), -1, 1) * (2**23 - 1)).astype("<i4")
+        payload, bits, tag = ints.view(np.uint8).reshape(-1, 4)[:, :3].tobytes(), 24, 1
+    elif depth == "float32":
+        payload, bits, tag = _interleaved(wav).astype("<f4").tobytes(), 32, 3
+    else:
+        raise InvalidParameterError(f"wav depth must be one of {WAV_DEPTHS}, got {depth!r}")
+    block = channels * bits // 8
+    fmt = struct.pack("<HHIIHH", tag, channels, samplerate, samplerate * block, block, bits)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    body += b"data" + struct.pack("<I", len(payload)) + payload
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def encode_flac(wav: th.Tensor, samplerate: int) -> bytes:
+    """FLAC (16-bit) bytes of `[C, T]` float audio, through FFmpeg's encoder."""
+    buf = io.BytesIO()
+    layout = "mono" if wav.shape[0] == 1 else "stereo"
+    with av.open(buf, mode="w", format="flac") as container:
+        stream = container.add_stream("flac", rate=samplerate, layout=layout)
+        stream.format = "s16"
+        frame = av.AudioFrame.from_ndarray(to_pcm16(wav).reshape(1, -1), format="s16",
+                                           layout=layout)
+        frame.sample_rate = samplerate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def encode_stem(wav: th.Tensor, samplerate: int, fmt: str = "mp3", bitrate: int = 192,
+                wav_depth: str = "int16") -> bytes:
+    """Encode one stem `[C, T]` after clip prevention, as `fmt` ("mp3", "wav" or "flac")."""
+    wav = prevent_clip(wav)
+    if fmt == "mp3":
+        return encode_mp3(to_pcm16(wav), samplerate, bitrate)
+    if fmt == "wav":
+        return encode_wav(wav, samplerate, wav_depth)
+    if fmt == "flac":
+        return encode_flac(wav, samplerate)
+    raise InvalidParameterError(f"format must be one of {FORMATS}, got {fmt!r}")
+
+
+def select_stems(stems: tp.Dict[str, th.Tensor],
+                 two_stems: tp.Optional[str] = None) -> tp.Dict[str, th.Tensor]:
+    """All stems, or `{X: stems[X], no_X: sum of the others}` for `two_stems=X`, summed in
+    source order as the Demucs CLI does."""
+    if two_stems is None:
+        return dict(stems)
+    if two_stems not in stems:
+        raise InvalidParameterError(f"two_stems must be one of {sorted(stems)}, "
+                                    f"got {two_stems!r}")
+    others = [wav for name, wav in stems.items() if name != two_stems]
+    rest = th.zeros_like(others[0])
+    for wav in others:
+        rest += wav
+    return {two_stems: stems[two_stems], f"no_{two_stems}": rest}
+
+
+def zip_files(files: tp.Dict[str, bytes]) -> bytes:
+    """A ZIP archive of `{name: bytes}`, stored (the stems are compressed already or PCM)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buf.getvalue()

@@ -1,0 +1,137 @@
+"""Decoding files FFmpeg wrote in each format, and encoding stems (real encoders, real decoder)."""
+import io
+import math
+import wave
+import zipfile
+
+import numpy as np
+import pytest
+import torch as th
+
+from audio_files import FORMATS, encode, tone
+from serve_graph.engine import InvalidAudioError, AudioTooLongError, decode, zip_files
+from serve_graph.engine.audio import encode_stem, encode_wav, select_stems
+from serve_graph.engine.mp3 import count_frames, parse_header
+
+MODEL_RATE = 44100
+FRAME_SAMPLES = {"mp3": 1152, "m4a": 1024, "ogg": 2048, "opus": 960}  # per codec frame
+
+
+def _cases():
+    for fmt in FORMATS:
+        for rate in (22050, 44100, 48000):
+            if fmt == "opus" and rate != 48000:
+                continue  # Opus codes at 48 kHz only
+            for channels in (1, 2, 6):
+                if (fmt == "mp3" and channels > 2) or (fmt == "ogg" and channels != 2):
+                    continue  # MP3 has at most two channels; FFmpeg's Vorbis encoder is stereo
+                yield pytest.param(fmt, rate, channels, id=f"{fmt}-{rate}-{channels}ch")
+
+
+@pytest.mark.parametrize("fmt,rate,channels", list(_cases()))
+def test_decode_format(fmt, rate, channels):
+    seconds = 2.0
+    source = tone(seconds, rate, channels)
+    wav = decode(encode(source, rate, fmt), MODEL_RATE, 2)
+    assert wav.dtype == th.float32 and wav.shape[0] == 2
+    frame = math.ceil(FRAME_SAMPLES.get(fmt, 1) * MODEL_RATE / rate)
+    assert abs(wav.shape[1] - seconds * MODEL_RATE) <= frame
+    if channels == 1:
+        assert th.equal(wav[0], wav[1])
+    peak = 2.0 if channels == 6 else 1.0  # a 5.1 downmix sums centre and surrounds
+    assert 0.05 < wav.abs().max() < peak
+
+
+def test_lossless_decode_keeps_the_samples():
+    source = tone(1.0, MODEL_RATE, 2)
+    wav = decode(encode(source, MODEL_RATE, "wavfloat"), MODEL_RATE, 2)
+    assert np.array_equal(wav.numpy(), source)
+
+
+def test_resampling_keeps_a_tone_at_its_frequency():
+    rate = 48000
+    t = np.arange(rate) / rate
+    source = np.stack([np.sin(2 * np.pi * 1000 * t)] * 2).astype(np.float32) * 0.5
+    wav = decode(encode(source, rate, "wavfloat"), MODEL_RATE, 2)[0].numpy()
+    spectrum = np.abs(np.fft.rfft(wav * np.hanning(len(wav))))
+    peak_hz = np.argmax(spectrum) * MODEL_RATE / len(wav)
+    assert abs(peak_hz - 1000) < 2
+
+
+@pytest.mark.parametrize("data", [b"", b"hello, this is a text file\n" * 50,
+                                  bytes(range(256)) * 40], ids=["empty", "text", "binary"])
+def test_non_audio_raises_typed_error(data):
+    with pytest.raises(InvalidAudioError):
+        decode(data)
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "flac", "m4a", "wavfloat"])
+def test_truncated_or_corrupt_file_raises_typed_error(fmt):
+    data = encode(tone(2.0, MODEL_RATE, 2), MODEL_RATE, fmt)
+    with pytest.raises(InvalidAudioError):
+        decode(data[:len(data) // 2])
+    with pytest.raises(InvalidAudioError):
+        decode(data[:200])
+
+
+def test_zero_length_audio_raises_typed_error():
+    with pytest.raises(InvalidAudioError):
+        decode(encode(np.zeros((2, 0), np.float32), MODEL_RATE, "wav16"))
+
+
+def test_too_long_audio_raises_before_separation():
+    data = encode(tone(3.0, MODEL_RATE, 2), MODEL_RATE, "flac")
+    with pytest.raises(AudioTooLongError):
+        decode(data, max_seconds=1.0)
+    assert decode(data, max_seconds=5.0).shape[1] == 3 * MODEL_RATE
+
+
+@pytest.mark.parametrize("bitrate", [128, 192, 320])
+def test_mp3_stems_are_gapless(bitrate):
+    """The LAME Info tag makes the decoded stem exactly as long as the stem, aligned."""
+    stem = th.from_numpy(tone(1.5, MODEL_RATE, 2, seed=3))
+    stem[:, 30000] = 0.9
+    data = encode_stem(stem, MODEL_RATE, "mp3", bitrate)
+    decoded = decode(data, MODEL_RATE, 2)
+    assert decoded.shape == stem.shape
+    assert int(decoded[0].abs().argmax()) == 30000
+    info = parse_header(data)
+    assert data[36:40] == b"Info"
+    assert parse_header(data, info.size).bitrate_kbps == bitrate
+    assert (count_frames(data) - 1) * 1152 >= stem.shape[1]
+
+
+@pytest.mark.parametrize("depth,tolerance", [("int16", 2 / 2**15), ("int24", 2 / 2**23),
+                                             ("float32", 0)])
+def test_wav_depths_round_trip(depth, tolerance):
+    stem = th.from_numpy(tone(0.5, MODEL_RATE, 2))
+    data = encode_wav(stem, MODEL_RATE, depth)
+    if depth != "float32":
+        with wave.open(io.BytesIO(data)) as reader:
+            assert reader.getsampwidth() == {"int16": 2, "int24": 3}[depth]
+            assert reader.getframerate() == MODEL_RATE and reader.getnchannels() == 2
+    decoded = decode(data, MODEL_RATE, 2)
+    assert th.allclose(decoded, stem, atol=tolerance, rtol=0)
+
+
+def test_flac_round_trip_is_16_bit_exact():
+    stem = th.from_numpy(tone(0.5, MODEL_RATE, 2))
+    decoded = decode(encode_stem(stem, MODEL_RATE, "flac"), MODEL_RATE, 2)
+    assert th.allclose(decoded, stem, atol=2 / 2**15, rtol=0)
+
+
+def test_loud_stems_are_rescaled_not_clipped():
+    stem = th.from_numpy(tone(0.5, MODEL_RATE, 2)) * 4
+    decoded = decode(encode_stem(stem, MODEL_RATE, "wav", wav_depth="float32"), MODEL_RATE, 2)
+    assert decoded.abs().max() < 1.0
+    assert th.allclose(decoded * 1.01 * stem.abs().max(), stem, atol=1e-5)
+
+
+def test_two_stems_sums_the_others_and_zip_names():
+    stems = {name: th.full((2, 10), float(i + 1))
+             for i, name in enumerate(["drums", "bass", "other", "vocals"])}
+    selected = select_stems(stems, "vocals")
+    assert list(selected) == ["vocals", "no_vocals"]
+    assert th.equal(selected["no_vocals"], th.full((2, 10), 6.))
+    archive = zipfile.ZipFile(io.BytesIO(zip_files({"vocals.mp3": b"a", "no_vocals.mp3": b"b"})))
+    assert archive.namelist() == ["vocals.mp3", "no_vocals.mp3"]

@@ -1,0 +1,57 @@
+"""`python -m serve_graph separate`, the local twin of POST /separate, run as a process."""
+import io
+import subprocess
+import sys
+import zipfile
+
+import torch as th
+
+from audio_files import encode, tone
+from serve_graph.engine import ModelRunner, decode, load_model, separate
+from serve_graph.engine.audio import prevent_clip
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "serve_graph", "separate", *map(str, args),
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+
+
+def test_four_stems_mp3(tmp_path, tiny_repo):
+    song = tmp_path / "song.mp3"
+    song.write_bytes(encode(tone(2.5, 48000, 2), 48000, "mp3"))
+    proc = run_cli(song, "--model-repo", tiny_repo)
+    assert proc.returncode == 0, proc.stderr
+    archive = zipfile.ZipFile(tmp_path / "song_stems.zip")
+    assert archive.namelist() == ["drums.mp3", "bass.mp3", "other.mp3", "vocals.mp3"]
+    expected = decode(song.read_bytes()).shape[1]
+    for name in archive.namelist():
+        assert decode(archive.read(name)).shape[1] == expected
+
+
+def test_two_stems_wav_equals_engine(tmp_path, tiny_repo, tiny_model):
+    song = tmp_path / "song.flac"
+    song.write_bytes(encode(tone(1.7, 44100, 2, seed=5), 44100, "flac"))
+    out = tmp_path / "stems.zip"
+    proc = run_cli(song, "--model-repo", tiny_repo, "--two-stems", "vocals", "--wav",
+                   "--shifts", "2", "--overlap", "0.5", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    archive = zipfile.ZipFile(out)
+    assert archive.namelist() == ["vocals.wav", "no_vocals.wav"]
+    stems = separate(ModelRunner(tiny_model, "cpu"), decode(song.read_bytes()), shifts=2,
+                     overlap=0.5, seed=0)
+    vocals = decode(archive.read("vocals.wav"))
+    no_vocals = decode(archive.read("no_vocals.wav"))
+    assert th.allclose(vocals, prevent_clip(stems[3]), atol=2 / 2**15, rtol=0)
+    assert th.allclose(no_vocals, prevent_clip(stems[0] + stems[1] + stems[2]), atol=3 / 2**15,
+                       rtol=0)
+
+
+def test_bad_input_and_bad_parameter_exit_2(tmp_path, tiny_repo):
+    text = tmp_path / "notes.txt"
+    text.write_text("not audio")
+    proc = run_cli(text, "--model-repo", tiny_repo)
+    assert proc.returncode == 2 and "not an audio file" in proc.stderr
+    song = tmp_path / "song.wav"
+    song.write_bytes(encode(tone(0.5, 44100, 2), 44100, "wav16"))
+    proc = run_cli(song, "--model-repo", tiny_repo, "--mp3-bitrate", "999")
+    assert proc.returncode == 2 and "mp3_bitrate" in proc.stderr

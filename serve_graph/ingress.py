@@ -1,0 +1,141 @@
+"""The HTTP front: FastAPI on Ray Serve. `POST /separate` and `GET /`, the original API."""
+import logging
+import typing as tp
+import uuid
+from pathlib import PurePath
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from .engine import InvalidAudioError, SeparationError, SeparationOptions, UploadTooLargeError
+from .messages import MixRef
+from .settings import ServiceSettings
+
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(
+    title="Stem separation",
+    description="Upload a song, get its stems (vocals, drums, bass, other) back as a ZIP, "
+                "separated by Demucs v4 (htdemucs).",
+    version="1.0")
+
+StemName = tp.Literal["vocals", "drums", "bass", "other"]
+
+
+def _error(status: int, error: str, detail: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status)
+
+
+def _ascii(name: str) -> str:
+    return "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_"
+                   for c in name)
+
+
+@app.exception_handler(SeparationError)
+async def _separation_error(request: Request, exc: SeparationError) -> JSONResponse:
+    return _error(exc.status_code, exc.error, exc.detail)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}"
+                         for e in exc.errors())
+    return _error(422, "invalid_parameter", problems)
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    cause = getattr(exc, "cause", None)  # a RayTaskError from another deployment
+    if isinstance(cause, SeparationError):
+        return _error(cause.status_code, cause.error, cause.detail)
+    request_id = uuid.uuid4().hex
+    logger.exception("request %s failed", request_id)
+    return _error(500, "internal_error", "the separation failed; the error is logged",
+                  request_id=request_id)
+
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(app)
+class Ingress:
+    """Validates the request, then drives the graph: Decode once, Separate once per window (all
+    windows at once, so Separate can batch them), Encode once with every window's output."""
+
+    def __init__(self, decode: DeploymentHandle, separate: DeploymentHandle,
+                 encode: DeploymentHandle, settings: ServiceSettings):
+        self._decode, self._separate, self._encode = decode, separate, encode
+        self._settings = settings
+        self._info: tp.Optional[dict] = None
+        self._max_bytes = int(settings.max_upload_mb * 2**20)
+        app.state.max_upload_bytes = self._max_bytes  # for the Content-Length check
+
+    async def _model_info(self) -> dict:
+        if self._info is None:
+            self._info = await self._separate.info.remote()
+        return self._info
+
+    @app.get("/", summary="Health: status and the model being served")
+    async def health(self) -> dict:
+        return {"status": "ok", **await self._model_info(),
+                "max_upload_mb": self._settings.max_upload_mb,
+                "max_audio_seconds": self._settings.max_audio_seconds}
+
+    @app.get("/stats", summary="Batching counters of the Separate deployment (one replica)")
+    async def stats(self) -> dict:
+        return await self._separate.stats.remote()
+
+    @app.post("/separate", summary="Separate a song into stems, returned as a ZIP",
+              response_class=Response,
+              responses={200: {"content": {"application/zip": {}},
+                               "description": "ZIP of the stems"},
+                         413: {"description": "upload or audio too long"},
+                         415: {"description": "not decodable audio"},
+                         422: {"description": "invalid parameter"}})
+    async def separate(
+        self, request: Request,
+        audio_file: UploadFile = File(..., description="The song: any format FFmpeg decodes "
+                                      "(mp3, wav, flac, ogg, opus, m4a...)"),
+        two_stems: tp.Optional[str] = Form(None, description="vocals|drums|bass|other: return "
+                                           "only X.mp3 and no_X.mp3 (the sum of the others)"),
+        shifts: int = Form(1, description="Random time shifts averaged (0-20); more is "
+                           "slightly better and proportionally slower"),
+        overlap: float = Form(0.25, description="Overlap between windows, in [0, 1)"),
+        mp3: bool = Form(True, description="MP3 stems (true) or 16-bit WAV (false)"),
+        mp3_bitrate: int = Form(192, description="MP3 bitrate in kbps, 128-320"),
+    ) -> Response:
+        info = await self._model_info()
+        options = SeparationOptions(two_stems or None, shifts, overlap,
+                                    "mp3" if mp3 else "wav", mp3_bitrate)
+        options.validate(info["sources"])
+        data = await audio_file.read(self._max_bytes + 1)
+        if len(data) > self._max_bytes:
+            raise UploadTooLargeError(f"the upload is larger than the limit of "
+                                      f"{self._settings.max_upload_mb:g} MB")
+        if not data:
+            raise InvalidAudioError("the file is empty")
+        request_id = uuid.uuid4().hex
+        song = await self._decode.decode.remote(data, options.shifts, options.overlap,
+                                                options.seed)
+        outputs = [self._separate.separate_window.remote(song.mix, window, request_id)
+                   for window in song.plan.windows]
+        archive = await self._encode.encode.remote(song, options, *outputs)
+        name = PurePath(audio_file.filename or "song").stem or "song"
+        return Response(archive, media_type="application/zip", headers={
+            "Content-Disposition": f'attachment; filename="{_ascii(name)}_stems.zip"',
+            "X-Audio-Seconds": f"{song.seconds:.3f}", "X-Windows": str(len(outputs))})
+
+
+@app.middleware("http")
+async def _refuse_large_uploads(request: Request, call_next):
+    """Refuse an upload by its Content-Length before its body is read."""
+    limit = getattr(app.state, "max_upload_bytes", None)
+    length = request.headers.get("content-length")
+    if limit and length and length.isdigit() and int(length) > limit + 64 * 1024:
+        return _error(413, UploadTooLargeError.error,
+                      f"the upload is larger than the limit of {limit / 2**20:g} MB")
+    return await call_next(request)
+
+
+__all__ = ["Ingress", "MixRef", "app"]

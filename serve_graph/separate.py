@@ -1,0 +1,93 @@
+"""The Separate deployment: the model on its device, windows batched across requests."""
+import asyncio
+import os
+import threading
+import typing as tp
+from collections import Counter
+
+import numpy as np
+import ray
+import torch as th
+from ray import serve
+
+from .engine import ModelRunner, load_model
+from .engine.windows import Window, center_trim, window_input
+from .messages import MixRef
+from .settings import ServiceSettings
+
+
+@serve.deployment(max_ongoing_requests=256)
+class Separate:
+    """Holds the model once per replica. `separate_window` takes one window and is called
+    concurrently for every window of every song in flight; `@serve.batch` stacks the windows
+    waiting at that moment (of one song or of several) into one forward pass."""
+
+    def __init__(self, settings: ServiceSettings):
+        if settings.threads:
+            th.set_num_threads(settings.threads)
+        elif os.cpu_count():
+            th.set_num_threads(os.cpu_count())  # Ray sets OMP threads to num_cpus otherwise
+        device = None if settings.device == "auto" else settings.device
+        self.runner = ModelRunner(load_model(settings.model, settings.model_repo), device,
+                                  settings.precision)
+        self.model_name = settings.model
+        self._lock = threading.Lock()
+        self._stats: tp.Dict[str, tp.Any] = {"batches": 0, "windows": 0,
+                                             "multi_request_batches": 0,
+                                             "max_requests_in_batch": 0,
+                                             "batch_sizes": Counter()}
+
+    def reconfigure(self, config: dict) -> None:
+        """`user_config` from serve_config.yaml: batching knobs, changeable without restart."""
+        self.separate_window.set_max_batch_size(int(config.get("max_batch_size", 1)))
+        self.separate_window.set_batch_wait_timeout_s(
+            float(config.get("batch_wait_timeout_s", 0.0)))
+
+    def info(self) -> dict:
+        geometry = self.runner.geometry
+        return {"model": self.model_name, "device": str(self.runner.device),
+                "precision": self.runner.precision, "sample_rate": geometry.samplerate,
+                "sources": list(geometry.sources),
+                "max_batch_size": self.separate_window._get_max_batch_size()
+                if hasattr(self.separate_window, "_get_max_batch_size") else None}
+
+    def geometry(self):
+        return self.runner.geometry
+
+    def stats(self) -> dict:
+        with self._lock:
+            stats = dict(self._stats, batch_sizes=dict(self._stats["batch_sizes"]))
+        stats["mean_batch_size"] = stats["windows"] / stats["batches"] if stats["batches"] else 0.
+        return stats
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
+    async def separate_window(self, mixes: tp.List[MixRef], windows: tp.List[Window],
+                              request_ids: tp.List[str]) -> tp.List[np.ndarray]:
+        """Batched: one `(mix, window, request_id)` per caller, where `mix` is an object ref to
+        a song's normalised mix `[C, T]`. Returns each window's trimmed stems
+        `[S, C, window.length]` float32."""
+        return await asyncio.to_thread(self._run, mixes, windows, request_ids)
+
+    def _run(self, mixes, windows, request_ids) -> tp.List[np.ndarray]:
+        arrays = ray.get([mix.ref for mix in mixes])  # zero-copy from the object store
+        outputs: tp.List[tp.Optional[np.ndarray]] = [None] * len(windows)
+        groups: tp.Dict[tp.Tuple[int, int], tp.List[int]] = {}
+        for index, window in enumerate(windows):
+            groups.setdefault((window.model_index, window.input_length), []).append(index)
+        for (model_index, _), indices in groups.items():
+            inputs = th.stack([window_input(th.from_numpy(arrays[i]), windows[i])
+                               for i in indices])
+            stems = self.runner(model_index, inputs).cpu()
+            for i, out in zip(indices, stems):
+                outputs[i] = center_trim(out, windows[i].length).contiguous().numpy()
+            self._count(len(indices), len(set(request_ids[i] for i in indices)))
+        return outputs  # type: ignore
+
+    def _count(self, size: int, requests: int) -> None:
+        with self._lock:
+            self._stats["batches"] += 1
+            self._stats["windows"] += size
+            self._stats["batch_sizes"][size] += 1
+            self._stats["multi_request_batches"] += requests > 1
+            self._stats["max_requests_in_batch"] = max(self._stats["max_requests_in_batch"],
+                                                       requests)

@@ -1,0 +1,31 @@
+"""Service settings: the `args` of the application in serve_config.yaml, with environment
+overrides for the model, so one config serves any model repo."""
+import os
+import typing as tp
+from dataclasses import dataclass, fields
+
+MODEL_ENV, REPO_ENV = "SERVE_GRAPH_MODEL", "SERVE_GRAPH_MODEL_REPO"
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    model: str = "htdemucs"
+    model_repo: tp.Optional[str] = None  # local model repo folder; None: Demucs' caches
+    device: str = "auto"  # auto: cuda if present, else cpu
+    precision: str = "fp32"
+    max_upload_mb: float = 100.
+    max_audio_seconds: float = 900.
+    threads: int = 0  # torch intra-op threads in Separate; 0: all cores
+
+    @classmethod
+    def from_args(cls, args: tp.Optional[dict] = None) -> "ServiceSettings":
+        """From the application's `args`, the environment filling what they leave unset."""
+        args = dict(args or {})
+        unknown = set(args) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown application args: {sorted(unknown)}")
+        if os.environ.get(MODEL_ENV) and "model" not in args:
+            args["model"] = os.environ[MODEL_ENV]
+        if os.environ.get(REPO_ENV) and not args.get("model_repo"):
+            args["model_repo"] = os.environ[REPO_ENV]
+        return cls(**args)

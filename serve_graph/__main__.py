@@ -2,14 +2,16 @@
 `POST /separate`) and `python -m serve_graph serve` (the Ray Serve graph)."""
 import argparse
 import os
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from .engine import (DEFAULT_MODEL, PRECISIONS, ModelNotFoundError, ModelRunner,
                      SeparationError, SeparationOptions, load_model, separate_to_zip)
-
-MODEL_ENV, REPO_ENV = "SERVE_GRAPH_MODEL", "SERVE_GRAPH_MODEL_REPO"
+from .launch import DEFAULT_CONFIG, launch, write_config
+from .settings import MODEL_ENV, REPO_ENV
 
 
 def _separate_parser(sub) -> None:
@@ -59,12 +61,36 @@ def run_separate(args) -> int:
     return 0
 
 
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the Ray Serve graph (`serve run serve_config.yaml`)")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--port", type=int, help="HTTP port (default: the config's)")
+    p.add_argument("--model", help=f"model name (default: the config's, or env {MODEL_ENV})")
+    p.add_argument("--model-repo", help=f"local model repo folder (or env {REPO_ENV})")
+
+
+def run_serve(args) -> int:
+    """`serve run` on the config, with the port and model given here; blocks until Ctrl-C."""
+    app_args = {key: value for key, value in
+                (("model", args.model), ("model_repo", args.model_repo)) if value}
+    with tempfile.TemporaryDirectory() as folder:
+        config = write_config(Path(folder) / "serve_config.yaml", args.config, port=args.port,
+                              args=app_args)
+        process = launch(config)
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            process.send_signal(signal.SIGINT)
+            return process.wait()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve_graph", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _separate_parser(sub)
+    _serve_parser(sub)
     args = parser.parse_args(argv)
-    return run_separate(args)
+    return run_serve(args) if args.command == "serve" else run_separate(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""Start the real service as a process (`serve run <config>`) and wait for it; stop it again."""
+import os
+import signal
+import socket
+import subprocess
+import time
+import typing as tp
+from pathlib import Path
+
+import requests
+from serve_graph.launch import launch
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServeProcess:
+    """`serve run <config>` until `stop()`; `url` answers once `GET /` does."""
+
+    def __init__(self, config: Path, port: int, env: dict, log: Path, timeout: float = 240):
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = log.open("w")
+        self._proc = launch(config, env, stdout=self._log, stderr=subprocess.STDOUT)
+        cmd = f"serve run {config}"
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"{cmd} exited: {log.read_text()[-3000:]}")
+            try:
+                if requests.get(self.url + "/", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"{cmd} did not answer in {timeout} s: {log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGINT)
+            try:
+                self._proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+        self._log.close()

@@ -1,0 +1,136 @@
+"""The service over real HTTP: `serve run` of serve_config.yaml, real Ray Serve, tiny model."""
+import io
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import torch as th
+
+from audio_files import encode, tone
+from serve_process import ServeProcess, free_port
+from serve_graph.launch import write_config
+from serve_graph.engine import ModelRunner, decode, separate
+from serve_graph.engine.audio import prevent_clip
+
+pytestmark = pytest.mark.serve
+MAX_UPLOAD_MB, MAX_SECONDS = 2, 20
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_repo):
+    folder = tmp_path_factory.mktemp("service")
+    port = free_port()
+    config = write_config(
+        folder / "serve_config.yaml", port=port, host="127.0.0.1",
+        args={"max_upload_mb": MAX_UPLOAD_MB, "max_audio_seconds": MAX_SECONDS},
+        deployments={"Separate": {"user_config": {"max_batch_size": 8,
+                                                  "batch_wait_timeout_s": 0.05}}})
+    server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
+                          folder / "serve.log")
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def song_mp3():
+    return encode(tone(2.6, 48000, 2, seed=1), 48000, "mp3")
+
+
+def post(url, data, **fields):
+    files = {"audio_file": ("my song.mp3", data)} if data is not None else None
+    return requests.post(url + "/separate", files=files,
+                         data={k: str(v) for k, v in fields.items()}, timeout=300)
+
+
+def stems_of(response) -> zipfile.ZipFile:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/zip"
+    assert 'filename="my song_stems.zip"' in response.headers["content-disposition"]
+    return zipfile.ZipFile(io.BytesIO(response.content))
+
+
+def test_health(service):
+    health = requests.get(service + "/", timeout=30).json()
+    assert health["status"] == "ok" and health["model"] == "htdemucs"
+    assert health["device"] == "cpu" and health["sample_rate"] == 44100
+    assert health["sources"] == ["drums", "bass", "other", "vocals"]
+
+
+def test_openapi_describes_every_field(service):
+    schema = requests.get(service + "/openapi.json", timeout=30).json()
+    body = schema["paths"]["/separate"]["post"]["requestBody"]["content"]
+    ref = body["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]
+    properties = schema["components"]["schemas"][ref]["properties"]
+    for field in ("audio_file", "two_stems", "shifts", "overlap", "mp3", "mp3_bitrate"):
+        assert properties[field].get("description"), field
+    assert requests.get(service + "/docs", timeout=30).status_code == 200
+
+
+def test_four_stems_mp3_have_the_input_duration(service, song_mp3):
+    archive = stems_of(post(service, song_mp3))
+    assert archive.namelist() == ["drums.mp3", "bass.mp3", "other.mp3", "vocals.mp3"]
+    length = decode(song_mp3).shape[1]
+    for name in archive.namelist():
+        assert abs(decode(archive.read(name)).shape[1] - length) <= 1152
+
+
+def test_two_stems(service, song_mp3):
+    archive = stems_of(post(service, song_mp3, two_stems="drums", mp3_bitrate=320))
+    assert archive.namelist() == ["drums.mp3", "no_drums.mp3"]
+
+
+def test_wav_stems_equal_the_engine(service, song_mp3, tiny_model):
+    archive = stems_of(post(service, song_mp3, mp3="false", shifts=2, overlap=0.5))
+    assert archive.namelist() == ["drums.wav", "bass.wav", "other.wav", "vocals.wav"]
+    expected = separate(ModelRunner(tiny_model, "cpu"), decode(song_mp3), shifts=2,
+                        overlap=0.5, seed=0)
+    for name, stem in zip(archive.namelist(), expected):
+        got = decode(archive.read(name))
+        assert th.allclose(got, prevent_clip(stem), atol=2 / 2**15, rtol=0), name
+
+
+def test_concurrent_songs_share_forward_passes(service):
+    songs = [encode(tone(3.0, 44100, 2, seed=s), 44100, "flac") for s in range(4)]
+    before = requests.get(service + "/stats", timeout=30).json()
+    with ThreadPoolExecutor(len(songs)) as pool:
+        responses = list(pool.map(lambda data: post(service, data), songs))
+    for response in responses:
+        assert len(stems_of(response).namelist()) == 4
+    after = requests.get(service + "/stats", timeout=30).json()
+    assert after["multi_request_batches"] > before["multi_request_batches"]
+    assert after["max_requests_in_batch"] >= 2
+    assert max(int(size) for size in after["batch_sizes"]) > 1
+
+
+def _bad_requests(song_mp3):
+    long_song = encode(tone(MAX_SECONDS + 5, 22050, 1), 22050, "flac")
+    return {
+        "missing file": (None, {}),
+        "empty file": (b"", {}),
+        "text file": (b"this is not audio\n" * 100, {}),
+        "random bytes": (np.random.default_rng(0).bytes(50000), {}),
+        "truncated mp3": (song_mp3[:len(song_mp3) // 2], {}),
+        "unknown two_stems": (song_mp3, {"two_stems": "guitar"}),
+        "negative shifts": (song_mp3, {"shifts": -1}),
+        "too many shifts": (song_mp3, {"shifts": 21}),
+        "shifts not a number": (song_mp3, {"shifts": "many"}),
+        "negative overlap": (song_mp3, {"overlap": -0.1}),
+        "overlap of one": (song_mp3, {"overlap": 1.0}),
+        "low bitrate": (song_mp3, {"mp3_bitrate": 127}),
+        "high bitrate": (song_mp3, {"mp3_bitrate": 321}),
+        "upload too large": (b"\0" * (MAX_UPLOAD_MB * 2**20 + 100_000), {}),
+        "audio too long": (long_song, {}),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_requests(b"x" * 10)))
+def test_bad_input_gets_4xx_json_and_service_keeps_answering(service, song_mp3, case):
+    data, fields = _bad_requests(song_mp3)[case]
+    response = post(service, data, **fields)
+    assert 400 <= response.status_code < 500, (case, response.status_code, response.text)
+    body = response.json()
+    assert body["error"] and body["detail"], body
+    good = post(service, song_mp3, two_stems="vocals")
+    assert stems_of(good).namelist() == ["vocals.mp3", "no_vocals.mp3"]

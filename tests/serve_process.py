@@ -10,6 +10,8 @@ from pathlib import Path
 import requests
 from serve_graph.launch import launch
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -20,11 +22,13 @@ def free_port() -> int:
 class ServeProcess:
     """`serve run <config>` until `stop()`; `url` answers once `GET /` does."""
 
-    def __init__(self, config: Path, port: int, env: dict, log: Path, timeout: float = 240):
+    def __init__(self, config: Path, port: int, env: dict, log: Path, timeout: float = 240,
+                 start: tp.Callable[..., subprocess.Popen] = launch):
+        """`start(config, env, **popen)` starts the process (default: `launch`)."""
         self.url = f"http://127.0.0.1:{port}"
         self._log = log.open("w")
-        self._proc = launch(config, env, stdout=self._log, stderr=subprocess.STDOUT)
-        cmd = f"serve run {config}"
+        self._proc = start(config, env, stdout=self._log, stderr=subprocess.STDOUT)
+        cmd = f"{start.__name__}({config})"
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self._proc.poll() is not None:

@@ -1,0 +1,143 @@
+"""The Ray Serve graph on Modal GPU containers.
+
+    modal deploy modal_deploy/app.py                        # the web endpoint, scale to zero
+    modal serve modal_deploy/app.py                         # live reload while developing
+    modal run modal_deploy/app.py song.mp3 --two-stems vocals   # writes song_stems.zip beside it
+    modal run modal_deploy/app.py::serve_cluster            # optional: several GPU containers, one Ray cluster
+
+Settings come from the environment when this file is imported (deploy time), so nothing needs
+editing: SEPARATION_GPU (default B200), SEPARATION_TIMEOUT (600 s), SEPARATION_SCALEDOWN_WINDOW
+(60 s), SEPARATION_MIN_CONTAINERS (0: scale to zero), SEPARATION_MAX_CONTAINERS (10),
+SEPARATION_MODEL (htdemucs), SEPARATION_PRECISION (fp32), SEPARATION_MAX_BATCH_SIZE (16),
+SEPARATION_CLUSTER_SIZE (2, for serve_cluster).
+
+The container runs `serve_graph.launch` on the same serve_config.yaml and `build_app` as
+`serve run serve_config.yaml` does locally, with the GPU count, precision and batching knobs
+filled in.
+"""
+import os
+import subprocess
+import tempfile
+import time
+import typing as tp
+from pathlib import Path
+
+import modal
+
+ROOT = Path(__file__).resolve().parents[1]
+PORT = 8000
+MODEL_HOME = "/models"  # Demucs' weight caches inside the image
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+GPU = _env("SEPARATION_GPU", "B200")
+TIMEOUT = int(_env("SEPARATION_TIMEOUT", "600"))
+SCALEDOWN_WINDOW = int(_env("SEPARATION_SCALEDOWN_WINDOW", "60"))
+MIN_CONTAINERS = int(_env("SEPARATION_MIN_CONTAINERS", "0"))
+MAX_CONTAINERS = int(_env("SEPARATION_MAX_CONTAINERS", "10"))
+MODEL = _env("SEPARATION_MODEL", "htdemucs")
+PRECISION = _env("SEPARATION_PRECISION", "fp32")
+MAX_BATCH_SIZE = int(_env("SEPARATION_MAX_BATCH_SIZE", "16"))
+CLUSTER_SIZE = int(_env("SEPARATION_CLUSTER_SIZE", "2"))
+
+
+def download_model() -> None:
+    """Image build step: fetch the weights through Demucs' own loader into the image's caches,
+    so a cold start reads them from disk."""
+    from serve_graph.engine import load_model
+    load_model(MODEL)
+
+
+image = (
+    modal.Image.debian_slim(python_version="3.11")
+    # The project's own pyproject.toml: torch (CUDA 12.8+ wheels on Linux), demucs, ray[serve]...
+    .uv_sync(str(ROOT), extras=["modal"], frozen=False)
+    .env({"TORCH_HOME": f"{MODEL_HOME}/torch", "HF_HOME": f"{MODEL_HOME}/hf",
+          "SERVE_GRAPH_MODEL": MODEL, "RAY_USAGE_STATS_ENABLED": "0"})
+    .add_local_python_source("serve_graph", copy=True)
+    .run_function(download_model)
+    .env({"HF_HUB_OFFLINE": "1"})  # the weights are in the image: no hub round trip at start
+    .add_local_file(ROOT / "serve_config.yaml", "/root/serve_config.yaml", copy=True)
+    .add_local_python_source("modal_deploy")
+)
+
+app = modal.App("stem-separation", image=image)
+
+
+def gpu_overrides(gpus: int, replicas: int = 1) -> tp.Dict[str, dict]:
+    """Deployment overrides for `gpus` GPUs per Separate replica (0: CPU)."""
+    batching = ({"max_batch_size": MAX_BATCH_SIZE, "batch_wait_timeout_s": 0.01} if gpus
+                else {})
+    return {"Separate": {"num_replicas": replicas,
+                         "ray_actor_options": {"num_gpus": gpus, "num_cpus": 1},
+                         "user_config": batching}}
+
+
+def start_service(port: int = PORT, gpus: tp.Optional[int] = None, replicas: int = 1,
+                  config: Path = ROOT / "serve_config.yaml",
+                  env: tp.Optional[dict] = None, **popen) -> subprocess.Popen:
+    """What a container runs: serve_config.yaml with this container's GPUs, through the same
+    launcher and `build_app` as `serve run serve_config.yaml`. Returns the `serve run` process."""
+    from serve_graph.launch import launch, write_config
+    if gpus is None:
+        import torch
+        gpus = 1 if torch.cuda.is_available() else 0
+    folder = Path(tempfile.mkdtemp(prefix="serve_config_"))
+    path = write_config(folder / "serve_config.yaml", config, port=port, host="0.0.0.0",
+                        args={"model": MODEL, "precision": PRECISION},
+                        deployments=gpu_overrides(gpus, replicas))
+    return launch(path, env, **popen)
+
+
+@app.cls(gpu=GPU, timeout=TIMEOUT, scaledown_window=SCALEDOWN_WINDOW,
+         min_containers=MIN_CONTAINERS, max_containers=MAX_CONTAINERS)
+@modal.concurrent(max_inputs=64)
+class Separation:
+    """One GPU container: Ray + the Serve graph; Modal routes HTTP to its port."""
+
+    @modal.web_server(PORT, startup_timeout=300)
+    def web(self) -> None:
+        self.process = start_service()
+
+
+@app.function(gpu=GPU, timeout=TIMEOUT)
+@modal.clustered(size=CLUSTER_SIZE)
+def serve_cluster() -> None:
+    """Multi-node mode: CLUSTER_SIZE GPU containers form one Ray cluster; rank 0 runs the Serve
+    graph with one Separate replica per container and is reachable through a tunnel."""
+    info = modal.experimental.get_cluster_info()
+    head = info.container_ips[0]
+    if info.rank != 0:
+        subprocess.run(["ray", "start", f"--address={head}:6379", "--block"], check=True)
+        return
+    subprocess.run(["ray", "start", "--head", f"--node-ip-address={head}", "--port=6379"],
+                   check=True)
+    process = start_service(gpus=1, replicas=len(info.container_ips),
+                            env={"RAY_ADDRESS": f"{head}:6379"})
+    with modal.forward(PORT) as tunnel:
+        print(f"stem separation cluster of {len(info.container_ips)} GPUs at {tunnel.url}")
+        process.wait()
+
+
+@app.local_entrypoint()
+def main(audio_file: str, two_stems: str = "", shifts: int = 1, overlap: float = 0.25,
+         mp3: bool = True, mp3_bitrate: int = 192) -> None:
+    """Send a song to the endpoint and write `<song>_stems.zip` beside it."""
+    import requests
+
+    song = Path(audio_file)
+    url = Separation().web.get_web_url()
+    fields = {"shifts": shifts, "overlap": overlap, "mp3": str(mp3).lower(),
+              "mp3_bitrate": mp3_bitrate, **({"two_stems": two_stems} if two_stems else {})}
+    start = time.perf_counter()
+    with song.open("rb") as audio:
+        response = requests.post(f"{url}/separate", files={"audio_file": (song.name, audio)},
+                                 data=fields, timeout=TIMEOUT)
+    if response.status_code != 200:
+        raise SystemExit(f"{response.status_code}: {response.text}")
+    output = song.with_name(song.stem + "_stems.zip")
+    output.write_bytes(response.content)
+    print(f"wrote {output} in {time.perf_counter() - start:.1f} s")

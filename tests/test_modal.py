@@ -1,0 +1,120 @@
+"""The Modal definition, checked offline with the real `modal` package: no credentials, no
+deploy. Values are read from the app's own objects (the function and image loaders)."""
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import requests
+
+from audio_files import encode, tone
+from serve_process import ROOT, ServeProcess, free_port
+
+INSPECT = r"""
+import json, warnings, modal
+warnings.simplefilter("ignore")  # App.registered_* is deprecated for modal 1.7 (pinned < 1.7)
+from modal._utils.async_utils import synchronizer
+import modal_deploy.app as deployed
+
+def closure(obj):
+    load = synchronizer._translate_in(obj)._load
+    return dict(zip(load.__code__.co_freevars, (c.cell_contents for c in load.__closure__)))
+
+function = closure(deployed.app.registered_functions["Separation.*"])
+layers, image = [], function["image"]
+while image is not None:
+    spec = closure(image)
+    build = spec.get("build_function")
+    layers.append({
+        "commands": (spec["dockerfile_function"]("2025.06").commands
+                     if spec.get("dockerfile_function") else []),
+        "build_function": synchronizer._translate_in(build)._raw_f.__qualname__ if build else None})
+    bases = list(spec.get("base_images", {}).values()) or [spec.get("base_image")]
+    image = bases[0]  # a mount layer names its parent base_image
+print(json.dumps({
+    "gpu": function["gpu"], "timeout": function["timeout"],
+    "scaledown_window": function["scaledown_window"], "min_containers": function["min_containers"],
+    "entrypoints": sorted(deployed.app.registered_entrypoints),
+    "web_methods": sorted(function["method_definitions"]),
+    "layers": layers[::-1]}))
+"""
+
+
+def inspect_app(**env) -> dict:
+    """Import modal_deploy.app in a fresh interpreter without credentials and read its objects."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("MODAL_", "SEPARATION_"))}
+    clean.update(MODAL_CONFIG_PATH=os.devnull, **env)
+    proc = subprocess.run([sys.executable, "-c", INSPECT], cwd=ROOT, env=clean,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_defaults_read_from_the_app():
+    spec = inspect_app()
+    assert spec["gpu"] == "B200"
+    assert spec["timeout"] == 600 and spec["scaledown_window"] == 60
+    assert spec["min_containers"] == 0
+    assert spec["entrypoints"] == ["main"]
+    assert "web" in spec["web_methods"]
+
+
+def test_environment_changes_the_endpoint():
+    spec = inspect_app(SEPARATION_GPU="H100", SEPARATION_TIMEOUT="900",
+                       SEPARATION_SCALEDOWN_WINDOW="120", SEPARATION_MIN_CONTAINERS="1")
+    assert spec["gpu"] == "H100"
+    assert spec["timeout"] == 900 and spec["scaledown_window"] == 120
+    assert spec["min_containers"] == 1
+
+
+def test_image_installs_the_project_from_pyproject_and_bakes_the_weights():
+    layers = inspect_app()["layers"]
+    commands = [command for layer in layers for command in layer["commands"]]
+    uv_sync = [c for c in commands if "uv sync" in c]
+    assert uv_sync and "--extra=modal" in uv_sync[0]
+    assert any("pyproject.toml" in c and c.startswith("COPY") for c in commands)
+    # no second, hand-kept list of the project's dependencies anywhere in the recipe
+    for dependency in ("torch", "demucs", "ray", "lameenc", " av"):
+        assert not any(dependency in c and "install" in c for c in commands), dependency
+    build_steps = [layer["build_function"] for layer in layers if layer["build_function"]]
+    assert build_steps == ["download_model"]
+    weights_at = next(i for i, layer in enumerate(layers) if layer["build_function"])
+    uv_at = next(i for i, layer in enumerate(layers) if any("uv sync" in c for c in
+                                                             layer["commands"]))
+    assert uv_at < weights_at
+
+
+def test_download_step_goes_through_the_real_loader(monkeypatch, tiny_repo):
+    import modal_deploy.app as deployed
+    monkeypatch.setenv("SERVE_GRAPH_MODEL_REPO", str(tiny_repo))
+    calls = []
+    import serve_graph.engine as engine
+    original = engine.load_model
+    monkeypatch.setattr(engine, "load_model",
+                        lambda name: calls.append(name) or original(name, tiny_repo))
+    deployed.download_model()
+    assert calls == ["htdemucs"]
+
+
+@pytest.mark.serve
+def test_container_start_up_serves_separate_over_http(tmp_path, tiny_repo):
+    """The container's start-up function, run here on CPU with the tiny model."""
+    from modal_deploy.app import start_service
+    port = free_port()
+    server = ServeProcess(
+        tmp_path, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)}, tmp_path / "serve.log",
+        start=lambda _, env, **popen: start_service(port=port, gpus=0, env=env, **popen))
+    try:
+        assert requests.get(server.url + "/", timeout=30).json()["device"] == "cpu"
+        song = encode(tone(1.5, 44100, 2), 44100, "wav16")
+        response = requests.post(server.url + "/separate", files={"audio_file": ("a.wav", song)},
+                                 data={"two_stems": "bass"}, timeout=300)
+        assert response.status_code == 200, response.text
+        names = zipfile.ZipFile(io.BytesIO(response.content)).namelist()
+        assert names == ["bass.mp3", "no_bass.mp3"]
+    finally:
+        server.stop()

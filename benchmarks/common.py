@@ -54,9 +54,9 @@ def machine() -> str:
 def append_results(title: str, lines) -> None:
     """Append a dated section with the machine and the exact command to RESULTS.md."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = "python -m " + " ".join(shlex.quote(a) for a in
-                                      [sys.argv[0].replace("/", ".").removesuffix(".py")]
-                                      + sys.argv[1:])
+    main = sys.modules["__main__"]
+    module = main.__spec__.name if getattr(main, "__spec__", None) else sys.argv[0]
+    command = "python -m " + " ".join(shlex.quote(a) for a in [module] + sys.argv[1:])
     text = [f"\n## {title}\n", f"- date: {now}", f"- machine: {machine()}",
             f"- command: `{command}`", *lines, ""]
     if not RESULTS.exists():

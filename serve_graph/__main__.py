@@ -1,6 +1,7 @@
 """Command line: `python -m serve_graph separate song.mp3 -o stems.zip` (the local twin of
 `POST /separate`) and `python -m serve_graph serve` (the Ray Serve graph)."""
 import argparse
+import json
 import os
 import signal
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from .engine import (DEFAULT_MODEL, PRECISIONS, ModelNotFoundError, ModelRunner,
                      SeparationError, SeparationOptions, load_model, separate_to_zip)
+from .engine.separator import timed
 from .launch import DEFAULT_CONFIG, launch, write_config
 from .settings import MODEL_ENV, REPO_ENV
 
@@ -36,6 +38,8 @@ def _separate_parser(sub) -> None:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="print seconds per stage (load, decode, model, encode...) as JSON")
 
 
 def run_separate(args) -> int:
@@ -43,13 +47,15 @@ def run_separate(args) -> int:
     options = SeparationOptions(args.two_stems, args.shifts, args.overlap, fmt,
                                 args.mp3_bitrate, args.wav_depth, args.seed)
     output = args.output or args.audio_file.with_name(args.audio_file.stem + "_stems.zip")
+    timings: dict = {}
     try:
         data = args.audio_file.read_bytes()
         start = time.perf_counter()
-        runner = ModelRunner(load_model(args.model, args.model_repo), args.device,
-                             args.precision)
+        with timed(timings, "load_model"):
+            runner = ModelRunner(load_model(args.model, args.model_repo), args.device,
+                                 args.precision)
         archive = separate_to_zip(data, runner, options, args.batch_size,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, timings=timings)
     except (OSError, ModelNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -58,6 +64,8 @@ def run_separate(args) -> int:
         return 2
     output.write_bytes(archive)
     print(f"wrote {output} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if args.profile:
+        print(json.dumps({stage: round(seconds, 3) for stage, seconds in timings.items()}))
     return 0
 
 

@@ -11,7 +11,8 @@ import torch as th
 from ray import serve
 
 from .engine import ModelRunner, load_model
-from .engine.windows import Window, center_trim, window_input
+from .engine.separator import run_windows
+from .engine.windows import Window
 from .messages import MixRef
 from .settings import ServiceSettings
 
@@ -74,12 +75,11 @@ class Separate:
         groups: tp.Dict[tp.Tuple[int, int], tp.List[int]] = {}
         for index, window in enumerate(windows):
             groups.setdefault((window.model_index, window.input_length), []).append(index)
-        for (model_index, _), indices in groups.items():
-            inputs = th.stack([window_input(th.from_numpy(arrays[i]), windows[i])
-                               for i in indices])
-            stems = self.runner(model_index, inputs).cpu()
+        for indices in groups.values():
+            stems = run_windows(self.runner, [th.from_numpy(arrays[i]) for i in indices],
+                                [windows[i] for i in indices])
             for i, out in zip(indices, stems):
-                outputs[i] = center_trim(out, windows[i].length).contiguous().numpy()
+                outputs[i] = out.contiguous().numpy()
             self._count(len(indices), len(set(request_ids[i] for i in indices)))
         return outputs  # type: ignore
 

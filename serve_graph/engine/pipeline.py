@@ -8,7 +8,7 @@ import torch as th
 
 from .audio import FORMATS, WAV_DEPTHS, decode, encode_stem, select_stems, zip_files
 from .errors import InvalidParameterError
-from .separator import ModelRunner, separate
+from .separator import ModelRunner, separate, timed
 
 MAX_SHIFTS = 20
 MP3_BITRATES = (128, 320)
@@ -60,12 +60,17 @@ def stem_files(stems: tp.Dict[str, th.Tensor], samplerate: int,
 
 def separate_to_zip(data: bytes, runner: ModelRunner, options: SeparationOptions,
                     batch_size: int = 1, max_seconds: tp.Optional[float] = None,
-                    progress: bool = False) -> bytes:
-    """Audio file bytes -> ZIP of stems, in this process."""
+                    progress: bool = False,
+                    timings: tp.Optional[tp.Dict[str, float]] = None) -> bytes:
+    """Audio file bytes -> ZIP of stems, in this process. `timings` collects seconds per
+    stage: decode, plan, windows, model, overlap_add, encode, zip."""
     geometry = runner.geometry
     options.validate(geometry.sources)
-    wav = decode(data, geometry.samplerate, geometry.audio_channels, max_seconds)
+    with timed(timings, "decode"):
+        wav = decode(data, geometry.samplerate, geometry.audio_channels, max_seconds)
     stems = separate(runner, wav, options.shifts, options.overlap, options.seed, batch_size,
-                     progress)
-    return zip_files(stem_files(dict(zip(geometry.sources, stems)), geometry.samplerate,
-                                options))
+                     progress, timings=timings)
+    with timed(timings, "encode"):
+        files = stem_files(dict(zip(geometry.sources, stems)), geometry.samplerate, options)
+    with timed(timings, "zip"):
+        return zip_files(files)

@@ -6,6 +6,8 @@ run, overlap-add. The Ray deployments call the same pieces, one step each.
 """
 import contextlib
 import functools
+import os
+import time
 import typing as tp
 
 import torch as th
@@ -18,6 +20,11 @@ from .windows import (OverlapAdd, Plan, Window, center_trim, denormalise, normal
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": th.bfloat16, "fp16": th.float16}
+
+
+def cpu_tuning() -> bool:
+    """CPU speed settings on (default) unless SERVE_GRAPH_CPU_TUNING=0 (for A/B benchmarks)."""
+    return os.environ.get("SERVE_GRAPH_CPU_TUNING", "1") != "0"
 
 
 def default_device() -> str:
@@ -55,6 +62,12 @@ class ModelRunner:
         self.precision = precision
         self.geometry = model_geometry(model)
         self.models = [m.to(self.device).eval() for m in sub_models(model)]
+        if self.device.type == "cpu" and precision in ("fp32", "tf32") and cpu_tuning():
+            # PyTorch's MHA "fast path" runs self-attention as bmm + softmax on the CPU; without
+            # it, attention goes through scaled_dot_product_attention's fused kernel (as the
+            # cross-attention already does): same fp32 numerics, ~6% less time per window.
+            # bf16 keeps the fast path: SDPA in bf16 is far slower on CPUs without AVX-512.
+            th.backends.mha.set_fastpath_enabled(False)
         if precision == "tf32" and self.device.type == "cuda":
             th.backends.cuda.matmul.allow_tf32 = True
             th.backends.cudnn.allow_tf32 = True
@@ -90,31 +103,52 @@ def batch_windows(windows: tp.Sequence[Window], batch_size: int) -> tp.Iterator[
         yield batch
 
 
-def run_batch(runner: ModelRunner, mix: th.Tensor, batch: tp.List[Window]) -> tp.List[th.Tensor]:
-    """Run windows of one model and input length; returns their trimmed outputs
-    `[S, C, window.length]` on the CPU."""
-    inputs = th.stack([window_input(mix, window) for window in batch])
-    outputs = runner(batch[0].model_index, inputs).cpu()
-    return [center_trim(out, window.length) for out, window in zip(outputs, batch)]
+def run_windows(runner: ModelRunner, mixes: tp.Sequence[th.Tensor],
+                windows: tp.Sequence[Window]) -> tp.List[th.Tensor]:
+    """One forward pass over windows of one model and input length, window `i` cut from
+    `mixes[i]` (`[C, T]`, songs may differ). Returns the trimmed outputs `[S, C, length]`
+    on the CPU."""
+    inputs = th.stack([window_input(mix, window) for mix, window in zip(mixes, windows)])
+    outputs = runner(windows[0].model_index, inputs).cpu()
+    return [center_trim(out, window.length) for out, window in zip(outputs, windows)]
+
+
+@contextlib.contextmanager
+def timed(timings: tp.Optional[tp.Dict[str, float]], stage: str):
+    """Add the wall time of the block (seconds) to `timings[stage]` when `timings` is given."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[stage] = timings.get(stage, 0.) + time.perf_counter() - start
 
 
 def separate(runner: ModelRunner, wav: th.Tensor, shifts: int = 1, overlap: float = 0.25,
              seed: tp.Optional[int] = 0, batch_size: int = 1, progress: bool = False,
-             plan: tp.Optional[Plan] = None) -> th.Tensor:
+             plan: tp.Optional[Plan] = None,
+             timings: tp.Optional[tp.Dict[str, float]] = None) -> th.Tensor:
     """Separate a mix `[C, T]` (model rate) into stems `[S, C, T]`, like
     `demucs.api.Separator.separate_tensor` with the same model, shifts and overlap.
 
     Shift offsets come from `random.Random(seed)` in `apply_model`'s order (seed None: the global
-    `random`); `plan` overrides all of that.
+    `random`); `plan` overrides all of that. `timings` collects seconds per stage.
     """
-    mix, mean, std = normalise(wav)
-    if plan is None:
-        plan = plan_windows(mix.shape[-1], runner.geometry, shifts, overlap, seed)
-    acc = OverlapAdd(plan, runner.geometry)
+    with timed(timings, "plan"):
+        mix, mean, std = normalise(wav)
+        if plan is None:
+            plan = plan_windows(mix.shape[-1], runner.geometry, shifts, overlap, seed)
+        acc = OverlapAdd(plan, runner.geometry)
     bar = tqdm.tqdm(total=len(plan.windows), unit="window", disable=not progress)
     for batch in batch_windows(plan.windows, batch_size):
-        for window, out in zip(batch, run_batch(runner, mix, batch)):
-            acc.add(window, out)
+        with timed(timings, "windows"):
+            inputs = th.stack([window_input(mix, window) for window in batch])
+        with timed(timings, "model"):
+            outputs = runner(batch[0].model_index, inputs).cpu()
+        with timed(timings, "overlap_add"):
+            for window, out in zip(batch, outputs):
+                acc.add(window, center_trim(out, window.length))
         bar.update(len(batch))
     bar.close()
-    return denormalise(acc.result(), mean, std)
+    with timed(timings, "overlap_add"):
+        return denormalise(acc.result(), mean, std)

@@ -1,0 +1,118 @@
+"""HTTP throughput of the service: N songs from C concurrent clients against POST /separate.
+
+Starts the real graph (`serve run` on serve_config.yaml with the overrides given here, the
+full-size random htdemucs repo by default) or targets --url. Reports requests/s,
+audio-seconds separated per second, p50/p95 latency and the mean batch size the Separate
+deployment formed (from its /stats counters), and appends them to RESULTS.md.
+
+    python -m benchmarks.throughput --songs 4 --concurrency 2 --seconds 15
+    python -m benchmarks.throughput --url http://host:8000 --songs 16 --concurrency 16 --seconds 216
+"""
+import argparse
+import os
+import signal
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from benchmarks.common import append_results, full_size_repo, song
+from serve_graph.engine.audio import encode_stem
+from serve_graph.launch import launch, write_config
+
+
+def start_service(args) -> tuple:
+    folder = Path(tempfile.mkdtemp(prefix="throughput_"))
+    config = write_config(
+        folder / "serve_config.yaml", port=args.port, host="127.0.0.1",
+        args={"model_repo": args.model_repo or str(full_size_repo()),
+              "precision": args.precision},
+        deployments={"Separate": {
+            "num_replicas": args.replicas,
+            "ray_actor_options": {"num_gpus": args.gpus, "num_cpus": 1},
+            "user_config": {"max_batch_size": args.max_batch_size,
+                            "batch_wait_timeout_s": args.batch_wait}}})
+    log = (folder / "serve.log").open("w")
+    process = launch(config, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{args.port}"
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if requests.get(url + "/", timeout=5).status_code == 200:
+                return url, process
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    process.terminate()
+    raise RuntimeError(f"the service did not start; see {folder / 'serve.log'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="target a running service instead of starting one")
+    parser.add_argument("--songs", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=15.)
+    parser.add_argument("--two-stems", default="")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--model-repo", help="default: the full-size random htdemucs repo")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--gpus", type=float, default=0)
+    parser.add_argument("--max-batch-size", type=int, default=1)
+    parser.add_argument("--batch-wait", type=float, default=0.0)
+    args = parser.parse_args()
+
+    process = None
+    url = args.url
+    if url is None:
+        url, process = start_service(args)
+    try:
+        info = requests.get(url + "/", timeout=30).json()
+        songs = [encode_stem(song(args.seconds, seed=i), 44100, "mp3", 192)
+                 for i in range(args.songs)]
+        fields = {"two_stems": args.two_stems} if args.two_stems else {}
+        post = lambda data: _post(url, data, fields)  # noqa: E731
+        post(songs[0])  # warm-up: first forward pass, allocator, connections
+        before = requests.get(url + "/stats", timeout=30).json()
+        start = time.perf_counter()
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            latencies = list(pool.map(post, songs))
+        wall = time.perf_counter() - start
+        after = requests.get(url + "/stats", timeout=30).json()
+    finally:
+        if process is not None:  # SIGINT: `serve run` shuts down Serve and its local Ray
+            os.killpg(process.pid, signal.SIGINT)
+            process.wait(120)
+    batches = after["batches"] - before["batches"]
+    windows = after["windows"] - before["windows"]
+    latencies.sort()
+    p95 = latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]
+    append_results(
+        f"HTTP throughput, {args.songs} songs x {args.seconds:.0f} s, concurrency "
+        f"{args.concurrency}",
+        [f"- service: {info['model']} on {info['device']} ({info['precision']}), "
+         f"Separate replicas {args.replicas}, max_batch_size {args.max_batch_size}, "
+         f"batch_wait_timeout_s {args.batch_wait}; "
+         f"{'started here' if args.url is None else 'at ' + args.url}",
+         f"- wall time: {wall:.1f} s; requests/s: {args.songs / wall:.3f}; "
+         f"audio seconds per second: {args.songs * args.seconds / wall:.2f}",
+         f"- latency p50 {statistics.median(latencies):.1f} s, p95 {p95:.1f} s",
+         f"- Separate: {windows} windows in {batches} forward passes, mean batch size "
+         f"{windows / max(batches, 1):.2f}, passes holding several requests: "
+         f"{after['multi_request_batches'] - before['multi_request_batches']}"])
+
+
+def _post(url: str, data: bytes, fields: dict) -> float:
+    start = time.perf_counter()
+    response = requests.post(url + "/separate", files={"audio_file": ("song.mp3", data)},
+                             data=fields, timeout=3600)
+    response.raise_for_status()
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Precision options of ModelRunner, their logic checked on the CPU with the tiny model."""
+import copy
+
+import demucs.htdemucs
+import pytest
+import torch as th
+
+from serve_graph.engine import ModelRunner, separate
+from test_parity import residual_db
+
+MIX = th.randn(2, 60000, generator=th.Generator().manual_seed(3)) * 0.3
+
+
+def stems(model, precision):
+    return separate(ModelRunner(copy.deepcopy(model), "cpu", precision), MIX, shifts=1, seed=0)
+
+
+def test_unknown_precision_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="precision"):
+        ModelRunner(tiny_model, "cpu", "int4")
+
+
+def test_tf32_is_plain_fp32_on_cpu(tiny_model):
+    assert th.equal(stems(tiny_model, "tf32"), stems(tiny_model, "fp32"))
+
+
+def test_fp32_on_cpu_routes_self_attention_through_sdpa(tiny_model):
+    th.backends.mha.set_fastpath_enabled(True)
+    ModelRunner(copy.deepcopy(tiny_model), "cpu", "fp32")
+    assert not th.backends.mha.get_fastpath_enabled()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_keeps_spectral_transforms_in_fp32(tiny_model, monkeypatch, precision):
+    seen = []
+    for name in ("spectro", "ispectro"):
+        original = getattr(demucs.htdemucs, name)
+
+        def spy(x, *args, _original=original, _name=name, **kwargs):
+            seen.append((_name, x.dtype, th.is_autocast_enabled("cpu")))
+            return _original(x, *args, **kwargs)
+        monkeypatch.setattr(demucs.htdemucs, name, spy)
+    low = stems(tiny_model, precision)
+    assert {name for name, _, _ in seen} == {"spectro", "ispectro"}
+    assert all(dtype in (th.float32, th.complex64) and not autocast
+               for _, dtype, autocast in seen), seen
+    assert low.dtype == th.float32 and th.isfinite(low).all()
+    residual = residual_db(low, stems(tiny_model, "fp32")).max()
+    assert -80 < residual < -15  # lower precision, but the same separation

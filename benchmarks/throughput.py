@@ -36,6 +36,7 @@ def start_service(args) -> tuple:
             "user_config": {"max_batch_size": args.max_batch_size,
                             "batch_wait_timeout_s": args.batch_wait}}})
     log = (folder / "serve.log").open("w")
+    args.launched_at = time.perf_counter()
     process = launch(config, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{args.port}"
     deadline = time.time() + 600
@@ -70,13 +71,18 @@ def main() -> None:
     url = args.url
     if url is None:
         url, process = start_service(args)
+        up_after = time.perf_counter() - args.launched_at
     try:
         info = requests.get(url + "/", timeout=30).json()
         songs = [encode_stem(song(args.seconds, seed=i), 44100, "mp3", 192)
                  for i in range(args.songs)]
         fields = {"two_stems": args.two_stems} if args.two_stems else {}
         post = lambda data: _post(url, data, fields)  # noqa: E731
-        post(songs[0])  # warm-up: first forward pass, allocator, connections
+        first = post(songs[0])  # warm-up: first forward pass, allocator, connections
+        cold_start = ("" if args.url else f"- cold start: `GET /` answered {up_after:.1f} s "
+                      f"after launch (Ray, Serve, model load); the first /separate then took "
+                      f"{first:.1f} s, so {up_after + first:.1f} s from process start to the "
+                      f"first stems")
         before = requests.get(url + "/stats", timeout=30).json()
         start = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as pool:
@@ -103,7 +109,8 @@ def main() -> None:
          f"- latency p50 {statistics.median(latencies):.1f} s, p95 {p95:.1f} s",
          f"- Separate: {windows} windows in {batches} forward passes, mean batch size "
          f"{windows / max(batches, 1):.2f}, passes holding several requests: "
-         f"{after['multi_request_batches'] - before['multi_request_batches']}"])
+         f"{after['multi_request_batches'] - before['multi_request_batches']}",
+         *([cold_start] if cold_start else [])])
 
 
 def _post(url: str, data: bytes, fields: dict) -> float:

@@ -49,8 +49,8 @@ class Separate:
         return {"model": self.model_name, "device": str(self.runner.device),
                 "precision": self.runner.precision, "sample_rate": geometry.samplerate,
                 "sources": list(geometry.sources),
-                "max_batch_size": self.separate_window._get_max_batch_size()
-                if hasattr(self.separate_window, "_get_max_batch_size") else None}
+                "max_batch_size": self.separate_window._get_max_batch_size(),
+                "batch_wait_timeout_s": self.separate_window._get_batch_wait_timeout_s()}
 
     def geometry(self):
         return self.runner.geometry

@@ -84,7 +84,7 @@ def main() -> None:
 
     append_results(
         f"CPU end to end, {args.seconds:.0f} s song, precision {args.precision}",
-        [f"- model: full-size htdemucs architecture, random weights, local model repo",
+        ["- model: full-size htdemucs architecture, random weights, local model repo",
          f"- reference: `python -m demucs.separate --repo R -n htdemucs --mp3 --mp3-bitrate 192 "
          f"song.wav`: {fmt(runs['reference'])} s",
          f"- ours: `python -m serve_graph separate song.wav -o stems.zip --model-repo R "

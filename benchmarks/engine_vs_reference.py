@@ -53,7 +53,7 @@ def main() -> None:
     ref_best, our_best = min(ref_times), min(our_times)
     append_results(
         f"Engine vs reference separate_tensor ({args.seconds:.0f} s, precision {args.precision})",
-        [f"- model: full-size htdemucs architecture, random weights (41.98 M parameters)",
+        ["- model: full-size htdemucs architecture, random weights (41.98 M parameters)",
          f"- input: {args.seconds:.0f} s stereo, shifts {args.shifts}, overlap {args.overlap}, "
          f"batch size {args.batch_size}",
          f"- reference `Separator.separate_tensor`: {', '.join(f'{t:.2f}' for t in ref_times)} s",

@@ -11,7 +11,6 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from .engine import InvalidAudioError, SeparationError, SeparationOptions, UploadTooLargeError
-from .messages import MixRef
 from .settings import ServiceSettings
 
 logger = logging.getLogger("ray.serve")
@@ -138,4 +137,4 @@ async def _refuse_large_uploads(request: Request, call_next):
     return await call_next(request)
 
 
-__all__ = ["Ingress", "MixRef", "app"]
+__all__ = ["Ingress", "app"]

@@ -1,5 +1,4 @@
 """`python -m serve_graph separate`, the local twin of POST /separate, run as a process."""
-import io
 import subprocess
 import sys
 import zipfile
@@ -7,7 +6,7 @@ import zipfile
 import torch as th
 
 from audio_files import encode, tone
-from serve_graph.engine import ModelRunner, decode, load_model, separate
+from serve_graph.engine import ModelRunner, decode, separate
 from serve_graph.engine.audio import prevent_clip
 
 

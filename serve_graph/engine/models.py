@@ -15,7 +15,7 @@ import torch as th
 import yaml
 from demucs.apply import BagOfModels
 from demucs.htdemucs import HTDemucs
-from demucs.pretrained import REMOTE_ROOT, ROOT_URL, _parse_remote_files, get_model
+from demucs.pretrained import REMOTE_ROOT, _parse_remote_files, get_model
 from demucs.repo import LocalRepo, ModelLoadingError
 
 from .errors import ModelNotFoundError

@@ -84,6 +84,8 @@ class ModelRunner:
 
     def __call__(self, model_index: int, inputs: th.Tensor) -> th.Tensor:
         """Stems `[B, S, C, L]` (float32, on the runner's device) of windows `[B, C, L]`."""
+        if self.device.type == "cuda" and inputs.device.type == "cpu":
+            inputs = inputs.pin_memory()  # lets the copy to the GPU run asynchronously
         with th.inference_mode(), self._autocast():
             out = self.models[model_index](inputs.to(self.device, non_blocking=True))
         return out.float()

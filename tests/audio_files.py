@@ -1,9 +1,11 @@
-"""Audio files for tests, written by FFmpeg's own encoders (PyAV) in many formats."""
+"""Audio files for tests, written by real encoders in many formats: FFmpeg's (PyAV), and
+libsndfile's (soundfile) for Ogg Vorbis, which PyAV's FFmpeg only encodes in stereo."""
 import io
 import typing as tp
 
 import av
 import numpy as np
+import soundfile
 
 # name: (container format, codec, sample format, file suffix)
 FORMATS: tp.Dict[str, tp.Tuple[str, str, str, str]] = {
@@ -13,7 +15,7 @@ FORMATS: tp.Dict[str, tp.Tuple[str, str, str, str]] = {
     "wav32": ("wav", "pcm_s32le", "s32", "wav"),
     "wavfloat": ("wav", "pcm_f32le", "flt", "wav"),
     "flac": ("flac", "flac", "s16", "flac"),
-    "ogg": ("ogg", "vorbis", "fltp", "ogg"),
+    "ogg": ("ogg", "libsndfile vorbis", "flt", "ogg"),
     "opus": ("ogg", "libopus", "flt", "opus"),
     "m4a": ("ipod", "aac", "fltp", "m4a"),
 }
@@ -33,13 +35,16 @@ def tone(seconds: float, samplerate: int = 44100, channels: int = 2,
 def encode(wav: np.ndarray, samplerate: int, fmt: str) -> bytes:
     """Encode `[C, T]` float32 audio into `fmt` (a key of FORMATS) with FFmpeg."""
     container_format, codec, sample_format, _ = FORMATS[fmt]
+    if codec.startswith("libsndfile"):
+        buf = io.BytesIO()
+        soundfile.write(buf, wav.T, samplerate, format="OGG", subtype="VORBIS")
+        return buf.getvalue()
     channels = wav.shape[0]
     layout = {1: "mono", 2: "stereo", 6: "5.1"}[channels]
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=container_format) as container:
         stream = container.add_stream(codec, rate=samplerate, layout=layout)
         stream.format = sample_format
-        stream.codec_context.options = {"strict": "experimental"}  # FFmpeg's own vorbis
         for packet in _encode_frames(stream, wav, samplerate, layout, sample_format):
             container.mux(packet)
     return buf.getvalue()

@@ -21,9 +21,6 @@ app = FastAPI(
                 "separated by Demucs v4 (htdemucs).",
     version="1.0")
 
-StemName = tp.Literal["vocals", "drums", "bass", "other"]
-
-
 def _error(status: int, error: str, detail: str, **extra) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status)
 
@@ -93,7 +90,7 @@ class Ingress:
                          415: {"description": "not decodable audio"},
                          422: {"description": "invalid parameter"}})
     async def separate(
-        self, request: Request,
+        self,
         audio_file: UploadFile = File(..., description="The song: any format FFmpeg decodes "
                                       "(mp3, wav, flac, ogg, opus, m4a...)"),
         two_stems: tp.Optional[str] = Form(None, description="vocals|drums|bass|other: return "

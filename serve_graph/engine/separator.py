@@ -105,16 +105,6 @@ def batch_windows(windows: tp.Sequence[Window], batch_size: int) -> tp.Iterator[
         yield batch
 
 
-def run_windows(runner: ModelRunner, mixes: tp.Sequence[th.Tensor],
-                windows: tp.Sequence[Window]) -> tp.List[th.Tensor]:
-    """One forward pass over windows of one model and input length, window `i` cut from
-    `mixes[i]` (`[C, T]`, songs may differ). Returns the trimmed outputs `[S, C, length]`
-    on the CPU."""
-    inputs = th.stack([window_input(mix, window) for mix, window in zip(mixes, windows)])
-    outputs = runner(windows[0].model_index, inputs).cpu()
-    return [center_trim(out, window.length) for out, window in zip(outputs, windows)]
-
-
 @contextlib.contextmanager
 def timed(timings: tp.Optional[tp.Dict[str, float]], stage: str):
     """Add the wall time of the block (seconds) to `timings[stage]` when `timings` is given."""
@@ -124,6 +114,19 @@ def timed(timings: tp.Optional[tp.Dict[str, float]], stage: str):
     finally:
         if timings is not None:
             timings[stage] = timings.get(stage, 0.) + time.perf_counter() - start
+
+
+def run_windows(runner: ModelRunner, mixes: tp.Sequence[th.Tensor],
+                windows: tp.Sequence[Window],
+                timings: tp.Optional[tp.Dict[str, float]] = None) -> tp.List[th.Tensor]:
+    """One forward pass over windows of one model and input length, window `i` cut from
+    `mixes[i]` (`[C, T]`, songs may differ). Returns the trimmed outputs `[S, C, length]`
+    on the CPU; `timings` collects the seconds of the "windows" and "model" stages."""
+    with timed(timings, "windows"):
+        inputs = th.stack([window_input(mix, window) for mix, window in zip(mixes, windows)])
+    with timed(timings, "model"):
+        outputs = runner(windows[0].model_index, inputs).cpu()
+    return [center_trim(out, window.length) for out, window in zip(outputs, windows)]
 
 
 def separate(runner: ModelRunner, wav: th.Tensor, shifts: int = 1, overlap: float = 0.25,
@@ -143,13 +146,10 @@ def separate(runner: ModelRunner, wav: th.Tensor, shifts: int = 1, overlap: floa
         acc = OverlapAdd(plan, runner.geometry)
     bar = tqdm.tqdm(total=len(plan.windows), unit="window", disable=not progress)
     for batch in batch_windows(plan.windows, batch_size):
-        with timed(timings, "windows"):
-            inputs = th.stack([window_input(mix, window) for window in batch])
-        with timed(timings, "model"):
-            outputs = runner(batch[0].model_index, inputs).cpu()
+        outputs = run_windows(runner, [mix] * len(batch), batch, timings)
         with timed(timings, "overlap_add"):
             for window, out in zip(batch, outputs):
-                acc.add(window, center_trim(out, window.length))
+                acc.add(window, out)
         bar.update(len(batch))
     bar.close()
     with timed(timings, "overlap_add"):

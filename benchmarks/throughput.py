@@ -12,8 +12,10 @@ import argparse
 import os
 import signal
 import statistics
+import subprocess
 import tempfile
 import time
+import typing as tp
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,22 +26,32 @@ from serve_graph.engine.audio import encode_stem
 from serve_graph.launch import launch, write_config
 
 
-def start_service(args) -> tuple:
-    folder = Path(tempfile.mkdtemp(prefix="throughput_"))
-    config = write_config(
+def service_config(args, folder: Path) -> Path:
+    """serve_config.yaml with this run's model, precision, replicas and batching."""
+    cpus = {"num_cpus": args.cpus_per_replica}
+    return write_config(
         folder / "serve_config.yaml", port=args.port, host="127.0.0.1",
         args={"model_repo": args.model_repo or str(full_size_repo()),
-              "precision": args.precision},
-        deployments={"Separate": {
-            "num_replicas": args.replicas,
-            "ray_actor_options": {"num_gpus": args.gpus, "num_cpus": 1},
-            "user_config": {"max_batch_size": args.max_batch_size,
-                            "batch_wait_timeout_s": args.batch_wait}}})
+              "precision": args.precision, "compile": args.compile},
+        deployments={
+            "Separate": {"num_replicas": args.replicas,
+                         "ray_actor_options": {"num_gpus": args.gpus, "num_cpus": 1},
+                         "user_config": {"max_batch_size": args.max_batch_size,
+                                         "batch_wait_timeout_s": args.batch_wait}},
+            "Decode": {"num_replicas": args.decode_replicas, "ray_actor_options": cpus},
+            "Encode": {"num_replicas": args.encode_replicas, "ray_actor_options": cpus}})
+
+
+def start_service(args) -> tuple:
+    """`serve run` of the config in a new process group; returns (url, process) once `GET /`
+    answers. `args.launched_at` records when it was launched."""
+    folder = Path(tempfile.mkdtemp(prefix="throughput_"))
+    config = service_config(args, folder)
     log = (folder / "serve.log").open("w")
     args.launched_at = time.perf_counter()
     process = launch(config, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{args.port}"
-    deadline = time.time() + 600
+    deadline = time.time() + 900
     while time.time() < deadline and process.poll() is None:
         try:
             if requests.get(url + "/", timeout=5).status_code == 200:
@@ -47,8 +59,50 @@ def start_service(args) -> tuple:
         except requests.RequestException:
             pass
         time.sleep(1)
-    process.terminate()
+    os.killpg(process.pid, signal.SIGKILL)
     raise RuntimeError(f"the service did not start; see {folder / 'serve.log'}")
+
+
+def stop_service(process) -> None:
+    """SIGINT: `serve run` shuts down Serve and its local Ray; SIGKILL if it hangs."""
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def run_requests(url: str, songs: tp.List[bytes], concurrency: int, fields: dict) -> tuple:
+    """POST every song with `concurrency` clients: (wall seconds, sorted latencies, the
+    stats of Separate before and after)."""
+    before = requests.get(url + "/stats", timeout=30).json()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = sorted(pool.map(lambda data: _post(url, data, fields), songs))
+    wall = time.perf_counter() - start
+    after = requests.get(url + "/stats", timeout=30).json()
+    return wall, latencies, before, after
+
+
+def percentile(values: tp.Sequence[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--model-repo", help="default: the full-size random htdemucs repo")
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--compile", default="none", choices=["none", "graphs", "compile"])
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--gpus", type=float, default=0)
+    parser.add_argument("--max-batch-size", type=int, default=1)
+    parser.add_argument("--batch-wait", type=float, default=0.0)
+    parser.add_argument("--decode-replicas", type=int, default=1)
+    parser.add_argument("--encode-replicas", type=int, default=1)
+    parser.add_argument("--cpus-per-replica", type=float, default=0.25,
+                        help="CPUs of each Decode and Encode replica")
 
 
 def main() -> None:
@@ -58,13 +112,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=15.)
     parser.add_argument("--two-stems", default="")
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--model-repo", help="default: the full-size random htdemucs repo")
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--gpus", type=float, default=0)
-    parser.add_argument("--max-batch-size", type=int, default=1)
-    parser.add_argument("--batch-wait", type=float, default=0.0)
+    parser.add_argument("--wav", action="store_true", help="WAV stems instead of MP3")
+    add_service_arguments(parser)
     args = parser.parse_args()
 
     process = None
@@ -77,26 +126,19 @@ def main() -> None:
         songs = [encode_stem(song(args.seconds, seed=i), 44100, "mp3", 192)
                  for i in range(args.songs)]
         fields = {"two_stems": args.two_stems} if args.two_stems else {}
-        post = lambda data: _post(url, data, fields)  # noqa: E731
-        first = post(songs[0])  # warm-up: first forward pass, allocator, connections
+        if args.wav:
+            fields["mp3"] = "false"
+        first = _post(url, songs[0], fields)  # warm-up: first forward, allocator, connections
         cold_start = ("" if args.url else f"- cold start: `GET /` answered {up_after:.1f} s "
                       f"after launch (Ray, Serve, model load); the first /separate then took "
                       f"{first:.1f} s, so {up_after + first:.1f} s from process start to the "
                       f"first stems")
-        before = requests.get(url + "/stats", timeout=30).json()
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            latencies = list(pool.map(post, songs))
-        wall = time.perf_counter() - start
-        after = requests.get(url + "/stats", timeout=30).json()
+        wall, latencies, before, after = run_requests(url, songs, args.concurrency, fields)
     finally:
-        if process is not None:  # SIGINT: `serve run` shuts down Serve and its local Ray
-            os.killpg(process.pid, signal.SIGINT)
-            process.wait(120)
+        if process is not None:
+            stop_service(process)
     batches = after["batches"] - before["batches"]
     windows = after["windows"] - before["windows"]
-    latencies.sort()
-    p95 = latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]
     append_results(
         f"HTTP throughput, {args.songs} songs x {args.seconds:.0f} s, concurrency "
         f"{args.concurrency}",
@@ -106,7 +148,8 @@ def main() -> None:
          f"{'started here' if args.url is None else 'at ' + args.url}",
          f"- wall time: {wall:.1f} s; requests/s: {args.songs / wall:.3f}; "
          f"audio seconds per second: {args.songs * args.seconds / wall:.2f}",
-         f"- latency p50 {statistics.median(latencies):.1f} s, p95 {p95:.1f} s",
+         f"- latency p50 {statistics.median(latencies):.1f} s, "
+         f"p95 {percentile(latencies, 0.95):.1f} s",
          f"- Separate: {windows} windows in {batches} forward passes, mean batch size "
          f"{windows / max(batches, 1):.2f}, passes holding several requests: "
          f"{after['multi_request_batches'] - before['multi_request_batches']}",

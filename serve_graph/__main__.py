@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .engine import (DEFAULT_MODEL, PRECISIONS, ModelNotFoundError, ModelRunner,
                      SeparationError, SeparationOptions, load_model, separate_to_zip)
-from .engine.separator import timed
+from .engine.forward import COMPILE_MODES
+from .engine.separator import RunnerOptions, timed
 from .launch import DEFAULT_CONFIG, launch, write_config
 from .settings import MODEL_ENV, REPO_ENV
 
@@ -36,6 +37,8 @@ def _separate_parser(sub) -> None:
                    help=f"local model repo folder (env {REPO_ENV})")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                   help="graphs: CUDA graphs; compile: torch.compile (+ graphs on CUDA)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--profile", action="store_true",
@@ -52,8 +55,8 @@ def run_separate(args) -> int:
         data = args.audio_file.read_bytes()
         start = time.perf_counter()
         with timed(timings, "load_model"):
-            runner = ModelRunner(load_model(args.model, args.model_repo), args.device,
-                                 args.precision)
+            runner = ModelRunner(load_model(args.model, args.model_repo), options=RunnerOptions(
+                args.device, args.precision, args.compile, max(args.batch_size, 1)))
         archive = separate_to_zip(data, runner, options, args.batch_size,
                                   progress=not args.no_progress, timings=timings)
     except (OSError, ModelNotFoundError) as exc:

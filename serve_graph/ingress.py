@@ -1,5 +1,6 @@
 """The HTTP front: FastAPI on Ray Serve. `POST /separate` and `GET /`, the original API."""
 import logging
+import time
 import typing as tp
 import uuid
 from pathlib import PurePath
@@ -112,15 +113,20 @@ class Ingress:
         if not data:
             raise InvalidAudioError("the file is empty")
         request_id = uuid.uuid4().hex
+        start = time.perf_counter()
         song = await self._decode.decode.remote(data, options.shifts, options.overlap,
                                                 options.seed)
+        decoded = time.perf_counter()
         outputs = [self._separate.separate_window.remote(song.mix, window, request_id)
                    for window in song.plan.windows]
         archive = await self._encode.encode.remote(song, options, *outputs)
+        done = time.perf_counter()
         name = PurePath(audio_file.filename or "song").stem or "song"
         return Response(archive, media_type="application/zip", headers={
             "Content-Disposition": f'attachment; filename="{_ascii(name)}_stems.zip"',
-            "X-Audio-Seconds": f"{song.seconds:.3f}", "X-Windows": str(len(outputs))})
+            "X-Audio-Seconds": f"{song.seconds:.3f}", "X-Windows": str(len(outputs)),
+            "Server-Timing": f"decode;dur={(decoded - start) * 1000:.0f}, "
+                             f"separate_encode;dur={(done - decoded) * 1000:.0f}"})
 
 
 @app.middleware("http")

@@ -28,9 +28,9 @@ class Separate:
             th.set_num_threads(settings.threads)
         elif os.cpu_count():
             th.set_num_threads(os.cpu_count())  # Ray sets OMP threads to num_cpus otherwise
-        device = None if settings.device == "auto" else settings.device
-        self.runner = ModelRunner(load_model(settings.model, settings.model_repo), device,
-                                  settings.precision)
+        # start-up work (memory measurement, torch.compile, CUDA graph capture) happens here
+        self.runner = ModelRunner(load_model(settings.model, settings.model_repo),
+                                  options=settings.runner_options())
         self.model_name = settings.model
         self._lock = threading.Lock()
         self._stats: tp.Dict[str, tp.Any] = {"batches": 0, "windows": 0,
@@ -47,7 +47,10 @@ class Separate:
     def info(self) -> dict:
         geometry = self.runner.geometry
         return {"model": self.model_name, "device": str(self.runner.device),
-                "precision": self.runner.precision, "sample_rate": geometry.samplerate,
+                "precision": self.runner.precision, "compile": self.runner.options.compile,
+                "batch_limit": self.runner.batch_limit(),
+                "startup_seconds": round(self.runner.startup_seconds, 2),
+                "sample_rate": geometry.samplerate,
                 "sources": list(geometry.sources),
                 "max_batch_size": self.separate_window._get_max_batch_size(),
                 "batch_wait_timeout_s": self.separate_window._get_batch_wait_timeout_s()}
@@ -61,7 +64,9 @@ class Separate:
         stats["mean_batch_size"] = stats["windows"] / stats["batches"] if stats["batches"] else 0.
         return stats
 
-    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
+    # Two batches in flight: while one runs on the device (the runner serialises device work),
+    # the other gathers its windows and hands its outputs to the object store.
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
     async def separate_window(self, mixes: tp.List[MixRef], windows: tp.List[Window],
                               request_ids: tp.List[str]) -> tp.List[np.ndarray]:
         """Batched: one `(mix, window, request_id)` per caller, where `mix` is an object ref to

@@ -13,6 +13,9 @@ class ServiceSettings:
     model_repo: tp.Optional[str] = None  # local model repo folder; None: Demucs' caches
     device: str = "auto"  # auto: cuda if present, else cpu
     precision: str = "fp32"
+    compile: str = "none"  # none | graphs | compile (CUDA graphs and torch.compile, at start)
+    max_batch: int = 32  # windows per forward at most; on GPUs lowered to what fits in memory
+    gpu_memory_fraction: float = 0.85  # of the free GPU memory, for a replica's batches
     max_upload_mb: float = 100.
     max_audio_seconds: float = 900.
     threads: int = 0  # torch intra-op threads in Separate; 0: all cores
@@ -29,3 +32,9 @@ class ServiceSettings:
         if os.environ.get(REPO_ENV) and not args.get("model_repo"):
             args["model_repo"] = os.environ[REPO_ENV]
         return cls(**args)
+
+    def runner_options(self):
+        """The `RunnerOptions` of the Separate replicas."""
+        from .engine.separator import RunnerOptions
+        return RunnerOptions(None if self.device == "auto" else self.device, self.precision,
+                             self.compile, self.max_batch, self.gpu_memory_fraction)

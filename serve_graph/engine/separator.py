@@ -5,21 +5,26 @@
 run, overlap-add. The Ray deployments call the same pieces, one step each.
 """
 import contextlib
-import functools
 import os
+import threading
 import time
 import typing as tp
+from dataclasses import dataclass
 
 import torch as th
 import tqdm
 from demucs.htdemucs import HTDemucs
 
+from .forward import (COMPILE_MODES, BatchLimit, CudaGraphs, HTDemucsCore, bucket_sizes,
+                      compile_core, graph_safe, htdemucs_forward, is_out_of_memory,
+                      memory_limit, run_with_backoff, split_into_buckets, window_memory)
 from .models import Model, model_geometry, sub_models
 from .windows import (OverlapAdd, Plan, Window, center_trim, denormalise, normalise,
                       plan_windows, window_input)
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": th.bfloat16, "fp16": th.float16}
+DEFAULT_MAX_BATCH = 32
 
 
 def cpu_tuning() -> bool:
@@ -31,64 +36,163 @@ def default_device() -> str:
     return "cuda" if th.cuda.is_available() else "cpu"
 
 
-def _to_fp32(value):
-    if isinstance(value, th.Tensor):
-        return value.to(th.complex64) if value.is_complex() else value.float()
-    return value
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How a `ModelRunner` runs the model.
 
+    - `device`: "cpu", "cuda", "cuda:1"...; None: cuda if present.
+    - `precision`: "fp32" (reference numerics; TF32 off on CUDA), "tf32" (TensorFloat-32
+      matmuls/convolutions on CUDA, no-op on CPU), "bf16" / "fp16" (autocast, HTDemucs' STFT and
+      iSTFT in float32).
+    - `compile`: "none" (eager), "graphs" (CUDA: the forward captured as CUDA graphs per batch
+      size at start-up), "compile" (`torch.compile` of HTDemucs' inner network, plus CUDA graphs
+      on CUDA). Models whose forward is not a fixed function (see `forward.graph_safe`) run eager.
+    - `max_batch`: the most windows in one forward; on CUDA lowered to what fits in
+      `memory_fraction` of the free device memory (measured at start-up).
+    - `compile_backend`: `torch.compile`'s backend (tests use "eager").
+    """
+    device: tp.Optional[str] = None
+    precision: str = "fp32"
+    compile: str = "none"
+    max_batch: int = DEFAULT_MAX_BATCH
+    memory_fraction: float = 0.85
+    compile_backend: str = "inductor"
 
-def _fp32_spectral(method: tp.Callable) -> tp.Callable:
-    """Run a spectral method of HTDemucs (STFT, mask, iSTFT) in fp32, outside autocast."""
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        device_type = next(a for a in args if isinstance(a, th.Tensor)).device.type
-        with th.autocast(device_type, enabled=False):
-            return method(*map(_to_fp32, args), **kwargs)
-    return wrapper
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.max_batch < 1 or not 0 < self.memory_fraction <= 1:
+            raise ValueError("max_batch must be >= 1 and memory_fraction in (0, 1]")
 
 
 class ModelRunner:
-    """A model (or bag) on `device`, run at `precision`:
+    """A model (or bag) on a device, run as `RunnerOptions` say. `runner(model_index, windows)`
+    maps windows `[B, C, L]` of sub-model `model_index` to stems `[B, S, C, L]` float32 on the
+    CPU. Start-up work (memory measurement, compilation, graph capture) happens here, in
+    `__init__`, never on a request's path. Safe to call from several threads."""
 
-    - "fp32": plain float32, the reference numerics;
-    - "tf32": float32 storage, TensorFloat-32 matmuls/convolutions on CUDA (no-op on CPU);
-    - "bf16" / "fp16": autocast, with HTDemucs' STFT and iSTFT kept in float32.
-    """
-
-    def __init__(self, model: Model, device: tp.Optional[str] = None, precision: str = "fp32"):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.device = th.device(device or default_device())
-        self.precision = precision
+    def __init__(self, model: Model, device: tp.Optional[str] = None, precision: str = "fp32",
+                 options: tp.Optional[RunnerOptions] = None):
+        options = options or RunnerOptions(device, precision)
+        self.options = options
+        self.device = th.device(options.device or default_device())
+        self.precision = options.precision
         self.geometry = model_geometry(model)
         self.models = [m.to(self.device).eval() for m in sub_models(model)]
-        if self.device.type == "cpu" and precision in ("fp32", "tf32") and cpu_tuning():
+        self._lock = threading.Lock()
+        self._set_backends()
+        self._forwards = [self._make_forward(m) for m in self.models]
+        self.limits = [BatchLimit(options.max_batch) for _ in self.models]
+        self.graphs: tp.List[tp.Optional[CudaGraphs]] = [None] * len(self.models)
+        self.startup_seconds = 0.
+        start = time.perf_counter()
+        for index in range(len(self.models)):
+            self._start(index)
+        self.startup_seconds = time.perf_counter() - start
+
+    def _set_backends(self) -> None:
+        if self.device.type == "cpu" and self.precision in ("fp32", "tf32") and cpu_tuning():
             # PyTorch's MHA "fast path" runs self-attention as bmm + softmax on the CPU; without
             # it, attention goes through scaled_dot_product_attention's fused kernel (as the
             # cross-attention already does): same fp32 numerics, ~6% less time per window.
             # bf16 keeps the fast path: SDPA in bf16 is far slower on CPUs without AVX-512.
             th.backends.mha.set_fastpath_enabled(False)
-        if precision == "tf32" and self.device.type == "cuda":
-            th.backends.cuda.matmul.allow_tf32 = True
-            th.backends.cudnn.allow_tf32 = True
-        if precision in _AUTOCAST_DTYPES:
-            for m in self.models:
-                if isinstance(m, HTDemucs):
-                    for name in ("_spec", "_mask", "_ispec"):
-                        setattr(m, name, _fp32_spectral(getattr(m, name)))
+        if self.device.type == "cuda":
+            tf32 = self.precision == "tf32"  # fp32 means fp32: cuDNN would use TF32 by default
+            th.backends.cuda.matmul.allow_tf32 = tf32
+            th.backends.cudnn.allow_tf32 = tf32
+            th.backends.cudnn.benchmark = True  # one window shape: pick the fastest kernels
 
-    def _autocast(self):
+    def _autocast(self) -> tp.ContextManager:
         if self.precision in _AUTOCAST_DTYPES:
-            return th.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision])
+            # no weight-cast cache: cached casts made during a CUDA graph capture would be freed
+            return th.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision],
+                               cache_enabled=False)
         return contextlib.nullcontext()
 
+    def _make_forward(self, model: th.nn.Module,
+                      fast: bool = True) -> tp.Callable[[th.Tensor], th.Tensor]:
+        """Windows `[B, C, L]` on the device -> stems `[B, S, C, L]` on the device; `fast`:
+        with the inner network compiled when the options say so."""
+        if not isinstance(model, HTDemucs):
+            def plain(mix: th.Tensor) -> th.Tensor:
+                with self._autocast():
+                    return model(mix).float()
+            return plain
+        core: tp.Callable = HTDemucsCore(model)
+        if fast and self.options.compile == "compile" and graph_safe(model):
+            core = compile_core(core, self.options.compile_backend)
+        return lambda mix: htdemucs_forward(model, core, mix, self._autocast)
+
+    def _start(self, index: int) -> None:
+        """Measure the batch that fits (CUDA), capture CUDA graphs, or compile by running once."""
+        model, forward = self.models[index], self._forwards[index]
+        length = self.geometry.input_length(index, self.geometry.segment_lengths[index])
+        channels = self.geometry.audio_channels
+        if self.device.type == "cuda":
+            fixed, per_window = window_memory(self._make_forward(model, fast=False), channels,
+                                              length, self.device)
+            th.cuda.empty_cache()
+            free, _ = th.cuda.mem_get_info(self.device)
+            share = self.options.memory_fraction / (len(self.models) - index)
+            self.limits[index].limit = memory_limit(fixed, per_window, free, share,
+                                                    self.options.max_batch)
+            if self.options.compile != "none" and graph_safe(model):
+                self._capture(index, channels, length)
+        elif self.options.compile == "compile" and graph_safe(model):
+            with th.inference_mode():  # compiles for a batch of 1 and for any larger batch
+                for size in (2, 1):
+                    forward(th.zeros(size, channels, length))
+
+    def _capture(self, index: int, channels: int, length: int) -> None:
+        limit = self.limits[index]
+        while True:
+            try:
+                self.graphs[index] = CudaGraphs(self._forwards[index], bucket_sizes(limit.limit),
+                                                channels, length, self.device)
+                return
+            except Exception as exc:  # noqa: BLE001
+                if not is_out_of_memory(exc):
+                    raise
+                self.graphs[index] = None
+                self._free_cache()
+                limit.halve()
+
+    def _free_cache(self) -> None:
+        if self.device.type == "cuda":
+            th.cuda.empty_cache()
+
+    def batch_limit(self, model_index: int = 0) -> int:
+        return self.limits[model_index].limit
+
     def __call__(self, model_index: int, inputs: th.Tensor) -> th.Tensor:
-        """Stems `[B, S, C, L]` (float32, on the runner's device) of windows `[B, C, L]`."""
-        if self.device.type == "cuda" and inputs.device.type == "cpu":
+        """Stems `[B, S, C, L]` (float32, CPU) of windows `[B, C, L]` (CPU or device)."""
+        with self._lock, th.inference_mode():
+            pieces = run_with_backoff(lambda batch: self._run(model_index, batch), inputs,
+                                      self.limits[model_index], self._free_cache)
+        return pieces[0] if len(pieces) == 1 else th.cat(pieces)
+
+    def _run(self, model_index: int, inputs: th.Tensor) -> th.Tensor:
+        if self.device.type == "cpu":
+            return self._forwards[model_index](inputs.to(self.device))
+        if inputs.device.type == "cpu":
             inputs = inputs.pin_memory()  # lets the copy to the GPU run asynchronously
-        with th.inference_mode(), self._autocast():
-            out = self.models[model_index](inputs.to(self.device, non_blocking=True))
-        return out.float()
+        graphs = self.graphs[model_index]
+        outputs = []
+        start = 0
+        sizes = (split_into_buckets(inputs.shape[0], graphs.buckets) if graphs else
+                 [inputs.shape[0]])
+        for size in sizes:
+            piece = inputs[start:start + size]
+            out = (graphs(piece) if graphs else
+                   self._forwards[model_index](piece.to(self.device, non_blocking=True)))
+            host = th.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            outputs.append(host.copy_(out, non_blocking=True))
+            start += size
+        th.cuda.current_stream(self.device).synchronize()
+        return outputs[0] if len(outputs) == 1 else th.cat(outputs)
 
 
 def batch_windows(windows: tp.Sequence[Window], batch_size: int) -> tp.Iterator[tp.List[Window]]:
@@ -125,7 +229,7 @@ def run_windows(runner: ModelRunner, mixes: tp.Sequence[th.Tensor],
     with timed(timings, "windows"):
         inputs = th.stack([window_input(mix, window) for mix, window in zip(mixes, windows)])
     with timed(timings, "model"):
-        outputs = runner(windows[0].model_index, inputs).cpu()
+        outputs = runner(windows[0].model_index, inputs)
     return [center_trim(out, window.length) for out, window in zip(outputs, windows)]
 
 

@@ -1,0 +1,251 @@
+"""How a batch of windows goes through the model on an accelerator.
+
+- `HTDemucsCore`: HTDemucs' inner network (normalisation, encoders, cross-transformer, decoders)
+  on real tensors of a fixed shape, split from the spectral transforms, which stay eager and
+  in float32. This is what `torch.compile` compiles (the STFT's complex tensors stay outside).
+- `htdemucs_forward`: STFT -> core -> iSTFT, the same function as `HTDemucs.forward` in eval.
+- `CudaGraphs`: the whole forward captured once per batch size ("bucket") at start-up and
+  replayed; a batch is cut into bucket-sized pieces, so no request ever waits on a capture.
+- `BatchLimit`: the largest batch that fits in device memory, measured at start-up, halved when
+  an out-of-memory error happens anyway (the batch is then retried in smaller pieces).
+
+Shapes: windows `[B, C, L]` (C audio channels, L samples at the model rate) -> stems
+`[B, S, C, L]` (S sources), float32.
+"""
+import logging
+import typing as tp
+
+import torch as th
+from demucs.htdemucs import HTDemucs
+
+logger = logging.getLogger(__name__)
+
+COMPILE_MODES = ("none", "graphs", "compile")
+
+
+def graph_safe(model: th.nn.Module) -> bool:
+    """True when every forward of `model` computes the same function, so that a captured or
+    compiled forward may stand for it: an HTDemucs in eval whose cross-transformer draws no
+    random positional shift (`t_sin_random_shift == 0`, as in every pretrained htdemucs)."""
+    if not isinstance(model, HTDemucs) or model.training or not model.use_train_segment:
+        return False
+    transformer = model.crosstransformer
+    return transformer is None or getattr(transformer, "sin_random_shift", 0) == 0
+
+
+class HTDemucsCore(th.nn.Module):
+    """The real-valued inner network of an HTDemucs in eval, lines 540-626 and 657 of
+    `demucs.htdemucs.HTDemucs.forward`: `(mag [B, 2C, F, T], mix [B, C, L])` ->
+    `(spectrogram estimate [B, S, 2C, F, T], waveform estimate [B, S, C, L])`."""
+
+    def __init__(self, model: HTDemucs):
+        super().__init__()
+        self.model = model
+
+    def forward(self, mag: th.Tensor, mix: th.Tensor) -> tp.Tuple[th.Tensor, th.Tensor]:
+        m = self.model
+        B, _, Fq, T = mag.shape
+        mean = mag.mean(dim=(1, 2, 3), keepdim=True)
+        std = mag.std(dim=(1, 2, 3), keepdim=True)
+        x = (mag - mean) / (1e-5 + std)
+        meant = mix.mean(dim=(1, 2), keepdim=True)
+        stdt = mix.std(dim=(1, 2), keepdim=True)
+        xt = (mix - meant) / (1e-5 + stdt)
+        saved, saved_t, lengths, lengths_t = [], [], [], []
+        for idx, encode in enumerate(m.encoder):
+            lengths.append(x.shape[-1])
+            inject = None
+            if idx < len(m.tencoder):
+                lengths_t.append(xt.shape[-1])
+                tenc = m.tencoder[idx]
+                xt = tenc(xt)
+                if not tenc.empty:
+                    saved_t.append(xt)
+                else:
+                    inject = xt
+            x = encode(x, inject)
+            if idx == 0 and m.freq_emb is not None:
+                frs = th.arange(x.shape[-2], device=x.device)
+                emb = m.freq_emb(frs).t()[None, :, :, None].expand_as(x)
+                x = x + m.freq_emb_scale * emb
+            saved.append(x)
+        if m.crosstransformer:
+            x, xt = self._cross(x, xt)
+        for idx, decode in enumerate(m.decoder):
+            x, pre = decode(x, saved.pop(-1), lengths.pop(-1))
+            offset = m.depth - len(m.tdecoder)
+            if idx >= offset:
+                tdec = m.tdecoder[idx - offset]
+                length_t = lengths_t.pop(-1)
+                if tdec.empty:
+                    xt, _ = tdec(pre[:, :, 0], None, length_t)
+                else:
+                    xt, _ = tdec(xt, saved_t.pop(-1), length_t)
+        S = len(m.sources)
+        x = x.view(B, S, -1, Fq, T).float() * std[:, None] + mean[:, None]
+        xt = xt.view(B, S, -1, mix.shape[-1]).float() * stdt[:, None] + meant[:, None]
+        return x, xt
+
+    def _cross(self, x: th.Tensor, xt: th.Tensor) -> tp.Tuple[th.Tensor, th.Tensor]:
+        m = self.model
+        if m.bottom_channels:
+            b, c, f, t = x.shape
+            x = m.channel_upsampler(x.reshape(b, c, f * t)).reshape(b, -1, f, t)
+            xt = m.channel_upsampler_t(xt)
+        x, xt = m.crosstransformer(x, xt)
+        if m.bottom_channels:
+            b, c, f, t = x.shape
+            x = m.channel_downsampler(x.reshape(b, c, f * t)).reshape(b, -1, f, t)
+            xt = m.channel_downsampler_t(xt)
+        return x, xt
+
+
+def htdemucs_forward(model: HTDemucs, core: tp.Callable, mix: th.Tensor,
+                     autocast: tp.Callable[[], tp.ContextManager]) -> th.Tensor:
+    """`HTDemucs.forward` in eval for windows `mix [B, C, L]` (L = the training length):
+    STFT and iSTFT in float32 outside `autocast()`, `core` (an `HTDemucsCore`, compiled or
+    not) inside it. Returns stems `[B, S, C, L]` float32."""
+    length = mix.shape[-1]
+    z = model._spec(mix)
+    with autocast():
+        x, xt = core(model._magnitude(z).to(mix.dtype), mix)
+    return xt.float() + model._ispec(model._mask(z, x.float()), length)
+
+
+class CudaGraphs:
+    """`forward` captured as one CUDA graph per batch size in `buckets`, sharing one memory
+    pool. `__call__` copies windows `[b, C, L]` (b a bucket) into the graph's static input,
+    replays it and returns the static output `[b, S, C, L]`: read it before the next call."""
+
+    def __init__(self, forward: tp.Callable[[th.Tensor], th.Tensor], buckets: tp.Iterable[int],
+                 channels: int, length: int, device: th.device):
+        self.pool = th.cuda.graph_pool_handle()
+        self.graphs: tp.Dict[int, tp.Tuple[th.cuda.CUDAGraph, th.Tensor, th.Tensor]] = {}
+        for size in sorted(set(buckets), reverse=True):  # the largest first: the pool fits all
+            static_in = th.randn(size, channels, length, device=device)
+            side = th.cuda.Stream(device)
+            side.wait_stream(th.cuda.current_stream(device))
+            with th.cuda.stream(side), th.inference_mode():
+                for _ in range(2):  # cuDNN/cuFFT plans and autotuning before the capture
+                    forward(static_in)
+            th.cuda.current_stream(device).wait_stream(side)
+            graph = th.cuda.CUDAGraph()
+            with th.cuda.graph(graph, pool=self.pool), th.inference_mode():
+                static_out = forward(static_in)
+            self.graphs[size] = (graph, static_in, static_out)
+
+    @property
+    def buckets(self) -> tp.List[int]:
+        return sorted(self.graphs)
+
+    def __call__(self, inputs: th.Tensor) -> th.Tensor:
+        graph, static_in, static_out = self.graphs[inputs.shape[0]]
+        static_in.copy_(inputs, non_blocking=True)
+        graph.replay()
+        return static_out
+
+
+def bucket_sizes(limit: int) -> tp.List[int]:
+    """Powers of two up to `limit`, and `limit` itself: `bucket_sizes(24) == [1, 2, 4, 8, 16, 24]`."""
+    sizes = [1 << i for i in range(max(limit, 1).bit_length()) if 1 << i <= limit]
+    return sorted(set(sizes + [max(limit, 1)]))
+
+
+def split_into_buckets(count: int, buckets: tp.Sequence[int]) -> tp.List[int]:
+    """Piece sizes covering `count` windows with as few replays as possible and no padding:
+    the largest bucket that fits, repeatedly (`buckets` holds 1)."""
+    pieces = []
+    while count:
+        size = max(b for b in buckets if b <= count)
+        pieces.append(size)
+        count -= size
+    return pieces
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, th.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class BatchLimit:
+    """The most windows one forward may take. Starts at `limit`; `halve()` after an
+    out-of-memory error (never below 1)."""
+
+    def __init__(self, limit: int):
+        self.limit = max(int(limit), 1)
+        self.halvings = 0
+
+    def halve(self) -> int:
+        if self.limit == 1:
+            raise RuntimeError("out of memory with a single window: the model does not fit")
+        self.limit = max(self.limit // 2, 1)
+        self.halvings += 1
+        logger.warning("out of memory: batches now hold at most %d windows", self.limit)
+        return self.limit
+
+
+def run_with_backoff(forward: tp.Callable[[th.Tensor], th.Tensor], inputs: th.Tensor,
+                     limit: BatchLimit, on_oom: tp.Callable[[], None] = lambda: None
+                     ) -> tp.List[th.Tensor]:
+    """`forward` over `inputs [B, ...]` in pieces of at most `limit.limit` windows; a piece that
+    runs out of memory halves the limit and is retried in smaller pieces (after `on_oom()`,
+    which frees cached memory). Returns the outputs of the pieces, in order."""
+    outputs: tp.List[th.Tensor] = []
+    start = 0
+    while start < inputs.shape[0]:
+        size = min(limit.limit, inputs.shape[0] - start)
+        try:
+            outputs.append(forward(inputs[start:start + size]))
+        except Exception as exc:  # noqa: BLE001 (only out-of-memory errors are handled)
+            if not is_out_of_memory(exc):
+                raise
+            on_oom()
+            limit.halve()
+            continue
+        start += size
+    return outputs
+
+
+def window_memory(forward: tp.Callable[[th.Tensor], th.Tensor], channels: int, length: int,
+                  device: th.device) -> tp.Tuple[int, int]:
+    """`(fixed, per_window)` bytes of device memory a forward needs, from the peaks of a batch
+    of 1 and a batch of 2 windows (CUDA only). Where 2 windows do not fit, all of the first
+    window's peak counts as per-window memory."""
+    peaks = []
+    for size in (1, 2):
+        th.cuda.synchronize(device)
+        th.cuda.empty_cache()
+        th.cuda.reset_peak_memory_stats(device)
+        base = th.cuda.memory_allocated(device)
+        try:
+            with th.inference_mode():
+                forward(th.randn(size, channels, length, device=device))
+            th.cuda.synchronize(device)
+        except Exception as exc:  # noqa: BLE001
+            if size == 1 or not is_out_of_memory(exc):
+                raise
+            th.cuda.empty_cache()
+            return 0, peaks[0]
+        peaks.append(th.cuda.max_memory_allocated(device) - base)
+    per_window = max(peaks[1] - peaks[0], 1)
+    return max(peaks[0] - per_window, 0), per_window
+
+
+def memory_limit(fixed: int, per_window: int, free: int, fraction: float, ceiling: int) -> int:
+    """The batch size that keeps `fixed + size * per_window` within `fraction` of `free` bytes,
+    between 1 and `ceiling`."""
+    fits = int((free * fraction - fixed) // per_window)
+    return max(1, min(ceiling, fits))
+
+
+def compile_core(core: HTDemucsCore, backend: str = "inductor",
+                 mode: tp.Optional[str] = None) -> tp.Callable:
+    """`torch.compile` of the inner network, batch size dynamic so that one compilation serves
+    every bucket. Inductor's caches live in TORCHINDUCTOR_CACHE_DIR (set it to a persistent
+    folder): a restart then loads the compiled kernels instead of compiling them again."""
+    compiled = th.compile(core, backend=backend, mode=mode)
+
+    def forward(mag: th.Tensor, mix: th.Tensor):
+        th._dynamo.maybe_mark_dynamic(mag, 0)
+        th._dynamo.maybe_mark_dynamic(mix, 0)
+        return compiled(mag, mix)
+    return forward

@@ -1,0 +1,118 @@
+"""The fast forward path on the CPU: HTDemucs split for compilation, compiled runs, batch
+pieces for CUDA graphs, and the out-of-memory back-off driven by a fake allocator limit."""
+import copy
+
+import pytest
+import torch as th
+
+from serve_graph.engine import ModelRunner, separate
+from serve_graph.engine.forward import (BatchLimit, HTDemucsCore, bucket_sizes, graph_safe,
+                                        htdemucs_forward, memory_limit, run_with_backoff,
+                                        split_into_buckets)
+from serve_graph.engine.models import sub_models
+from serve_graph.engine.separator import RunnerOptions
+from test_parity import residual_db
+
+MIX = th.randn(2, 100000, generator=th.Generator().manual_seed(5)) * 0.3
+
+
+@pytest.fixture
+def htdemucs(tiny_model):
+    """The tiny bag's one HTDemucs, a copy of it."""
+    return copy.deepcopy(sub_models(tiny_model)[0])
+
+
+def windows(count: int, model) -> th.Tensor:
+    length = int(model.segment * model.samplerate)
+    return th.randn(count, 2, length, generator=th.Generator().manual_seed(count)) * 0.3
+
+
+def test_split_forward_is_htdemucs_forward(htdemucs):
+    inputs = windows(3, htdemucs)
+    with th.inference_mode():
+        split = htdemucs_forward(htdemucs, HTDemucsCore(htdemucs), inputs,
+                                 lambda: th.autocast("cpu", enabled=False))
+        whole = htdemucs(inputs)
+    assert split.shape == whole.shape == (3, 4, 2, inputs.shape[-1])
+    assert th.allclose(split, whole, rtol=0, atol=1e-6)
+
+
+def test_compiled_runner_matches_eager(tiny_model):
+    eager = separate(ModelRunner(copy.deepcopy(tiny_model), "cpu"), MIX, batch_size=3)
+    options = RunnerOptions("cpu", compile="compile", compile_backend="eager")
+    compiled = separate(ModelRunner(copy.deepcopy(tiny_model), options=options), MIX,
+                        batch_size=3)
+    assert residual_db(compiled, eager).max() <= -120
+
+
+def test_random_positional_shift_is_not_graph_safe(htdemucs):
+    model = htdemucs
+    assert graph_safe(model)
+    model.crosstransformer.sin_random_shift = 3  # each forward would draw a shift
+    assert not graph_safe(model)
+    model.crosstransformer.sin_random_shift = 0
+    assert not graph_safe(model.train())
+
+
+def test_buckets_cover_any_batch_without_padding():
+    assert bucket_sizes(24) == [1, 2, 4, 8, 16, 24]
+    assert bucket_sizes(1) == [1]
+    buckets = bucket_sizes(32)
+    assert split_into_buckets(37, buckets) == [32, 4, 1]
+    for count in range(1, 100):
+        pieces = split_into_buckets(count, buckets)
+        assert sum(pieces) == count and all(p in buckets for p in pieces)
+
+
+def test_memory_limit_arithmetic():
+    gib = 2**30
+    assert memory_limit(2 * gib, gib, 80 * gib, 0.85, 64) == 64
+    assert memory_limit(2 * gib, gib, 80 * gib, 0.85, 128) == 66
+    assert memory_limit(2 * gib, gib, 10 * gib, 0.5, 64) == 3
+    assert memory_limit(20 * gib, gib, 10 * gib, 0.5, 64) == 1
+
+
+class FakeAllocator:
+    """A forward that runs out of memory above `capacity` windows, as the CUDA allocator would."""
+
+    def __init__(self, forward, capacity: int):
+        self.forward, self.capacity, self.sizes = forward, capacity, []
+
+    def __call__(self, batch: th.Tensor) -> th.Tensor:
+        self.sizes.append(batch.shape[0])
+        if batch.shape[0] > self.capacity:
+            raise th.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.forward(batch)
+
+
+def test_backoff_halves_and_retries_until_the_batch_fits():
+    inputs = th.arange(10.).reshape(10, 1)
+    allocator = FakeAllocator(lambda batch: batch * 2, capacity=3)
+    limit, freed = BatchLimit(8), []
+    pieces = run_with_backoff(allocator, inputs, limit, lambda: freed.append(True))
+    assert th.equal(th.cat(pieces), inputs * 2)
+    assert limit.limit == 2 and limit.halvings == 2 and len(freed) == 2
+    assert allocator.sizes[:3] == [8, 4, 2] and max(p.shape[0] for p in pieces) == 2
+
+
+def test_backoff_gives_up_at_one_window_and_passes_other_errors():
+    with pytest.raises(RuntimeError, match="single window"):
+        run_with_backoff(FakeAllocator(lambda b: b, capacity=0), th.zeros(2, 1), BatchLimit(2))
+
+    def broken(batch):
+        raise ValueError("not a memory problem")
+    limit = BatchLimit(4)
+    with pytest.raises(ValueError):
+        run_with_backoff(broken, th.zeros(4, 1), limit)
+    assert limit.limit == 4
+
+
+def test_runner_survives_out_of_memory_with_the_same_stems(tiny_model):
+    """A runner whose device holds only 2 windows still separates, with identical stems."""
+    reference = separate(ModelRunner(copy.deepcopy(tiny_model), "cpu"), MIX, batch_size=8)
+    runner = ModelRunner(copy.deepcopy(tiny_model), options=RunnerOptions("cpu", max_batch=8))
+    allocator = FakeAllocator(runner._forwards[0], capacity=2)
+    runner._forwards[0] = allocator
+    stems = separate(runner, MIX, batch_size=8)
+    assert th.equal(stems, reference)
+    assert runner.batch_limit() == 2 and max(allocator.sizes) > 2  # it did run out first

@@ -92,6 +92,25 @@ def start_service(port: int = PORT, gpus: tp.Optional[int] = None, replicas: int
     return launch(path, env, **popen)
 
 
+def wait_ready(process: subprocess.Popen, port: int = PORT, timeout: float = 300.) -> None:
+    """Block until the service's `/readyz` answers 200 (the model is loaded), so that Modal
+    routes no request to a container that cannot serve it; raise if `serve run` exits first
+    (a missing model ends it with its message) or the time runs out."""
+    import requests
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the service exited with status {process.returncode} before "
+                               f"it was ready; its message is above")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the service was not ready within {timeout:.0f} s")
+
+
 @app.cls(gpu=GPU, timeout=TIMEOUT, scaledown_window=SCALEDOWN_WINDOW,
          min_containers=MIN_CONTAINERS, max_containers=MAX_CONTAINERS)
 @modal.concurrent(max_inputs=64)
@@ -101,6 +120,7 @@ class Separation:
     @modal.web_server(PORT, startup_timeout=300)
     def web(self) -> None:
         self.process = start_service()
+        wait_ready(self.process)  # readiness: the model is loaded before traffic comes
 
 
 @app.function(gpu=GPU, timeout=TIMEOUT)

@@ -9,12 +9,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from .engine import (DEFAULT_MODEL, PRECISIONS, ModelNotFoundError, ModelRunner,
-                     SeparationError, SeparationOptions, load_model, separate_to_zip)
+                     SeparationError, SeparationOptions, load_model, make_random_repo,
+                     separate_to_zip)
 from .engine.forward import COMPILE_MODES
 from .engine.separator import RunnerOptions, timed
 from .launch import DEFAULT_CONFIG, launch, write_config
-from .settings import MODEL_ENV, REPO_ENV
+from .preflight import missing_model_message, model_problem
+from .procs import stop_tree
+from .settings import MODEL_ENV, REPO_ENV, ServiceSettings
 
 
 def _separate_parser(sub) -> None:
@@ -59,7 +64,10 @@ def run_separate(args) -> int:
                 args.device, args.precision, args.compile, max(args.batch_size, 1)))
         archive = separate_to_zip(data, runner, options, args.batch_size,
                                   progress=not args.no_progress, timings=timings)
-    except (OSError, ModelNotFoundError) as exc:
+    except ModelNotFoundError as exc:
+        print(missing_model_message(args.model, str(exc)), file=sys.stderr)
+        return 2
+    except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except SeparationError as exc:
@@ -80,10 +88,23 @@ def _serve_parser(sub) -> None:
     p.add_argument("--model-repo", help=f"local model repo folder (or env {REPO_ENV})")
 
 
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the service as Ctrl-C does
+
+
 def run_serve(args) -> int:
-    """`serve run` on the config, with the port and model given here; blocks until Ctrl-C."""
+    """`serve run` on the config, with the port and model given here; blocks until Ctrl-C or
+    SIGTERM, then stops Serve and every process it started. A missing model ends it at once."""
     app_args = {key: value for key, value in
                 (("model", args.model), ("model_repo", args.model_repo)) if value}
+    config_args = yaml.safe_load(Path(args.config).read_text())["applications"][0]["args"]
+    settings = ServiceSettings.from_args({**config_args, **app_args})
+    if settings.require_model:
+        problem = model_problem(settings.model, settings.model_repo)
+        if problem is not None:
+            print(missing_model_message(settings.model, problem), file=sys.stderr)
+            return 2
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     with tempfile.TemporaryDirectory() as folder:
         config = write_config(Path(folder) / "serve_config.yaml", args.config, port=args.port,
                               args=app_args)
@@ -91,8 +112,25 @@ def run_serve(args) -> int:
         try:
             return process.wait()
         except KeyboardInterrupt:
-            process.send_signal(signal.SIGINT)
-            return process.wait()
+            stop_tree(process, signal.SIGINT)
+            return 0
+
+
+def _make_repo_parser(sub) -> None:
+    p = sub.add_parser("make-repo", help="write a model repo of random-weight htdemucs, to try "
+                       "the service without the real weights (its stems are noise)")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--name", default=DEFAULT_MODEL)
+    p.add_argument("--size", default="tiny", choices=["tiny", "full"],
+                   help="tiny: instant, for trying the API; full: htdemucs' real size and speed")
+
+
+def run_make_repo(args) -> int:
+    make_random_repo(args.folder, args.name, size=args.size)
+    print(f"wrote model {args.name!r} ({args.size}, random weights) to {args.folder}; use it "
+          f"with SERVE_GRAPH_MODEL_REPO={args.folder} or --model-repo {args.folder}",
+          file=sys.stderr)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -100,8 +138,10 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _separate_parser(sub)
     _serve_parser(sub)
+    _make_repo_parser(sub)
     args = parser.parse_args(argv)
-    return run_serve(args) if args.command == "serve" else run_separate(args)
+    commands = {"serve": run_serve, "separate": run_separate, "make-repo": run_make_repo}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

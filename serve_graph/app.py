@@ -8,7 +8,9 @@ from ray.serve import Application
 
 from .decode import Decode
 from .encode import Encode
+from .engine import ModelNotFoundError
 from .ingress import Ingress
+from .preflight import local_serve_run, missing_model_message, model_problem, stop_local_serve_run
 from .separate import Separate
 from .settings import ServiceSettings
 
@@ -17,5 +19,11 @@ def build_app(args: tp.Optional[dict] = None) -> Application:
     """The application for `args` (see `ServiceSettings`): model, model_repo, device,
     precision, upload and duration limits."""
     settings = ServiceSettings.from_args(args)
+    if settings.require_model and local_serve_run() is not None:
+        # one machine, started by this `serve run`: a missing model ends it now
+        problem = model_problem(settings.model, settings.model_repo)
+        if problem is not None:
+            stop_local_serve_run(missing_model_message(settings.model, problem))
+            raise ModelNotFoundError(problem)
     separate = Separate.bind(settings)
     return Ingress.bind(Decode.bind(separate, settings), separate, Encode.bind(), settings)

@@ -1,4 +1,5 @@
 """The HTTP front: FastAPI on Ray Serve. `POST /separate` and `GET /`, the original API."""
+import asyncio
 import logging
 import time
 import typing as tp
@@ -11,10 +12,12 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from .engine import InvalidAudioError, SeparationError, SeparationOptions, UploadTooLargeError
+from .engine import (InvalidAudioError, ModelUnavailableError, SeparationError,
+                     SeparationOptions, UploadTooLargeError)
 from .settings import ServiceSettings
 
 logger = logging.getLogger("ray.serve")
+HEALTH_WAIT_S = 2.  # how long GET / waits for a Separate replica before saying "loading"
 
 app = FastAPI(
     title="Stem separation",
@@ -69,15 +72,50 @@ class Ingress:
         app.state.max_upload_bytes = self._max_bytes  # for the Content-Length check
 
     async def _model_info(self) -> dict:
-        if self._info is None:
-            self._info = await self._separate.info.remote()
-        return self._info
+        """Separate's `info`: "loaded" (cached from then on), "missing" with the reason, or
+        "loading" while no Separate replica answers within `HEALTH_WAIT_S`."""
+        if self._info is not None:
+            return self._info
+        try:
+            info = await asyncio.wait_for(self._separate.info.remote(), HEALTH_WAIT_S)
+        except asyncio.TimeoutError:
+            return {"model": self._settings.model, "state": "loading",
+                    "detail": "the Separate replica is starting (loading the model)"}
+        if info["state"] == "loaded":
+            self._info = info
+        return info
 
-    @app.get("/", summary="Health: status and the model being served")
-    async def health(self) -> dict:
-        return {"status": "ok", **await self._model_info(),
+    async def _loaded_model(self) -> dict:
+        info = await self._model_info()
+        if info["state"] != "loaded":
+            raise ModelUnavailableError(f"model {info['model']!r} is {info['state']}: "
+                                        f"{info['detail']}")
+        return info
+
+    def _health(self, info: dict) -> dict:
+        model = {key: info[key] for key in ("state", "detail") if key in info}
+        return {"status": {"loaded": "ok", "loading": "loading"}.get(info["state"],
+                                                                     "unavailable"),
+                **info, "models": {info["model"]: model},
                 "max_upload_mb": self._settings.max_upload_mb,
                 "max_audio_seconds": self._settings.max_audio_seconds}
+
+    @app.get("/", summary="Health: status, the model being served and whether it is loaded")
+    async def health(self) -> dict:
+        return self._health(await self._model_info())
+
+    @app.get("/healthz", summary="Liveness: 200 while the HTTP front answers")
+    async def liveness(self) -> dict:
+        return {"status": "alive"}
+
+    @app.get("/readyz", summary="Readiness: 200 once the model is loaded, else 503",
+             responses={503: {"description": "the model is loading or missing"}})
+    async def readiness(self):
+        health = self._health(await self._model_info())
+        if health["status"] == "ok":
+            return {"status": "ready", "models": health["models"]}
+        return _error(503, "not_ready", f"model {health['model']!r} is "
+                      f"{health['models'][health['model']]['state']}", models=health["models"])
 
     @app.get("/stats", summary="Batching counters of the Separate deployment (one replica)")
     async def stats(self) -> dict:
@@ -102,7 +140,7 @@ class Ingress:
         mp3: bool = Form(True, description="MP3 stems (true) or 16-bit WAV (false)"),
         mp3_bitrate: int = Form(192, description="MP3 bitrate in kbps, 128-320"),
     ) -> Response:
-        info = await self._model_info()
+        info = await self._loaded_model()
         options = SeparationOptions(two_stems or None, shifts, overlap,
                                     "mp3" if mp3 else "wav", mp3_bitrate)
         options.validate(info["sources"])

@@ -1,5 +1,6 @@
 """The Separate deployment: the model on its device, windows batched across requests."""
 import asyncio
+import logging
 import os
 import threading
 import typing as tp
@@ -10,11 +11,13 @@ import ray
 import torch as th
 from ray import serve
 
-from .engine import ModelRunner, load_model
+from .engine import ModelNotFoundError, ModelRunner, ModelUnavailableError, load_model
 from .engine.separator import run_windows
 from .engine.windows import Window
 from .messages import MixRef
 from .settings import ServiceSettings
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(max_ongoing_requests=256)
@@ -28,15 +31,35 @@ class Separate:
             th.set_num_threads(settings.threads)
         elif os.cpu_count():
             th.set_num_threads(os.cpu_count())  # Ray sets OMP threads to num_cpus otherwise
-        # start-up work (memory measurement, torch.compile, CUDA graph capture) happens here
-        self.runner = ModelRunner(load_model(settings.model, settings.model_repo),
-                                  options=settings.runner_options())
         self.model_name = settings.model
+        self._settings = settings
+        self.runner: tp.Optional[ModelRunner] = None
+        self.problem: tp.Optional[str] = None
+        self._load()
         self._lock = threading.Lock()
         self._stats: tp.Dict[str, tp.Any] = {"batches": 0, "windows": 0,
                                              "multi_request_batches": 0,
                                              "max_requests_in_batch": 0,
                                              "batch_sizes": Counter()}
+
+    def _load(self) -> None:
+        """Load the model; without its weights the replica stays up and reports them missing
+        (`info`), so a cluster deployment says what is wrong instead of restarting forever."""
+        try:
+            model = load_model(self._settings.model, self._settings.model_repo)
+        except ModelNotFoundError as exc:
+            self.problem = str(exc)
+            logger.error("model %r missing: %s", self._settings.model, exc)
+            return
+        # start-up work (memory measurement, torch.compile, CUDA graph capture) happens here
+        self.runner = ModelRunner(model, options=self._settings.runner_options())
+        self.problem = None
+
+    def _loaded(self) -> ModelRunner:
+        if self.runner is None:
+            raise ModelUnavailableError(f"model {self.model_name!r} is not loaded: "
+                                        f"{self.problem}")
+        return self.runner
 
     def reconfigure(self, config: dict) -> None:
         """`user_config` from serve_config.yaml: batching knobs, changeable without restart."""
@@ -45,8 +68,14 @@ class Separate:
             float(config.get("batch_wait_timeout_s", 0.0)))
 
     def info(self) -> dict:
+        """The model's state: "loaded" with its facts, or "missing" with the reason (the load
+        is retried here, so weights put in place later are picked up)."""
+        if self.runner is None:
+            self._load()
+        if self.runner is None:
+            return {"model": self.model_name, "state": "missing", "detail": self.problem}
         geometry = self.runner.geometry
-        return {"model": self.model_name, "device": str(self.runner.device),
+        return {"model": self.model_name, "state": "loaded", "device": str(self.runner.device),
                 "precision": self.runner.precision, "compile": self.runner.options.compile,
                 "batch_limit": self.runner.batch_limit(),
                 "startup_seconds": round(self.runner.startup_seconds, 2),
@@ -56,7 +85,7 @@ class Separate:
                 "batch_wait_timeout_s": self.separate_window._get_batch_wait_timeout_s()}
 
     def geometry(self):
-        return self.runner.geometry
+        return self._loaded().geometry
 
     def stats(self) -> dict:
         with self._lock:
@@ -75,13 +104,14 @@ class Separate:
         return await asyncio.to_thread(self._run, mixes, windows, request_ids)
 
     def _run(self, mixes, windows, request_ids) -> tp.List[np.ndarray]:
+        runner = self._loaded()
         arrays = ray.get([mix.ref for mix in mixes])  # zero-copy from the object store
         outputs: tp.List[tp.Optional[np.ndarray]] = [None] * len(windows)
         groups: tp.Dict[tp.Tuple[int, int], tp.List[int]] = {}
         for index, window in enumerate(windows):
             groups.setdefault((window.model_index, window.input_length), []).append(index)
         for indices in groups.values():
-            stems = run_windows(self.runner, [th.from_numpy(arrays[i]) for i in indices],
+            stems = run_windows(runner, [th.from_numpy(arrays[i]) for i in indices],
                                 [windows[i] for i in indices])
             for i, out in zip(indices, stems):
                 outputs[i] = out.contiguous().numpy()

@@ -19,6 +19,9 @@ class ServiceSettings:
     max_upload_mb: float = 100.
     max_audio_seconds: float = 900.
     threads: int = 0  # torch intra-op threads in Separate; 0: all cores
+    # A missing model stops a local `serve run` at start with one clear message; false: the
+    # service starts anyway and reports the model missing at GET / and /readyz (as on a cluster)
+    require_model: bool = True
 
     @classmethod
     def from_args(cls, args: tp.Optional[dict] = None) -> "ServiceSettings":

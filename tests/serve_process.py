@@ -1,5 +1,4 @@
 """Start the real service as a process (`serve run <config>`) and wait for it; stop it again."""
-import os
 import signal
 import socket
 import subprocess
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import requests
 from serve_graph.launch import launch
+from serve_graph.procs import stop_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,13 +42,12 @@ class ServeProcess:
         self.stop()
         raise RuntimeError(f"{cmd} did not answer in {timeout} s: {log.read_text()[-3000:]}")
 
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGINT)
-            try:
-                self._proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    def stop(self, sig: int = signal.SIGINT) -> tp.Optional[int]:
+        """Stop `serve run` and, by PID, every process it started; returns its exit code."""
+        code = stop_tree(self._proc, sig)
         self._log.close()
+        return code
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid

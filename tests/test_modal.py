@@ -103,12 +103,14 @@ def test_download_step_goes_through_the_real_loader(monkeypatch, tiny_repo):
 @pytest.mark.serve
 def test_container_start_up_serves_separate_over_http(tmp_path, tiny_repo):
     """The container's start-up function, run here on CPU with the tiny model."""
-    from modal_deploy.app import start_service
+    from modal_deploy.app import start_service, wait_ready
     port = free_port()
     server = ServeProcess(
         tmp_path, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)}, tmp_path / "serve.log",
         start=lambda _, env, **popen: start_service(port=port, gpus=0, env=env, **popen))
     try:
+        wait_ready(server._proc, port)
+        assert requests.get(server.url + "/readyz", timeout=30).status_code == 200
         assert requests.get(server.url + "/", timeout=30).json()["device"] == "cpu"
         song = encode(tone(1.5, 44100, 2), 44100, "wav16")
         response = requests.post(server.url + "/separate", files={"audio_file": ("a.wav", song)},
@@ -118,3 +120,11 @@ def test_container_start_up_serves_separate_over_http(tmp_path, tiny_repo):
         assert names == ["bass.mp3", "no_bass.mp3"]
     finally:
         server.stop()
+
+
+def test_wait_ready_fails_when_the_service_exits():
+    from modal_deploy.app import wait_ready
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    with pytest.raises(RuntimeError, match="exited with status 0"):
+        wait_ready(exited, free_port(), timeout=30)

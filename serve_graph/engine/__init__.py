@@ -2,7 +2,8 @@
 audio I/O. Plain functions on tensors; no Ray here (the deployments call into this)."""
 from .audio import decode, encode_stem, select_stems, zip_files
 from .errors import (AudioTooLongError, InvalidAudioError, InvalidParameterError,
-                     ModelNotFoundError, SeparationError, UploadTooLargeError)
+                     ModelNotFoundError, ModelUnavailableError, SeparationError,
+                     UploadTooLargeError)
 from .models import DEFAULT_MODEL, load_model, make_random_repo, model_geometry
 from .pipeline import SeparationOptions, separate_to_zip, stem_files
 from .separator import PRECISIONS, ModelRunner, default_device, separate
@@ -10,7 +11,7 @@ from .windows import ModelGeometry, OverlapAdd, Plan, Window, plan_windows
 
 __all__ = [
     "AudioTooLongError", "DEFAULT_MODEL", "InvalidAudioError", "InvalidParameterError",
-    "ModelGeometry", "ModelNotFoundError", "ModelRunner", "OverlapAdd", "PRECISIONS", "Plan",
+    "ModelGeometry", "ModelNotFoundError", "ModelRunner", "ModelUnavailableError", "OverlapAdd", "PRECISIONS", "Plan",
     "SeparationError", "SeparationOptions", "UploadTooLargeError", "Window", "decode",
     "default_device", "encode_stem", "load_model", "make_random_repo", "model_geometry",
     "plan_windows", "select_stems", "separate", "separate_to_zip", "stem_files", "zip_files",

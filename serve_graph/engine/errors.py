@@ -35,5 +35,11 @@ class InvalidParameterError(SeparationError):
     error = "invalid_parameter"
 
 
+class ModelUnavailableError(SeparationError):
+    """The model is not loaded (its weights are missing, or its replica is still starting)."""
+    status_code = 503
+    error = "model_unavailable"
+
+
 class ModelNotFoundError(RuntimeError):
     """The model's weights are not where Demucs looks; the message says which file and where."""

@@ -1,0 +1,77 @@
+"""Fail fast and clearly when the model cannot be loaded, before Ray Serve starts retrying.
+
+`serve run serve_config.yaml` deploys the config and then waits forever, whatever happens to the
+deployments; a Separate replica that cannot load its model would be retried in a loop, its
+message buried in tracebacks. So `build_app` checks the model first. When the cluster is the
+local one that this `serve run` started (its raylet is a child of the `serve run` process), the
+check prints one clear message on that terminal and stops `serve run` (non-zero exit) and
+the Ray processes it started. On a real cluster nothing is stopped: the
+application deploys and `GET /readyz` reports the missing model.
+"""
+import os
+import signal
+import sys
+import time
+import typing as tp
+from pathlib import Path
+
+from .engine import ModelNotFoundError, load_model
+from .procs import alive, cmdline, descendants, parent, wait_gone
+
+TRY_WITHOUT_WEIGHTS = (
+    "To try the service without the real weights, make a model repo with random weights and "
+    "point the service at it:\n"
+    "    python -m serve_graph make-repo models\n"
+    "    SERVE_GRAPH_MODEL_REPO=models serve run serve_config.yaml")
+
+
+def model_problem(name: str, repo: tp.Optional[str]) -> tp.Optional[str]:
+    """None when model `name` loads (from `repo`, or Demucs' caches/download); else the
+    reason, naming the missing file and where it goes."""
+    try:
+        load_model(name, repo)
+    except ModelNotFoundError as exc:
+        return str(exc)
+    return None
+
+
+def missing_model_message(name: str, problem: str) -> str:
+    return (f"\nerror: the model {name!r} cannot be loaded, so the service cannot start.\n"
+            f"{problem}\n\n{TRY_WITHOUT_WEIGHTS}\n")
+
+
+def local_serve_run() -> tp.Optional[int]:
+    """The PID of the `serve run` process that started the Ray cluster this worker belongs to,
+    or None (a cluster started otherwise, or not Linux)."""
+    raylet = parent(os.getpid())
+    if not any(part.endswith("raylet") for part in cmdline(raylet)[:1]):
+        return None
+    driver = parent(raylet)
+    args = cmdline(driver)
+    is_serve = any(Path(a).name == "serve" or a == "ray.serve.scripts" for a in args[:3])
+    return driver if is_serve and "run" in args else None
+
+
+def stop_local_serve_run(message: str, wait: float = 60.) -> bool:
+    """Print `message` on the terminal of the local `serve run` and stop it, waiting up to
+    `wait` s for the cluster to take this process down too (so that no retry and no traceback
+    follow the message). False, at once, when this is not such a cluster."""
+    driver = local_serve_run()
+    if driver is None:
+        return False
+    cluster = [pid for pid in descendants(parent(os.getpid())) if pid != os.getpid()]
+    try:
+        with open(f"/proc/{driver}/fd/2", "a") as terminal:  # its stderr: the user's terminal
+            terminal.write(message)
+    except OSError:
+        print(message, file=sys.stderr, flush=True)
+    # SIGHUP ends `serve run` with a non-zero status and, unlike SIGTERM, without Ray's stack
+    # dump after the message; its raylet and GCS follow it, and the agents and workers that the
+    # raylet started are stopped here, by PID.
+    os.kill(driver, signal.SIGHUP)
+    for pid in cluster:  # at once: this worker ends with the raylet
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)  # Ray's agents outlive a SIGTERM once the raylet is gone
+    wait_gone([driver], wait)
+    time.sleep(wait)  # the raylet's end ends this worker: no retry, no traceback
+    return True

@@ -1,0 +1,81 @@
+"""Processes by PID, from /proc (Linux): who started whom, and stopping a process tree.
+
+Ray's worker processes start their own sessions, so a process group does not hold them all;
+the tree of parent links does, while its root runs. `stop_tree` snapshots that tree, asks the
+root to stop, and kills by PID whatever of the snapshot outlives it.
+"""
+import os
+import signal
+import subprocess
+import time
+import typing as tp
+from pathlib import Path
+
+
+def cmdline(pid: int) -> tp.List[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _stat(pid: int) -> tp.List[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def parent(pid: int) -> int:
+    stat = _stat(pid)
+    return int(stat[1]) if stat else 0
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped, is not)."""
+    stat = _stat(pid)
+    return bool(stat) and stat[0] != "Z"
+
+
+def descendants(pid: int) -> tp.List[int]:
+    """Every process below `pid` in the parent tree, now."""
+    children: tp.Dict[int, tp.List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            children.setdefault(parent(int(entry)), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def wait_gone(pids: tp.Iterable[int], timeout: float) -> tp.List[int]:
+    """Wait until none of `pids` runs, at most `timeout` s; returns those still running."""
+    deadline = time.monotonic() + timeout
+    left = [pid for pid in pids if alive(pid)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = [pid for pid in left if alive(pid)]
+    return left
+
+
+def stop_tree(process: subprocess.Popen, sig: int = signal.SIGINT, grace: float = 60.,
+              linger: float = 10.) -> tp.Optional[int]:
+    """Send `sig` to `process`, wait `grace` s for it to exit, then `linger` s for the processes
+    it had started; SIGKILL by PID whatever is left. Returns the process' exit code."""
+    tree = descendants(process.pid)
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for pid in wait_gone(tree, linger):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return process.returncode

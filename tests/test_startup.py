@@ -1,0 +1,143 @@
+"""A newcomer's first run: a missing model ends `serve run` and `python -m serve_graph serve` at
+once with one clear message; Ctrl-C and SIGTERM leave no process behind; GET /, /healthz and
+/readyz tell liveness from readiness while the model is missing, then loaded."""
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+import requests
+
+from audio_files import encode, tone
+from serve_graph.engine import make_random_repo
+from serve_graph.launch import launch, write_config
+from serve_graph.procs import alive, descendants
+from serve_process import ServeProcess, free_port
+
+pytestmark = pytest.mark.serve
+SERVE_RUN = [sys.executable, "-m", "ray.serve.scripts", "run"]
+
+
+def run_watching(cmd, cwd, env, timeout=120):
+    """Run `cmd` to its end, noting every process it starts; (exit code, output, seconds,
+    the processes seen)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    seen = set()
+    while proc.poll() is None and time.monotonic() - start < timeout:
+        seen.update(descendants(proc.pid))
+        time.sleep(0.2)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    output = proc.communicate()[0].decode(errors="replace")
+    return proc.returncode, output, time.monotonic() - start, seen
+
+
+def assert_all_gone(pids, within=15.):
+    deadline = time.monotonic() + within
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in pids if alive(pid)]
+    assert not left, f"still running: {left}"
+
+
+def assert_clear_message(output: str, missing: str) -> None:
+    message = output[output.index("error: the model 'htdemucs' cannot be loaded"):]
+    assert missing in message and "python -m serve_graph make-repo models" in message
+    assert "Traceback" not in message  # the message is the last word, not a stack
+
+
+def test_serve_run_without_the_model_exits_at_once_with_one_message(tmp_path):
+    config = write_config(tmp_path / "serve_config.yaml", port=free_port(), host="127.0.0.1")
+    missing = str(tmp_path / "no_models_here")
+    code, output, seconds, seen = run_watching(SERVE_RUN + [config.name], tmp_path,
+                                               {"SERVE_GRAPH_MODEL_REPO": missing})
+    assert code != 0 and seconds < 60, output[-3000:]
+    assert_clear_message(output, missing)
+    assert seen and "Deploying" not in output.split("error: the model")[1]
+    assert_all_gone(seen)
+
+
+def test_cli_serve_without_the_model_exits_before_starting_ray(tmp_path):
+    missing = str(tmp_path / "absent")
+    code, output, seconds, seen = run_watching(
+        [sys.executable, "-m", "serve_graph", "serve", "--model-repo", missing], tmp_path, {})
+    assert code == 2 and seconds < 30, output
+    assert_clear_message(output, missing)
+    assert not any("raylet" in " ".join(open(f"/proc/{pid}/cmdline").read().split("\0"))
+                   for pid in seen if alive(pid))
+
+
+@pytest.mark.parametrize("command,sig", [("serve run", signal.SIGTERM),
+                                         ("python -m serve_graph serve", signal.SIGTERM),
+                                         ("python -m serve_graph serve", signal.SIGINT)],
+                         ids=["serve-run-sigterm", "cli-sigterm", "cli-ctrl-c"])
+def test_stopping_leaves_no_process_behind(tmp_path, tiny_repo, command, sig):
+    port = free_port()
+    config = write_config(tmp_path / "serve_config.yaml", port=port, host="127.0.0.1")
+
+    def start(config_path, env, **popen):
+        if command == "serve run":
+            return launch(config_path, env, **popen)
+        return subprocess.Popen([sys.executable, "-m", "serve_graph", "serve", "--config",
+                                 str(config_path)], env={**os.environ, **env},
+                                start_new_session=True, **popen)
+    server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
+                          tmp_path / "serve.log", start=start)
+    started = descendants(server.pid)
+    assert any("raylet" in arg for pid in started for arg in _cmdline(pid))
+    process = server._proc
+    process.send_signal(sig)
+    process.wait(90)
+    assert_all_gone(started + [process.pid])
+    server.stop()
+
+
+def _cmdline(pid):
+    try:
+        return open(f"/proc/{pid}/cmdline").read().split("\0")
+    except OSError:
+        return []
+
+
+def test_health_tells_liveness_from_readiness(tmp_path):
+    """Started without the model (as on a cluster): alive, not ready, 503 for work; the model
+    put in place later is picked up without a restart."""
+    repo = tmp_path / "models"
+    repo.mkdir()
+    port = free_port()
+    config = write_config(tmp_path / "serve_config.yaml", port=port, host="127.0.0.1",
+                          args={"require_model": False})
+    server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(repo)},
+                          tmp_path / "serve.log")
+    url = server.url
+    try:
+        health = requests.get(url + "/", timeout=30).json()
+        assert health["status"] == "unavailable"
+        assert health["models"]["htdemucs"]["state"] == "missing"
+        assert str(repo) in health["models"]["htdemucs"]["detail"]
+        assert requests.get(url + "/healthz", timeout=30).status_code == 200
+        ready = requests.get(url + "/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["error"] == "not_ready"
+        song = encode(tone(1.5, 44100, 2), 44100, "wav16")
+        refused = requests.post(url + "/separate", files={"audio_file": ("a.wav", song)},
+                                timeout=60)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"] == "model_unavailable"
+        assert "htdemucs.yaml" in refused.json()["detail"]
+
+        make_random_repo(repo, "htdemucs", size="tiny")
+        ready = requests.get(url + "/readyz", timeout=60)
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        assert requests.get(url + "/", timeout=30).json()["status"] == "ok"
+        stems = requests.post(url + "/separate", files={"audio_file": ("a.wav", song)},
+                              data={"mp3": "false"}, timeout=120)
+        assert stems.status_code == 200, stems.text
+        assert len(zipfile.ZipFile(io.BytesIO(stems.content)).namelist()) == 4
+    finally:
+        server.stop()

@@ -6,6 +6,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from .engine import decode, plan_windows
+from .engine.pipeline import check_budget
 from .engine.windows import normalise
 from .messages import DecodedSong, MixRef
 from .settings import ServiceSettings
@@ -32,4 +33,5 @@ class Decode:
                      self._settings.max_audio_seconds)
         mix, mean, std = normalise(wav)
         plan = plan_windows(mix.shape[-1], geometry, shifts, overlap, seed)
+        check_budget(plan, self._settings.max_windows, geometry.samplerate)
         return DecodedSong(MixRef(ray.put(mix.numpy())), plan, mean, std, geometry)

@@ -4,12 +4,14 @@ import logging
 import time
 import typing as tp
 import uuid
+from http import HTTPStatus
 from pathlib import PurePath
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.serve.handle import DeploymentHandle
 
 from .engine import (InvalidAudioError, ModelUnavailableError, SeparationError,
@@ -37,6 +39,14 @@ def _ascii(name: str) -> str:
 @app.exception_handler(SeparationError)
 async def _separation_error(request: Request, exc: SeparationError) -> JSONResponse:
     return _error(exc.status_code, exc.error, exc.detail)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Errors FastAPI/Starlette raise themselves (malformed multipart, unknown route, wrong
+    method), in the service's `{"error", "detail"}` shape."""
+    name = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    return _error(exc.status_code, name, str(exc.detail))
 
 
 @app.exception_handler(RequestValidationError)

@@ -18,6 +18,7 @@ class ServiceSettings:
     gpu_memory_fraction: float = 0.85  # of the free GPU memory, for a replica's batches
     max_upload_mb: float = 100.
     max_audio_seconds: float = 900.
+    max_windows: int = 600  # model windows per request (duration x shifts / stride): the budget
     threads: int = 0  # torch intra-op threads in Separate; 0: all cores
     # A missing model stops a local `serve run` at start with one clear message; false: the
     # service starts anyway and reports the model missing at GET / and /readyz (as on a cluster)

@@ -1,11 +1,13 @@
 """The service over real HTTP: `serve run` of serve_config.yaml, real Ray Serve, tiny model."""
 import io
+import struct
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
+import soundfile
 import torch as th
 
 from audio_files import encode, tone
@@ -15,7 +17,7 @@ from serve_graph.engine import ModelRunner, decode, separate
 from serve_graph.engine.audio import prevent_clip
 
 pytestmark = pytest.mark.serve
-MAX_UPLOAD_MB, MAX_SECONDS = 2, 20
+MAX_UPLOAD_MB, MAX_SECONDS, MAX_WINDOWS = 2, 20, 300
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,8 @@ def service(tmp_path_factory, tiny_repo):
     port = free_port()
     config = write_config(
         folder / "serve_config.yaml", port=port, host="127.0.0.1",
-        args={"max_upload_mb": MAX_UPLOAD_MB, "max_audio_seconds": MAX_SECONDS},
+        args={"max_upload_mb": MAX_UPLOAD_MB, "max_audio_seconds": MAX_SECONDS,
+              "max_windows": MAX_WINDOWS},
         deployments={"Separate": {"user_config": {"max_batch_size": 8,
                                                   "batch_wait_timeout_s": 0.05}}})
     server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
@@ -104,9 +107,44 @@ def test_concurrent_songs_share_forward_passes(service):
     assert max(int(size) for size in after["batch_sizes"]) > 1
 
 
+def float_wav(samples, rate: int = 44100) -> bytes:
+    """A 32-bit float WAV of `samples [T, C]` (any values, NaN and inf included)."""
+    buf = io.BytesIO()
+    soundfile.write(buf, np.asarray(samples, dtype=np.float32), rate, format="WAV",
+                    subtype="FLOAT")
+    return buf.getvalue()
+
+
+def with_rate(wav: bytes, rate: int) -> bytes:
+    """`wav` with another sample rate written in its header (bytes 24-31: rate, byte rate)."""
+    block = struct.unpack("<H", wav[32:34])[0]
+    return wav[:24] + struct.pack("<II", rate, (rate * block) & 0xFFFFFFFF) + wav[32:]
+
+
+def lying_length(wav: bytes, factor: int) -> bytes:
+    """`wav` whose RIFF and data chunk sizes declare `factor` times the samples it holds."""
+    data_at = wav.index(b"data") + 4
+    size = struct.unpack("<I", wav[data_at:data_at + 4])[0] * factor
+    return (wav[:4] + struct.pack("<I", size + data_at) + wav[8:data_at] +
+            struct.pack("<I", size) + wav[data_at + 4:])
+
+
 def _bad_requests(song_mp3):
     long_song = encode(tone(MAX_SECONDS + 5, 22050, 1), 22050, "flac")
+    quiet = 0.1 * np.ones((44100, 2))
     return {
+        "nan samples": (float_wav(np.where(np.arange(88200).reshape(-1, 2) % 7, 0.1, np.nan)),
+                        {}),
+        "all nan": (float_wav(np.full((44100, 2), np.nan)), {}),
+        "inf samples": (float_wav(np.concatenate([quiet, [[np.inf, -np.inf]]])), {}),
+        "1e30 samples": (float_wav(np.full((44100, 2), 1e30)), {}),
+        "one sample": (float_wav([[0.1, 0.2]]), {}),
+        "no samples": (float_wav(np.zeros((0, 2))), {}),
+        "rate of 1 Hz": (with_rate(float_wav(quiet[:100]), 1), {}),
+        "rate of 4 GHz": (with_rate(float_wav(quiet), 4_000_000_000), {}),
+        "header declares 10x the samples": (lying_length(float_wav(quiet), 10), {}),
+        "overlap 0.999999": (song_mp3, {"overlap": 0.999999}),
+        "over the window budget": (song_mp3, {"overlap": 0.99, "shifts": 20}),
         "missing file": (None, {}),
         "empty file": (b"", {}),
         "text file": (b"this is not audio\n" * 100, {}),
@@ -134,3 +172,31 @@ def test_bad_input_gets_4xx_json_and_service_keeps_answering(service, song_mp3, 
     assert body["error"] and body["detail"], body
     good = post(service, song_mp3, two_stems="vocals")
     assert stems_of(good).namelist() == ["vocals.mp3", "no_vocals.mp3"]
+
+
+RAW_BAD_REQUESTS = {
+    "multipart without boundary": dict(data=b"--x\r\n", headers={
+        "Content-Type": "multipart/form-data"}),
+    "not multipart": dict(data=b"audio", headers={"Content-Type": "application/octet-stream"}),
+    "form field of 10 MB": dict(files={"audio_file": ("a.mp3", b"x" * 1000)},
+                                data={"two_stems": "v" * 10_000_000}),
+    "filename of 10,000 characters": dict(files={"audio_file": ("a" * 10_000 + ".mp3",
+                                                                b"not audio")}),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_BAD_REQUESTS))
+def test_malformed_requests_get_4xx_json(service, song_mp3, case):
+    response = requests.post(service + "/separate", timeout=60, **RAW_BAD_REQUESTS[case])
+    assert 400 <= response.status_code < 500, (case, response.status_code, response.text)
+    body = response.json()
+    assert body["error"] and body["detail"], body
+    assert stems_of(post(service, song_mp3, two_stems="bass")).namelist() == [
+        "bass.mp3", "no_bass.mp3"]
+
+
+def test_unknown_route_and_method_answer_json(service):
+    missing = requests.get(service + "/nothing-here", timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    wrong = requests.get(service + "/separate", timeout=30)
+    assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"

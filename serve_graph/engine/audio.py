@@ -17,6 +17,9 @@ from .mp3 import encode_mp3
 
 FORMATS = ("mp3", "wav", "flac")
 WAV_DEPTHS = ("int16", "int24", "float32")
+SAMPLE_RATES = (4000, 768000)  # Hz: the rates accepted; outside them a header is corrupt or hostile
+MIN_SECONDS = 0.1  # shorter audio cannot be separated meaningfully
+MAX_SAMPLE = 1e3  # |sample| above this (60 dB over full scale) is corrupt float audio
 
 
 def decode(data: bytes, samplerate: int = 44100, channels: int = 2,
@@ -25,18 +28,34 @@ def decode(data: bytes, samplerate: int = 44100, channels: int = 2,
     `samplerate` Hz. Mono is duplicated; more than two channels are downmixed by FFmpeg's
     channel-layout rules; other rates are resampled with a windowed sinc (julius, as Demucs).
 
-    Raises `InvalidAudioError` for empty, corrupt, truncated or non-audio bytes and
-    `AudioTooLongError` past `max_seconds` (checked before and while decoding).
+    Raises `InvalidAudioError` for empty, corrupt, truncated or non-audio bytes, for rates
+    outside `SAMPLE_RATES`, for NaN, infinite or absurd (beyond `MAX_SAMPLE`) samples and for
+    audio shorter than `MIN_SECONDS`; `AudioTooLongError` past `max_seconds` (checked before
+    and while decoding).
     """
     if not data:
         raise InvalidAudioError("the file is empty")
     source_rate, wav = _decode_native(data, max_seconds)
+    _check_samples(wav, source_rate)
     wav = th.from_numpy(wav)
     if wav.shape[0] != channels:
         wav = wav.mean(0, keepdim=True) if channels == 1 else wav[:1].expand(channels, -1)
     if source_rate != samplerate:
         wav = julius.resample_frac(wav.contiguous(), source_rate, samplerate)
     return wav.contiguous()
+
+
+def _check_samples(wav: np.ndarray, rate: int) -> None:
+    """Refuse what no separation can come from: non-finite or absurd samples, near-empty audio."""
+    if wav.shape[1] < MIN_SECONDS * rate:
+        raise InvalidAudioError(f"the audio lasts {wav.shape[1] / rate:.3f} s; at least "
+                                f"{MIN_SECONDS} s is needed")
+    if not np.isfinite(wav).all():
+        raise InvalidAudioError("the audio holds NaN or infinite samples (corrupt float audio)")
+    peak = float(np.abs(wav).max())
+    if peak > MAX_SAMPLE:
+        raise InvalidAudioError(f"the audio's samples reach {peak:.3g}, far outside [-1, 1] "
+                                f"(corrupt float audio)")
 
 
 def _decode_native(data: bytes, max_seconds: tp.Optional[float]) -> tp.Tuple[int, np.ndarray]:
@@ -46,12 +65,17 @@ def _decode_native(data: bytes, max_seconds: tp.Optional[float]) -> tp.Tuple[int
     except (av.FFmpegError, ValueError, UnicodeDecodeError) as exc:
         raise InvalidAudioError(f"not an audio file FFmpeg can read: {exc}") from None
     with container:
+        format_name = container.format.name
         if not container.streams.audio:
             raise InvalidAudioError("the file has no audio stream")
         stream = container.streams.audio[0]
         rate = stream.codec_context.sample_rate or stream.rate
         if not rate:
             raise InvalidAudioError("the audio stream has no sample rate")
+        low, high = SAMPLE_RATES
+        if not low <= rate <= high:
+            raise InvalidAudioError(f"the file declares a sample rate of {rate} Hz; "
+                                    f"{low} Hz to {high} Hz are supported")
         declared = _declared_seconds(container, stream, data)
         if max_seconds is not None and declared is not None and declared > max_seconds + 1:
             raise AudioTooLongError(f"the audio lasts {declared:.1f} s, longer than the "
@@ -76,11 +100,27 @@ def _decode_native(data: bytes, max_seconds: tp.Optional[float]) -> tp.Tuple[int
                                     f"{decoded / rate:.2f} s: {exc}") from None
     if not decoded:
         raise InvalidAudioError("no audio could be decoded from the file (empty or corrupt)")
+    if format_name == "wav":
+        _check_wav_data_size(data)
     wav = np.concatenate(blocks, axis=1).astype(np.float32, copy=False)
     if declared is not None and wav.shape[1] / rate < 0.9 * declared - 0.5:
         raise InvalidAudioError(f"truncated audio: {wav.shape[1] / rate:.2f} s decoded of the "
                                 f"{declared:.2f} s the file declares")
     return rate, wav
+
+
+def _check_wav_data_size(data: bytes) -> None:
+    """A WAV's data chunk must hold the bytes its header declares (FFmpeg quietly plays what is
+    there): more declared than present is a truncated file or a lying header. 0 and 0xFFFFFFFF
+    mark a stream of unknown length and pass."""
+    at = data.find(b"data", 12, 1 << 16)
+    if at < 0 or at + 8 > len(data):
+        return
+    declared = struct.unpack("<I", data[at + 4:at + 8])[0]
+    present = len(data) - at - 8
+    if declared not in (0, 0xFFFFFFFF) and declared > present + 1024:
+        raise InvalidAudioError(f"truncated WAV: its header declares {declared} bytes of audio, "
+                                f"the file holds {present}")
 
 
 # Containers whose headers state the exact length; FFmpeg only estimates others from bitrates.

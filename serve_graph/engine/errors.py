@@ -29,6 +29,12 @@ class UploadTooLargeError(SeparationError):
     error = "upload_too_large"
 
 
+class OverBudgetError(SeparationError):
+    """The request needs more model windows than one request may take."""
+    status_code = 413
+    error = "over_budget"
+
+
 class InvalidParameterError(SeparationError):
     """A separation parameter is out of range (shifts, overlap, bitrate, stem name...)."""
     status_code = 422

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 import torch as th
 
 from .audio import FORMATS, WAV_DEPTHS, decode, encode_stem, select_stems, zip_files
-from .errors import InvalidParameterError
+from .errors import InvalidParameterError, OverBudgetError
 from .separator import ModelRunner, separate, timed
+from .windows import Plan
 
 MAX_SHIFTS = 20
+MAX_OVERLAP = 0.99  # a stride of 1 % of the segment: beyond, windows multiply without gain
 MP3_BITRATES = (128, 320)
 
 
@@ -33,8 +35,9 @@ class SeparationOptions:
         if not 0 <= self.shifts <= MAX_SHIFTS:
             raise InvalidParameterError(f"shifts must be between 0 and {MAX_SHIFTS}; "
                                         f"got {self.shifts}")
-        if not 0 <= self.overlap < 1:
-            raise InvalidParameterError(f"overlap must be in [0, 1); got {self.overlap}")
+        if not 0 <= self.overlap <= MAX_OVERLAP:
+            raise InvalidParameterError(f"overlap must be between 0 and {MAX_OVERLAP}; "
+                                        f"got {self.overlap}")
         if self.format not in FORMATS:
             raise InvalidParameterError(f"format must be one of {FORMATS}; got {self.format!r}")
         low, high = MP3_BITRATES
@@ -45,6 +48,18 @@ class SeparationOptions:
             raise InvalidParameterError(f"wav_depth must be one of {WAV_DEPTHS}; "
                                         f"got {self.wav_depth!r}")
         return self
+
+
+def check_budget(plan: Plan, max_windows: tp.Optional[int], samplerate: int) -> None:
+    """Raise `OverBudgetError`, stating the limit, when `plan` needs more than `max_windows`
+    model windows (duration x passes / stride; None: no limit)."""
+    if max_windows is None or len(plan.windows) <= max_windows:
+        return
+    seconds = plan.length / samplerate
+    raise OverBudgetError(
+        f"this request needs {len(plan.windows)} model windows ({seconds:.1f} s of audio, "
+        f"{len(plan.passes)} pass(es) of shifts and models, at this overlap); one request may "
+        f"take at most {max_windows}: use fewer shifts, less overlap or a shorter song")
 
 
 def stem_files(stems: tp.Dict[str, th.Tensor], samplerate: int,

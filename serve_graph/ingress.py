@@ -82,7 +82,7 @@ def configure_middleware(settings: ServiceSettings) -> None:
     """Set `_config` from the replica's settings. A module function, so that the call from
     `Ingress.__init__` (whose class Serve pickles by value, copying the globals it names)
     reaches this module's `_config` in the replica."""
-    _config.max_upload_bytes = int(settings.max_upload_mb * 2**20)
+    _config.max_upload_bytes = settings.max_upload_bytes
     _config.api_keys = load_keys(settings.api_keys_file)
     _config.limit = ConcurrencyLimit(settings.max_concurrent_per_client)
     _config.cors_origins = settings.cors_origins
@@ -163,7 +163,7 @@ class Ingress:
         self._decode, self._separate, self._encode = decode, separate, encode
         self._settings = settings
         self._info: tp.Optional[dict] = None
-        self._max_bytes = int(settings.max_upload_mb * 2**20)
+        self._max_bytes = settings.max_upload_bytes
         configure_middleware(settings)
 
     async def _model_info(self) -> dict:

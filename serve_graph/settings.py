@@ -42,6 +42,10 @@ class ServiceSettings:
             args["cors_origins"] = tuple(args["cors_origins"] or ())
         return cls(**args)
 
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 2**20)
+
     def runner_options(self):
         """The `RunnerOptions` of the Separate replicas."""
         from .engine.separator import RunnerOptions

@@ -24,7 +24,7 @@ from demucs.api import Separator
 from benchmarks.common import append_results, full_size_repo, song
 from benchmarks.engine_vs_reference import residual_db
 from serve_graph.engine import ModelRunner, load_model, separate
-from serve_graph.engine.audio import encode_wav
+from serve_graph.engine.output import encode_stem
 
 
 def timed_run(cmd, env) -> tuple:
@@ -57,7 +57,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cpu_e2e_"))
     wav_path = work / "song.wav"
     mix = song(args.seconds)
-    wav_path.write_bytes(encode_wav(mix, 44100))
+    wav_path.write_bytes(encode_stem(mix, 44100, "wav"))
     env = dict(os.environ)
     reference_cmd = [sys.executable, "-m", "demucs.separate", "--repo", str(repo), "-n",
                      "htdemucs", "--mp3", "--mp3-bitrate", "192", "-o", str(work / "ref"),

@@ -10,7 +10,8 @@ import torch as th
 
 from audio_files import FORMATS, encode, tone
 from serve_graph.engine import InvalidAudioError, AudioTooLongError, decode, zip_files
-from serve_graph.engine.audio import encode_stem, encode_wav, select_stems
+from serve_graph.engine.audio import select_stems
+from serve_graph.engine.output import encode_stem
 from serve_graph.engine.mp3 import count_frames, parse_header
 
 MODEL_RATE = 44100
@@ -105,7 +106,7 @@ def test_mp3_stems_are_gapless(bitrate):
                                              ("float32", 0)])
 def test_wav_depths_round_trip(depth, tolerance):
     stem = th.from_numpy(tone(0.5, MODEL_RATE, 2))
-    data = encode_wav(stem, MODEL_RATE, depth)
+    data = encode_stem(stem, MODEL_RATE, "wav", wav_depth=depth)
     if depth != "float32":
         with wave.open(io.BytesIO(data)) as reader:
             assert reader.getsampwidth() == {"int16": 2, "int24": 3}[depth]

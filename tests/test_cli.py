@@ -7,7 +7,7 @@ import torch as th
 
 from audio_files import encode, tone
 from serve_graph.engine import ModelRunner, decode, separate
-from serve_graph.engine.audio import prevent_clip
+from serve_graph.engine.output import prevent_clip
 
 
 def run_cli(*args):

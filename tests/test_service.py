@@ -14,7 +14,7 @@ from audio_files import encode, tone
 from serve_process import ServeProcess, free_port
 from serve_graph.launch import write_config
 from serve_graph.engine import ModelRunner, decode, separate
-from serve_graph.engine.audio import prevent_clip
+from serve_graph.engine.output import prevent_clip
 
 pytestmark = pytest.mark.serve
 MAX_UPLOAD_MB, MAX_SECONDS, MAX_WINDOWS = 2, 20, 300

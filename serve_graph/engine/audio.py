@@ -1,4 +1,4 @@
-"""Audio in and out: decode any format FFmpeg reads, encode stems as MP3/WAV/FLAC, ZIP them.
+"""Audio in: decode any format FFmpeg reads; stems chosen for output; ZIP. (Encoding: output.py.)
 
 Audio tensors are float32 `[C, T]`, C channels by T samples, nominal range [-1, 1].
 """
@@ -13,10 +13,7 @@ import numpy as np
 import torch as th
 
 from .errors import AudioTooLongError, InvalidAudioError, InvalidParameterError
-from .mp3 import encode_mp3
 
-FORMATS = ("mp3", "wav", "flac")
-WAV_DEPTHS = ("int16", "int24", "float32")
 SAMPLE_RATES = (4000, 768000)  # Hz: the rates accepted; outside them a header is corrupt or hostile
 MIN_SECONDS = 0.1  # shorter audio cannot be separated meaningfully
 MAX_SAMPLE = 1e3  # |sample| above this (60 dB over full scale) is corrupt float audio
@@ -138,68 +135,9 @@ def _declared_seconds(container, stream, data: bytes) -> tp.Optional[float]:
     return float(stream.duration * stream.time_base) if exact else None
 
 
-def prevent_clip(wav: th.Tensor) -> th.Tensor:
-    """Rescale the whole stem if it would clip, as `demucs.separate` does by default."""
-    return wav / max(1.01 * float(wav.abs().max()), 1.)
-
-
-def _interleaved(wav: th.Tensor) -> np.ndarray:
-    """`[C, T]` float tensor -> `[T, C]` float32 array."""
-    return np.ascontiguousarray(wav.detach().cpu().numpy().T, dtype=np.float32)
-
-
-def to_pcm16(wav: th.Tensor) -> np.ndarray:
-    """`[C, T]` float in [-1, 1] -> interleaved int16 `[T, C]` (Demucs' scaling)."""
-    return (np.clip(_interleaved(wav), -1, 1) * (2**15 - 1)).astype("<i2")
-
-
-def encode_wav(wav: th.Tensor, samplerate: int, depth: str = "int16") -> bytes:
-    """RIFF/WAVE bytes of `[C, T]` float audio as 16/24-bit PCM or 32-bit float."""
-    channels = wav.shape[0]
-    if depth == "int16":
-        payload, bits, tag = to_pcm16(wav).tobytes(), 16, 1
-    elif depth == "int24":
-        ints = (np.clip(_interleaved(wav), -1, 1) * (2**23 - 1)).astype("<i4")
-        payload, bits, tag = ints.view(np.uint8).reshape(-1, 4)[:, :3].tobytes(), 24, 1
-    elif depth == "float32":
-        payload, bits, tag = _interleaved(wav).astype("<f4").tobytes(), 32, 3
-    else:
-        raise InvalidParameterError(f"wav depth must be one of {WAV_DEPTHS}, got {depth!r}")
-    block = channels * bits // 8
-    fmt = struct.pack("<HHIIHH", tag, channels, samplerate, samplerate * block, block, bits)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
-    body += b"data" + struct.pack("<I", len(payload)) + payload
-    return b"RIFF" + struct.pack("<I", len(body)) + body
-
-
-def encode_flac(wav: th.Tensor, samplerate: int) -> bytes:
-    """FLAC (16-bit) bytes of `[C, T]` float audio, through FFmpeg's encoder."""
-    buf = io.BytesIO()
-    layout = "mono" if wav.shape[0] == 1 else "stereo"
-    with av.open(buf, mode="w", format="flac") as container:
-        stream = container.add_stream("flac", rate=samplerate, layout=layout)
-        stream.format = "s16"
-        frame = av.AudioFrame.from_ndarray(to_pcm16(wav).reshape(1, -1), format="s16",
-                                           layout=layout)
-        frame.sample_rate = samplerate
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return buf.getvalue()
-
-
-def encode_stem(wav: th.Tensor, samplerate: int, fmt: str = "mp3", bitrate: int = 192,
-                wav_depth: str = "int16") -> bytes:
-    """Encode one stem `[C, T]` after clip prevention, as `fmt` ("mp3", "wav" or "flac")."""
-    wav = prevent_clip(wav)
-    if fmt == "mp3":
-        return encode_mp3(to_pcm16(wav), samplerate, bitrate)
-    if fmt == "wav":
-        return encode_wav(wav, samplerate, wav_depth)
-    if fmt == "flac":
-        return encode_flac(wav, samplerate)
-    raise InvalidParameterError(f"format must be one of {FORMATS}, got {fmt!r}")
+def output_names(sources: tp.Sequence[str], two_stems: tp.Optional[str] = None) -> tp.List[str]:
+    """The stems returned for `two_stems` (None: every source), in `select_stems`' order."""
+    return list(sources) if two_stems is None else [two_stems, f"no_{two_stems}"]
 
 
 def select_stems(stems: tp.Dict[str, th.Tensor],

@@ -108,3 +108,190 @@ def encode_mp3(pcm16: np.ndarray, samplerate: int, bitrate: int = 192, quality: 
     encoder.silence()
     audio = bytes(encoder.encode(np.ascontiguousarray(pcm16).tobytes()) + encoder.flush())
     return info_frame(audio, num_samples) + audio
+
+
+# --- Chunked encoding: a long stem cut into chunks that encode in parallel, spliced gaplessly.
+#
+# Chunk k covers the frames [b_k, b_k+1) of the whole stream (b_k = k * CHUNK_FRAMES). It is
+# encoded from `PRE_ROLL` frames before its first sample (so LAME's filterbank, MDCT and
+# psychoacoustic model are warm at the splice) to `POST_ROLL` frames past its last one (so its
+# last frames do not see LAME's flush). The splice frame is chosen among `SPLICE_CANDIDATES`
+# around b_k+1 where the bit reservoir allows it: frame F of chunk k+1 takes its first
+# `main_data_begin` bytes from the frames before it; they are copied into the end of chunk k's
+# frames, over the reservoir that chunk k had kept for its own (dropped) frame F.
+
+CHUNK_FRAMES = 256        # frames per chunk: 6.7 s at 44.1 kHz
+SPLICE_CANDIDATES = (-2, -1, 0, 1)  # frames around a chunk boundary where a splice may fall
+PRE_ROLL = 7              # frames encoded before a chunk (2 candidates + 5 to warm LAME up)
+POST_ROLL = 5             # frames encoded past a chunk (1 candidate + 4 away from the flush)
+
+
+class SpliceError(ValueError):
+    """No frame near a chunk boundary lets the bit reservoirs meet (then encode in one go)."""
+
+
+def _payload_start(data: bytes, pos: int, header: FrameHeader) -> int:
+    """Offset of the main-data area of the frame at `pos` (after header, CRC and side info)."""
+    protected = not data[pos + 1] & 1
+    return pos + 4 + 2 * protected + header.side_info_size
+
+
+def _main_data_begin(data: bytes, pos: int, header: FrameHeader) -> int:
+    """How many bytes before its own main-data area the frame at `pos` starts its main data."""
+    side = _payload_start(data, pos, header) - header.side_info_size
+    if header.version_bits == 3:
+        return (data[side] << 1) | (data[side + 1] >> 7)
+    return data[side]
+
+
+class Frames:
+    """The frames of one encode, numbered from `first` in the whole stream's frame count."""
+
+    def __init__(self, data: bytes, first: int):
+        self.data = data
+        self.first = first
+        self.offsets: tp.List[int] = []
+        self.headers: tp.List[FrameHeader] = []
+        pos = 0
+        while pos + 4 <= len(data):
+            header = parse_header(data, pos)
+            self.offsets.append(pos)
+            self.headers.append(header)
+            pos += header.size
+
+    @property
+    def end(self) -> int:
+        """The stream's frame number after this encode's last frame."""
+        return self.first + len(self.offsets)
+
+    def frames(self, start: int, stop: int) -> tp.List[bytearray]:
+        """Frames `[start, stop)` (stream numbering) as separate, writable byte arrays."""
+        return [bytearray(self._frame(i - self.first)) for i in range(start, stop)]
+
+    def _frame(self, index: int) -> bytes:
+        pos = self.offsets[index]
+        return self.data[pos:pos + self.headers[index].size]
+
+    def reservoir(self, frame: int) -> int:
+        """`main_data_begin` of stream frame `frame`."""
+        index = frame - self.first
+        return _main_data_begin(self.data, self.offsets[index], self.headers[index])
+
+    def main_data_before(self, frame: int, count: int) -> bytes:
+        """The last `count` main-data bytes before stream frame `frame`."""
+        return _payload_tail([self._frame(i) for i in range(frame - self.first)], count)
+
+
+def _payload_spans(frames: tp.Sequence[bytes]) -> tp.Iterator[tp.Tuple[int, int, int]]:
+    """`(frame index, start, end)` of each frame's main-data area, last frame first."""
+    for index in range(len(frames) - 1, -1, -1):
+        frame = frames[index]
+        yield index, _payload_start(frame, 0, parse_header(frame)), len(frame)
+
+
+def _payload_tail(frames: tp.Sequence[bytes], count: int) -> bytes:
+    pieces: tp.List[bytes] = []
+    for index, start, end in _payload_spans(frames):
+        if count <= 0:
+            break
+        take = min(count, end - start)
+        pieces.append(bytes(frames[index][end - take:end]))
+        count -= take
+    if count > 0:
+        raise SpliceError("the reservoir reaches before the first frame")
+    return b"".join(reversed(pieces))
+
+
+def _write_payload_tail(frames: tp.List[bytearray], tail: bytes) -> None:
+    """Overwrite the last `len(tail)` main-data bytes of `frames` with `tail`."""
+    count = len(tail)
+    for index, start, end in _payload_spans(frames):
+        if count <= 0:
+            return
+        take = min(count, end - start)
+        frames[index][end - take:end] = tail[count - take:count]
+        count -= take
+    if count > 0:
+        raise SpliceError("the reservoir reaches before the first frame")
+
+
+def chunk_bounds(num_samples: int, frame_samples: int = 1152,
+                 chunk_frames: int = CHUNK_FRAMES) -> tp.List[tp.Tuple[int, int]]:
+    """Sample ranges `[start, end)` to encode for each chunk of a stem of `num_samples`
+    samples; one chunk, the whole stem, when it is shorter than two chunks."""
+    chunk_samples = chunk_frames * frame_samples
+    if num_samples < 2 * chunk_samples:
+        return [(0, num_samples)]
+    chunks = num_samples // chunk_samples  # the last one takes the rest (< 2 chunks)
+    bounds = []
+    for k in range(chunks):
+        first, last = k * chunk_frames, (k + 1) * chunk_frames
+        start = max(0, first - PRE_ROLL) * frame_samples
+        end = num_samples if k == chunks - 1 else (last + POST_ROLL) * frame_samples
+        bounds.append((start, min(end, num_samples)))
+    return bounds
+
+
+def encode_frames(pcm16: np.ndarray, samplerate: int, bitrate: int = 192,
+                  quality: int = 2) -> bytes:
+    """Bare CBR MP3 frames of interleaved int16 samples `[T, C]` (LAME's 576-sample delay in
+    front, its flush at the end). Releases the GIL while encoding."""
+    encoder = lameenc.Encoder()
+    encoder.set_bit_rate(bitrate)
+    encoder.set_in_sample_rate(samplerate)
+    encoder.set_channels(pcm16.shape[1])
+    encoder.set_quality(quality)  # 2: highest, 7: fastest
+    encoder.silence()
+    return bytes(encoder.encode(np.ascontiguousarray(pcm16).tobytes()) + encoder.flush())
+
+
+def encode_chunk(pcm16: np.ndarray, start: int, samplerate: int, bitrate: int = 192,
+                 frame_samples: int = 1152) -> Frames:
+    """Encode one chunk: `pcm16 [T, C]` are the stem's samples from `start` (a multiple of
+    `frame_samples`, as `chunk_bounds` gives)."""
+    return Frames(encode_frames(pcm16, samplerate, bitrate), start // frame_samples)
+
+
+def join_chunks(chunks: tp.Sequence[Frames], num_samples: int,
+                chunk_frames: int = CHUNK_FRAMES) -> bytes:
+    """Splice chunk encodes (in order, as `chunk_bounds` cut them) into one gapless MP3 of
+    `num_samples` samples per channel. Raises `SpliceError` when a boundary has no frame
+    where chunk k+1's reservoir fits in chunk k's."""
+    out: tp.List[bytearray] = []
+    start = chunks[0].first
+    for k in range(len(chunks) - 1):
+        before, after = chunks[k], chunks[k + 1]
+        splice = _splice_frame(before, after, (k + 1) * chunk_frames)
+        frames = before.frames(start, splice)
+        _write_payload_tail(frames, after.main_data_before(splice, after.reservoir(splice)))
+        out.extend(frames)
+        start = splice
+    out.extend(chunks[-1].frames(start, chunks[-1].end))
+    audio = b"".join(out)
+    return info_frame(audio, num_samples) + audio
+
+
+def _splice_frame(before: Frames, after: Frames, boundary: int) -> int:
+    for delta in sorted(SPLICE_CANDIDATES, key=abs):
+        frame = boundary + delta
+        if not (after.first < frame < before.end and frame >= before.first):
+            continue
+        needed = after.reservoir(frame)
+        if needed <= before.reservoir(frame):
+            return frame
+    raise SpliceError(f"no splice frame near frame {boundary} fits the bit reservoir")
+
+
+def encode_mp3_chunked(pcm16: np.ndarray, samplerate: int, bitrate: int = 192,
+                       map_fn: tp.Callable = map) -> bytes:
+    """`encode_mp3`, with the chunks of a long stem encoded through `map_fn` (a pool's `map`
+    encodes them in parallel); falls back to one encode when a splice does not fit."""
+    bounds = chunk_bounds(pcm16.shape[0])
+    if len(bounds) == 1:
+        return encode_mp3(pcm16, samplerate, bitrate)
+    chunks = list(map_fn(lambda b: encode_chunk(pcm16[b[0]:b[1]], b[0], samplerate, bitrate),
+                         bounds))
+    try:
+        return join_chunks(chunks, pcm16.shape[0])
+    except SpliceError:
+        return encode_mp3(pcm16, samplerate, bitrate)

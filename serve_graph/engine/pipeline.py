@@ -1,15 +1,26 @@
-"""One separation job end to end, shared by the CLI and the service: validated options,
-stems -> encoded files -> ZIP."""
+"""The separation recipe, once, for the CLI and the service alike:
+
+1. `prepare`: bytes -> decoded, normalised mix + window plan (Decode);
+2. `run_windows` (separator.py): batches of windows through the model (Separate);
+3. `SongWriter`: window outputs -> overlap-add -> stems encoded as they become final -> ZIP
+   (Encode).
+
+`separate_to_zip` runs the three in one process."""
+import os
+import tempfile
 import typing as tp
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch as th
+import tqdm
 
-from .audio import FORMATS, WAV_DEPTHS, decode, encode_stem, select_stems, zip_files
+from .audio import decode, output_names, select_stems, zip_files
 from .errors import InvalidParameterError, OverBudgetError
-from .separator import ModelRunner, separate, timed
-from .windows import Plan
+from .output import FORMATS, WAV_DEPTHS, StemFile, interleaved
+from .separator import ModelRunner, batch_windows, run_windows, timed
+from .windows import (ModelGeometry, OverlapAdd, Plan, Window, denormalise, in_order,
+                      normalise, plan_windows)
 
 MAX_SHIFTS = 20
 MAX_OVERLAP = 0.99  # a stride of 1 % of the segment: beyond, windows multiply without gain
@@ -62,30 +73,106 @@ def check_budget(plan: Plan, max_windows: tp.Optional[int], samplerate: int) -> 
         f"take at most {max_windows}: use fewer shifts, less overlap or a shorter song")
 
 
-def stem_files(stems: tp.Dict[str, th.Tensor], samplerate: int,
-               options: SeparationOptions) -> tp.Dict[str, bytes]:
-    """Encode the selected stems `{name: [C, T]}` in parallel: `{"vocals.mp3": bytes, ...}`."""
-    selected = select_stems(stems, options.two_stems)
-    with ThreadPoolExecutor(len(selected)) as pool:
-        encoded = pool.map(lambda wav: encode_stem(wav, samplerate, options.format,
-                                                   options.mp3_bitrate, options.wav_depth),
-                           selected.values())
-        return {f"{name}.{options.format}": data for name, data in zip(selected, encoded)}
+@dataclass(frozen=True)
+class Song:
+    """A decoded song, ready for its windows: the normalised mix `[C, T]` float32 (a tensor in
+    process; in the service a boxed object-store ref), the window plan and what undoes the
+    normalisation."""
+    mix: tp.Any
+    plan: Plan
+    mean: float
+    std: float
+    geometry: ModelGeometry
+
+    @property
+    def seconds(self) -> float:
+        return self.plan.length / self.geometry.samplerate
+
+
+def prepare(data: bytes, geometry: ModelGeometry, options: SeparationOptions,
+            max_seconds: tp.Optional[float] = None,
+            max_windows: tp.Optional[int] = None) -> Song:
+    """Step 1 of the recipe: audio file bytes -> decoded, normalised mix and its window plan
+    (within the duration limit and the window budget)."""
+    wav = decode(data, geometry.samplerate, geometry.audio_channels, max_seconds)
+    mix, mean, std = normalise(wav)
+    plan = plan_windows(mix.shape[-1], geometry, options.shifts, options.overlap, options.seed)
+    check_budget(plan, max_windows, geometry.samplerate)
+    return Song(mix, plan, mean, std, geometry)
+
+
+class SongWriter:
+    """Step 3 of the recipe: window outputs in (any order, best `in_order`), stem files
+    encoded as their stretches become final, a ZIP out.
+
+    `add` takes one window's trimmed stems `[S, C, length]`; `finish` returns the ZIP; `close`
+    (always, also on failure) frees the spill files. MP3 chunks encode on `pool`.
+    """
+
+    TAKE_SAMPLES = 1 << 16  # hand final audio to the encoders in stretches of at least this
+
+    def __init__(self, song: Song, options: SeparationOptions, pool: Executor):
+        self.song, self.options = song, options
+        self._acc = OverlapAdd(song.plan, song.geometry)
+        self._spill = tempfile.TemporaryDirectory(prefix="stems-")
+        names = output_names(song.geometry.sources, options.two_stems)
+        self.files = {f"{name}.{options.format}": StemFile(
+            options.format, song.plan.length, song.geometry.audio_channels,
+            song.geometry.samplerate, pool, self._spill.name, options.mp3_bitrate,
+            options.wav_depth) for name in names}
+        self.windows_added = 0
+
+    def add(self, window: Window, output: th.Tensor) -> None:
+        self._acc.add(window, output)
+        self.windows_added += 1
+        stretch = self._acc.take(self.TAKE_SAMPLES)
+        if stretch is None:
+            return
+        stems = denormalise(stretch, self.song.mean, self.song.std)
+        selected = select_stems(dict(zip(self.song.geometry.sources, stems)),
+                                self.options.two_stems)
+        for file, audio in zip(self.files.values(), selected.values()):
+            file.write(interleaved(audio))
+
+    def finish(self) -> bytes:
+        if not self._acc.done:
+            raise RuntimeError(f"{self.windows_added} of {len(self.song.plan.windows)} windows "
+                               f"were added")
+        return zip_files({name: file.finish() for name, file in self.files.items()})
+
+    def close(self) -> None:
+        for file in self.files.values():
+            file.close()
+        self._spill.cleanup()
 
 
 def separate_to_zip(data: bytes, runner: ModelRunner, options: SeparationOptions,
                     batch_size: int = 1, max_seconds: tp.Optional[float] = None,
                     progress: bool = False,
-                    timings: tp.Optional[tp.Dict[str, float]] = None) -> bytes:
-    """Audio file bytes -> ZIP of stems, in this process. `timings` collects seconds per
-    stage: decode, plan, windows, model, overlap_add, encode, zip."""
+                    timings: tp.Optional[tp.Dict[str, float]] = None,
+                    pool: tp.Optional[Executor] = None) -> bytes:
+    """Audio file bytes -> ZIP of stems, in this process: the recipe's three steps in a loop,
+    the stems encoding on `pool` (default: one thread per core) while the model runs.
+    `timings` collects seconds per stage: decode, windows, model, overlap_add, encode."""
     geometry = runner.geometry
     options.validate(geometry.sources)
     with timed(timings, "decode"):
-        wav = decode(data, geometry.samplerate, geometry.audio_channels, max_seconds)
-    stems = separate(runner, wav, options.shifts, options.overlap, options.seed, batch_size,
-                     progress, timings=timings)
-    with timed(timings, "encode"):
-        files = stem_files(dict(zip(geometry.sources, stems)), geometry.samplerate, options)
-    with timed(timings, "zip"):
-        return zip_files(files)
+        song = prepare(data, geometry, options, max_seconds)
+    own_pool = pool is None
+    pool = pool or ThreadPoolExecutor(os.cpu_count() or 1)
+    writer = SongWriter(song, options, pool)
+    try:
+        bar = tqdm.tqdm(total=len(song.plan.windows), unit="window", disable=not progress)
+        for batch in batch_windows(in_order(song.plan), batch_size):
+            outputs = run_windows(runner, [song.mix] * len(batch), batch, timings)
+            with timed(timings, "overlap_add"):
+                for window, out in zip(batch, outputs):
+                    writer.add(window, out)
+            bar.update(len(batch))
+        bar.close()
+        with timed(timings, "encode"):
+            return writer.finish()
+    finally:
+        writer.close()
+        if own_pool:
+            pool.shutdown(cancel_futures=True)

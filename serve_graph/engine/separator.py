@@ -19,8 +19,8 @@ from .forward import (COMPILE_MODES, BatchLimit, CudaGraphs, HTDemucsCore, bucke
                       compile_core, graph_safe, htdemucs_forward, is_out_of_memory,
                       memory_limit, run_with_backoff, split_into_buckets, window_memory)
 from .models import Model, model_geometry, sub_models
-from .windows import (OverlapAdd, Plan, Window, center_trim, denormalise, normalise,
-                      plan_windows, window_input)
+from .windows import (OverlapAdd, Plan, Window, center_trim, denormalise, in_order,
+                      normalise, plan_windows, window_input)
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": th.bfloat16, "fp16": th.float16}
@@ -249,12 +249,16 @@ def separate(runner: ModelRunner, wav: th.Tensor, shifts: int = 1, overlap: floa
             plan = plan_windows(mix.shape[-1], runner.geometry, shifts, overlap, seed)
         acc = OverlapAdd(plan, runner.geometry)
     bar = tqdm.tqdm(total=len(plan.windows), unit="window", disable=not progress)
-    for batch in batch_windows(plan.windows, batch_size):
+    stretches = []
+    for batch in batch_windows(in_order(plan), batch_size):
         outputs = run_windows(runner, [mix] * len(batch), batch, timings)
         with timed(timings, "overlap_add"):
             for window, out in zip(batch, outputs):
                 acc.add(window, out)
+            stretch = acc.take(1 << 16)
+            if stretch is not None:
+                stretches.append(stretch)
         bar.update(len(batch))
     bar.close()
     with timed(timings, "overlap_add"):
-        return denormalise(acc.result(), mean, std)
+        return denormalise(th.cat(stretches, -1), mean, std)

@@ -183,75 +183,111 @@ def transition_weight(segment_length: int, power: float = 1.,
     return (weight / weight.max())**power
 
 
-class OverlapAdd:
-    """Accumulates window outputs `[S, C, window.length]` of a `Plan` into stems `[S, C, T]`.
+BLOCK = 1 << 16  # samples per block of a pass's accumulators
 
-    Windows may be added in any order. A pass's buffers live only until its last window is in:
-    then it is normalised by its summed weights, cropped back to mix coordinates and added to its
-    model's estimate, in the order of operations of `apply_model`.
+
+class OverlapAdd:
+    """Accumulates window outputs `[S, C, window.length]` of a `Plan` and hands out the stems
+    `[S, C, n]` (normalised domain) stretch by stretch, as soon as they are final.
+
+    Windows may be added in any order. Mix sample t is final once, in every pass, all windows
+    that cover it are in; `take()` then returns the stretch from the last one taken to the
+    earliest such frontier. Each pass keeps its weighted sum and summed weights in blocks of
+    `BLOCK` samples, freed once taken, so adding windows in order of position (`in_order`)
+    holds only a few windows' worth of audio. The arithmetic follows `apply_model`: each pass
+    divided by its summed transition weights, shifted back, summed over shifts and divided by
+    their number, then the bag's per-source weights.
     """
 
     def __init__(self, plan: Plan, geometry: ModelGeometry):
         self.plan = plan
         self.geometry = geometry
-        self._pending = [0] * len(plan.passes)
-        for window in plan.windows:
-            self._pending[window.pass_index] += 1
-        self._pass_out: tp.Dict[int, th.Tensor] = {}
-        self._pass_weight: tp.Dict[int, th.Tensor] = {}
-        self._model_out: tp.Dict[int, th.Tensor] = {}
+        self._blocks: tp.List[tp.Dict[int, tp.Tuple[th.Tensor, th.Tensor]]] = [
+            {} for _ in plan.passes]
+        self._done = [[False] * len(plan.windows_of_pass(p)) for p in range(len(plan.passes))]
+        self._first_pending = [0] * len(plan.passes)
+        self._rank = {w.index: r for p in range(len(plan.passes))
+                      for r, w in enumerate(plan.windows_of_pass(p))}
+        self._offsets = [[w.offset for w in plan.windows_of_pass(p)]
+                         for p in range(len(plan.passes))]
         self._weights: tp.Dict[int, th.Tensor] = {}
+        self.taken = 0  # mix samples handed out so far
 
     @property
     def done(self) -> bool:
-        return not any(self._pending)
+        return self.taken == self.plan.length
+
+    def _delay(self, pass_index: int) -> int:
+        """View position of mix sample 0 in pass `pass_index`."""
+        shift = self.plan.passes[pass_index].shift
+        return 0 if shift is None else self.plan.max_shift - shift
 
     def add(self, window: Window, output: th.Tensor) -> None:
         """Add the trimmed output `[S, C, window.length]` of `window`."""
-        index = window.pass_index
-        pass_ = self.plan.passes[index]
-        if index not in self._pass_out:
-            shape = (output.shape[0], output.shape[1], pass_.view_length)
-            self._pass_out[index] = th.zeros(shape, dtype=output.dtype)
-            self._pass_weight[index] = th.zeros(pass_.view_length, dtype=output.dtype)
+        pass_ = self.plan.passes[window.pass_index]
+        blocks = self._blocks[window.pass_index]
         weight = self._transition(pass_.segment_length)[:window.length]
-        span = slice(window.offset, window.offset + window.length)
-        self._pass_out[index][..., span] += weight * output
-        self._pass_weight[index][span] += weight
-        self._pending[index] -= 1
-        if self._pending[index] == 0:
-            self._finish_pass(index)
+        for block, span, part in _block_spans(window.offset, window.length):
+            if block not in blocks:
+                blocks[block] = (th.zeros(*output.shape[:2], BLOCK, dtype=output.dtype),
+                                 th.zeros(BLOCK, dtype=output.dtype))
+            total, weights = blocks[block]
+            total[..., span] += weight[part] * output[..., part]
+            weights[span] += weight[part]
+        done = self._done[window.pass_index]
+        done[self._rank[window.index]] = True
+        first = self._first_pending[window.pass_index]
+        while first < len(done) and done[first]:
+            first += 1
+        self._first_pending[window.pass_index] = first
 
-    def _transition(self, segment_length: int) -> th.Tensor:
-        if segment_length not in self._weights:
-            self._weights[segment_length] = transition_weight(segment_length,
-                                                              self.plan.transition_power)
-        return self._weights[segment_length]
+    def frontier(self) -> int:
+        """Mix samples final so far (every window covering them is in, in every pass)."""
+        final = self.plan.length
+        for index, first in enumerate(self._first_pending):
+            offsets = self._offsets[index]
+            if first < len(offsets):
+                final = min(final, offsets[first] - self._delay(index))
+        return max(final, 0)
 
-    def _finish_pass(self, index: int) -> None:
-        pass_ = self.plan.passes[index]
-        out = self._pass_out.pop(index)
-        sum_weight = self._pass_weight.pop(index)
-        assert sum_weight.min() > 0
-        out /= sum_weight
-        if pass_.shift is not None:
-            out = out[..., self.plan.max_shift - pass_.shift:]
-        model_out = self._model_out.get(pass_.model_index)
-        self._model_out[pass_.model_index] = out if model_out is None else model_out + out
+    def take(self, min_samples: int = 1) -> tp.Optional[th.Tensor]:
+        """The final stems `[S, C, n]` not handed out yet, once there are at least
+        `min_samples` of them (or the song is complete); else None."""
+        end = self.frontier()
+        if end == self.taken or (end < self.plan.length and end - self.taken < min_samples):
+            return None
+        models: tp.Dict[int, th.Tensor] = {}
+        for index, pass_ in enumerate(self.plan.passes):
+            out = self._pass_output(index, self.taken, end)
+            model_out = models.get(pass_.model_index)
+            models[pass_.model_index] = out if model_out is None else model_out + out
+        self.taken = end
+        return self._combine(models)
 
-    def result(self) -> th.Tensor:
-        """Stems `[S, C, T]` (normalised domain) once every window was added."""
-        if not self.done:
-            raise RuntimeError(f"{sum(self._pending)} windows are still missing")
+    def _pass_output(self, index: int, start: int, end: int) -> th.Tensor:
+        """Pass `index`'s weighted average over mix samples `[start, end)`; frees its blocks
+        that lie wholly before `end`."""
+        delay, blocks = self._delay(index), self._blocks[index]
+        pieces, weights = [], []
+        for block, span, _ in _block_spans(start + delay, end - start):
+            total, weight = blocks[block]
+            pieces.append(total[..., span])
+            weights.append(weight[span])
+        out = th.cat(pieces, -1) / th.cat(weights)
+        for block in [b for b in blocks if (b + 1) * BLOCK <= end + delay]:
+            del blocks[block]
+        return out
+
+    def _combine(self, models: tp.Dict[int, th.Tensor]) -> th.Tensor:
         if self.plan.shifts:
-            for out in self._model_out.values():
+            for out in models.values():
                 out /= self.plan.shifts
         if not self.geometry.is_bag:
-            return self._model_out[0]
+            return models[0]
         estimates: tp.Union[float, th.Tensor] = 0.
         totals = [0.] * len(self.geometry.sources)
         for model_index, model_weights in enumerate(self.geometry.weights):
-            out = self._model_out[model_index]
+            out = models[model_index]
             for k, inst_weight in enumerate(model_weights):
                 out[k] *= inst_weight
                 totals[k] += inst_weight
@@ -260,3 +296,38 @@ class OverlapAdd:
         for k in range(estimates.shape[0]):
             estimates[k] /= totals[k]
         return estimates
+
+    def _transition(self, segment_length: int) -> th.Tensor:
+        if segment_length not in self._weights:
+            self._weights[segment_length] = transition_weight(segment_length,
+                                                              self.plan.transition_power)
+        return self._weights[segment_length]
+
+    def result(self) -> th.Tensor:
+        """All stems `[S, C, T]` (normalised domain), once every window was added and none
+        was taken."""
+        if self.taken or self.frontier() < self.plan.length:
+            raise RuntimeError("result() needs every window and nothing taken before")
+        out = self.take()
+        assert out is not None
+        return out
+
+
+def _block_spans(start: int, length: int) -> tp.Iterator[tp.Tuple[int, slice, slice]]:
+    """`(block, slice in the block, slice in [start, start + length))` covering that range."""
+    position, end = start, start + length
+    while position < end:
+        block = position // BLOCK
+        stop = min(end, (block + 1) * BLOCK)
+        yield (block, slice(position - block * BLOCK, stop - block * BLOCK),
+               slice(position - start, stop - start))
+        position = stop
+
+
+def in_order(plan: Plan) -> tp.List[Window]:
+    """The plan's windows in the order that finishes the stems front to back: the first window
+    of every pass, then the second of every pass... (passes of one model stay adjacent, so
+    consecutive windows can share a batch)."""
+    rank = {w.index: r for p in range(len(plan.passes))
+            for r, w in enumerate(plan.windows_of_pass(p))}
+    return sorted(plan.windows, key=lambda w: (rank[w.index], w.pass_index))

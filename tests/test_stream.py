@@ -1,0 +1,136 @@
+"""Stems finished and encoded while the song is separated: progressive overlap-add, MP3 chunks
+encoded in parallel and spliced gaplessly, clip prevention that needs the whole stem."""
+import io
+import os
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch as th
+
+from serve_graph.engine import ModelRunner, SeparationOptions, decode, model_geometry, separate
+from serve_graph.engine import mp3
+from serve_graph.engine.output import StemFile, encode_stem, interleaved, prevent_clip
+from serve_graph.engine.pipeline import separate_to_zip
+from serve_graph.engine.windows import (BLOCK, OverlapAdd, center_trim, in_order, plan_windows,
+                                        window_input)
+from audio_files import encode, tone
+
+RATE = 44100
+
+
+def sweep(seconds: float, low: float = 40., high: float = 16000.) -> np.ndarray:
+    """An exponential sine sweep `[2, T]` float32 (right channel 0.7 x left, 3 ms later)."""
+    t = np.arange(int(seconds * RATE)) / RATE
+    k = np.log(high / low)
+    left = 0.5 * np.sin(2 * np.pi * low * seconds / k * (np.exp(t / seconds * k) - 1))
+    return np.stack([left, 0.7 * np.roll(left, 132)]).astype(np.float32)
+
+
+def write_in_stretches(stem: StemFile, audio: np.ndarray, seed: int = 0) -> bytes:
+    """Feed `[C, T]` audio to `stem` in stretches of random length, then finish."""
+    rng = np.random.default_rng(seed)
+    position = 0
+    while position < audio.shape[1]:
+        step = int(rng.integers(1, 200_000))
+        stem.write(np.ascontiguousarray(audio[:, position:position + step].T))
+        position += step
+    return stem.finish()
+
+
+def rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+
+
+@pytest.mark.parametrize("signal", ["sweep", "sweep+noise"])
+def test_mp3_chunks_splice_inaudibly(tmp_path, signal):
+    """Around every splice the chunked encode differs from a one-shot encode by no more than
+    the one-shot encode differs from the input; lengths and alignment are exact."""
+    audio = sweep(40.)
+    if signal == "sweep+noise":
+        audio = 0.5 * audio + 0.1 * np.random.default_rng(1).standard_normal(audio.shape,
+                                                                              np.float32)
+    samples = audio.shape[1]
+    bounds = mp3.chunk_bounds(samples)
+    assert len(bounds) >= 5
+    with ThreadPoolExecutor(2) as pool:
+        stem = StemFile("mp3", samples, 2, RATE, pool, str(tmp_path))
+        chunked = write_in_stretches(stem, audio)
+        stem.close()
+    one_shot = encode_stem(th.from_numpy(audio), RATE, "mp3")
+    chunked_wav, one_wav = decode(chunked).numpy(), decode(one_shot).numpy()
+    assert chunked_wav.shape == one_wav.shape == audio.shape
+    assert mp3.count_frames(chunked) == mp3.count_frames(one_shot)
+    for k in range(1, len(bounds)):
+        splice = k * mp3.CHUNK_FRAMES * 1152
+        around = slice(splice - 4 * 1152, splice + 4 * 1152)
+        codec_error = rms(one_wav[:, around] - audio[:, around])
+        assert rms(chunked_wav[:, around] - one_wav[:, around]) <= codec_error, k
+    assert rms(chunked_wav - audio) <= 1.05 * rms(one_wav - audio)
+    assert not os.listdir(tmp_path)  # the spill file is gone
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3"])
+def test_loud_stem_written_in_stretches_is_rescaled_like_a_whole_one(tmp_path, fmt):
+    """The peak comes late: the stretches encoded before it are redone with the scale."""
+    audio = tone(14., RATE, 2) * 0.5
+    audio[:, -RATE:] *= 5  # peaks at ~2 in the last second
+    whole = th.from_numpy(audio)
+    with ThreadPoolExecutor(2) as pool:
+        stem = StemFile(fmt, audio.shape[1], 2, RATE, pool, str(tmp_path), wav_depth="int16")
+        data = write_in_stretches(stem, audio)
+        assert stem.scale < 1
+        stem.close()
+    decoded = decode(data)
+    expected = prevent_clip(whole)
+    if fmt == "mp3":
+        assert rms((decoded - expected).numpy()) < 0.01
+    else:
+        assert th.allclose(decoded, expected, atol=2 / 2**15, rtol=0)
+        assert data == encode_stem(whole, RATE, fmt)
+
+
+def test_overlap_add_hands_out_final_stretches_and_holds_few_blocks(tiny_model):
+    """Windows added in order of position: stems come out long before the last window, match
+    the all-at-once result, and only a few blocks per pass are held at any time."""
+    geometry = model_geometry(tiny_model)
+    mix = th.randn(2, 40 * BLOCK)
+    plan = plan_windows(mix.shape[-1], geometry, shifts=3, overlap=0.25, seed=5)
+    acc, whole = OverlapAdd(plan, geometry), OverlapAdd(plan, geometry)
+    stretches, most_blocks, first_out = [], 0, None
+    for count, window in enumerate(in_order(plan), 1):
+        piece = center_trim(window_input(mix, window), window.length)
+        output = th.stack([piece * (k + 1) for k in range(4)])
+        acc.add(window, output)
+        whole.add(window, output)
+        stretch = acc.take(BLOCK)
+        if stretch is not None:
+            stretches.append(stretch)
+            first_out = first_out or count
+        most_blocks = max(most_blocks, sum(len(b) for b in acc._blocks))
+    assert first_out is not None and first_out <= 3 * len(plan.passes)
+    blocks_per_segment = plan.passes[0].segment_length // BLOCK + 2
+    assert most_blocks <= len(plan.passes) * 2 * blocks_per_segment
+    streamed = th.cat(stretches, -1)
+    assert th.allclose(streamed, whole.result(), atol=1e-6)
+    expected = mix[None] * th.arange(1., 5.)[:, None, None]
+    assert th.allclose(streamed, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt,two_stems", [("wav", None), ("flac", "vocals")])
+def test_recipe_zip_matches_stems_separated_at_once(tiny_model, fmt, two_stems):
+    """`separate_to_zip` (stems encoded while the windows run) returns what encoding the
+    stems of `separate` (everything at once) returns, byte for byte for lossless formats."""
+    wav = tone(20., RATE, 2)
+    data = encode(wav, RATE, "wavfloat")
+    options = SeparationOptions(two_stems, shifts=2, format=fmt)
+    runner = ModelRunner(tiny_model, "cpu")
+    archive = zipfile.ZipFile(io.BytesIO(separate_to_zip(data, runner, options)))
+    stems = dict(zip(runner.geometry.sources, separate(runner, decode(data), shifts=2)))
+    if two_stems:
+        stems = {two_stems: stems[two_stems],
+                 f"no_{two_stems}": sum(s for n, s in stems.items() if n != two_stems)}
+    assert archive.namelist() == [f"{name}.{fmt}" for name in stems]
+    for name, stem in stems.items():
+        assert archive.read(f"{name}.{fmt}") == encode_stem(stem, RATE, fmt), name

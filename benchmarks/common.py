@@ -37,6 +37,17 @@ def song(seconds: float, samplerate: int = 44100, seed: int = 0) -> th.Tensor:
     return th.from_numpy((0.5 * wav / np.abs(wav).max()).astype(np.float32))
 
 
+def cpu_flags() -> str:
+    """The SIMD flags that decide CPU speed here: AVX2, AVX-512 (F, BF16, FP16), AMX."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+    return " ".join(flag for flag in wanted if flag in flags) or "none of AVX2/AVX-512/AMX"
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -47,6 +58,7 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {th.cuda.get_device_name()}" if th.cuda.is_available() else ""
+    cpu += f" (flags: {cpu_flags()})"
     return (f"{cpu}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, "
             f"torch {th.__version__}, {th.get_num_threads()} intra-op threads")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import requests
 
 from benchmarks.common import append_results, full_size_repo, song
-from serve_graph.engine.audio import encode_stem
+from serve_graph.engine.output import encode_stem
 from serve_graph.launch import launch, write_config
 
 
@@ -42,11 +42,12 @@ def service_config(args, folder: Path) -> Path:
             "Encode": {"num_replicas": args.encode_replicas, "ray_actor_options": cpus}})
 
 
-def start_service(args) -> tuple:
-    """`serve run` of the config in a new process group; returns (url, process) once `GET /`
-    answers. `args.launched_at` records when it was launched."""
+def start_service(args, config: tp.Optional[Path] = None) -> tuple:
+    """`serve run` of `config` (default: `service_config(args)`) in a new process group;
+    returns (url, process) once `GET /` answers. `args.launched_at` records when it was
+    launched."""
     folder = Path(tempfile.mkdtemp(prefix="throughput_"))
-    config = service_config(args, folder)
+    config = config or service_config(args, folder)
     log = (folder / "serve.log").open("w")
     args.launched_at = time.perf_counter()
     process = launch(config, stdout=log, stderr=log)

@@ -69,11 +69,16 @@ app = modal.App("stem-separation", image=image)
 
 def gpu_overrides(gpus: int, replicas: int = 1) -> tp.Dict[str, dict]:
     """Deployment overrides for `gpus` GPUs per Separate replica (0: CPU)."""
-    batching = ({"max_batch_size": MAX_BATCH_SIZE, "batch_wait_timeout_s": 0.01} if gpus
-                else {})
+    if not gpus:  # CPU: serve_config.yaml's CPU shares as they are
+        return {"Separate": {"num_replicas": replicas,
+                             "ray_actor_options": {"num_gpus": 0, "num_cpus": 0.5}}}
+    batching = {"max_batch_size": MAX_BATCH_SIZE, "batch_wait_timeout_s": 0.01}
+    # MP3 encoding is the CPU work of a GPU box: Encode gets the cores the others leave
+    encode_cpus = max(1, (os.cpu_count() or 4) - 2)
     return {"Separate": {"num_replicas": replicas,
                          "ray_actor_options": {"num_gpus": gpus, "num_cpus": 1},
-                         "user_config": batching}}
+                         "user_config": batching},
+            "Encode": {"ray_actor_options": {"num_cpus": encode_cpus}}}
 
 
 def start_service(port: int = PORT, gpus: tp.Optional[int] = None, replicas: int = 1,
@@ -87,7 +92,8 @@ def start_service(port: int = PORT, gpus: tp.Optional[int] = None, replicas: int
         gpus = 1 if torch.cuda.is_available() else 0
     folder = Path(tempfile.mkdtemp(prefix="serve_config_"))
     path = write_config(folder / "serve_config.yaml", config, port=port, host="0.0.0.0",
-                        args={"model": MODEL, "precision": PRECISION},
+                        args={"model": MODEL, "precision": PRECISION,
+                              "windows_in_flight": MAX_BATCH_SIZE if gpus else 2},
                         deployments=gpu_overrides(gpus, replicas))
     return launch(path, env, **popen)
 

@@ -1,4 +1,5 @@
-"""The deployment graph, built once: Ingress -> Decode -> Separate (batched) -> Encode.
+"""The deployment graph, built once: Ingress -> Decode, then Ingress -> Encode, which runs the
+song's windows through Separate (batched across songs) and encodes the stems as they finish.
 
 `serve run serve_config.yaml` imports `serve_graph.app:build_app` and passes the config's `args`.
 """
@@ -26,4 +27,5 @@ def build_app(args: tp.Optional[dict] = None) -> Application:
             stop_local_serve_run(missing_model_message(settings.model, problem))
             raise ModelNotFoundError(problem)
     separate = Separate.bind(settings)
-    return Ingress.bind(Decode.bind(separate, settings), separate, Encode.bind(), settings)
+    return Ingress.bind(Decode.bind(settings), separate, Encode.bind(separate, settings),
+                        settings)

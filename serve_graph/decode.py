@@ -1,37 +1,28 @@
 """The Decode deployment: upload bytes -> normalised mix in the object store + window plan."""
 import asyncio
+import dataclasses
 
 import ray
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
-from .engine import decode, plan_windows
-from .engine.pipeline import check_budget
-from .engine.windows import normalise
-from .messages import DecodedSong, MixRef
+from .engine import ModelGeometry, SeparationOptions, prepare
+from .messages import MixRef, Song
 from .settings import ServiceSettings
 
 
 @serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
 class Decode:
     """Decodes any audio FFmpeg reads to the model's rate and channels, normalises it as Demucs
-    does, puts it in the object store once and plans its windows."""
+    does, plans its windows within the budget and puts the mix in the object store once."""
 
-    def __init__(self, separate: DeploymentHandle, settings: ServiceSettings):
-        self._separate = separate
+    def __init__(self, settings: ServiceSettings):
         self._settings = settings
-        self._geometry = None
 
-    async def decode(self, data: bytes, shifts: int, overlap: float, seed: int) -> DecodedSong:
-        if self._geometry is None:
-            self._geometry = await self._separate.geometry.remote()
-        return await asyncio.to_thread(self._prepare, data, shifts, overlap, seed)
+    async def decode(self, data: bytes, geometry: ModelGeometry,
+                     options: SeparationOptions) -> Song:
+        return await asyncio.to_thread(self._prepare, data, geometry, options)
 
-    def _prepare(self, data: bytes, shifts: int, overlap: float, seed: int) -> DecodedSong:
-        geometry = self._geometry
-        wav = decode(data, geometry.samplerate, geometry.audio_channels,
-                     self._settings.max_audio_seconds)
-        mix, mean, std = normalise(wav)
-        plan = plan_windows(mix.shape[-1], geometry, shifts, overlap, seed)
-        check_budget(plan, self._settings.max_windows, geometry.samplerate)
-        return DecodedSong(MixRef(ray.put(mix.numpy())), plan, mean, std, geometry)
+    def _prepare(self, data: bytes, geometry: ModelGeometry, options: SeparationOptions) -> Song:
+        song = prepare(data, geometry, options, self._settings.max_audio_seconds,
+                       self._settings.max_windows)
+        return dataclasses.replace(song, mix=MixRef(ray.put(song.mix.numpy())))

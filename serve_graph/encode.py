@@ -1,30 +1,107 @@
-"""The Encode deployment: window outputs -> overlap-add -> stems -> MP3/WAV -> ZIP."""
+"""The Encode deployment: runs a song's windows through Separate and turns their outputs into
+stem files as they arrive (overlap-add, MP3/WAV/FLAC, ZIP)."""
 import asyncio
+import logging
+import math
+import time
+import typing as tp
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import ray
 import torch as th
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
-from .engine import OverlapAdd, SeparationOptions, stem_files, zip_files
-from .engine.windows import denormalise
-from .messages import DecodedSong
+from .engine import SeparationOptions, SongWriter
+from .engine.windows import Window, in_order
+from .messages import REPLICA_LOST, MixLostError, Song
+from .settings import ServiceSettings
+
+logger = logging.getLogger("ray.serve")
 
 
-@serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
 class Encode:
-    """Overlap-adds a song's separated windows with Demucs' transition weights, averages shifts,
-    undoes the normalisation, mixes `two_stems` and encodes the stems in parallel into a ZIP."""
+    """Owns a song from its decoded mix to its ZIP. It calls Separate once per window, front to
+    back, keeping at most `windows_in_flight` of the song's windows queued there (so that
+    Separate's queue interleaves the songs in flight instead of serving them one after the
+    other), adds each output to the song's `SongWriter` as it arrives, and retries a window
+    whose Separate replica died. Nothing holds all of a song's windows; MP3 chunks encode on a
+    pool of one thread per CPU given to this replica."""
 
-    async def encode(self, song: DecodedSong, options: SeparationOptions,
-                     *outputs: np.ndarray) -> bytes:
-        """`outputs[i]` is window `song.plan.windows[i]`'s stems `[S, C, length]`."""
-        return await asyncio.to_thread(self._encode, song, options, outputs)
+    def __init__(self, separate: DeploymentHandle, settings: ServiceSettings):
+        self._separate = separate
+        self._settings = settings
+        self.threads = settings.encode_threads or _assigned_cpus()
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="encode")
 
-    def _encode(self, song: DecodedSong, options: SeparationOptions, outputs) -> bytes:
-        acc = OverlapAdd(song.plan, song.geometry)
-        for window, out in zip(song.plan.windows, outputs):
-            acc.add(window, th.from_numpy(np.array(out)))  # object-store arrays are read-only
-        stems = denormalise(acc.result(), song.mean, song.std)
-        geometry = song.geometry
-        return zip_files(stem_files(dict(zip(geometry.sources, stems)), geometry.samplerate,
-                                    options))
+    async def encode(self, song: Song, options: SeparationOptions
+                     ) -> tp.Tuple[bytes, tp.Dict[str, float]]:
+        """The ZIP of `song`'s stems as `options` ask, and seconds by stage: windows (first
+        window sent to last output in), overlap_add, encode, encode_cpu, finish (last output
+        in to ZIP ready), zip."""
+        writer = SongWriter(song, options, self._pool)
+        try:
+            start = time.perf_counter()
+            await self._run_windows(song, writer)
+            windows_done = time.perf_counter()
+            archive = await asyncio.to_thread(writer.finish)
+            timings = dict(writer.timings(), windows=windows_done - start,
+                           finish=time.perf_counter() - windows_done)
+            return archive, timings
+        finally:
+            writer.close()
+
+    async def _run_windows(self, song: Song, writer: SongWriter) -> None:
+        request_id = uuid.uuid4().hex
+        waiting = iter(in_order(song.plan))
+        running: tp.Set[asyncio.Task] = set()
+        try:
+            while True:
+                while len(running) < self._settings.windows_in_flight:
+                    window = next(waiting, None)
+                    if window is None:
+                        break
+                    running.add(asyncio.create_task(self._window(song, window, request_id)))
+                if not running:
+                    return
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    window, output = task.result()
+                    await asyncio.to_thread(writer.add, window, th.from_numpy(np.array(output)))
+        finally:
+            for task in running:
+                task.cancel()
+
+    async def _window(self, song: Song, window: Window,
+                      request_id: str) -> tp.Tuple[Window, np.ndarray]:
+        """One window's stems `[S, C, length]`, retried on another replica while Separate
+        replicas die, for up to `retry_seconds`."""
+        deadline = time.monotonic() + self._settings.retry_seconds
+        delay = 0.25
+        while True:
+            try:
+                output = await self._separate.separate_window.remote(song.mix, window,
+                                                                     request_id)
+            except REPLICA_LOST as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("window %d: Separate replica lost (%s); retrying in %.2f s",
+                               window.index, type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 4.)
+                continue
+            if output is None:
+                raise MixLostError("the song's mix is no longer in the object store")
+            return window, output
+
+    def threads_in_pool(self) -> int:
+        return self.threads
+
+
+def _assigned_cpus() -> int:
+    """The CPUs Ray gave this replica (`num_cpus` in serve_config.yaml), at least one."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.)
+    return max(1, math.ceil(cpus - 1e-6))

@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from .access import ConcurrencyLimit, bearer_token, load_keys, matching_key
 from .engine import (InvalidAudioError, ModelUnavailableError, SeparationError,
                      SeparationOptions, UploadTooLargeError)
+from .messages import SONG_LOST
 from .settings import ServiceSettings
 
 logger = logging.getLogger("ray.serve")
@@ -155,14 +156,16 @@ app.add_middleware(_ConfiguredCORS)  # outermost: browsers' preflights carry no 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
 class Ingress:
-    """Validates the request, then drives the graph: Decode once, Separate once per window (all
-    windows at once, so Separate can batch them), Encode once with every window's output."""
+    """Validates the request, then drives the graph: Decode once (the mix goes to the object
+    store), then Encode once, which runs the song's windows through Separate and returns the
+    ZIP; window outputs never pass through here."""
 
     def __init__(self, decode: DeploymentHandle, separate: DeploymentHandle,
                  encode: DeploymentHandle, settings: ServiceSettings):
         self._decode, self._separate, self._encode = decode, separate, encode
         self._settings = settings
         self._info: tp.Optional[dict] = None
+        self._model_geometry = None
         self._max_bytes = settings.max_upload_bytes
         configure_middleware(settings)
 
@@ -245,21 +248,42 @@ class Ingress:
                                       f"{self._settings.max_upload_mb:g} MB")
         if not data:
             raise InvalidAudioError("the file is empty")
-        request_id = uuid.uuid4().hex
-        start = time.perf_counter()
-        song = await self._decode.decode.remote(data, options.shifts, options.overlap,
-                                                options.seed)
-        decoded = time.perf_counter()
-        outputs = [self._separate.separate_window.remote(song.mix, window, request_id)
-                   for window in song.plan.windows]
-        archive = await self._encode.encode.remote(song, options, *outputs)
-        done = time.perf_counter()
+        song, archive, timing = await self._separate_song(data, options)
         name = PurePath(audio_file.filename or "song").stem or "song"
         return Response(archive, media_type="application/zip", headers={
             "Content-Disposition": f'attachment; filename="{_ascii(name)}_stems.zip"',
-            "X-Audio-Seconds": f"{song.seconds:.3f}", "X-Windows": str(len(outputs)),
-            "Server-Timing": f"decode;dur={(decoded - start) * 1000:.0f}, "
-                             f"separate_encode;dur={(done - decoded) * 1000:.0f}"})
+            "X-Audio-Seconds": f"{song.seconds:.3f}", "X-Windows": str(len(song.plan.windows)),
+            "Server-Timing": timing})
+
+    async def _separate_song(self, data: bytes, options: SeparationOptions):
+        """Decode, then Encode (which runs the windows): `(song, zip, Server-Timing)`. An
+        attempt that loses a replica or the song's mix starts again from the upload, until
+        `retry_seconds` have passed."""
+        geometry = await self._geometry()
+        deadline = time.monotonic() + self._settings.retry_seconds
+        while True:
+            start = time.perf_counter()
+            try:
+                song = await self._decode.decode.remote(data, geometry, options)
+                decoded = time.perf_counter()
+                archive, stages = await self._encode.encode.remote(song, options)
+            except SONG_LOST as exc:
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning("separation attempt lost %s; starting the song again",
+                               type(exc).__name__)
+                await asyncio.sleep(0.5)
+                continue
+            stages = {"decode": decoded - start, **stages,
+                      "total": time.perf_counter() - start}
+            return song, archive, ", ".join(f"{name};dur={seconds * 1000:.0f}"
+                                            for name, seconds in stages.items())
+
+    async def _geometry(self):
+        """The model's window geometry (what Decode plans with), asked of Separate once."""
+        if self._model_geometry is None:
+            self._model_geometry = await self._separate.geometry.remote()
+        return self._model_geometry
 
 
 __all__ = ["Ingress", "app"]

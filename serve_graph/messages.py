@@ -1,26 +1,29 @@
 """What travels between the deployments of one request."""
 import typing as tp
-from dataclasses import dataclass
 
-from .engine import ModelGeometry, Plan
+from ray import exceptions as ray_errors
+from ray.serve import exceptions as serve_errors
+
+from .engine import Song
+
+__all__ = ["MixRef", "MixLostError", "Song", "REPLICA_LOST", "SONG_LOST"]
 
 
 class MixRef(tp.NamedTuple):
     """An object ref to a song's normalised mix `[C, T]` float32, boxed so that Ray passes the
-    ref itself (a top-level ref argument would be fetched by whoever receives it)."""
+    ref itself (a top-level ref argument would be fetched by whoever receives it). In the
+    service, `Song.mix` holds one."""
     ref: tp.Any
 
 
-@dataclass(frozen=True)
-class DecodedSong:
-    """Decode's answer: the mix in the object store, the window plan and what undoes the
-    normalisation. Small: the audio stays in the object store until Separate reads it."""
-    mix: MixRef
-    plan: Plan
-    mean: float
-    std: float
-    geometry: ModelGeometry
+class MixLostError(RuntimeError):
+    """A song's mix left the object store (the Decode replica that owned it died): decode the
+    song again."""
 
-    @property
-    def seconds(self) -> float:
-        return self.plan.length / self.geometry.samplerate
+
+# A call that failed with one of these went to a replica that died or was going away: the same
+# call succeeds on a live or restarted replica.
+REPLICA_LOST = (ray_errors.RayActorError, ray_errors.WorkerCrashedError,
+                serve_errors.ReplicaUnavailableError)
+# ...and these end a whole song's attempt, which starts again from its upload.
+SONG_LOST = REPLICA_LOST + (ray_errors.ObjectLostError, MixLostError)

@@ -3,7 +3,9 @@ import asyncio
 import logging
 import os
 import threading
+import time
 import typing as tp
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -18,6 +20,9 @@ from .messages import MixRef
 from .settings import ServiceSettings
 
 logger = logging.getLogger("ray.serve")
+# Mixes are read zero-copy from the object store (read-only) and never written: windows are
+# copied out of them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 @serve.deployment(max_ongoing_requests=256)
@@ -37,7 +42,7 @@ class Separate:
         self.problem: tp.Optional[str] = None
         self._load()
         self._lock = threading.Lock()
-        self._stats: tp.Dict[str, tp.Any] = {"batches": 0, "windows": 0,
+        self._stats: tp.Dict[str, tp.Any] = {"batches": 0, "windows": 0, "model_seconds": 0.,
                                              "multi_request_batches": 0,
                                              "max_requests_in_batch": 0,
                                              "batch_sizes": Counter()}
@@ -98,29 +103,44 @@ class Separate:
                               request_ids: tp.List[str]) -> tp.List[np.ndarray]:
         """Batched: one `(mix, window, request_id)` per caller, where `mix` is an object ref to
         a song's normalised mix `[C, T]`. Returns each window's trimmed stems
-        `[S, C, window.length]` float32."""
+        `[S, C, window.length]` float32, or None when its mix is lost."""
         return await asyncio.to_thread(self._run, mixes, windows, request_ids)
 
-    def _run(self, mixes, windows, request_ids) -> tp.List[np.ndarray]:
+    def _run(self, mixes, windows, request_ids) -> tp.List[tp.Optional[np.ndarray]]:
         runner = self._loaded()
-        arrays = ray.get([mix.ref for mix in mixes])  # zero-copy from the object store
+        arrays = _fetch(mixes)
         outputs: tp.List[tp.Optional[np.ndarray]] = [None] * len(windows)
         groups: tp.Dict[tp.Tuple[int, int], tp.List[int]] = {}
         for index, window in enumerate(windows):
-            groups.setdefault((window.model_index, window.input_length), []).append(index)
+            if arrays[index] is not None:  # a lost mix: its caller gets None
+                groups.setdefault((window.model_index, window.input_length), []).append(index)
         for indices in groups.values():
+            start = time.perf_counter()
             stems = run_windows(runner, [th.from_numpy(arrays[i]) for i in indices],
                                 [windows[i] for i in indices])
             for i, out in zip(indices, stems):
                 outputs[i] = out.contiguous().numpy()
-            self._count(len(indices), len(set(request_ids[i] for i in indices)))
-        return outputs  # type: ignore
+            self._count(len(indices), len(set(request_ids[i] for i in indices)),
+                        time.perf_counter() - start)
+        return outputs
 
-    def _count(self, size: int, requests: int) -> None:
+    def _count(self, size: int, requests: int, seconds: float) -> None:
         with self._lock:
+            self._stats["model_seconds"] += seconds
             self._stats["batches"] += 1
             self._stats["windows"] += size
             self._stats["batch_sizes"][size] += 1
             self._stats["multi_request_batches"] += requests > 1
             self._stats["max_requests_in_batch"] = max(self._stats["max_requests_in_batch"],
                                                        requests)
+
+
+def _fetch(mixes: tp.List[MixRef]) -> tp.List[tp.Optional[np.ndarray]]:
+    """Each caller's mix `[C, T]` (zero-copy from the object store), None where it is lost."""
+    unique = {mix.ref: None for mix in mixes}
+    for ref in unique:
+        try:
+            unique[ref] = ray.get(ref)
+        except ray.exceptions.ObjectLostError:
+            logger.warning("a mix was lost from the object store (its owner died)")
+    return [unique[mix.ref] for mix in mixes]

@@ -23,6 +23,11 @@ class ServiceSettings:
     max_concurrent_per_client: int = 0  # separations in flight per key (or address); 0: no limit
     cors_origins: tp.Tuple[str, ...] = ()  # origins allowed to call from a browser; none: no CORS
     threads: int = 0  # torch intra-op threads in Separate; 0: all cores
+    # windows of one song queued at Separate at a time: fairness across songs (CPU: 2; GPU:
+    # enough to fill a batch, e.g. max_batch_size)
+    windows_in_flight: int = 2
+    encode_threads: int = 0  # MP3 encoding threads per Encode replica; 0: its num_cpus
+    retry_seconds: float = 60.  # how long a window or song is retried while replicas die
     # A missing model stops a local `serve run` at start with one clear message; false: the
     # service starts anyway and reports the model missing at GET / and /readyz (as on a cluster)
     require_model: bool = True

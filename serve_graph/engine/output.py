@@ -12,6 +12,8 @@ import io
 import os
 import struct
 import tempfile
+import threading
+import time
 import typing as tp
 from concurrent.futures import Executor, Future
 
@@ -57,6 +59,31 @@ def wav_samples(audio: np.ndarray, scale: float, depth: str) -> bytes:
     raise InvalidParameterError(f"wav depth must be one of {WAV_DEPTHS}, got {depth!r}")
 
 
+class EncodeClock:
+    """Seconds spent encoding one song's stems, from every thread that encodes them: CPU
+    seconds (`cpu`) and wall time from the first task's start to the last one's end (`wall`)."""
+
+    def __init__(self):
+        self.cpu = 0.
+        self.first: tp.Optional[float] = None
+        self.last: tp.Optional[float] = None
+        self._lock = threading.Lock()
+
+    def timed(self, fn: tp.Callable, *args):
+        start, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self.cpu += time.thread_time() - cpu
+                self.first = start if self.first is None else min(self.first, start)
+                self.last = max(self.last or 0., time.perf_counter())
+
+    @property
+    def wall(self) -> float:
+        return 0. if self.first is None or self.last is None else self.last - self.first
+
+
 class _Flac:
     """A FLAC (16-bit) stream fed stretch by stretch, in order."""
 
@@ -91,8 +118,10 @@ class StemFile:
     """
 
     def __init__(self, fmt: str, num_samples: int, channels: int, samplerate: int,
-                 pool: Executor, spill_dir: str, bitrate: int = 192, wav_depth: str = "int16"):
+                 pool: Executor, spill_dir: str, bitrate: int = 192, wav_depth: str = "int16",
+                 clock: tp.Optional[EncodeClock] = None):
         self.fmt, self.num_samples, self.channels = fmt, num_samples, channels
+        self.clock = clock or EncodeClock()
         self.samplerate, self.bitrate, self.wav_depth = samplerate, bitrate, wav_depth
         self._pool = pool
         self.written = 0
@@ -113,7 +142,7 @@ class StemFile:
         os.write(self._spill_fd, np.ascontiguousarray(audio, np.float32).tobytes())
         self.peak = max(self.peak, float(np.abs(audio).max(initial=0.)))
         self.written += audio.shape[0]
-        self._encode(audio, 1.)
+        self.clock.timed(self._encode, audio, 1.)
 
     def _encode(self, audio: np.ndarray, scale: float) -> None:
         if self.fmt == "wav":
@@ -133,8 +162,8 @@ class StemFile:
         while len(self._chunks) < len(self._bounds) and self._bounds[len(self._chunks)][1] <= end:
             start, stop = self._bounds[len(self._chunks)]
             pcm = pcm_int(self._held[start - self._held_from:stop - self._held_from], scale, 16)
-            self._chunks.append(self._pool.submit(mp3.encode_chunk, pcm, start,
-                                                  self.samplerate, self.bitrate))
+            self._chunks.append(self._pool.submit(self.clock.timed, mp3.encode_chunk, pcm,
+                                                  start, self.samplerate, self.bitrate))
             following = len(self._chunks)
             keep_from = self._bounds[following][0] if following < len(self._bounds) else end
             self._held = self._held[keep_from - self._held_from:]
@@ -151,8 +180,8 @@ class StemFile:
             raise RuntimeError(f"{self.written} of {self.num_samples} samples written")
         if self.scale != 1.:
             self._start_encoder()
-            self._reencode(self.scale)
-        return self._result()
+            self.clock.timed(self._reencode, self.scale)
+        return self.clock.timed(self._result)
 
     def _reencode(self, scale: float) -> None:
         spilled = np.memmap(self.spill_path, np.float32, "r", shape=(self.num_samples,

@@ -8,6 +8,7 @@
 `separate_to_zip` runs the three in one process."""
 import os
 import tempfile
+import time
 import typing as tp
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import tqdm
 
 from .audio import decode, output_names, select_stems, zip_files
 from .errors import InvalidParameterError, OverBudgetError
-from .output import FORMATS, WAV_DEPTHS, StemFile, interleaved
+from .output import FORMATS, WAV_DEPTHS, EncodeClock, StemFile, interleaved
 from .separator import ModelRunner, batch_windows, run_windows, timed
 from .windows import (ModelGeometry, OverlapAdd, Plan, Window, denormalise, in_order,
                       normalise, plan_windows)
@@ -114,23 +115,28 @@ class SongWriter:
     def __init__(self, song: Song, options: SeparationOptions, pool: Executor):
         self.song, self.options = song, options
         self._acc = OverlapAdd(song.plan, song.geometry)
+        self.clock = EncodeClock()
+        self.overlap_add_seconds = 0.
         self._spill = tempfile.TemporaryDirectory(prefix="stems-")
         names = output_names(song.geometry.sources, options.two_stems)
         self.files = {f"{name}.{options.format}": StemFile(
             options.format, song.plan.length, song.geometry.audio_channels,
             song.geometry.samplerate, pool, self._spill.name, options.mp3_bitrate,
-            options.wav_depth) for name in names}
+            options.wav_depth, self.clock) for name in names}
         self.windows_added = 0
 
     def add(self, window: Window, output: th.Tensor) -> None:
+        start = time.perf_counter()
         self._acc.add(window, output)
         self.windows_added += 1
         stretch = self._acc.take(self.TAKE_SAMPLES)
+        if stretch is not None:
+            stems = denormalise(stretch, self.song.mean, self.song.std)
+            selected = select_stems(dict(zip(self.song.geometry.sources, stems)),
+                                    self.options.two_stems)
+        self.overlap_add_seconds += time.perf_counter() - start
         if stretch is None:
             return
-        stems = denormalise(stretch, self.song.mean, self.song.std)
-        selected = select_stems(dict(zip(self.song.geometry.sources, stems)),
-                                self.options.two_stems)
         for file, audio in zip(self.files.values(), selected.values()):
             file.write(interleaved(audio))
 
@@ -138,7 +144,18 @@ class SongWriter:
         if not self._acc.done:
             raise RuntimeError(f"{self.windows_added} of {len(self.song.plan.windows)} windows "
                                f"were added")
-        return zip_files({name: file.finish() for name, file in self.files.items()})
+        files = {name: file.finish() for name, file in self.files.items()}
+        start = time.perf_counter()
+        archive = zip_files(files)
+        self.zip_seconds = time.perf_counter() - start
+        return archive
+
+    def timings(self) -> tp.Dict[str, float]:
+        """Seconds by stage: overlap_add (wall, adding windows and taking stems), encode (wall
+        from the first encoding task to the last), encode_cpu (CPU seconds of all of them),
+        zip."""
+        return {"overlap_add": self.overlap_add_seconds, "encode": self.clock.wall,
+                "encode_cpu": self.clock.cpu, "zip": getattr(self, "zip_seconds", 0.)}
 
     def close(self) -> None:
         for file in self.files.values():
@@ -153,7 +170,9 @@ def separate_to_zip(data: bytes, runner: ModelRunner, options: SeparationOptions
                     pool: tp.Optional[Executor] = None) -> bytes:
     """Audio file bytes -> ZIP of stems, in this process: the recipe's three steps in a loop,
     the stems encoding on `pool` (default: one thread per core) while the model runs.
-    `timings` collects seconds per stage: decode, windows, model, overlap_add, encode."""
+    `timings` collects seconds per stage: decode, windows, model, overlap_add (with the
+    encoding of WAV/FLAC), finish (waiting for the last MP3 chunks, joining, ZIP), and the
+    writer's `timings()` as writer_*."""
     geometry = runner.geometry
     options.validate(geometry.sources)
     with timed(timings, "decode"):
@@ -170,8 +189,11 @@ def separate_to_zip(data: bytes, runner: ModelRunner, options: SeparationOptions
                     writer.add(window, out)
             bar.update(len(batch))
         bar.close()
-        with timed(timings, "encode"):
-            return writer.finish()
+        with timed(timings, "finish"):
+            archive = writer.finish()
+        if timings is not None:
+            timings.update({f"writer_{k}": v for k, v in writer.timings().items()})
+        return archive
     finally:
         writer.close()
         if own_pool:

@@ -1,0 +1,74 @@
+"""A replica killed mid-request (SIGKILL) costs time, not the request: the client still gets its
+ZIP, and later requests are served. Real `serve run`, real processes."""
+import io
+import os
+import signal
+import threading
+import time
+import zipfile
+
+import pytest
+import requests
+
+from audio_files import encode, tone
+from serve_graph.launch import write_config
+from serve_graph.procs import cmdline, descendants
+from serve_process import ServeProcess, free_port
+
+pytestmark = pytest.mark.serve
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_repo):
+    folder = tmp_path_factory.mktemp("faults")
+    port = free_port()
+    config = write_config(folder / "serve_config.yaml", port=port, host="127.0.0.1",
+                          args={"max_windows": 100_000})
+    server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
+                          folder / "serve.log")
+    yield server
+    server.stop()
+
+
+def replica_pid(server: ServeProcess, deployment: str) -> int:
+    """The PID of the (one) replica of `deployment`, found among the service's processes."""
+    for pid in descendants(server.pid):
+        if any(f"ServeReplica:separation:{deployment}" in part for part in cmdline(pid)):
+            return pid
+    raise LookupError(f"no {deployment} replica among the service's processes")
+
+
+def windows_run(url: str) -> int:
+    return requests.get(url + "/stats", timeout=30).json()["windows"]
+
+
+@pytest.mark.parametrize("deployment", ["Separate", "Encode", "Decode"])
+def test_killed_replica_does_not_fail_the_request(service, deployment):
+    song = encode(tone(20.0, 44100, 2, seed=4), 44100, "mp3")
+    answer = {}
+
+    def post():
+        answer["response"] = requests.post(
+            service.url + "/separate", files={"audio_file": ("s.mp3", song)},
+            data={"shifts": 4, "overlap": 0.5}, timeout=300)
+
+    victim = replica_pid(service, deployment)
+    start = windows_run(service.url)
+    client = threading.Thread(target=post)
+    client.start()
+    deadline = time.monotonic() + 60
+    while windows_run(service.url) - start < 20:  # the song is being separated
+        assert time.monotonic() < deadline and client.is_alive()
+        time.sleep(0.1)
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    client.join(300)
+    response = answer["response"]
+    assert response.status_code == 200, response.text
+    names = zipfile.ZipFile(io.BytesIO(response.content)).namelist()
+    assert names == ["drums.mp3", "bass.mp3", "other.mp3", "vocals.mp3"]
+    print(f"{deployment} killed: the request finished {time.monotonic() - killed_at:.1f} s later")
+    assert replica_pid(service, deployment) != victim  # Serve started a new one
+    again = requests.post(service.url + "/separate", files={"audio_file": ("s.mp3", song)},
+                          timeout=120)
+    assert again.status_code == 200

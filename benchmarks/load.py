@@ -11,7 +11,6 @@ import asyncio
 import glob
 import os
 import signal
-import subprocess
 import tempfile
 import time
 import typing as tp
@@ -22,7 +21,7 @@ import httpx
 from benchmarks.common import append_results, song
 from benchmarks.overhead import standin_repo
 from benchmarks.throughput import percentile, start_service, stop_service
-from serve_graph.engine.output import encode_stem
+from serve_graph.engine.output import SPILL_ROOT, encode_stem
 from serve_graph.launch import write_config
 from serve_graph.procs import cmdline, descendants
 
@@ -50,16 +49,17 @@ def rss_mb(pid: int) -> float:
 
 
 def spill_files() -> int:
-    return len(glob.glob(os.path.join(tempfile.gettempdir(), "stems-*")))
+    """Spill files of the songs in flight (or left behind by a replica that died)."""
+    return len(glob.glob(str(SPILL_ROOT / "*" / "stems-*" / "*")))
 
 
-def object_store() -> str:
-    """`ray memory --stats-only`'s plasma line, for the local cluster the service started."""
-    result = subprocess.run(["ray", "memory", "--stats-only"], capture_output=True, text=True,
-                            timeout=60)
-    lines = [line.strip() for line in result.stdout.splitlines() if "Plasma memory" in line
-             or "objects" in line.lower()]
-    return "; ".join(lines[:2]) or result.stderr.strip()[-200:]
+def object_store(url: str) -> str:
+    """The object store's use, from the service's /stats."""
+    import requests
+    usage = requests.get(url + "/stats", timeout=60).json().get("object_store", {})
+    if "bytes_used" not in usage:
+        return f"unknown ({usage})"
+    return f"{usage['bytes_used'] / 2**20:.1f} MiB in {usage['objects']} objects"
 
 
 async def client(http: httpx.AsyncClient, url: str, songs: tp.List[bytes],
@@ -131,8 +131,7 @@ def main() -> None:
              f"- wall {wall:.1f} s; latency p50 {percentile(latencies, .5):.1f} s, p95 "
              f"{percentile(latencies, .95):.1f} s, max {max(latencies, default=0):.1f} s",
              *log, *args.memory_lines,
-             f"- spill files in {tempfile.gettempdir()}: {spill_before} before, "
-             f"{spill_files()} after"]
+             f"- spill files in {SPILL_ROOT}: {spill_before} before, {spill_files()} after"]
     for line in lines:
         print(line)
     title = f"Load: {args.clients} x {args.requests} requests" + (
@@ -142,7 +141,7 @@ def main() -> None:
 
 async def _measured(url: str, service_pid: int, args, songs) -> tuple:
     before = {name: rss_mb(pid) for name, pid in replicas(service_pid).items()}
-    store_before = object_store()
+    store_before = object_store(url)
     results, wall, log = await load(url, service_pid, args, songs)
     await asyncio.sleep(5)  # let Serve and Ray settle (freed objects, finished logging)
     after = {name: rss_mb(pid) for name, pid in replicas(service_pid).items()}
@@ -150,7 +149,7 @@ async def _measured(url: str, service_pid: int, args, songs) -> tuple:
         "- replica RSS MB (before -> after): " + ", ".join(
             f"{name} {before.get(name, float('nan')):.0f} -> {after.get(name, float('nan')):.0f}"
             for name in DEPLOYMENTS),
-        f"- object store before: {store_before}; after: {object_store()}"]
+        f"- object store before: {store_before}; after: {object_store(url)}"]
     return results, wall, log
 
 

@@ -129,8 +129,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8766)
     args = parser.parse_args()
     data = encode_stem(song(args.seconds, seed=3), 44100, "mp3", 320)
+    model = ("full-size htdemucs (random weights)" if args.full else
+             "stand-in (htdemucs window geometry, a forward that costs nothing)")
     lines = [f"- song: {args.seconds:.0f} s music-like test signal (MP3 320 kbps), shifts "
-             f"{args.shifts}, model: {'full-size htdemucs (random weights)' if args.full else 'stand-in (tiny network, htdemucs window geometry)'}, "
+             f"{args.shifts}, model: {model}, "
              f"windows_in_flight {args.windows_in_flight}, machine CPUs {os.cpu_count()}"]
     for cpus in args.encode_cpus:
         lines += run(args, cpus, data)

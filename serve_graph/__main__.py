@@ -123,7 +123,7 @@ def _make_repo_parser(sub) -> None:
     p.add_argument("--name", default=DEFAULT_MODEL)
     p.add_argument("--size", default="tiny", choices=["tiny", "full", "standin"],
                    help="tiny: instant, for trying the API; full: htdemucs' real size and speed; "
-                   "standin: tiny network, htdemucs' 7.8 s windows (to measure all but the model)")
+                   "standin: htdemucs window geometry, a forward that costs nothing (to measure all but the model)")
 
 
 def run_make_repo(args) -> int:

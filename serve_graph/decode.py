@@ -6,7 +6,7 @@ import ray
 from ray import serve
 
 from .engine import ModelGeometry, SeparationOptions, prepare
-from .messages import MixRef, Song
+from .messages import MixRef, Song, release_memory
 from .settings import ServiceSettings
 
 
@@ -20,7 +20,10 @@ class Decode:
 
     async def decode(self, data: bytes, geometry: ModelGeometry,
                      options: SeparationOptions) -> Song:
-        return await asyncio.to_thread(self._prepare, data, geometry, options)
+        try:
+            return await asyncio.to_thread(self._prepare, data, geometry, options)
+        finally:
+            await asyncio.to_thread(release_memory)
 
     def _prepare(self, data: bytes, geometry: ModelGeometry, options: SeparationOptions) -> Song:
         song = prepare(data, geometry, options, self._settings.max_audio_seconds,

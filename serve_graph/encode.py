@@ -15,8 +15,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from .engine import SeparationOptions, SongWriter
+from .engine.output import sweep_spill
 from .engine.windows import Window, in_order
-from .messages import REPLICA_LOST, MixLostError, Song
+from .messages import REPLICA_LOST, MixLostError, Song, release_memory
 from .settings import ServiceSettings
 
 logger = logging.getLogger("ray.serve")
@@ -36,6 +37,9 @@ class Encode:
         self._settings = settings
         self.threads = settings.encode_threads or _assigned_cpus()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="encode")
+        swept = sweep_spill()
+        if swept:
+            logger.info("removed the spill folders of %d replicas that died", swept)
 
     async def encode(self, song: Song, options: SeparationOptions
                      ) -> tp.Tuple[bytes, tp.Dict[str, float]]:
@@ -53,6 +57,7 @@ class Encode:
             return archive, timings
         finally:
             writer.close()
+            await asyncio.to_thread(release_memory)
 
     async def _run_windows(self, song: Song, writer: SongWriter) -> None:
         request_id = uuid.uuid4().hex

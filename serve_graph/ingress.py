@@ -8,10 +8,11 @@ import uuid
 from http import HTTPStatus
 from pathlib import PurePath
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.serve.handle import DeploymentHandle
@@ -19,6 +20,8 @@ from ray.serve.handle import DeploymentHandle
 from .access import ConcurrencyLimit, bearer_token, load_keys, matching_key
 from .engine import (InvalidAudioError, ModelUnavailableError, SeparationError,
                      SeparationOptions, UploadTooLargeError)
+from .engine.models import SOURCES
+from .engine.pipeline import MAX_OVERLAP, MAX_SHIFTS, MP3_BITRATES
 from .messages import SONG_LOST
 from .settings import ServiceSettings
 
@@ -30,6 +33,38 @@ app = FastAPI(
     description="Upload a song, get its stems (vocals, drums, bass, other) back as a ZIP, "
                 "separated by Demucs v4 (htdemucs).",
     version="1.0")
+
+def object_store_usage() -> dict:
+    """Bytes and objects in the Ray object store, from Ray's memory report (cluster-wide)."""
+    try:
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+        stats = get_memory_info_reply(get_state_from_address(None)).store_stats
+        return {"bytes_used": int(stats.object_store_bytes_used),
+                "objects": int(stats.num_local_objects)}
+    except Exception as exc:  # noqa: BLE001 - a private API: report, never fail /stats
+        return {"unavailable": repr(exc)[:200]}
+
+
+class ErrorBody(BaseModel):
+    """Every error's body."""
+    error: str = Field(description="a stable code, e.g. invalid_audio")
+    detail: str = Field(description="what was wrong, for a person")
+
+
+def _documented(description: str) -> dict:
+    return {"model": ErrorBody, "description": description}
+
+
+ERROR_RESPONSES: tp.Dict[tp.Union[int, str], dict] = {
+    400: _documented("malformed request (multipart)"),
+    401: _documented("API keys are configured and none valid was sent"),
+    413: _documented("upload or audio too long, or over the window budget"),
+    415: _documented("not decodable audio"),
+    422: _documented("invalid parameter"),
+    429: _documented("too many separations in flight for this client"),
+    503: _documented("the model is loading or missing"),
+}
+
 
 def _error(status: int, error: str, detail: str, **extra) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status)
@@ -49,8 +84,12 @@ async def _separation_error(request: Request, exc: SeparationError) -> JSONRespo
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Errors FastAPI/Starlette raise themselves (malformed multipart, unknown route, wrong
     method), in the service's `{"error", "detail"}` shape."""
+    if isinstance(exc, UploadCapExceeded):
+        return _error(413, UploadTooLargeError.error, str(exc.detail))
     name = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
-    return _error(exc.status_code, name, str(exc.detail))
+    response = _error(exc.status_code, name, str(exc.detail))
+    response.headers.update(exc.headers or {})  # e.g. `Allow` on a 405
+    return response
 
 
 @app.exception_handler(RequestValidationError)
@@ -89,20 +128,58 @@ def configure_middleware(settings: ServiceSettings) -> None:
     _config.cors_origins = settings.cors_origins
 
 
-@app.middleware("http")
-async def _refuse_large_uploads(request: Request, call_next):
-    """Refuse an upload by its Content-Length before its body is read."""
-    limit = _config.max_upload_bytes
-    length = request.headers.get("content-length")
-    if limit and length and length.isdigit() and int(length) > limit + 64 * 1024:
-        return _error(413, UploadTooLargeError.error,
-                      f"the upload is larger than the limit of {limit / 2**20:g} MB")
-    return await call_next(request)
-
-
 OPEN_PATHS = {"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json",
               "/redoc"}
 RETRY_AFTER_S = 5
+
+
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the other fields, beside the file
+
+
+def _too_large_detail(limit: int) -> str:
+    return f"the upload is larger than the limit of {limit / 2**20:g} MB"
+
+
+class UploadCapExceeded(HTTPException):
+    """Raised while the body is read, once more than the limit has arrived: chunked uploads
+    carry no Content-Length to refuse them by."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, _too_large_detail(limit))
+
+
+class _CappedBody:
+    """Refuses an upload by its Content-Length before its body is read; without one (chunked
+    uploads), counts the body bytes as they arrive and stops reading past the limit, so that
+    no upload is spooled beyond it. Pure ASGI and innermost: an exception raised in `receive`
+    under Starlette's BaseHTTPMiddleware would reach FastAPI wrapped in an exception group."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        limit = _config.max_upload_bytes
+        if scope["type"] != "http" or not limit:
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit + FORM_OVERHEAD:
+            response = _error(413, UploadTooLargeError.error, _too_large_detail(limit))
+            return await response(scope, receive, send)
+        received = 0
+
+        async def capped_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit + FORM_OVERHEAD:
+                    raise UploadCapExceeded(limit)
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+
+app.add_middleware(_CappedBody)  # the first added: innermost
 
 
 @app.middleware("http")
@@ -215,28 +292,31 @@ class Ingress:
         return _error(503, "not_ready", f"model {health['model']!r} is "
                       f"{health['models'][health['model']]['state']}", models=health["models"])
 
-    @app.get("/stats", summary="Batching counters of the Separate deployment (one replica)")
+    @app.get("/stats", summary="Batching counters and model seconds of the Separate deployment "
+             "(one replica), and the object store's use")
     async def stats(self) -> dict:
-        return await self._separate.stats.remote()
+        stats = await self._separate.stats.remote()
+        stats["object_store"] = await asyncio.to_thread(object_store_usage)
+        return stats
 
     @app.post("/separate", summary="Separate a song into stems, returned as a ZIP",
               response_class=Response,
               responses={200: {"content": {"application/zip": {}},
-                               "description": "ZIP of the stems"},
-                         413: {"description": "upload or audio too long"},
-                         415: {"description": "not decodable audio"},
-                         422: {"description": "invalid parameter"}})
+                               "description": "ZIP of the stems"}, **ERROR_RESPONSES})
     async def separate(
         self,
         audio_file: UploadFile = File(..., description="The song: any format FFmpeg decodes "
-                                      "(mp3, wav, flac, ogg, opus, m4a...)"),
-        two_stems: tp.Optional[str] = Form(None, description="vocals|drums|bass|other: return "
-                                           "only X.mp3 and no_X.mp3 (the sum of the others)"),
-        shifts: int = Form(1, description="Random time shifts averaged (0-20); more is "
-                           "slightly better and proportionally slower"),
-        overlap: float = Form(0.25, description="Overlap between windows, in [0, 1)"),
+                                      "(mp3, wav, flac, ogg, opus, m4a...), at most "
+                                      "`max_upload_mb` (GET /)"),
+        two_stems: tp.Optional[tp.Literal[tuple(SOURCES)]] = Form(  # type: ignore
+            None, description="return only X and no_X (the sum of the others)"),
+        shifts: int = Form(1, ge=0, le=MAX_SHIFTS, description="Random time shifts averaged; "
+                           "more is slightly better and proportionally slower"),
+        overlap: float = Form(0.25, ge=0, le=MAX_OVERLAP,
+                              description="Overlap between windows"),
         mp3: bool = Form(True, description="MP3 stems (true) or 16-bit WAV (false)"),
-        mp3_bitrate: int = Form(192, description="MP3 bitrate in kbps, 128-320"),
+        mp3_bitrate: int = Form(192, ge=MP3_BITRATES[0], le=MP3_BITRATES[1],
+                                description="MP3 bitrate in kbps"),
     ) -> Response:
         info = await self._loaded_model()
         options = SeparationOptions(two_stems or None, shifts, overlap,

@@ -1,4 +1,5 @@
 """What travels between the deployments of one request."""
+import ctypes
 import typing as tp
 
 from ray import exceptions as ray_errors
@@ -6,7 +7,17 @@ from ray.serve import exceptions as serve_errors
 
 from .engine import Song
 
-__all__ = ["MixRef", "MixLostError", "Song", "REPLICA_LOST", "SONG_LOST"]
+__all__ = ["MixRef", "MixLostError", "Song", "REPLICA_LOST", "SONG_LOST", "release_memory"]
+
+
+def release_memory() -> None:
+    """Hand the memory freed by a finished song back to the system: glibc keeps freed blocks
+    in per-thread arenas, so without this a replica's RSS only ever grows with its peak
+    concurrency (3.2 GB in Encode after 200 songs from 50 clients)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class MixRef(tp.NamedTuple):

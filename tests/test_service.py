@@ -1,5 +1,6 @@
 """The service over real HTTP: `serve run` of serve_config.yaml, real Ray Serve, tiny model."""
 import io
+import json
 import struct
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -200,3 +201,41 @@ def test_unknown_route_and_method_answer_json(service):
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
     wrong = requests.get(service + "/separate", timeout=30)
     assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
+
+
+def test_chunked_upload_is_refused_once_past_the_limit(service):
+    """No Content-Length to refuse it by: the service stops reading at the limit and answers
+    413 while the client is still sending, instead of spooling the whole body."""
+    import select
+    import socket
+    from urllib.parse import urlparse
+    address = urlparse(service)
+    boundary = "b0undary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"audio_file\"; "
+            f"filename=\"big.wav\"\r\nContent-Type: audio/wav\r\n\r\n").encode()
+    sent = 0
+    with socket.create_connection((address.hostname, address.port), timeout=60) as sock:
+        sock.sendall((f"POST /separate HTTP/1.1\r\nHost: {address.netloc}\r\n"
+                      f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                      f"Transfer-Encoding: chunked\r\n\r\n").encode())
+        chunk = head + b"\0" * (256 * 1024 - len(head))
+        while sent < 200 * 2**20:
+            try:
+                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+            chunk = b"\0" * (256 * 1024)
+            if select.select([sock], [], [], 0)[0]:
+                break
+        sock.settimeout(30)
+        reader = sock.makefile("rb")
+        status = reader.readline()
+        headers = {}
+        for line in iter(reader.readline, b"\r\n"):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = reader.read(int(headers["content-length"]))
+    assert b" 413 " in status, (status, headers)
+    assert json.loads(body)["error"] == "upload_too_large", body
+    assert sent < 20 * 2**20, f"{sent / 2**20:.0f} MB were sent before the answer"

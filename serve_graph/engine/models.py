@@ -42,9 +42,28 @@ TINY_KWARGS: tp.Dict[str, tp.Any] = dict(
     t_hidden_scale=1.0, bottom_channels=0, norm_starts=4,
 )
 
-# htdemucs' exact window geometry (7.8 s segments, 4 stems, 44.1 kHz stereo) around the tiny
-# network: a forward that costs almost nothing, to measure everything but the model.
-STANDIN_KWARGS: tp.Dict[str, tp.Any] = dict(TINY_KWARGS, segment=Fraction(39, 5))
+
+
+class StandInModel(th.nn.Module):
+    """htdemucs' interface and exact window geometry (7.8 s windows of a fixed input length,
+    four sources, 44.1 kHz stereo) with a forward that costs almost nothing: each source is the
+    mix times a gain. For benchmarks of everything but the model (`make-repo --size standin`).
+    """
+
+    def __init__(self, sources: tp.Sequence[str] = tuple(SOURCES), audio_channels: int = 2,
+                 samplerate: int = 44100, segment: Fraction = Fraction(39, 5)):
+        super().__init__()
+        self.sources, self.audio_channels = list(sources), audio_channels
+        self.samplerate, self.segment = samplerate, segment
+        self.use_train_segment = True  # every window padded to the segment, as HTDemucs does
+        self.gains = th.nn.Parameter(th.linspace(0.1, 0.4, len(self.sources)))
+        self._init_args_kwargs = ((), dict(sources=list(sources), audio_channels=audio_channels,
+                                           samplerate=samplerate, segment=segment))
+
+    def forward(self, mix: th.Tensor) -> th.Tensor:
+        """`[B, C, L]` -> `[B, S, C, L]`."""
+        return mix[:, None] * self.gains[None, :, None, None]
+
 
 Model = tp.Union[th.nn.Module, BagOfModels]
 
@@ -134,7 +153,7 @@ def _forward_draw_bound(model: th.nn.Module) -> int:
 
 
 def _input_length_rule(model: th.nn.Module, segment_length: int):
-    if isinstance(model, HTDemucs) and model.use_train_segment:
+    if isinstance(model, (HTDemucs, StandInModel)) and model.use_train_segment:
         return int(model.segment * model.samplerate)
     if hasattr(model, "valid_length"):
         return tuple(model.valid_length(length) for length in range(1, segment_length + 1))
@@ -182,13 +201,15 @@ def make_random_repo(repo: tp.Union[str, Path], name: str = DEFAULT_MODEL, size:
                      num_models: int = 1, weights: tp.Optional[tp.List[tp.List[float]]] = None,
                      seed: int = 0) -> Path:
     """Create a local model repo holding bag `name` of `num_models` random HTDemucs
-    (`size` "full": the htdemucs architecture, "tiny": for tests, "standin": the tiny network
-    with htdemucs' window geometry). Returns the repo folder."""
-    kwargs = {"full": HTDEMUCS_KWARGS, "tiny": TINY_KWARGS, "standin": STANDIN_KWARGS}[size]
+    (`size` "full": the htdemucs architecture, "tiny": for tests, "standin": `StandInModel`).
+    Returns the repo folder."""
     signatures = []
     for index in range(num_models):
         sig = hashlib.sha1(f"{name}-{size}-{seed}-{index}".encode()).hexdigest()[:8]
-        save_checkpoint(build_htdemucs(kwargs, seed=seed + index), repo, sig)
+        model = (StandInModel() if size == "standin" else
+                 build_htdemucs({"full": HTDEMUCS_KWARGS, "tiny": TINY_KWARGS}[size],
+                                seed=seed + index))
+        save_checkpoint(model, repo, sig)
         signatures.append(sig)
     save_bag(repo, name, signatures, weights)
     return Path(repo)

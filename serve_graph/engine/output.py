@@ -8,25 +8,30 @@ as each stretch arrives. Demucs' default clip prevention ("rescale": divide the 
 the end: stretches are encoded as if it will not be needed (it rarely is: then the output is
 the one-shot encode's), kept in a spill file, and re-encoded from it, scaled, when it is.
 """
+import collections
 import io
 import os
+import shutil
 import struct
 import tempfile
 import threading
 import time
 import typing as tp
 from concurrent.futures import Executor, Future
-
-import torch as th
+from pathlib import Path
 
 import av
 import numpy as np
+import torch as th
 
 from . import mp3
 from .errors import InvalidParameterError
 
 FORMATS = ("mp3", "wav", "flac")
 WAV_DEPTHS = ("int16", "int24", "float32")
+# MP3 chunks of one stem queued or encoding at a time: when the encoder lags behind the model,
+# `write` waits instead of piling up PCM (a 900 s song would otherwise queue ~600 MB).
+MAX_PENDING_CHUNKS = 2
 CLIP_HEADROOM = 1.01  # `demucs.audio.prevent_clip`'s rescale divides by 1.01 x the peak
 
 
@@ -131,6 +136,7 @@ class StemFile:
 
     def _start_encoder(self) -> None:
         self._chunks: tp.List[Future] = []
+        self._pending: tp.Deque[Future] = collections.deque()
         self._bounds = mp3.chunk_bounds(self.num_samples)
         self._held = np.zeros((0, self.channels), np.float32)  # samples from `_held_from`
         self._held_from = 0
@@ -162,8 +168,12 @@ class StemFile:
         while len(self._chunks) < len(self._bounds) and self._bounds[len(self._chunks)][1] <= end:
             start, stop = self._bounds[len(self._chunks)]
             pcm = pcm_int(self._held[start - self._held_from:stop - self._held_from], scale, 16)
-            self._chunks.append(self._pool.submit(self.clock.timed, mp3.encode_chunk, pcm,
-                                                  start, self.samplerate, self.bitrate))
+            while len(self._pending) >= MAX_PENDING_CHUNKS:
+                self._pending.popleft().result()
+            chunk = self._pool.submit(self.clock.timed, mp3.encode_chunk, pcm, start,
+                                      self.samplerate, self.bitrate)
+            self._chunks.append(chunk)
+            self._pending.append(chunk)
             following = len(self._chunks)
             keep_from = self._bounds[following][0] if following < len(self._bounds) else end
             self._held = self._held[keep_from - self._held_from:]
@@ -254,3 +264,24 @@ def encode_stem(wav: th.Tensor, samplerate: int, fmt: str = "mp3", bitrate: int 
             return stem.finish()
         finally:
             stem.close()
+
+
+SPILL_ROOT = Path(tempfile.gettempdir()) / "serve_graph_spill"
+
+
+def spill_dir() -> Path:
+    """This process's folder for spill files, `<tmp>/serve_graph_spill/<pid>`: a process that
+    dies (a killed replica) leaves its folder behind, and `sweep_spill` removes it."""
+    folder = SPILL_ROOT / str(os.getpid())
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def sweep_spill() -> int:
+    """Delete the spill folders of processes that are gone; returns how many."""
+    removed = 0
+    for folder in SPILL_ROOT.glob("*"):
+        if folder.name.isdigit() and not Path(f"/proc/{folder.name}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed

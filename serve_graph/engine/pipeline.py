@@ -18,7 +18,7 @@ import tqdm
 
 from .audio import decode, output_names, select_stems, zip_files
 from .errors import InvalidParameterError, OverBudgetError
-from .output import FORMATS, WAV_DEPTHS, EncodeClock, StemFile, interleaved
+from .output import FORMATS, WAV_DEPTHS, EncodeClock, StemFile, interleaved, spill_dir
 from .separator import ModelRunner, batch_windows, run_windows, timed
 from .windows import (ModelGeometry, OverlapAdd, Plan, Window, denormalise, in_order,
                       normalise, plan_windows)
@@ -117,7 +117,7 @@ class SongWriter:
         self._acc = OverlapAdd(song.plan, song.geometry)
         self.clock = EncodeClock()
         self.overlap_add_seconds = 0.
-        self._spill = tempfile.TemporaryDirectory(prefix="stems-")
+        self._spill = tempfile.TemporaryDirectory(prefix="stems-", dir=spill_dir())
         names = output_names(song.geometry.sources, options.two_stems)
         self.files = {f"{name}.{options.format}": StemFile(
             options.format, song.plan.length, song.geometry.audio_channels,

@@ -17,25 +17,16 @@ import typing as tp
 from pathlib import Path
 
 import httpx
+import requests
 
 from benchmarks.common import append_results, song
 from benchmarks.overhead import standin_repo
 from benchmarks.throughput import percentile, start_service, stop_service
 from serve_graph.engine.output import SPILL_ROOT, encode_stem
 from serve_graph.launch import write_config
-from serve_graph.procs import cmdline, descendants
+from serve_graph.procs import replica_pids
 
 DEPLOYMENTS = ("Ingress", "Decode", "Separate", "Encode")
-
-
-def replicas(service_pid: int) -> tp.Dict[str, int]:
-    """`{deployment: pid}` of the service's replicas."""
-    found = {}
-    for pid in descendants(service_pid):
-        for name in DEPLOYMENTS:
-            if any(f"ServeReplica:separation:{name}" in part for part in cmdline(pid)):
-                found[name] = pid
-    return found
 
 
 def rss_mb(pid: int) -> float:
@@ -53,13 +44,28 @@ def spill_files() -> int:
     return len(glob.glob(str(SPILL_ROOT / "*" / "stems-*" / "*")))
 
 
-def object_store(url: str) -> str:
-    """The object store's use, from the service's /stats."""
-    import requests
-    usage = requests.get(url + "/stats", timeout=60).json().get("object_store", {})
+def object_store(url: str) -> dict:
+    """The object store's use, from the service's /stats: {"bytes_used", "objects"}."""
+    return requests.get(url + "/stats", timeout=60).json().get("object_store", {})
+
+
+def describe_store(usage: dict) -> str:
     if "bytes_used" not in usage:
         return f"unknown ({usage})"
     return f"{usage['bytes_used'] / 2**20:.1f} MiB in {usage['objects']} objects"
+
+
+async def store_settles(url: str, baseline: dict, timeout: float = 120.) -> str:
+    """Wait until the object store holds no more objects than at `baseline`; say how long
+    that took, or what is left after `timeout`."""
+    start = time.perf_counter()
+    while True:
+        usage = object_store(url)
+        if usage.get("objects", 0) <= baseline.get("objects", 0):
+            return f"{describe_store(usage)}, back to baseline {time.perf_counter() - start:.0f} s after the last request"
+        if time.perf_counter() - start > timeout:
+            return f"{describe_store(usage)} still {timeout:.0f} s after the last request"
+        await asyncio.sleep(2)
 
 
 async def client(http: httpx.AsyncClient, url: str, songs: tp.List[bytes],
@@ -76,10 +82,10 @@ async def client(http: httpx.AsyncClient, url: str, songs: tp.List[bytes],
 
 async def killer(service_pid: int, deployment: str, after: float, log: tp.List[str]) -> None:
     await asyncio.sleep(after)
-    victim = replicas(service_pid)[deployment]
+    victim = replica_pids(service_pid)[deployment]
     os.kill(victim, signal.SIGKILL)
     killed = time.perf_counter()
-    while replicas(service_pid).get(deployment) in (None, victim):
+    while replica_pids(service_pid).get(deployment) in (None, victim):
         await asyncio.sleep(0.2)
     log.append(f"  - SIGKILL of the {deployment} replica (pid {victim}) {after:.0f} s into the "
                f"run; a new replica was up {time.perf_counter() - killed:.1f} s later")
@@ -140,16 +146,16 @@ def main() -> None:
 
 
 async def _measured(url: str, service_pid: int, args, songs) -> tuple:
-    before = {name: rss_mb(pid) for name, pid in replicas(service_pid).items()}
+    before = {name: rss_mb(pid) for name, pid in replica_pids(service_pid).items()}
     store_before = object_store(url)
     results, wall, log = await load(url, service_pid, args, songs)
-    await asyncio.sleep(5)  # let Serve and Ray settle (freed objects, finished logging)
-    after = {name: rss_mb(pid) for name, pid in replicas(service_pid).items()}
+    store_after = await store_settles(url, store_before)
+    after = {name: rss_mb(pid) for name, pid in replica_pids(service_pid).items()}
     args.memory_lines = [
         "- replica RSS MB (before -> after): " + ", ".join(
             f"{name} {before.get(name, float('nan')):.0f} -> {after.get(name, float('nan')):.0f}"
             for name in DEPLOYMENTS),
-        f"- object store before: {store_before}; after: {object_store(url)}"]
+        f"- object store before: {describe_store(store_before)}; after: {store_after}"]
     return results, wall, log
 
 

@@ -13,6 +13,7 @@ import argparse
 import os
 import statistics
 import tempfile
+import threading
 import time
 import typing as tp
 from pathlib import Path
@@ -24,7 +25,7 @@ from benchmarks.throughput import start_service, stop_service
 from serve_graph.engine import make_random_repo
 from serve_graph.engine.output import encode_stem
 from serve_graph.launch import write_config
-from serve_graph.procs import cmdline, descendants
+from serve_graph.procs import replica_pids
 
 
 def standin_repo() -> Path:
@@ -46,14 +47,38 @@ def config(args, folder: Path, encode_cpus: int) -> Path:
                      "Encode": {"ray_actor_options": {"num_cpus": encode_cpus}}})
 
 
-def peak_rss_mb(service_pid: int, deployment: str) -> float:
-    """The peak resident memory (VmHWM) of `deployment`'s replica, MB."""
-    for pid in descendants(service_pid):
-        if any(f"ServeReplica:separation:{deployment}" in part for part in cmdline(pid)):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    return float("nan")
+class MemoryWatch:
+    """Samples a replica's memory every 0.2 s in a thread: peak VmRSS and peak RssAnon (its
+    own memory; VmRSS also counts the object-store pages it has read, shared with the store)."""
+
+    def __init__(self, service_pid: int, deployment: str):
+        self.pid = replica_pids(service_pid).get(deployment)
+        self.peak_rss = self.peak_anon = 0.
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        fields = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "RssAnon"):
+                fields[name] = int(value.split()[0]) / 1024
+        self.peak_rss = max(self.peak_rss, fields.get("VmRSS", 0.))
+        self.peak_anon = max(self.peak_anon, fields.get("RssAnon", 0.))
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                self._sample()
+            except OSError:
+                return
+
+    def stop(self) -> str:
+        self._stop.set()
+        self._thread.join()
+        return (f"peak RSS {self.peak_rss:.0f} MB, of which its own (RssAnon) "
+                f"{self.peak_anon:.0f} MB")
 
 
 def server_timing(header: str) -> tp.Dict[str, float]:
@@ -84,6 +109,7 @@ def run(args, encode_cpus: int, data: bytes) -> tp.List[str]:
     url, process = start_service(args, config(args, folder, encode_cpus))
     lines = []
     try:
+        memory = MemoryWatch(process.pid, "Encode")
         for output in args.formats:
             fields = {"shifts": args.shifts, "mp3": str(output == "mp3").lower()}
             if args.warmup:
@@ -91,8 +117,7 @@ def run(args, encode_cpus: int, data: bytes) -> tp.List[str]:
             runs = [measure(url, data, fields) for _ in range(args.repeats)]
             best = min(runs, key=lambda r: r["end_to_end"])
             lines.append(describe(output.upper(), encode_cpus, best, runs))
-        rss = peak_rss_mb(process.pid, "Encode")
-        lines.append(f"  - Encode replica peak RSS (VmHWM, whole run): {rss:.0f} MB")
+        lines.append(f"  - Encode replica, sampled over the whole run: {memory.stop()}")
     finally:
         stop_service(process)
     return lines

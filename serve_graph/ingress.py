@@ -66,6 +66,14 @@ ERROR_RESPONSES: tp.Dict[tp.Union[int, str], dict] = {
 }
 
 
+def _no_null(schema: dict) -> None:
+    """An optional form field's schema without its `null` branch: a form cannot send null,
+    it leaves the field out."""
+    choices = [branch for branch in schema.pop("anyOf", []) if branch.get("type") != "null"]
+    if len(choices) == 1:
+        schema.update(choices[0])
+
+
 def _error(status: int, error: str, detail: str, **extra) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status)
 
@@ -309,7 +317,8 @@ class Ingress:
                                       "(mp3, wav, flac, ogg, opus, m4a...), at most "
                                       "`max_upload_mb` (GET /)"),
         two_stems: tp.Optional[tp.Literal[tuple(SOURCES)]] = Form(  # type: ignore
-            None, description="return only X and no_X (the sum of the others)"),
+            None, description="return only X and no_X (the sum of the others); leave out "
+            "for every stem", json_schema_extra=_no_null),
         shifts: int = Form(1, ge=0, le=MAX_SHIFTS, description="Random time shifts averaged; "
                            "more is slightly better and proportionally slower"),
         overlap: float = Form(0.25, ge=0, le=MAX_OVERLAP,

@@ -51,6 +51,20 @@ def descendants(pid: int) -> tp.List[int]:
     return found
 
 
+def replica_pids(service_pid: int, app: str = "separation") -> tp.Dict[str, int]:
+    """`{deployment: pid}` of the Serve replicas of `app` below `service_pid` (a `serve run`),
+    told by their process titles (`ray::ServeReplica:<app>:<deployment>`); one per
+    deployment (the last found when there are several)."""
+    marker = f"ServeReplica:{app}:"
+    found = {}
+    for pid in descendants(service_pid):
+        for part in cmdline(pid):
+            if marker in part:
+                found[part.split(marker, 1)[1].split(".")[0].split()[0]] = pid
+                break
+    return found
+
+
 def wait_gone(pids: tp.Iterable[int], timeout: float) -> tp.List[int]:
     """Wait until none of `pids` runs, at most `timeout` s; returns those still running."""
     deadline = time.monotonic() + timeout

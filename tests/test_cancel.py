@@ -6,20 +6,14 @@ import pytest
 import requests
 
 from audio_files import encode, tone
-from serve_graph.launch import write_config
-from serve_process import ServeProcess, free_port
+from serve_process import tiny_service
 
 pytestmark = pytest.mark.serve
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_repo):
-    folder = tmp_path_factory.mktemp("cancel")
-    port = free_port()
-    config = write_config(folder / "serve_config.yaml", port=port, host="127.0.0.1",
-                          args={"max_windows": 100_000})
-    server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
-                          folder / "serve.log")
+    server = tiny_service(tmp_path_factory.mktemp("cancel"), tiny_repo, {"max_windows": 100_000})
     yield server.url
     server.stop()
 

@@ -11,31 +11,22 @@ import pytest
 import requests
 
 from audio_files import encode, tone
-from serve_graph.launch import write_config
-from serve_graph.procs import cmdline, descendants
-from serve_process import ServeProcess, free_port
+from serve_graph.procs import replica_pids
+from serve_process import ServeProcess, tiny_service
 
 pytestmark = pytest.mark.serve
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_repo):
-    folder = tmp_path_factory.mktemp("faults")
-    port = free_port()
-    config = write_config(folder / "serve_config.yaml", port=port, host="127.0.0.1",
-                          args={"max_windows": 100_000})
-    server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
-                          folder / "serve.log")
+    server = tiny_service(tmp_path_factory.mktemp("faults"), tiny_repo, {"max_windows": 100_000})
     yield server
     server.stop()
 
 
 def replica_pid(server: ServeProcess, deployment: str) -> int:
-    """The PID of the (one) replica of `deployment`, found among the service's processes."""
-    for pid in descendants(server.pid):
-        if any(f"ServeReplica:separation:{deployment}" in part for part in cmdline(pid)):
-            return pid
-    raise LookupError(f"no {deployment} replica among the service's processes")
+    """The PID of the (one) replica of `deployment` among the service's processes."""
+    return replica_pids(server.pid)[deployment]
 
 
 def windows_run(url: str) -> int:

@@ -11,7 +11,7 @@ import torch as th
 
 from serve_graph.engine import ModelRunner, SeparationOptions, decode, model_geometry, separate
 from serve_graph.engine import mp3
-from serve_graph.engine.output import StemFile, encode_stem, interleaved, prevent_clip
+from serve_graph.engine.output import StemFile, encode_stem, prevent_clip
 from serve_graph.engine.pipeline import separate_to_zip
 from serve_graph.engine.windows import (BLOCK, OverlapAdd, center_trim, in_order, plan_windows,
                                         window_input)

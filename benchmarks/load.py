@@ -24,19 +24,13 @@ from benchmarks.overhead import standin_repo
 from benchmarks.throughput import percentile, start_service, stop_service
 from serve_graph.engine.output import SPILL_ROOT, encode_stem
 from serve_graph.launch import write_config
-from serve_graph.procs import replica_pids
+from serve_graph.procs import memory_mb, replica_pids
 
 DEPLOYMENTS = ("Ingress", "Decode", "Separate", "Encode")
 
 
 def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    return memory_mb(pid).get("VmRSS", float("nan"))
 
 
 def spill_files() -> int:

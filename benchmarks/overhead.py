@@ -25,7 +25,7 @@ from benchmarks.throughput import start_service, stop_service
 from serve_graph.engine import make_random_repo
 from serve_graph.engine.output import encode_stem
 from serve_graph.launch import write_config
-from serve_graph.procs import replica_pids
+from serve_graph.procs import memory_mb, replica_pids
 
 
 def standin_repo() -> Path:
@@ -58,21 +58,13 @@ class MemoryWatch:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _sample(self) -> None:
-        fields = {}
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "RssAnon"):
-                fields[name] = int(value.split()[0]) / 1024
-        self.peak_rss = max(self.peak_rss, fields.get("VmRSS", 0.))
-        self.peak_anon = max(self.peak_anon, fields.get("RssAnon", 0.))
-
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            try:
-                self._sample()
-            except OSError:
+            memory = memory_mb(self.pid)
+            if not memory:  # the replica is gone
                 return
+            self.peak_rss = max(self.peak_rss, memory.get("VmRSS", 0.))
+            self.peak_anon = max(self.peak_anon, memory.get("RssAnon", 0.))
 
     def stop(self) -> str:
         self._stop.set()

@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from .engine import SeparationOptions, SongWriter
 from .engine.output import sweep_spill
 from .engine.windows import Window, in_order
-from .messages import REPLICA_LOST, MixLostError, Song, release_memory
+from .messages import REPLICA_LOST, MixLostError, Song, release_memory, retrying
 from .settings import ServiceSettings
 
 logger = logging.getLogger("ray.serve")
@@ -84,26 +84,13 @@ class Encode:
                       request_id: str) -> tp.Tuple[Window, np.ndarray]:
         """One window's stems `[S, C, length]`, retried on another replica while Separate
         replicas die, for up to `retry_seconds`."""
-        deadline = time.monotonic() + self._settings.retry_seconds
-        delay = 0.25
-        while True:
-            try:
-                output = await self._separate.separate_window.remote(song.mix, window,
-                                                                     request_id)
-            except REPLICA_LOST as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                logger.warning("window %d: Separate replica lost (%s); retrying in %.2f s",
-                               window.index, type(exc).__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 4.)
-                continue
-            if output is None:
-                raise MixLostError("the song's mix is no longer in the object store")
-            return window, output
-
-    def threads_in_pool(self) -> int:
-        return self.threads
+        output = await retrying(
+            lambda: self._separate.separate_window.remote(song.mix, window, request_id),
+            REPLICA_LOST, self._settings.retry_seconds,
+            f"window {window.index}: Separate replica lost")
+        if output is None:
+            raise MixLostError("the song's mix is no longer in the object store")
+        return window, output
 
 
 def _assigned_cpus() -> int:

@@ -22,7 +22,7 @@ from .engine import (InvalidAudioError, ModelUnavailableError, SeparationError,
                      SeparationOptions, UploadTooLargeError)
 from .engine.models import SOURCES
 from .engine.pipeline import MAX_OVERLAP, MAX_SHIFTS, MP3_BITRATES
-from .messages import SONG_LOST
+from .messages import SONG_LOST, retrying
 from .settings import ServiceSettings
 
 logger = logging.getLogger("ray.serve")
@@ -349,24 +349,20 @@ class Ingress:
         attempt that loses a replica or the song's mix starts again from the upload, until
         `retry_seconds` have passed."""
         geometry = await self._geometry()
-        deadline = time.monotonic() + self._settings.retry_seconds
-        while True:
+
+        async def attempt():
             start = time.perf_counter()
-            try:
-                song = await self._decode.decode.remote(data, geometry, options)
-                decoded = time.perf_counter()
-                archive, stages = await self._encode.encode.remote(song, options)
-            except SONG_LOST as exc:
-                if time.monotonic() > deadline:
-                    raise
-                logger.warning("separation attempt lost %s; starting the song again",
-                               type(exc).__name__)
-                await asyncio.sleep(0.5)
-                continue
+            song = await self._decode.decode.remote(data, geometry, options)
+            decoded = time.perf_counter()
+            archive, stages = await self._encode.encode.remote(song, options)
             stages = {"decode": decoded - start, **stages,
                       "total": time.perf_counter() - start}
             return song, archive, ", ".join(f"{name};dur={seconds * 1000:.0f}"
                                             for name, seconds in stages.items())
+
+        return await retrying(attempt, SONG_LOST, self._settings.retry_seconds,
+                              "separation attempt lost; starting the song again",
+                              delay=0.5, max_delay=0.5)
 
     async def _geometry(self):
         """The model's window geometry (what Decode plans with), asked of Separate once."""

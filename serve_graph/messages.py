@@ -1,5 +1,8 @@
 """What travels between the deployments of one request."""
+import asyncio
 import ctypes
+import logging
+import time
 import typing as tp
 
 from ray import exceptions as ray_errors
@@ -7,7 +10,10 @@ from ray.serve import exceptions as serve_errors
 
 from .engine import Song
 
-__all__ = ["MixRef", "MixLostError", "Song", "REPLICA_LOST", "SONG_LOST", "release_memory"]
+__all__ = ["MixRef", "MixLostError", "Song", "REPLICA_LOST", "SONG_LOST", "release_memory",
+           "retrying"]
+logger = logging.getLogger("ray.serve")
+T = tp.TypeVar("T")
 
 
 def release_memory() -> None:
@@ -38,3 +44,19 @@ REPLICA_LOST = (ray_errors.RayActorError, ray_errors.WorkerCrashedError,
                 serve_errors.ReplicaUnavailableError)
 # ...and these end a whole song's attempt, which starts again from its upload.
 SONG_LOST = REPLICA_LOST + (ray_errors.ObjectLostError, MixLostError)
+
+
+async def retrying(attempt: tp.Callable[[], tp.Awaitable[T]], errors: tp.Tuple[type, ...],
+                   seconds: float, what: str, delay: float = 0.25, max_delay: float = 4.) -> T:
+    """`await attempt()`, again after `delay` (doubling up to `max_delay`) while it raises one
+    of `errors`, until the next try would start more than `seconds` from now."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return await attempt()
+        except errors as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("%s: %s; retrying in %.2f s", what, type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, max_delay)

@@ -51,6 +51,17 @@ def descendants(pid: int) -> tp.List[int]:
     return found
 
 
+def memory_mb(pid: int) -> tp.Dict[str, float]:
+    """The memory lines of `/proc/<pid>/status` in MB (`VmRSS`, `VmHWM`, `RssAnon`...);
+    empty once the process is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {name: int(value.split()[0]) / 1024 for name, _, value in
+            (line.partition(":") for line in lines) if value.strip().endswith("kB")}
+
+
 def replica_pids(service_pid: int, app: str = "separation") -> tp.Dict[str, int]:
     """`{deployment: pid}` of the Serve replicas of `app` below `service_pid` (a `serve run`),
     told by their process titles (`ray::ServeReplica:<app>:<deployment>`); one per

@@ -99,15 +99,8 @@ def info_frame(audio: bytes, num_samples: int, delay: int = ENCODER_DELAY) -> by
 
 def encode_mp3(pcm16: np.ndarray, samplerate: int, bitrate: int = 192, quality: int = 2) -> bytes:
     """Encode interleaved int16 samples `[T, C]` at `samplerate` Hz as a gapless CBR MP3."""
-    num_samples, channels = pcm16.shape
-    encoder = lameenc.Encoder()
-    encoder.set_bit_rate(bitrate)
-    encoder.set_in_sample_rate(samplerate)
-    encoder.set_channels(channels)
-    encoder.set_quality(quality)  # 2: highest, 7: fastest
-    encoder.silence()
-    audio = bytes(encoder.encode(np.ascontiguousarray(pcm16).tobytes()) + encoder.flush())
-    return info_frame(audio, num_samples) + audio
+    audio = encode_frames(pcm16, samplerate, bitrate, quality)
+    return info_frame(audio, pcm16.shape[0]) + audio
 
 
 # --- Chunked encoding: a long stem cut into chunks that encode in parallel, spliced gaplessly.
@@ -281,17 +274,3 @@ def _splice_frame(before: Frames, after: Frames, boundary: int) -> int:
             return frame
     raise SpliceError(f"no splice frame near frame {boundary} fits the bit reservoir")
 
-
-def encode_mp3_chunked(pcm16: np.ndarray, samplerate: int, bitrate: int = 192,
-                       map_fn: tp.Callable = map) -> bytes:
-    """`encode_mp3`, with the chunks of a long stem encoded through `map_fn` (a pool's `map`
-    encodes them in parallel); falls back to one encode when a splice does not fit."""
-    bounds = chunk_bounds(pcm16.shape[0])
-    if len(bounds) == 1:
-        return encode_mp3(pcm16, samplerate, bitrate)
-    chunks = list(map_fn(lambda b: encode_chunk(pcm16[b[0]:b[1]], b[0], samplerate, bitrate),
-                         bounds))
-    try:
-        return join_chunks(chunks, pcm16.shape[0])
-    except SpliceError:
-        return encode_mp3(pcm16, samplerate, bitrate)

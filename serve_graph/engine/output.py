@@ -193,9 +193,13 @@ class StemFile:
             self.clock.timed(self._reencode, self.scale)
         return self.clock.timed(self._result)
 
+    def _spilled(self) -> np.ndarray:
+        """Every sample written, `[T, C]` float32, mapped from the spill file."""
+        return np.memmap(self.spill_path, np.float32, "r",
+                         shape=(self.num_samples, self.channels))
+
     def _reencode(self, scale: float) -> None:
-        spilled = np.memmap(self.spill_path, np.float32, "r", shape=(self.num_samples,
-                                                                     self.channels))
+        spilled = self._spilled()
         step = mp3.CHUNK_FRAMES * 1152
         for start in range(0, self.num_samples, step):
             self._encode(np.array(spilled[start:start + step]), scale)
@@ -218,10 +222,8 @@ class StemFile:
             return self._one_shot()
 
     def _one_shot(self) -> bytes:
-        spilled = np.memmap(self.spill_path, np.float32, "r", shape=(self.num_samples,
-                                                                     self.channels))
-        return mp3.encode_mp3(pcm_int(np.asarray(spilled), self.scale, 16), self.samplerate,
-                              self.bitrate)
+        return mp3.encode_mp3(pcm_int(np.asarray(self._spilled()), self.scale, 16),
+                              self.samplerate, self.bitrate)
 
     def close(self) -> None:
         """Cancel what is still queued and delete the spill file."""

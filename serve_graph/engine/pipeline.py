@@ -14,14 +14,13 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch as th
-import tqdm
 
 from .audio import decode, output_names, select_stems, zip_files
 from .errors import InvalidParameterError, OverBudgetError
 from .output import FORMATS, WAV_DEPTHS, EncodeClock, StemFile, interleaved, spill_dir
-from .separator import ModelRunner, batch_windows, run_windows, timed
-from .windows import (ModelGeometry, OverlapAdd, Plan, Window, denormalise, in_order,
-                      normalise, plan_windows)
+from .separator import ModelRunner, run_plan, timed
+from .windows import (ModelGeometry, OverlapAdd, Plan, Window, denormalise, normalise,
+                      plan_windows)
 
 MAX_SHIFTS = 20
 MAX_OVERLAP = 0.99  # a stride of 1 % of the segment: beyond, windows multiply without gain
@@ -116,7 +115,7 @@ class SongWriter:
         self.song, self.options = song, options
         self._acc = OverlapAdd(song.plan, song.geometry)
         self.clock = EncodeClock()
-        self.overlap_add_seconds = 0.
+        self.overlap_add_seconds = self.zip_seconds = 0.
         self._spill = tempfile.TemporaryDirectory(prefix="stems-", dir=spill_dir())
         names = output_names(song.geometry.sources, options.two_stems)
         self.files = {f"{name}.{options.format}": StemFile(
@@ -129,16 +128,19 @@ class SongWriter:
         start = time.perf_counter()
         self._acc.add(window, output)
         self.windows_added += 1
-        stretch = self._acc.take(self.TAKE_SAMPLES)
-        if stretch is not None:
-            stems = denormalise(stretch, self.song.mean, self.song.std)
-            selected = select_stems(dict(zip(self.song.geometry.sources, stems)),
-                                    self.options.two_stems)
+        stems = self._final_stems()
         self.overlap_add_seconds += time.perf_counter() - start
-        if stretch is None:
-            return
-        for file, audio in zip(self.files.values(), selected.values()):
+        for file, audio in zip(self.files.values(), stems):
             file.write(interleaved(audio))
+
+    def _final_stems(self) -> tp.List[th.Tensor]:
+        """The output stems' next final stretch, `[C, n]` each (none until one is ready)."""
+        stretch = self._acc.take(self.TAKE_SAMPLES)
+        if stretch is None:
+            return []
+        stems = denormalise(stretch, self.song.mean, self.song.std)
+        return list(select_stems(dict(zip(self.song.geometry.sources, stems)),
+                                 self.options.two_stems).values())
 
     def finish(self) -> bytes:
         if not self._acc.done:
@@ -155,7 +157,7 @@ class SongWriter:
         from the first encoding task to the last), encode_cpu (CPU seconds of all of them),
         zip."""
         return {"overlap_add": self.overlap_add_seconds, "encode": self.clock.wall,
-                "encode_cpu": self.clock.cpu, "zip": getattr(self, "zip_seconds", 0.)}
+                "encode_cpu": self.clock.cpu, "zip": self.zip_seconds}
 
     def close(self) -> None:
         for file in self.files.values():
@@ -181,14 +183,11 @@ def separate_to_zip(data: bytes, runner: ModelRunner, options: SeparationOptions
     pool = pool or ThreadPoolExecutor(os.cpu_count() or 1)
     writer = SongWriter(song, options, pool)
     try:
-        bar = tqdm.tqdm(total=len(song.plan.windows), unit="window", disable=not progress)
-        for batch in batch_windows(in_order(song.plan), batch_size):
-            outputs = run_windows(runner, [song.mix] * len(batch), batch, timings)
+        for batch, outputs in run_plan(runner, song.mix, song.plan, batch_size, progress,
+                                       timings):
             with timed(timings, "overlap_add"):
                 for window, out in zip(batch, outputs):
                     writer.add(window, out)
-            bar.update(len(batch))
-        bar.close()
         with timed(timings, "finish"):
             archive = writer.finish()
         if timings is not None:

@@ -233,6 +233,21 @@ def run_windows(runner: ModelRunner, mixes: tp.Sequence[th.Tensor],
     return [center_trim(out, window.length) for out, window in zip(outputs, windows)]
 
 
+def run_plan(runner: ModelRunner, mix: th.Tensor, plan: Plan, batch_size: int = 1,
+             progress: bool = False, timings: tp.Optional[tp.Dict[str, float]] = None
+             ) -> tp.Iterator[tp.Tuple[tp.List[Window], tp.List[th.Tensor]]]:
+    """Every window of `plan` through the model, front to back (`in_order`), in batches of at
+    most `batch_size`: yields each batch's windows and their trimmed outputs `[S, C, length]`.
+    `mix` is the normalised mix `[C, T]`; `progress` shows a bar."""
+    bar = tqdm.tqdm(total=len(plan.windows), unit="window", disable=not progress)
+    try:
+        for batch in batch_windows(in_order(plan), batch_size):
+            yield batch, run_windows(runner, [mix] * len(batch), batch, timings)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+
+
 def separate(runner: ModelRunner, wav: th.Tensor, shifts: int = 1, overlap: float = 0.25,
              seed: tp.Optional[int] = 0, batch_size: int = 1, progress: bool = False,
              plan: tp.Optional[Plan] = None,
@@ -248,17 +263,13 @@ def separate(runner: ModelRunner, wav: th.Tensor, shifts: int = 1, overlap: floa
         if plan is None:
             plan = plan_windows(mix.shape[-1], runner.geometry, shifts, overlap, seed)
         acc = OverlapAdd(plan, runner.geometry)
-    bar = tqdm.tqdm(total=len(plan.windows), unit="window", disable=not progress)
     stretches = []
-    for batch in batch_windows(in_order(plan), batch_size):
-        outputs = run_windows(runner, [mix] * len(batch), batch, timings)
+    for batch, outputs in run_plan(runner, mix, plan, batch_size, progress, timings):
         with timed(timings, "overlap_add"):
             for window, out in zip(batch, outputs):
                 acc.add(window, out)
             stretch = acc.take(1 << 16)
             if stretch is not None:
                 stretches.append(stretch)
-        bar.update(len(batch))
-    bar.close()
     with timed(timings, "overlap_add"):
         return denormalise(th.cat(stretches, -1), mean, std)

@@ -90,6 +90,15 @@ class Plan:
     def windows_of_pass(self, pass_index: int) -> tp.List[Window]:
         return [w for w in self.windows if w.pass_index == pass_index]
 
+    def ranks(self) -> tp.Dict[int, int]:
+        """`{window index: its place among its pass's windows, 0 first}`."""
+        ranks: tp.Dict[int, int] = {}
+        count = [0] * len(self.passes)
+        for window in self.windows:
+            ranks[window.index] = count[window.pass_index]
+            count[window.pass_index] += 1
+        return ranks
+
 
 def normalise(wav: th.Tensor) -> tp.Tuple[th.Tensor, float, float]:
     """Normalise a mix `[C, T]` by the mean and std of its channel mean, as
@@ -204,12 +213,12 @@ class OverlapAdd:
         self.geometry = geometry
         self._blocks: tp.List[tp.Dict[int, tp.Tuple[th.Tensor, th.Tensor]]] = [
             {} for _ in plan.passes]
-        self._done = [[False] * len(plan.windows_of_pass(p)) for p in range(len(plan.passes))]
+        self._rank = plan.ranks()
+        self._offsets: tp.List[tp.List[int]] = [[] for _ in plan.passes]
+        for window in plan.windows:  # a pass's windows come in order of offset
+            self._offsets[window.pass_index].append(window.offset)
+        self._done = [[False] * len(offsets) for offsets in self._offsets]
         self._first_pending = [0] * len(plan.passes)
-        self._rank = {w.index: r for p in range(len(plan.passes))
-                      for r, w in enumerate(plan.windows_of_pass(p))}
-        self._offsets = [[w.offset for w in plan.windows_of_pass(p)]
-                         for p in range(len(plan.passes))]
         self._weights: tp.Dict[int, th.Tensor] = {}
         self.taken = 0  # mix samples handed out so far
 
@@ -328,6 +337,5 @@ def in_order(plan: Plan) -> tp.List[Window]:
     """The plan's windows in the order that finishes the stems front to back: the first window
     of every pass, then the second of every pass... (passes of one model stay adjacent, so
     consecutive windows can share a batch)."""
-    rank = {w.index: r for p in range(len(plan.passes))
-            for r, w in enumerate(plan.windows_of_pass(p))}
+    rank = plan.ranks()
     return sorted(plan.windows, key=lambda w: (rank[w.index], w.pass_index))

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.serve.handle import DeploymentHandle
 
 from .access import ConcurrencyLimit, bearer_token, load_keys, matching_key
-from .engine import (InvalidAudioError, ModelUnavailableError, SeparationError,
+from .engine import (InvalidAudioError, InvalidParameterError, ModelUnavailableError, SeparationError,
                      SeparationOptions, UploadTooLargeError)
 from .engine.models import SOURCES
 from .engine.pipeline import MAX_OVERLAP, MAX_SHIFTS, MP3_BITRATES
@@ -74,6 +74,22 @@ def _no_null(schema: dict) -> None:
         schema.update(choices[0])
 
 
+_generated_openapi = app.openapi
+
+
+def _openapi_with_closed_forms() -> dict:
+    """FastAPI's schema, with `additionalProperties: false` on the form bodies: the routes
+    refuse fields they do not take (`check_form_fields`)."""
+    schema = _generated_openapi()
+    for name, component in schema.get("components", {}).get("schemas", {}).items():
+        if name.startswith("Body_"):
+            component["additionalProperties"] = False
+    return schema
+
+
+app.openapi = _openapi_with_closed_forms  # type: ignore[method-assign]
+
+
 def _error(status: int, error: str, detail: str, **extra) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status)
 
@@ -81,6 +97,21 @@ def _error(status: int, error: str, detail: str, **extra) -> JSONResponse:
 def _ascii(name: str) -> str:
     return "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_"
                    for c in name)
+
+
+def check_form_fields(request: Request, form) -> None:
+    """Refuse fields the route does not take (a misspelt `shift=2` would otherwise be ignored in
+    silence) and a field sent twice. The accepted names are the route's own form parameters."""
+    accepted = {field.alias for field in request.scope["route"].dependant.body_params}
+    names = [name for name, _ in form.multi_items()]
+    unknown = sorted(set(names) - accepted)
+    if unknown:
+        raise InvalidParameterError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
+                                    f"accepted: {', '.join(sorted(accepted))}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidParameterError(f"field(s) {', '.join(map(repr, repeated))} sent more "
+                                    f"than once")
 
 
 @app.exception_handler(SeparationError)
@@ -313,6 +344,7 @@ class Ingress:
                                "description": "ZIP of the stems"}, **ERROR_RESPONSES})
     async def separate(
         self,
+        request: Request,
         audio_file: UploadFile = File(..., description="The song: any format FFmpeg decodes "
                                       "(mp3, wav, flac, ogg, opus, m4a...), at most "
                                       "`max_upload_mb` (GET /)"),
@@ -327,6 +359,7 @@ class Ingress:
         mp3_bitrate: int = Form(192, ge=MP3_BITRATES[0], le=MP3_BITRATES[1],
                                 description="MP3 bitrate in kbps"),
     ) -> Response:
+        check_form_fields(request, await request.form())
         info = await self._loaded_model()
         options = SeparationOptions(two_stems or None, shifts, overlap,
                                     "mp3" if mp3 else "wav", mp3_bitrate)

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch as th
 
+import soundfile
+
 from audio_files import FORMATS, encode, tone
+from bad_inputs import Sentinels, audio_file, playlists
 from serve_graph.engine import InvalidAudioError, AudioTooLongError, decode, zip_files
 from serve_graph.engine.audio import select_stems
 from serve_graph.engine.output import encode_stem
@@ -66,13 +69,46 @@ def test_non_audio_raises_typed_error(data):
         decode(data)
 
 
-@pytest.mark.parametrize("fmt", ["mp3", "flac", "m4a", "wavfloat"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
 def test_truncated_or_corrupt_file_raises_typed_error(fmt):
-    data = encode(tone(2.0, MODEL_RATE, 2), MODEL_RATE, fmt)
-    with pytest.raises(InvalidAudioError):
-        decode(data[:len(data) // 2])
-    with pytest.raises(InvalidAudioError):
-        decode(data[:200])
+    data = audio_file(fmt, 2.0)
+    assert decode(data).shape[0] == 2
+    for cut in (len(data) // 2, int(len(data) * 0.9), 200):
+        with pytest.raises(InvalidAudioError):
+            decode(data[:cut])
+
+
+def test_eight_channels_are_downmixed():
+    """7.1 audio is separated from its stereo downmix (FFmpeg's layout rules)."""
+    buf = io.BytesIO()
+    soundfile.write(buf, np.tile(tone(1.0, MODEL_RATE, 2).T * 0.3, (1, 4)), MODEL_RATE,
+                    format="WAV", subtype="PCM_16")
+    wav = decode(buf.getvalue())
+    assert wav.shape == (2, MODEL_RATE) and 0.01 < wav.abs().max() < 1
+
+
+@pytest.mark.parametrize("name", list(playlists("/x", 1)))
+def test_playlists_are_refused_before_ffmpeg_opens_them(name, tmp_path):
+    """Playlist and session demuxers are not on the list FFmpeg may probe; the sentinels
+    would see FFmpeg open the file or the socket they name (their own check below)."""
+    opened = Sentinels(tmp_path / "sentinel.wav")
+    try:
+        with pytest.raises(InvalidAudioError, match="container this service reads"):
+            decode(playlists(str(opened.fifo), opened.port)[name].encode())
+    finally:
+        assert opened.close() == []
+
+
+def test_sentinels_see_a_file_opened_and_a_connection(tmp_path):
+    import os
+    import socket
+    import time
+    opened = Sentinels(tmp_path / "sentinel.wav")
+    socket.create_connection(("127.0.0.1", opened.port)).close()
+    reader = os.open(opened.fifo, os.O_RDONLY | os.O_NONBLOCK)
+    time.sleep(0.3)
+    os.close(reader)
+    assert len(opened.close()) == 2
 
 
 def test_zero_length_audio_raises_typed_error():

@@ -12,6 +12,8 @@ import soundfile
 import torch as th
 
 from audio_files import encode, tone
+from bad_inputs import Sentinels, playlists, raw_cases
+from bad_inputs import upload_cases as upload_cases_for
 from serve_process import ServeProcess, free_port
 from serve_graph.launch import write_config
 from serve_graph.engine import ModelRunner, decode, separate
@@ -108,92 +110,54 @@ def test_concurrent_songs_share_forward_passes(service):
     assert max(int(size) for size in after["batch_sizes"]) > 1
 
 
-def float_wav(samples, rate: int = 44100) -> bytes:
-    """A 32-bit float WAV of `samples [T, C]` (any values, NaN and inf included)."""
-    buf = io.BytesIO()
-    soundfile.write(buf, np.asarray(samples, dtype=np.float32), rate, format="WAV",
-                    subtype="FLOAT")
-    return buf.getvalue()
+@pytest.fixture(scope="module")
+def upload_cases(song_mp3):
+    return upload_cases_for(song_mp3, MAX_UPLOAD_MB, MAX_SECONDS)
 
 
-def with_rate(wav: bytes, rate: int) -> bytes:
-    """`wav` with another sample rate written in its header (bytes 24-31: rate, byte rate)."""
-    block = struct.unpack("<H", wav[32:34])[0]
-    return wav[:24] + struct.pack("<II", rate, (rate * block) & 0xFFFFFFFF) + wav[32:]
-
-
-def lying_length(wav: bytes, factor: int) -> bytes:
-    """`wav` whose RIFF and data chunk sizes declare `factor` times the samples it holds."""
-    data_at = wav.index(b"data") + 4
-    size = struct.unpack("<I", wav[data_at:data_at + 4])[0] * factor
-    return (wav[:4] + struct.pack("<I", size + data_at) + wav[8:data_at] +
-            struct.pack("<I", size) + wav[data_at + 4:])
-
-
-def _bad_requests(song_mp3):
-    long_song = encode(tone(MAX_SECONDS + 5, 22050, 1), 22050, "flac")
-    quiet = 0.1 * np.ones((44100, 2))
-    return {
-        "nan samples": (float_wav(np.where(np.arange(88200).reshape(-1, 2) % 7, 0.1, np.nan)),
-                        {}),
-        "all nan": (float_wav(np.full((44100, 2), np.nan)), {}),
-        "inf samples": (float_wav(np.concatenate([quiet, [[np.inf, -np.inf]]])), {}),
-        "1e30 samples": (float_wav(np.full((44100, 2), 1e30)), {}),
-        "one sample": (float_wav([[0.1, 0.2]]), {}),
-        "no samples": (float_wav(np.zeros((0, 2))), {}),
-        "rate of 1 Hz": (with_rate(float_wav(quiet[:100]), 1), {}),
-        "rate of 4 GHz": (with_rate(float_wav(quiet), 4_000_000_000), {}),
-        "header declares 10x the samples": (lying_length(float_wav(quiet), 10), {}),
-        "overlap 0.999999": (song_mp3, {"overlap": 0.999999}),
-        "over the window budget": (song_mp3, {"overlap": 0.99, "shifts": 20}),
-        "missing file": (None, {}),
-        "empty file": (b"", {}),
-        "text file": (b"this is not audio\n" * 100, {}),
-        "random bytes": (np.random.default_rng(0).bytes(50000), {}),
-        "truncated mp3": (song_mp3[:len(song_mp3) // 2], {}),
-        "unknown two_stems": (song_mp3, {"two_stems": "guitar"}),
-        "negative shifts": (song_mp3, {"shifts": -1}),
-        "too many shifts": (song_mp3, {"shifts": 21}),
-        "shifts not a number": (song_mp3, {"shifts": "many"}),
-        "negative overlap": (song_mp3, {"overlap": -0.1}),
-        "overlap of one": (song_mp3, {"overlap": 1.0}),
-        "low bitrate": (song_mp3, {"mp3_bitrate": 127}),
-        "high bitrate": (song_mp3, {"mp3_bitrate": 321}),
-        "upload too large": (b"\0" * (MAX_UPLOAD_MB * 2**20 + 100_000), {}),
-        "audio too long": (long_song, {}),
-    }
-
-
-@pytest.mark.parametrize("case", list(_bad_requests(b"x" * 10)))
-def test_bad_input_gets_4xx_json_and_service_keeps_answering(service, song_mp3, case):
-    data, fields = _bad_requests(song_mp3)[case]
+@pytest.mark.parametrize("case", list(upload_cases_for(b"", MAX_UPLOAD_MB, MAX_SECONDS)))
+def test_bad_input_gets_4xx_json_and_service_keeps_answering(service, song_mp3, upload_cases,
+                                                            case):
+    data, fields = upload_cases[case]
     response = post(service, data, **fields)
-    assert 400 <= response.status_code < 500, (case, response.status_code, response.text)
-    body = response.json()
-    assert body["error"] and body["detail"], body
+    assert_refused(response, case)
     good = post(service, song_mp3, two_stems="vocals")
     assert stems_of(good).namelist() == ["vocals.mp3", "no_vocals.mp3"]
 
 
-RAW_BAD_REQUESTS = {
-    "multipart without boundary": dict(data=b"--x\r\n", headers={
-        "Content-Type": "multipart/form-data"}),
-    "not multipart": dict(data=b"audio", headers={"Content-Type": "application/octet-stream"}),
-    "form field of 10 MB": dict(files={"audio_file": ("a.mp3", b"x" * 1000)},
-                                data={"two_stems": "v" * 10_000_000}),
-    "filename of 10,000 characters": dict(files={"audio_file": ("a" * 10_000 + ".mp3",
-                                                                b"not audio")}),
-}
-
-
-@pytest.mark.parametrize("case", list(RAW_BAD_REQUESTS))
-def test_malformed_requests_get_4xx_json(service, song_mp3, case):
-    response = requests.post(service + "/separate", timeout=60, **RAW_BAD_REQUESTS[case])
+def assert_refused(response, case):
+    """A 4xx with the documented `{"error", "detail"}` body."""
     assert 400 <= response.status_code < 500, (case, response.status_code, response.text)
     body = response.json()
     assert body["error"] and body["detail"], body
+
+
+@pytest.mark.parametrize("case", list(raw_cases()))
+def test_malformed_requests_get_4xx_json(service, song_mp3, case):
+    response = requests.post(service + "/separate", timeout=60, **raw_cases()[case])
+    assert_refused(response, case)
     assert stems_of(post(service, song_mp3, two_stems="bass")).namelist() == [
         "bass.mp3", "no_bass.mp3"]
+
+
+def test_bad_input_corpus_has_sixty_kinds():
+    kinds = (len(upload_cases_for(b"", MAX_UPLOAD_MB, MAX_SECONDS)) + len(raw_cases()) +
+             len(playlists("/x", 1)))
+    assert kinds >= 60, kinds
+
+
+def test_playlists_never_make_ffmpeg_open_files_or_connections(service, song_mp3, tmp_path):
+    """HLS, ffconcat, M3U and SDP files naming a local file (a FIFO: opening it for reading is
+    seen by a writer blocked on it) and a listening socket: each is refused, and neither the file
+    nor the socket is ever opened."""
+    opened = Sentinels(tmp_path / "sentinel.wav")
+    try:
+        for name, text in playlists(str(opened.fifo), opened.port).items():
+            assert_refused(post(service, text.encode()), name)
+        assert stems_of(post(service, song_mp3, two_stems="drums"))
+    finally:
+        hits = opened.close()
+    assert hits == [], hits
 
 
 def test_unknown_route_and_method_answer_json(service):

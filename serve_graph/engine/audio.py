@@ -17,6 +17,13 @@ from .errors import AudioTooLongError, InvalidAudioError, InvalidParameterError
 SAMPLE_RATES = (4000, 768000)  # Hz: the rates accepted; outside them a header is corrupt or hostile
 MIN_SECONDS = 0.1  # shorter audio cannot be separated meaningfully
 MAX_SAMPLE = 1e3  # |sample| above this (60 dB over full scale) is corrupt float audio
+# The containers read (FFmpeg demuxer names). Only these are probed: playlists and session
+# descriptions (hls, concat, sdp, rtsp...) would make FFmpeg open other files or sockets.
+DEMUXERS = ("wav", "w64", "aiff", "caf", "flac", "mp3", "ogg", "mov", "mp4", "m4a", "matroska",
+            "webm", "aac", "ac3", "eac3", "dts", "truehd", "mlp", "wv", "ape", "tta", "tak",
+            "mpc", "mpc8", "dsf", "asf", "au", "amr", "voc", "xwma", "avi", "flv", "mpegts",
+            "mpeg", "rm")
+TRUNCATION_TOLERANCE_S = 0.1  # decoded may fall short of a header's exact length by this
 
 
 def decode(data: bytes, samplerate: int = 44100, channels: int = 2,
@@ -58,9 +65,11 @@ def _check_samples(wav: np.ndarray, rate: int) -> None:
 def _decode_native(data: bytes, max_seconds: tp.Optional[float]) -> tp.Tuple[int, np.ndarray]:
     """Decode the first audio stream at its own rate: `(rate, [1 or 2, T] float32)`."""
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        container = av.open(io.BytesIO(data), mode="r",
+                            options={"format_whitelist": ",".join(DEMUXERS)})
     except (av.FFmpegError, ValueError, UnicodeDecodeError) as exc:
-        raise InvalidAudioError(f"not an audio file FFmpeg can read: {exc}") from None
+        raise InvalidAudioError(f"not an audio file in a container this service reads "
+                                f"({exc}); supported: {', '.join(DEMUXERS)}") from None
     with container:
         format_name = container.format.name
         if not container.streams.audio:
@@ -99,8 +108,10 @@ def _decode_native(data: bytes, max_seconds: tp.Optional[float]) -> tp.Tuple[int
         raise InvalidAudioError("no audio could be decoded from the file (empty or corrupt)")
     if format_name == "wav":
         _check_wav_data_size(data)
+    if format_name == "ogg":
+        _check_ogg_end(data)
     wav = np.concatenate(blocks, axis=1).astype(np.float32, copy=False)
-    if declared is not None and wav.shape[1] / rate < 0.9 * declared - 0.5:
+    if declared is not None and wav.shape[1] / rate < declared - TRUNCATION_TOLERANCE_S:
         raise InvalidAudioError(f"truncated audio: {wav.shape[1] / rate:.2f} s decoded of the "
                                 f"{declared:.2f} s the file declares")
     return rate, wav
@@ -118,6 +129,20 @@ def _check_wav_data_size(data: bytes) -> None:
     if declared not in (0, 0xFFFFFFFF) and declared > present + 1024:
         raise InvalidAudioError(f"truncated WAV: its header declares {declared} bytes of audio, "
                                 f"the file holds {present}")
+
+
+def _check_ogg_end(data: bytes) -> None:
+    """An Ogg file is a chain of whole pages, the last flagged end-of-stream; FFmpeg quietly
+    plays a file cut short, whose last page is partial or not flagged."""
+    at, flags = 0, 0
+    while at < len(data):
+        segments_end = at + 27 + (data[at + 26] if at + 27 <= len(data) else 0)
+        page_end = segments_end + sum(data[at + 27:segments_end])
+        if data[at:at + 4] != b"OggS" or segments_end > len(data) or page_end > len(data):
+            raise InvalidAudioError(f"truncated Ogg: the page at byte {at} is cut short")
+        at, flags = page_end, data[at + 5]
+    if not flags & 0x04:
+        raise InvalidAudioError("truncated Ogg: the stream stops before its end-of-stream page")
 
 
 # Containers whose headers state the exact length; FFmpeg only estimates others from bitrates.

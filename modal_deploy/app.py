@@ -9,7 +9,10 @@ Settings come from the environment when this file is imported (deploy time), so 
 editing: SEPARATION_GPU (default B200), SEPARATION_TIMEOUT (600 s), SEPARATION_SCALEDOWN_WINDOW
 (60 s), SEPARATION_MIN_CONTAINERS (0: scale to zero), SEPARATION_MAX_CONTAINERS (10),
 SEPARATION_MODEL (htdemucs), SEPARATION_PRECISION (fp32), SEPARATION_MAX_BATCH_SIZE (16),
-SEPARATION_CLUSTER_SIZE (2, for serve_cluster).
+SEPARATION_CLUSTER_SIZE (2, for serve_cluster), SEPARATION_API_KEYS_SECRET (none: open; else
+the name of a Modal Secret holding `SERVE_GRAPH_API_KEYS=key1,key2`, e.g.
+`modal secret create stem-separation-api-keys SERVE_GRAPH_API_KEYS=...`; the local entrypoint
+then sends `SERVE_GRAPH_API_KEY` from your shell).
 
 The container runs `serve_graph.launch` on the same serve_config.yaml and `build_app` as
 `serve run serve_config.yaml` does locally, with the GPU count, precision and batching knobs
@@ -42,6 +45,9 @@ MODEL = _env("SEPARATION_MODEL", "htdemucs")
 PRECISION = _env("SEPARATION_PRECISION", "fp32")
 MAX_BATCH_SIZE = int(_env("SEPARATION_MAX_BATCH_SIZE", "16"))
 CLUSTER_SIZE = int(_env("SEPARATION_CLUSTER_SIZE", "2"))
+API_KEYS_SECRET = _env("SEPARATION_API_KEYS_SECRET", "")
+# The service reads SERVE_GRAPH_API_KEYS (serve_graph/access.py) from the Secret's environment
+SECRETS = [modal.Secret.from_name(API_KEYS_SECRET)] if API_KEYS_SECRET else []
 
 
 def download_model() -> None:
@@ -118,7 +124,7 @@ def wait_ready(process: subprocess.Popen, port: int = PORT, timeout: float = 300
 
 
 @app.cls(gpu=GPU, timeout=TIMEOUT, scaledown_window=SCALEDOWN_WINDOW,
-         min_containers=MIN_CONTAINERS, max_containers=MAX_CONTAINERS)
+         min_containers=MIN_CONTAINERS, max_containers=MAX_CONTAINERS, secrets=SECRETS)
 @modal.concurrent(max_inputs=64)
 class Separation:
     """One GPU container: Ray + the Serve graph; Modal routes HTTP to its port."""
@@ -129,7 +135,7 @@ class Separation:
         wait_ready(self.process)  # readiness: the model is loaded before traffic comes
 
 
-@app.function(gpu=GPU, timeout=TIMEOUT)
+@app.function(gpu=GPU, timeout=TIMEOUT, secrets=SECRETS)
 @modal.clustered(size=CLUSTER_SIZE)
 def serve_cluster() -> None:
     """Multi-node mode: CLUSTER_SIZE GPU containers form one Ray cluster; rank 0 runs the Serve
@@ -159,9 +165,11 @@ def main(audio_file: str, two_stems: str = "", shifts: int = 1, overlap: float =
     fields = {"shifts": shifts, "overlap": overlap, "mp3": str(mp3).lower(),
               "mp3_bitrate": mp3_bitrate, **({"two_stems": two_stems} if two_stems else {})}
     start = time.perf_counter()
+    key = os.environ.get("SERVE_GRAPH_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     with song.open("rb") as audio:
         response = requests.post(f"{url}/separate", files={"audio_file": (song.name, audio)},
-                                 data=fields, timeout=TIMEOUT)
+                                 data=fields, headers=headers, timeout=TIMEOUT)
     if response.status_code != 200:
         raise SystemExit(f"{response.status_code}: {response.text}")
     output = song.with_name(song.stem + "_stems.zip")

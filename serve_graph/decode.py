@@ -6,6 +6,7 @@ import ray
 from ray import serve
 
 from .engine import ModelGeometry, SeparationOptions, prepare
+from .launch import keep_replica_server_on_loopback
 from .messages import MixRef, Song, release_memory
 from .settings import ServiceSettings
 
@@ -17,6 +18,7 @@ class Decode:
 
     def __init__(self, settings: ServiceSettings):
         self._settings = settings
+        keep_replica_server_on_loopback()
 
     async def decode(self, data: bytes, geometry: ModelGeometry,
                      options: SeparationOptions) -> Song:

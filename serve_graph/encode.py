@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from .engine import SeparationOptions, SongWriter
 from .engine.output import sweep_spill
 from .engine.windows import Window, in_order
+from .launch import keep_replica_server_on_loopback
 from .messages import REPLICA_LOST, MixLostError, Song, release_memory, retrying
 from .settings import ServiceSettings
 
@@ -34,6 +35,7 @@ class Encode:
 
     def __init__(self, separate: DeploymentHandle, settings: ServiceSettings):
         self._separate = separate
+        keep_replica_server_on_loopback()
         self._settings = settings
         self.threads = settings.encode_threads or _assigned_cpus()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="encode")

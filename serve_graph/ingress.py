@@ -18,10 +18,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.serve.handle import DeploymentHandle
 
 from .access import ConcurrencyLimit, bearer_token, load_keys, matching_key
-from .engine import (InvalidAudioError, InvalidParameterError, ModelUnavailableError, SeparationError,
-                     SeparationOptions, UploadTooLargeError)
+from .engine import (InvalidAudioError, InvalidParameterError, ModelUnavailableError,
+                     SeparationError, SeparationOptions, UploadTooLargeError)
 from .engine.models import SOURCES
 from .engine.pipeline import MAX_OVERLAP, MAX_SHIFTS, MP3_BITRATES
+from .launch import keep_replica_server_on_loopback
 from .messages import SONG_LOST, retrying
 from .settings import ServiceSettings
 
@@ -279,6 +280,7 @@ class Ingress:
     def __init__(self, decode: DeploymentHandle, separate: DeploymentHandle,
                  encode: DeploymentHandle, settings: ServiceSettings):
         self._decode, self._separate, self._encode = decode, separate, encode
+        keep_replica_server_on_loopback()
         self._settings = settings
         self._info: tp.Optional[dict] = None
         self._model_geometry = None

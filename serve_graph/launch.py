@@ -43,9 +43,44 @@ def serve_command(config: tp.Union[str, Path]) -> tp.List[str]:
     return [sys.executable, "-m", "ray.serve.scripts", "run", str(config)]
 
 
+# Ray takes 127.0.0.1 as the node's address with this (as it does on macOS), and then binds its
+# servers there instead of on every interface.
+LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def keep_replica_server_on_loopback() -> None:
+    """In a replica of a Ray kept on loopback (`LOOPBACK_RAY`, inherited from `launch`), bind
+    Serve's inter-deployment gRPC server to 127.0.0.1 too: Ray Serve binds it to `[::]:0`
+    whatever the node's address (`ray/serve/_private/replica.py`). Call from a deployment's
+    `__init__`, which runs before Serve starts that server."""
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        return
+    from ray.serve._private import replica
+    bind = replica.add_port_to_grpc_server
+    if getattr(bind, "on_loopback", False):
+        return
+
+    def bind_on_loopback(server, address: str):
+        return bind(server, address.replace("[::]:", "127.0.0.1:", 1))
+
+    bind_on_loopback.on_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = bind_on_loopback
+
+
+def ray_environment(config: tp.Union[str, Path], env: tp.Mapping[str, str]) -> dict:
+    """`env` with what keeps a Ray started here on loopback, unless the config's `cluster`
+    arg is true or `RAY_ADDRESS` names a cluster to join (its node address must be real)."""
+    args = yaml.safe_load(Path(config).read_text())["applications"][0]["args"]
+    if args.get("cluster") or env.get("RAY_ADDRESS"):
+        return dict(env)
+    return {**env, **LOOPBACK_RAY}
+
+
 def launch(config: tp.Union[str, Path] = DEFAULT_CONFIG, env: tp.Optional[dict] = None,
            **popen) -> subprocess.Popen:
-    """Start `serve run <config>` in the background (own process group) and return it."""
-    full_env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **(env or {}))
+    """Start `serve run <config>` in the background (own process group) and return it; Ray's
+    ports on 127.0.0.1 unless the config says `cluster: true`."""
+    full_env = ray_environment(config, dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
+                                            **(env or {})))
     return subprocess.Popen(serve_command(config), env=full_env, start_new_session=True,
                             cwd=Path(config).resolve().parent, **popen)

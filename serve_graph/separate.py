@@ -16,6 +16,7 @@ from ray import serve
 from .engine import ModelNotFoundError, ModelRunner, ModelUnavailableError, load_model
 from .engine.separator import run_windows
 from .engine.windows import Window
+from .launch import keep_replica_server_on_loopback
 from .messages import MixRef
 from .settings import ServiceSettings
 
@@ -32,6 +33,7 @@ class Separate:
     waiting at that moment (of one song or of several) into one forward pass."""
 
     def __init__(self, settings: ServiceSettings):
+        keep_replica_server_on_loopback()
         if settings.threads:
             th.set_num_threads(settings.threads)
         elif os.cpu_count():

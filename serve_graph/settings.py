@@ -31,6 +31,9 @@ class ServiceSettings:
     # A missing model stops a local `serve run` at start with one clear message; false: the
     # service starts anyway and reports the model missing at GET / and /readyz (as on a cluster)
     require_model: bool = True
+    # false: a local start keeps Ray's own ports (GCS, raylet, workers, dashboard) on 127.0.0.1;
+    # true: Ray listens on the node's address so that other nodes can join (a real cluster)
+    cluster: bool = False
 
     @classmethod
     def from_args(cls, args: tp.Optional[dict] = None) -> "ServiceSettings":

@@ -63,3 +63,34 @@ def tiny_service(folder: Path, tiny_repo: Path, args: tp.Optional[dict] = None,
                           args=args or {}, deployments=deployments or {})
     return ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
                         folder / "serve.log")
+
+
+def listening_addresses(pids: tp.Iterable[int]) -> tp.List[tp.Tuple[int, str, int]]:
+    """`(pid, address, port)` of every TCP socket listening in `pids` (from /proc/net/tcp{,6}
+    and the processes' open file descriptors)."""
+    import ipaddress
+    import os
+    listening = {}  # socket inode: (address, port)
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            ordered = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(ordered)
+            ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1
+            listening[fields[9]] = (str(ip), int(port, 16))
+    found = []
+    for pid in pids:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue  # gone, or not ours to read
+        for link in links:
+            inode = link[len("socket:["):-1] if link.startswith("socket:[") else None
+            if inode in listening:
+                found.append((pid, *listening[inode]))
+    return found

@@ -39,6 +39,7 @@ print(json.dumps({
     "scaledown_window": function["scaledown_window"], "min_containers": function["min_containers"],
     "entrypoints": sorted(deployed.app.registered_entrypoints),
     "web_methods": sorted(function["method_definitions"]),
+    "secrets": [repr(secret) for secret in function["secrets"]],
     "layers": layers[::-1]}))
 """
 
@@ -69,6 +70,12 @@ def test_environment_changes_the_endpoint():
     assert spec["gpu"] == "H100"
     assert spec["timeout"] == 900 and spec["scaledown_window"] == 120
     assert spec["min_containers"] == 1
+
+
+def test_api_keys_come_from_a_modal_secret():
+    assert inspect_app()["secrets"] == []  # open by default
+    spec = inspect_app(SEPARATION_API_KEYS_SECRET="stem-separation-api-keys")
+    assert spec["secrets"] == ["modal.Secret.from_name('stem-separation-api-keys')"]
 
 
 def test_image_installs_the_project_from_pyproject_and_bakes_the_weights():

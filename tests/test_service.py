@@ -14,7 +14,8 @@ import torch as th
 from audio_files import encode, tone
 from bad_inputs import Sentinels, playlists, raw_cases
 from bad_inputs import upload_cases as upload_cases_for
-from serve_process import ServeProcess, free_port
+from serve_process import ServeProcess, free_port, listening_addresses
+from serve_graph.procs import descendants
 from serve_graph.launch import write_config
 from serve_graph.engine import ModelRunner, decode, separate
 from serve_graph.engine.output import prevent_clip
@@ -24,7 +25,7 @@ MAX_UPLOAD_MB, MAX_SECONDS, MAX_WINDOWS = 2, 20, 300
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, tiny_repo):
+def service_process(tmp_path_factory, tiny_repo):
     folder = tmp_path_factory.mktemp("service")
     port = free_port()
     config = write_config(
@@ -35,8 +36,13 @@ def service(tmp_path_factory, tiny_repo):
                                                   "batch_wait_timeout_s": 0.05}}})
     server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
                           folder / "serve.log")
-    yield server.url
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def service(service_process):
+    return service_process.url
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +164,16 @@ def test_playlists_never_make_ffmpeg_open_files_or_connections(service, song_mp3
     finally:
         hits = opened.close()
     assert hits == [], hits
+
+
+def test_ray_listens_on_loopback_only(service_process):
+    """Started locally (`cluster: false`), none of Ray's ports (GCS, raylet, workers,
+    dashboard, Serve's proxy) is reachable from another machine."""
+    pids = [service_process.pid] + descendants(service_process.pid)
+    found = listening_addresses(pids)
+    assert len({port for _, _, port in found}) >= 5, found  # GCS, raylets, workers, HTTP...
+    exposed = [entry for entry in found if entry[1] not in ("127.0.0.1", "::1")]
+    assert not exposed, exposed
 
 
 def test_unknown_route_and_method_answer_json(service):

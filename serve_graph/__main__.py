@@ -108,7 +108,7 @@ def run_serve(args) -> int:
     with tempfile.TemporaryDirectory() as folder:
         config = write_config(Path(folder) / "serve_config.yaml", args.config, port=args.port,
                               args=app_args)
-        process = launch(config)
+        process = launch(config, cwd=os.getcwd())  # relative model repos stay yours
         try:
             return process.wait()
         except KeyboardInterrupt:

@@ -79,8 +79,10 @@ def ray_environment(config: tp.Union[str, Path], env: tp.Mapping[str, str]) -> d
 def launch(config: tp.Union[str, Path] = DEFAULT_CONFIG, env: tp.Optional[dict] = None,
            **popen) -> subprocess.Popen:
     """Start `serve run <config>` in the background (own process group) and return it; Ray's
-    ports on 127.0.0.1 unless the config says `cluster: true`."""
+    ports on 127.0.0.1 unless the config says `cluster: true`. It runs in the config's folder
+    unless `popen` names another `cwd`."""
     full_env = ray_environment(config, dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
                                             **(env or {})))
+    popen.setdefault("cwd", Path(config).resolve().parent)
     return subprocess.Popen(serve_command(config), env=full_env, start_new_session=True,
-                            cwd=Path(config).resolve().parent, **popen)
+                            **popen)

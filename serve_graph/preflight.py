@@ -22,7 +22,7 @@ TRY_WITHOUT_WEIGHTS = (
     "To try the service without the real weights, make a model repo with random weights and "
     "point the service at it:\n"
     "    python -m serve_graph make-repo models\n"
-    "    SERVE_GRAPH_MODEL_REPO=models serve run serve_config.yaml")
+    "    SERVE_GRAPH_MODEL_REPO=models python -m serve_graph serve")
 
 
 def model_problem(name: str, repo: tp.Optional[str]) -> tp.Optional[str]:

@@ -154,16 +154,38 @@ def serve_cluster() -> None:
         process.wait()
 
 
+def with_option_arguments(entrypoint):
+    """`entrypoint(audio_file, **options)` with one typed argument per field of
+    `SeparationOptions` (`--two-stems`, `--shifts`, `--format`...), for Modal's CLI; a field
+    left out is "" (not sent)."""
+    import inspect
+    from serve_graph.engine.options import STEM_FIELDS, request_fields
+
+    def kind(field):  # choices as a Literal, which Modal's CLI offers as choices
+        fixed = field.choices and field.name not in STEM_FIELDS
+        return tp.Literal[field.choices] if fixed else field.kind
+    audio_file = inspect.Parameter("audio_file", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                   annotation=str)
+    options = [inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,
+                                 annotation=kind(field),
+                                 default="" if field.default is None else field.default)
+               for field in request_fields()]
+    entrypoint.__signature__ = inspect.Signature([audio_file, *options])
+    # Modal reads the types from the annotations (typing.get_type_hints), not the signature
+    entrypoint.__annotations__ = {p.name: p.annotation for p in [audio_file, *options]}
+    return entrypoint
+
+
 @app.local_entrypoint()
-def main(audio_file: str, two_stems: str = "", shifts: int = 1, overlap: float = 0.25,
-         mp3: bool = True, mp3_bitrate: int = 192) -> None:
+@with_option_arguments
+def main(audio_file: str, **options) -> None:
     """Send a song to the endpoint and write `<song>_stems.zip` beside it."""
     import requests
 
     song = Path(audio_file)
     url = Separation().web.get_web_url()
-    fields = {"shifts": shifts, "overlap": overlap, "mp3": str(mp3).lower(),
-              "mp3_bitrate": mp3_bitrate, **({"two_stems": two_stems} if two_stems else {})}
+    fields = {name: str(value).lower() if isinstance(value, bool) else value
+              for name, value in options.items() if value != ""}
     start = time.perf_counter()
     key = os.environ.get("SERVE_GRAPH_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}

@@ -15,6 +15,7 @@ from .engine import (DEFAULT_MODEL, PRECISIONS, ModelNotFoundError, ModelRunner,
                      SeparationError, SeparationOptions, load_model, make_random_repo,
                      separate_to_zip)
 from .engine.forward import COMPILE_MODES
+from .engine.options import STEM_FIELDS, request_fields
 from .engine.separator import RunnerOptions, timed
 from .launch import DEFAULT_CONFIG, launch, write_config
 from .preflight import missing_model_message, model_problem
@@ -27,15 +28,12 @@ def _separate_parser(sub) -> None:
     p.add_argument("audio_file", type=Path)
     p.add_argument("-o", "--output", type=Path,
                    help="ZIP to write (default: <audio_file stem>_stems.zip beside the input)")
-    p.add_argument("--two-stems", choices=["vocals", "drums", "bass", "other"])
-    p.add_argument("--shifts", type=int, default=1)
-    p.add_argument("--overlap", type=float, default=0.25)
-    fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--wav", action="store_true", help="WAV stems instead of MP3")
-    fmt.add_argument("--flac", action="store_true", help="FLAC stems instead of MP3")
-    p.add_argument("--wav-depth", default="int16", choices=["int16", "int24", "float32"])
-    p.add_argument("--mp3-bitrate", type=int, default=192)
-    p.add_argument("--seed", type=int, default=0, help="seed of the shift offsets")
+    _add_option_fields(p)
+    fmt = p.add_mutually_exclusive_group()  # shorthands of --format
+    fmt.add_argument("--wav", dest="format", action="store_const", const="wav",
+                     help="same as --format wav")
+    fmt.add_argument("--flac", dest="format", action="store_const", const="flac",
+                     help="same as --format flac")
     p.add_argument("--model", default=os.environ.get(MODEL_ENV, DEFAULT_MODEL),
                    help=f"pretrained name, bag or signature (env {MODEL_ENV})")
     p.add_argument("--model-repo", default=os.environ.get(REPO_ENV),
@@ -50,10 +48,32 @@ def _separate_parser(sub) -> None:
                    help="print seconds per stage (load, decode, model, encode...) as JSON")
 
 
+def _add_option_fields(parser) -> None:
+    """One option per field of `SeparationOptions` (`--two-stems`, `--shifts`...), with its
+    type, choices, default and description. Stem names are checked against the model once it
+    is loaded (its sources), not here."""
+    for field in request_fields():
+        flag = "--" + field.name.replace("_", "-")
+        if field.kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                default=field.default, help=field.description)
+            continue
+        choices = field.choices if field.name not in STEM_FIELDS else None
+        parser.add_argument(flag, type=field.kind, default=field.default, choices=choices,
+                            help=field.description)
+
+
+def _options(args) -> SeparationOptions:
+    return SeparationOptions.parse(**{field.name: getattr(args, field.name)
+                                      for field in request_fields()})
+
+
 def run_separate(args) -> int:
-    fmt = "wav" if args.wav else "flac" if args.flac else "mp3"
-    options = SeparationOptions(args.two_stems, args.shifts, args.overlap, fmt,
-                                args.mp3_bitrate, args.wav_depth, args.seed)
+    try:
+        options = _options(args)
+    except SeparationError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 2
     output = args.output or args.audio_file.with_name(args.audio_file.stem + "_stems.zip")
     timings: dict = {}
     try:

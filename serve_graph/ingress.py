@@ -1,5 +1,6 @@
 """The HTTP front: FastAPI on Ray Serve. `POST /separate` and `GET /`, the original API."""
 import asyncio
+import inspect
 import logging
 import time
 import types
@@ -20,8 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from .access import ConcurrencyLimit, bearer_token, load_keys, matching_key
 from .engine import (InvalidAudioError, InvalidParameterError, ModelUnavailableError,
                      SeparationError, SeparationOptions, UploadTooLargeError)
-from .engine.models import SOURCES
-from .engine.pipeline import MAX_OVERLAP, MAX_SHIFTS, MP3_BITRATES
+from .engine.options import EXCLUSIVE_FIELDS, request_fields
 from .launch import keep_replica_server_on_loopback
 from .messages import SONG_LOST, retrying
 from .settings import ServiceSettings
@@ -72,19 +72,47 @@ def _no_null(schema: dict) -> None:
     it leaves the field out."""
     choices = [branch for branch in schema.pop("anyOf", []) if branch.get("type") != "null"]
     if len(choices) == 1:
-        schema.update(choices[0])
+        schema.update({**choices[0], **schema})
+
+
+AUDIO_FILE_HELP = ("The song: any format FFmpeg decodes (mp3, wav, flac, ogg, opus, m4a...), at "
+                   "most `max_upload_mb` (GET /)")
+
+
+def with_option_fields(endpoint):
+    """`endpoint(self, request, audio_file, **fields)` with one form parameter per field of
+    `SeparationOptions` (type, range or choices, default, description), for FastAPI to parse,
+    validate and document."""
+    signature = inspect.signature(endpoint)
+    fixed = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+    options = []
+    for field in request_fields():
+        extra = SeparationOptions.model_fields[field.name].json_schema_extra or {}
+
+        def schema(out: dict, extra: dict = dict(extra)) -> None:
+            _no_null(out)
+            out.update(extra)  # the schema's own choices win over the generic check
+        options.append(inspect.Parameter(
+            field.name, inspect.Parameter.KEYWORD_ONLY, annotation=field.annotation,
+            default=Form(field.default, description=field.description,
+                         json_schema_extra=schema, **field.constraints)))
+    endpoint.__signature__ = signature.replace(parameters=fixed + options)
+    return endpoint
 
 
 _generated_openapi = app.openapi
 
 
 def _openapi_with_closed_forms() -> dict:
-    """FastAPI's schema, with `additionalProperties: false` on the form bodies: the routes
-    refuse fields they do not take (`check_form_fields`)."""
+    """FastAPI's schema, with `additionalProperties: false` on the form bodies (the routes
+    refuse fields they do not take, `check_form_fields`) and the options that exclude each
+    other (`EXCLUSIVE_FIELDS`) marked so."""
     schema = _generated_openapi()
     for name, component in schema.get("components", {}).get("schemas", {}).items():
         if name.startswith("Body_"):
             component["additionalProperties"] = False
+            if set(EXCLUSIVE_FIELDS) <= set(component.get("properties", {})):
+                component["not"] = {"required": list(EXCLUSIVE_FIELDS)}
     return schema
 
 
@@ -344,28 +372,15 @@ class Ingress:
               response_class=Response,
               responses={200: {"content": {"application/zip": {}},
                                "description": "ZIP of the stems"}, **ERROR_RESPONSES})
-    async def separate(
-        self,
-        request: Request,
-        audio_file: UploadFile = File(..., description="The song: any format FFmpeg decodes "
-                                      "(mp3, wav, flac, ogg, opus, m4a...), at most "
-                                      "`max_upload_mb` (GET /)"),
-        two_stems: tp.Optional[tp.Literal[tuple(SOURCES)]] = Form(  # type: ignore
-            None, description="return only X and no_X (the sum of the others); leave out "
-            "for every stem", json_schema_extra=_no_null),
-        shifts: int = Form(1, ge=0, le=MAX_SHIFTS, description="Random time shifts averaged; "
-                           "more is slightly better and proportionally slower"),
-        overlap: float = Form(0.25, ge=0, le=MAX_OVERLAP,
-                              description="Overlap between windows"),
-        mp3: bool = Form(True, description="MP3 stems (true) or 16-bit WAV (false)"),
-        mp3_bitrate: int = Form(192, ge=MP3_BITRATES[0], le=MP3_BITRATES[1],
-                                description="MP3 bitrate in kbps"),
-    ) -> Response:
+    @with_option_fields
+    async def separate(self, request: Request,
+                       audio_file: UploadFile = File(..., description=AUDIO_FILE_HELP),
+                       **fields) -> Response:
+        """The form's other fields are `SeparationOptions`' (`with_option_fields`)."""
         check_form_fields(request, await request.form())
+        options = SeparationOptions.parse(**fields)
         info = await self._loaded_model()
-        options = SeparationOptions(two_stems or None, shifts, overlap,
-                                    "mp3" if mp3 else "wav", mp3_bitrate)
-        options.validate(info["sources"])
+        options.validate_for(info["sources"])
         data = await audio_file.read(self._max_bytes + 1)
         if len(data) > self._max_bytes:
             raise UploadTooLargeError(f"the upload is larger than the limit of "

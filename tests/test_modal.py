@@ -135,3 +135,31 @@ def test_wait_ready_fails_when_the_service_exits():
     exited.wait()
     with pytest.raises(RuntimeError, match="exited with status 0"):
         wait_ready(exited, free_port(), timeout=30)
+
+
+CLIENT_OPTIONS = r"""
+import json, warnings
+warnings.simplefilter("ignore")
+import modal_deploy.app as deployed
+from modal.cli.run import _get_click_command_for_local_entrypoint
+command = _get_click_command_for_local_entrypoint(deployed.app,
+                                                  deployed.app.registered_entrypoints["main"])
+print(json.dumps({p.name: getattr(p.type, "choices", None) for p in command.params}))
+"""
+
+
+def test_client_arguments_are_the_request_fields():
+    """`modal run modal_deploy/app.py song.mp3 --format flac ...`: Modal's own CLI built from
+    the entrypoint offers every field of SeparationOptions, with its choices."""
+    from serve_graph.engine.options import STEM_FIELDS, request_fields
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SEPARATION_"))}
+    proc = subprocess.run([sys.executable, "-c", CLIENT_OPTIONS], cwd=ROOT, text=True,
+                          env={**clean, "MODAL_CONFIG_PATH": os.devnull}, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    options = json.loads(proc.stdout.strip().splitlines()[-1])
+    fields = request_fields()
+    assert set(options) == {"audio_file"} | {field.name for field in fields}
+    for field in fields:
+        if field.choices and field.name not in STEM_FIELDS:
+            assert options[field.name] == list(field.choices), field.name

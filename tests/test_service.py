@@ -12,7 +12,7 @@ import soundfile
 import torch as th
 
 from audio_files import encode, tone
-from bad_inputs import Sentinels, playlists, raw_cases
+from bad_inputs import Sentinels, float_wav, playlists, raw_cases
 from bad_inputs import upload_cases as upload_cases_for
 from serve_process import ServeProcess, free_port, listening_addresses
 from serve_graph.procs import descendants
@@ -75,8 +75,13 @@ def test_openapi_describes_every_field(service):
     body = schema["paths"]["/separate"]["post"]["requestBody"]["content"]
     ref = body["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]
     properties = schema["components"]["schemas"][ref]["properties"]
-    for field in ("audio_file", "two_stems", "shifts", "overlap", "mp3", "mp3_bitrate"):
-        assert properties[field].get("description"), field
+    from serve_graph.engine.options import request_fields
+    assert set(properties) == {"audio_file"} | {field.name for field in request_fields()}
+    for name, field in properties.items():
+        assert field.get("description"), name
+    assert properties["shifts"]["maximum"] == 20 and properties["mp3_bitrate"]["minimum"] == 128
+    assert properties["format"]["enum"] == ["mp3", "wav", "flac"]
+    assert properties["clip"]["enum"] == ["rescale", "clamp", "none"]
     assert requests.get(service + "/docs", timeout=30).status_code == 200
 
 
@@ -174,6 +179,45 @@ def test_ray_listens_on_loopback_only(service_process):
     assert len({port for _, _, port in found}) >= 5, found  # GCS, raylets, workers, HTTP...
     exposed = [entry for entry in found if entry[1] not in ("127.0.0.1", "::1")]
     assert not exposed, exposed
+
+
+@pytest.fixture(scope="module")
+def loud_song():
+    """A float WAV whose stems (from the tiny model) go well past full scale, so that the clip
+    modes give different files."""
+    return float_wav(80 * tone(2.6, 44100, 2, seed=1).T)
+
+
+@pytest.fixture(scope="module")
+def engine_stems(loud_song, tiny_model):
+    """What the engine makes of `loud_song` at shifts=2, overlap=0.5: `{source: [C, T]}`,
+    before any clip handling."""
+    stems = separate(ModelRunner(tiny_model, "cpu"), decode(loud_song), shifts=2, overlap=0.5,
+                     seed=0)
+    assert max(float(stem.abs().max()) for stem in stems) > 1.2  # the clip modes differ
+    return dict(zip(["drums", "bass", "other", "vocals"], stems))
+
+
+@pytest.mark.parametrize("fields,suffix,tolerance,clip", [
+    ({"format": "flac"}, "flac", 2 / 2**15, "rescale"),
+    ({"format": "wav", "wav_depth": "int24"}, "wav", 1e-6, "rescale"),  # float32 sums
+    ({"format": "wav", "wav_depth": "float32", "clip": "none"}, "wav", 1e-6, "none"),
+    ({"format": "wav", "wav_depth": "float32", "clip": "clamp"}, "wav", 1e-6, "clamp"),
+    ({"mp3": "false", "stems": "vocals,drums"}, "wav", 2 / 2**15, "rescale"),
+], ids=["flac", "wav-int24", "float32-unclipped", "float32-clamped", "subset-legacy-wav"])
+def test_formats_clip_modes_and_stem_subsets(service, loud_song, engine_stems, fields, suffix,
+                                             tolerance, clip):
+    """Each output format and clip mode decodes to the engine's stems handled as Demucs'
+    `save_audio` does (`rescale`, `clamp`, `none`); a subset comes in the model's order."""
+    archive = stems_of(post(service, loud_song, shifts=2, overlap=0.5, **fields))
+    wanted = fields.get("stems", "drums,bass,other,vocals").split(",")
+    names = [name for name in engine_stems if name in wanted]
+    assert archive.namelist() == [f"{name}.{suffix}" for name in names]
+    for name in names:
+        got = decode(archive.read(f"{name}.{suffix}"))
+        stem = engine_stems[name]
+        expected = {"rescale": prevent_clip(stem), "clamp": stem.clamp(-1, 1), "none": stem}[clip]
+        assert th.allclose(got, expected, atol=tolerance, rtol=0), name
 
 
 def test_unknown_route_and_method_answer_json(service):

@@ -124,7 +124,7 @@ def test_recipe_zip_matches_stems_separated_at_once(tiny_model, fmt, two_stems):
     stems of `separate` (everything at once) returns, byte for byte for lossless formats."""
     wav = tone(20., RATE, 2)
     data = encode(wav, RATE, "wavfloat")
-    options = SeparationOptions(two_stems, shifts=2, format=fmt)
+    options = SeparationOptions(two_stems=two_stems, shifts=2, format=fmt)
     runner = ModelRunner(tiny_model, "cpu")
     archive = zipfile.ZipFile(io.BytesIO(separate_to_zip(data, runner, options)))
     stems = dict(zip(runner.geometry.sources, separate(runner, decode(data), shifts=2)))

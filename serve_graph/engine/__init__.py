@@ -6,7 +6,8 @@ from .errors import (AudioTooLongError, InvalidAudioError, InvalidParameterError
                      UploadTooLargeError)
 from .models import DEFAULT_MODEL, load_model, make_random_repo, model_geometry
 from .output import encode_stem
-from .pipeline import SeparationOptions, Song, SongWriter, prepare, separate_to_zip
+from .options import SeparationOptions
+from .pipeline import Song, SongWriter, prepare, separate_to_zip
 from .separator import PRECISIONS, ModelRunner, default_device, separate
 from .windows import ModelGeometry, OverlapAdd, Plan, Window, plan_windows
 

@@ -160,17 +160,21 @@ def _declared_seconds(container, stream, data: bytes) -> tp.Optional[float]:
     return float(stream.duration * stream.time_base) if exact else None
 
 
-def output_names(sources: tp.Sequence[str], two_stems: tp.Optional[str] = None) -> tp.List[str]:
-    """The stems returned for `two_stems` (None: every source), in `select_stems`' order."""
-    return list(sources) if two_stems is None else [two_stems, f"no_{two_stems}"]
+def output_names(sources: tp.Sequence[str], two_stems: tp.Optional[str] = None,
+                 subset: tp.Optional[tp.Sequence[str]] = None) -> tp.List[str]:
+    """The stems returned, in `select_stems`' order: `[X, no_X]` for `two_stems=X`, the
+    `subset`'s in the model's order, or every source."""
+    if two_stems is not None:
+        return [two_stems, f"no_{two_stems}"]
+    return [name for name in sources if subset is None or name in subset]
 
 
-def select_stems(stems: tp.Dict[str, th.Tensor],
-                 two_stems: tp.Optional[str] = None) -> tp.Dict[str, th.Tensor]:
-    """All stems, or `{X: stems[X], no_X: sum of the others}` for `two_stems=X`, summed in
-    source order as the Demucs CLI does."""
+def select_stems(stems: tp.Dict[str, th.Tensor], two_stems: tp.Optional[str] = None,
+                 subset: tp.Optional[tp.Sequence[str]] = None) -> tp.Dict[str, th.Tensor]:
+    """The stems asked for: all, the `subset`, or `{X: stems[X], no_X: sum of the others}`
+    for `two_stems=X`, summed in source order as the Demucs CLI does."""
     if two_stems is None:
-        return dict(stems)
+        return {name: stems[name] for name in output_names(list(stems), None, subset)}
     if two_stems not in stems:
         raise InvalidParameterError(f"two_stems must be one of {sorted(stems)}, "
                                     f"got {two_stems!r}")

@@ -26,9 +26,8 @@ import torch as th
 
 from . import mp3
 from .errors import InvalidParameterError
+from .options import WAV_DEPTHS
 
-FORMATS = ("mp3", "wav", "flac")
-WAV_DEPTHS = ("int16", "int24", "float32")
 # MP3 chunks of one stem queued or encoding at a time: when the encoder lags behind the model,
 # `write` waits instead of piling up PCM (a 900 s song would otherwise queue ~600 MB).
 MAX_PENDING_CHUNKS = 2
@@ -119,13 +118,16 @@ class StemFile:
     `channels` channels, written stretch by stretch with `write`, bytes from `finish`.
 
     `fmt` is "mp3", "wav" or "flac"; MP3 chunks are encoded on `pool`. The spill file lives in
-    `spill_dir` until `close`.
+    `spill_dir` until `close`. `clip` is Demucs' clip mode: "rescale" the whole stem when it
+    would clip, "clamp" its samples to [-1, 1], or "none" (integer formats clip anyway; float32
+    WAV keeps the samples).
     """
 
     def __init__(self, fmt: str, num_samples: int, channels: int, samplerate: int,
                  pool: Executor, spill_dir: str, bitrate: int = 192, wav_depth: str = "int16",
-                 clock: tp.Optional[EncodeClock] = None):
+                 clock: tp.Optional[EncodeClock] = None, clip: str = "rescale"):
         self.fmt, self.num_samples, self.channels = fmt, num_samples, channels
+        self.clip = clip
         self.clock = clock or EncodeClock()
         self.samplerate, self.bitrate, self.wav_depth = samplerate, bitrate, wav_depth
         self._pool = pool
@@ -145,6 +147,8 @@ class StemFile:
 
     def write(self, audio: np.ndarray) -> None:
         """The next stretch: float32 `[n, C]`, continuing where the last one ended."""
+        if self.clip == "clamp":
+            audio = np.clip(audio, -1., 1.)
         os.write(self._spill_fd, np.ascontiguousarray(audio, np.float32).tobytes())
         self.peak = max(self.peak, float(np.abs(audio).max(initial=0.)))
         self.written += audio.shape[0]
@@ -181,7 +185,10 @@ class StemFile:
 
     @property
     def scale(self) -> float:
-        """`prevent_clip`'s rescale factor, known once every sample is written."""
+        """`prevent_clip`'s rescale factor, known once every sample is written (1 unless the
+        clip mode is "rescale")."""
+        if self.clip != "rescale":
+            return 1.
         return 1. / max(CLIP_HEADROOM * self.peak, 1.)
 
     def finish(self) -> bytes:

@@ -16,50 +16,12 @@ from dataclasses import dataclass
 import torch as th
 
 from .audio import decode, output_names, select_stems, zip_files
-from .errors import InvalidParameterError, OverBudgetError
-from .output import FORMATS, WAV_DEPTHS, EncodeClock, StemFile, interleaved, spill_dir
+from .errors import OverBudgetError
+from .options import SeparationOptions
+from .output import EncodeClock, StemFile, interleaved, spill_dir
 from .separator import ModelRunner, run_plan, timed
 from .windows import (ModelGeometry, OverlapAdd, Plan, Window, denormalise, normalise,
                       plan_windows)
-
-MAX_SHIFTS = 20
-MAX_OVERLAP = 0.99  # a stride of 1 % of the segment: beyond, windows multiply without gain
-MP3_BITRATES = (128, 320)
-
-
-@dataclass(frozen=True)
-class SeparationOptions:
-    """The parameters of `POST /separate` (and of the CLI)."""
-    two_stems: tp.Optional[str] = None
-    shifts: int = 1
-    overlap: float = 0.25
-    format: str = "mp3"
-    mp3_bitrate: int = 192
-    wav_depth: str = "int16"
-    seed: int = 0
-
-    def validate(self, sources: tp.Sequence[str]) -> "SeparationOptions":
-        """Raise `InvalidParameterError` naming the first bad field; returns self."""
-        if self.two_stems is not None and self.two_stems not in sources:
-            raise InvalidParameterError(f"two_stems must be one of {', '.join(sources)}; "
-                                        f"got {self.two_stems!r}")
-        if not 0 <= self.shifts <= MAX_SHIFTS:
-            raise InvalidParameterError(f"shifts must be between 0 and {MAX_SHIFTS}; "
-                                        f"got {self.shifts}")
-        if not 0 <= self.overlap <= MAX_OVERLAP:
-            raise InvalidParameterError(f"overlap must be between 0 and {MAX_OVERLAP}; "
-                                        f"got {self.overlap}")
-        if self.format not in FORMATS:
-            raise InvalidParameterError(f"format must be one of {FORMATS}; got {self.format!r}")
-        low, high = MP3_BITRATES
-        if not low <= self.mp3_bitrate <= high:
-            raise InvalidParameterError(f"mp3_bitrate must be between {low} and {high} kbps; "
-                                        f"got {self.mp3_bitrate}")
-        if self.wav_depth not in WAV_DEPTHS:
-            raise InvalidParameterError(f"wav_depth must be one of {WAV_DEPTHS}; "
-                                        f"got {self.wav_depth!r}")
-        return self
-
 
 def check_budget(plan: Plan, max_windows: tp.Optional[int], samplerate: int) -> None:
     """Raise `OverBudgetError`, stating the limit, when `plan` needs more than `max_windows`
@@ -117,11 +79,12 @@ class SongWriter:
         self.clock = EncodeClock()
         self.overlap_add_seconds = self.zip_seconds = 0.
         self._spill = tempfile.TemporaryDirectory(prefix="stems-", dir=spill_dir())
-        names = output_names(song.geometry.sources, options.two_stems)
-        self.files = {f"{name}.{options.format}": StemFile(
-            options.format, song.plan.length, song.geometry.audio_channels,
-            song.geometry.samplerate, pool, self._spill.name, options.mp3_bitrate,
-            options.wav_depth, self.clock) for name in names}
+        names = output_names(song.geometry.sources, options.two_stems, options.stem_list)
+        fmt = options.output_format
+        self.files = {f"{name}.{fmt}": StemFile(
+            fmt, song.plan.length, song.geometry.audio_channels, song.geometry.samplerate,
+            pool, self._spill.name, options.mp3_bitrate, options.wav_depth, self.clock,
+            options.clip) for name in names}
         self.windows_added = 0
 
     def add(self, window: Window, output: th.Tensor) -> None:
@@ -140,7 +103,7 @@ class SongWriter:
             return []
         stems = denormalise(stretch, self.song.mean, self.song.std)
         return list(select_stems(dict(zip(self.song.geometry.sources, stems)),
-                                 self.options.two_stems).values())
+                                 self.options.two_stems, self.options.stem_list).values())
 
     def finish(self) -> bytes:
         if not self._acc.done:
@@ -176,7 +139,7 @@ def separate_to_zip(data: bytes, runner: ModelRunner, options: SeparationOptions
     encoding of WAV/FLAC), finish (waiting for the last MP3 chunks, joining, ZIP), and the
     writer's `timings()` as writer_*."""
     geometry = runner.geometry
-    options.validate(geometry.sources)
+    options.validate_for(geometry.sources)
     with timed(timings, "decode"):
         song = prepare(data, geometry, options, max_seconds)
     own_pool = pool is None

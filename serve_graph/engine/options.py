@@ -1,0 +1,130 @@
+"""The request, defined once: `SeparationOptions` holds every parameter of a separation with
+its type, range or choices, default and description. `POST /separate`'s form fields
+(`ingress.py`), the CLI's options (`__main__.py`) and the Modal client's arguments
+(`modal_deploy/app.py`) are all generated from its fields (`request_fields`)."""
+import typing as tp
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InvalidParameterError
+
+MAX_SHIFTS = 20
+MAX_OVERLAP = 0.99  # a stride of 1 % of the segment: beyond, windows multiply without gain
+MP3_BITRATES = (128, 320)
+FORMATS = ("mp3", "wav", "flac")
+WAV_DEPTHS = ("int16", "int24", "float32")
+CLIP_MODES = ("rescale", "clamp", "none")
+# htdemucs' sources: the schema's choices. Other models have others (htdemucs_6s: guitar,
+# piano); `validate_for` checks a request against the model that serves it.
+DEFAULT_SOURCES = ("drums", "bass", "other", "vocals")
+_ONE_OF = f"({'|'.join(DEFAULT_SOURCES)})"
+STEM_FIELDS = ("two_stems", "stems")  # name stems: checked against the serving model's sources
+EXCLUSIVE_FIELDS = ("two_stems", "stems")  # at most one of them in a request
+
+
+class SeparationOptions(BaseModel):
+    """The parameters of one separation. Validated on construction (types, ranges, choices:
+    `pydantic.ValidationError`), and against the model's sources by `validate_for`."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    two_stems: tp.Optional[str] = Field(
+        None, description="return only this stem and no_<stem> (the sum of the others); "
+        "leave out for every stem", json_schema_extra={"enum": list(DEFAULT_SOURCES)})
+    stems: tp.Optional[str] = Field(
+        None, pattern=r"^[a-z_]+(,[a-z_]+)*$", description="comma-separated subset of the "
+        "model's stems to return, e.g. vocals,drums; leave out for every stem",
+        json_schema_extra={"pattern": f"^{_ONE_OF}(,{_ONE_OF})*$"})
+    shifts: int = Field(1, ge=0, le=MAX_SHIFTS, description="random time shifts averaged: "
+                        "more is slightly better and proportionally slower")
+    overlap: float = Field(0.25, ge=0, le=MAX_OVERLAP, allow_inf_nan=False,
+                           description="overlap between windows")
+    format: tp.Optional[tp.Literal[FORMATS]] = Field(  # type: ignore[valid-type]
+        None, description="stem file format; leave out for mp3 (or wav when mp3=false)")
+    mp3: bool = Field(True, description="the original API's switch: MP3 stems (true) or "
+                      "16-bit WAV (false) when format is left out")
+    mp3_bitrate: int = Field(192, ge=MP3_BITRATES[0], le=MP3_BITRATES[1],
+                             description="MP3 bitrate in kbps")
+    wav_depth: tp.Literal[WAV_DEPTHS] = Field(  # type: ignore[valid-type]
+        "int16", description="WAV sample format")
+    clip: tp.Literal[CLIP_MODES] = Field(  # type: ignore[valid-type]
+        "rescale", description="what to do with stems that would clip: rescale the whole "
+        "stem (Demucs' default), clamp the samples, or none (float32 WAV keeps them)")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the shift offsets")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_absent(cls, values: tp.Any) -> tp.Any:
+        """A form sends an empty field for "not chosen": treat it as left out."""
+        if isinstance(values, dict):
+            return {key: value for key, value in values.items()
+                    if not (value == "" and key in ("two_stems", "stems", "format"))}
+        return values
+
+    @model_validator(mode="after")
+    def _one_stem_choice(self) -> "SeparationOptions":
+        given = [name for name in EXCLUSIVE_FIELDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of {' or '.join(given)}, not both")
+        return self
+
+    @property
+    def output_format(self) -> str:
+        """`format`, or what the original `mp3` switch asks for when it is left out."""
+        return self.format or ("mp3" if self.mp3 else "wav")
+
+    @property
+    def stem_list(self) -> tp.Optional[tp.Tuple[str, ...]]:
+        return None if self.stems is None else tuple(self.stems.split(","))
+
+    def validate_for(self, sources: tp.Sequence[str]) -> "SeparationOptions":
+        """Raise `InvalidParameterError` when a stem named is not one of the model's
+        `sources`; returns self."""
+        named = ([self.two_stems] if self.two_stems else []) + list(self.stem_list or ())
+        unknown = [stem for stem in named if stem not in sources]
+        if unknown:
+            raise InvalidParameterError(f"the model's stems are {', '.join(sources)}; got "
+                                        f"{', '.join(map(repr, unknown))}")
+        return self
+
+    @classmethod
+    def parse(cls, **values) -> "SeparationOptions":
+        """Construct, turning pydantic's error into `InvalidParameterError` (422)."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise InvalidParameterError("; ".join(
+                f"{'.'.join(map(str, error['loc'])) or 'options'}: {error['msg']}"
+                for error in exc.errors())) from None
+
+
+CONSTRAINTS = ("ge", "le", "gt", "lt", "pattern", "allow_inf_nan")  # those the fields use
+
+
+class RequestField(tp.NamedTuple):
+    """One public field, as a form, a CLI or a client needs it."""
+    name: str
+    kind: type  # str, int, float or bool
+    default: tp.Any
+    description: str
+    choices: tp.Optional[tp.Tuple[str, ...]]
+    annotation: tp.Any  # the declared type (Optional, Literal...)
+    constraints: tp.Dict[str, tp.Any]  # ge, le, pattern, allow_inf_nan: as pydantic's Field
+
+
+def request_fields() -> tp.List[RequestField]:
+    """`SeparationOptions`' fields in order, with their plain type and choices."""
+    found = []
+    for name, info in SeparationOptions.model_fields.items():
+        annotation = info.annotation
+        inner = [arg for arg in tp.get_args(annotation) if arg is not type(None)]
+        if tp.get_origin(annotation) is tp.Union:  # Optional[X]
+            annotation = inner[0]
+        choices = tp.get_args(annotation) if tp.get_origin(annotation) is tp.Literal else None
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        choices = choices or (tuple(extra["enum"]) if "enum" in extra else None)
+        kind = str if choices else annotation
+        constraints = {key: getattr(item, key) for item in info.metadata for key in CONSTRAINTS
+                       if getattr(item, key, None) is not None}
+        found.append(RequestField(name, kind, info.default, info.description or "",
+                                  choices, info.annotation, constraints))
+    return found

@@ -6,7 +6,7 @@ import zipfile
 import torch as th
 
 from audio_files import encode, tone
-from serve_graph.engine import ModelRunner, decode, separate
+from serve_graph.engine import ModelRunner, decode, load_model, separate
 from serve_graph.engine.output import prevent_clip
 
 
@@ -54,3 +54,23 @@ def test_bad_input_and_bad_parameter_exit_2(tmp_path, tiny_repo):
     song.write_bytes(encode(tone(0.5, 44100, 2), 44100, "wav16"))
     proc = run_cli(song, "--model-repo", tiny_repo, "--mp3-bitrate", "999")
     assert proc.returncode == 2 and "mp3_bitrate" in proc.stderr
+
+
+def test_six_source_model_stem_subset(tmp_path, tiny_repo):
+    """The CLI takes its stem choices from the loaded model: a six-source model's guitar and
+    piano, in the model's order, equal to the engine's stems."""
+    song = tmp_path / "song.wav"
+    song.write_bytes(encode(tone(1.5, 44100, 2, seed=3), 44100, "wav16"))
+    out = tmp_path / "stems.zip"
+    proc = run_cli(song, "--model", "tiny6s", "--model-repo", tiny_repo, "--stems",
+                   "piano,guitar", "--format", "wav", "--wav-depth", "float32", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    archive = zipfile.ZipFile(out)
+    assert archive.namelist() == ["guitar.wav", "piano.wav"]
+    stems = separate(ModelRunner(load_model("tiny6s", tiny_repo), "cpu"),
+                     decode(song.read_bytes()), seed=0)
+    for name, index in (("guitar.wav", 4), ("piano.wav", 5)):
+        assert th.allclose(decode(archive.read(name)), prevent_clip(stems[index]), atol=1e-6,
+                           rtol=0), name
+    refused = run_cli(song, "--model-repo", tiny_repo, "--stems", "guitar", "-o", out)
+    assert refused.returncode == 2 and "guitar" in refused.stderr

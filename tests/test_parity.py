@@ -16,7 +16,7 @@ def residual_db(ours: th.Tensor, ref: th.Tensor) -> th.Tensor:
     return 10 * th.log10(error.clamp_min(1e-30) / (ref ** 2).sum(dim=(-1, -2)))
 
 
-@pytest.fixture(scope="module", params=["htdemucs", "tinybag"])
+@pytest.fixture(scope="module", params=["htdemucs", "tinybag", "tiny6s"])
 def models(request, tiny_repo):
     """(reference Separator, our runner) loaded from the repo through get_model."""
     reference = Separator(request.param, repo=tiny_repo, device="cpu", progress=False)

@@ -199,16 +199,19 @@ def save_bag(repo: tp.Union[str, Path], name: str, signatures: tp.List[str],
 
 def make_random_repo(repo: tp.Union[str, Path], name: str = DEFAULT_MODEL, size: str = "full",
                      num_models: int = 1, weights: tp.Optional[tp.List[tp.List[float]]] = None,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, sources: tp.Optional[tp.Sequence[str]] = None) -> Path:
     """Create a local model repo holding bag `name` of `num_models` random HTDemucs
-    (`size` "full": the htdemucs architecture, "tiny": for tests, "standin": `StandInModel`).
+    (`size` "full": the htdemucs architecture, "tiny": for tests, "standin": `StandInModel`),
+    separating `sources` (default: htdemucs' four; htdemucs_6s adds guitar and piano).
     Returns the repo folder."""
     signatures = []
     for index in range(num_models):
         sig = hashlib.sha1(f"{name}-{size}-{seed}-{index}".encode()).hexdigest()[:8]
+        kwargs = dict({"full": HTDEMUCS_KWARGS, "tiny": TINY_KWARGS}.get(size, {}))
+        if sources is not None:
+            kwargs["sources"] = list(sources)
         model = (StandInModel() if size == "standin" else
-                 build_htdemucs({"full": HTDEMUCS_KWARGS, "tiny": TINY_KWARGS}[size],
-                                seed=seed + index))
+                 build_htdemucs(kwargs, seed=seed + index))
         save_checkpoint(model, repo, sig)
         signatures.append(sig)
     save_bag(repo, name, signatures, weights)

@@ -159,11 +159,10 @@ def with_option_arguments(entrypoint):
     `SeparationOptions` (`--two-stems`, `--shifts`, `--format`...), for Modal's CLI; a field
     left out is "" (not sent)."""
     import inspect
-    from serve_graph.engine.options import STEM_FIELDS, request_fields
+    from serve_graph.engine.options import request_fields
 
     def kind(field):  # choices as a Literal, which Modal's CLI offers as choices
-        fixed = field.choices and field.name not in STEM_FIELDS
-        return tp.Literal[field.choices] if fixed else field.kind
+        return tp.Literal[field.choices] if field.choices else field.kind
     audio_file = inspect.Parameter("audio_file", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                    annotation=str)
     options = [inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY,

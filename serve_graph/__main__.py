@@ -15,7 +15,7 @@ from .engine import (DEFAULT_MODEL, PRECISIONS, ModelNotFoundError, ModelRunner,
                      SeparationError, SeparationOptions, load_model, make_random_repo,
                      separate_to_zip)
 from .engine.forward import COMPILE_MODES
-from .engine.options import STEM_FIELDS, request_fields
+from .engine.options import request_fields
 from .engine.separator import RunnerOptions, timed
 from .launch import DEFAULT_CONFIG, launch, write_config
 from .preflight import missing_model_message, model_problem
@@ -58,9 +58,8 @@ def _add_option_fields(parser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction,
                                 default=field.default, help=field.description)
             continue
-        choices = field.choices if field.name not in STEM_FIELDS else None
-        parser.add_argument(flag, type=field.kind, default=field.default, choices=choices,
-                            help=field.description)
+        parser.add_argument(flag, type=field.kind, default=field.default,
+                            choices=field.choices, help=field.description)
 
 
 def _options(args) -> SeparationOptions:

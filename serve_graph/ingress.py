@@ -6,6 +6,7 @@ import time
 import types
 import typing as tp
 import uuid
+from collections import Counter
 from http import HTTPStatus
 from pathlib import PurePath
 
@@ -72,7 +73,7 @@ def _no_null(schema: dict) -> None:
     it leaves the field out."""
     choices = [branch for branch in schema.pop("anyOf", []) if branch.get("type") != "null"]
     if len(choices) == 1:
-        schema.update({**choices[0], **schema})
+        schema.update(choices[0])
 
 
 AUDIO_FILE_HELP = ("The song: any format FFmpeg decodes (mp3, wav, flac, ogg, opus, m4a...), at "
@@ -87,9 +88,7 @@ def with_option_fields(endpoint):
     fixed = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
     options = []
     for field in request_fields():
-        extra = SeparationOptions.model_fields[field.name].json_schema_extra or {}
-
-        def schema(out: dict, extra: dict = dict(extra)) -> None:
+        def schema(out: dict, extra: dict = field.schema_extra) -> None:
             _no_null(out)
             out.update(extra)  # the schema's own choices win over the generic check
         options.append(inspect.Parameter(
@@ -132,12 +131,12 @@ def check_form_fields(request: Request, form) -> None:
     """Refuse fields the route does not take (a misspelt `shift=2` would otherwise be ignored in
     silence) and a field sent twice. The accepted names are the route's own form parameters."""
     accepted = {field.alias for field in request.scope["route"].dependant.body_params}
-    names = [name for name, _ in form.multi_items()]
-    unknown = sorted(set(names) - accepted)
+    counts = Counter(name for name, _ in form.multi_items())
+    unknown = sorted(set(counts) - accepted)
     if unknown:
         raise InvalidParameterError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
                                     f"accepted: {', '.join(sorted(accepted))}")
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    repeated = sorted(name for name, count in counts.items() if count > 1)
     if repeated:
         raise InvalidParameterError(f"field(s) {', '.join(map(repr, repeated))} sent more "
                                     f"than once")

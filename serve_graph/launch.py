@@ -53,7 +53,7 @@ def keep_replica_server_on_loopback() -> None:
     Serve's inter-deployment gRPC server to 127.0.0.1 too: Ray Serve binds it to `[::]:0`
     whatever the node's address (`ray/serve/_private/replica.py`). Call from a deployment's
     `__init__`, which runs before Serve starts that server."""
-    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+    if not os.environ.items() >= LOOPBACK_RAY.items():
         return
     from ray.serve._private import replica
     bind = replica.add_port_to_grpc_server

@@ -7,7 +7,10 @@ upload; `raw_cases()` → `{name: requests.post keyword arguments}` for what a n
 cannot express. Every case must be answered with a 4xx `{"error", "detail"}`.
 """
 import io
+import os
+import socket
 import struct
+import threading
 import typing as tp
 import zlib
 
@@ -203,9 +206,6 @@ class Sentinels:
     a thread blocks writing the FIFO until some reader opens it; the listener accepts."""
 
     def __init__(self, fifo):
-        import os
-        import socket
-        import threading
         self.fifo, self.hits, self._closing = fifo, [], False
         os.mkfifo(fifo)
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -222,7 +222,6 @@ class Sentinels:
                 self.hits.append(f"{self.fifo} was opened")
 
     def _accept(self):
-        import socket
         while not self._closing:
             try:
                 connection, peer = self._listener.accept()
@@ -233,7 +232,6 @@ class Sentinels:
 
     def close(self) -> list:
         """Stop watching (releasing the FIFO's writer by opening it here); the hits."""
-        import os
         self._closing = True
         reader = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
         for thread in self._threads:

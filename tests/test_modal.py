@@ -151,7 +151,7 @@ print(json.dumps({p.name: getattr(p.type, "choices", None) for p in command.para
 def test_client_arguments_are_the_request_fields():
     """`modal run modal_deploy/app.py song.mp3 --format flac ...`: Modal's own CLI built from
     the entrypoint offers every field of SeparationOptions, with its choices."""
-    from serve_graph.engine.options import STEM_FIELDS, request_fields
+    from serve_graph.engine.options import request_fields
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SEPARATION_"))}
     proc = subprocess.run([sys.executable, "-c", CLIENT_OPTIONS], cwd=ROOT, text=True,
                           env={**clean, "MODAL_CONFIG_PATH": os.devnull}, capture_output=True,
@@ -161,5 +161,5 @@ def test_client_arguments_are_the_request_fields():
     fields = request_fields()
     assert set(options) == {"audio_file"} | {field.name for field in fields}
     for field in fields:
-        if field.choices and field.name not in STEM_FIELDS:
+        if field.choices:
             assert options[field.name] == list(field.choices), field.name

@@ -197,6 +197,12 @@ def save_bag(repo: tp.Union[str, Path], name: str, signatures: tp.List[str],
     return path
 
 
+def _architecture(size: str, sources: tp.Optional[tp.Sequence[str]]) -> dict:
+    """HTDemucs' keyword arguments for `size` ("full" or "tiny"), with other `sources`."""
+    kwargs = dict({"full": HTDEMUCS_KWARGS, "tiny": TINY_KWARGS}[size])
+    return kwargs if sources is None else {**kwargs, "sources": list(sources)}
+
+
 def make_random_repo(repo: tp.Union[str, Path], name: str = DEFAULT_MODEL, size: str = "full",
                      num_models: int = 1, weights: tp.Optional[tp.List[tp.List[float]]] = None,
                      seed: int = 0, sources: tp.Optional[tp.Sequence[str]] = None) -> Path:
@@ -207,11 +213,8 @@ def make_random_repo(repo: tp.Union[str, Path], name: str = DEFAULT_MODEL, size:
     signatures = []
     for index in range(num_models):
         sig = hashlib.sha1(f"{name}-{size}-{seed}-{index}".encode()).hexdigest()[:8]
-        kwargs = dict({"full": HTDEMUCS_KWARGS, "tiny": TINY_KWARGS}.get(size, {}))
-        if sources is not None:
-            kwargs["sources"] = list(sources)
         model = (StandInModel() if size == "standin" else
-                 build_htdemucs(kwargs, seed=seed + index))
+                 build_htdemucs(_architecture(size, sources), seed=seed + index))
         save_checkpoint(model, repo, sig)
         signatures.append(sig)
     save_bag(repo, name, signatures, weights)

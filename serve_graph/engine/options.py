@@ -18,7 +18,6 @@ CLIP_MODES = ("rescale", "clamp", "none")
 # piano); `validate_for` checks a request against the model that serves it.
 DEFAULT_SOURCES = ("drums", "bass", "other", "vocals")
 _ONE_OF = f"({'|'.join(DEFAULT_SOURCES)})"
-STEM_FIELDS = ("two_stems", "stems")  # name stems: checked against the serving model's sources
 EXCLUSIVE_FIELDS = ("two_stems", "stems")  # at most one of them in a request
 
 
@@ -54,10 +53,12 @@ class SeparationOptions(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _blank_is_absent(cls, values: tp.Any) -> tp.Any:
-        """A form sends an empty field for "not chosen": treat it as left out."""
+        """A form sends an empty field for "not chosen": for a field whose default is None
+        (left out), treat it as left out."""
         if isinstance(values, dict):
             return {key: value for key, value in values.items()
-                    if not (value == "" and key in ("two_stems", "stems", "format"))}
+                    if not (value == "" and key in cls.model_fields and
+                            cls.model_fields[key].default is None)}
         return values
 
     @model_validator(mode="after")
@@ -106,13 +107,16 @@ class RequestField(tp.NamedTuple):
     kind: type  # str, int, float or bool
     default: tp.Any
     description: str
-    choices: tp.Optional[tp.Tuple[str, ...]]
+    choices: tp.Optional[tp.Tuple[str, ...]]  # a Literal's values (stem names: the model's)
     annotation: tp.Any  # the declared type (Optional, Literal...)
     constraints: tp.Dict[str, tp.Any]  # ge, le, pattern, allow_inf_nan: as pydantic's Field
+    schema_extra: tp.Dict[str, tp.Any]  # what the OpenAPI schema says beyond them (enum...)
 
 
 def request_fields() -> tp.List[RequestField]:
-    """`SeparationOptions`' fields in order, with their plain type and choices."""
+    """`SeparationOptions`' fields in order, with their plain type and choices. Stem names
+    have no fixed choices: they are the serving model's sources (`validate_for`); the schema
+    lists htdemucs' (`schema_extra`)."""
     found = []
     for name, info in SeparationOptions.model_fields.items():
         annotation = info.annotation
@@ -121,10 +125,9 @@ def request_fields() -> tp.List[RequestField]:
             annotation = inner[0]
         choices = tp.get_args(annotation) if tp.get_origin(annotation) is tp.Literal else None
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        choices = choices or (tuple(extra["enum"]) if "enum" in extra else None)
         kind = str if choices else annotation
         constraints = {key: getattr(item, key) for item in info.metadata for key in CONSTRAINTS
                        if getattr(item, key, None) is not None}
         found.append(RequestField(name, kind, info.default, info.description or "",
-                                  choices, info.annotation, constraints))
+                                  choices, info.annotation, constraints, dict(extra)))
     return found

@@ -6,9 +6,9 @@ import pytest
 import torch as th
 
 from serve_graph.engine import ModelRunner, separate
-from serve_graph.engine.forward import (BatchLimit, HTDemucsCore, bucket_sizes, graph_safe,
-                                        htdemucs_forward, memory_limit, run_with_backoff,
-                                        split_into_buckets)
+from serve_graph.engine.forward import (BatchLimit, HTDemucsCore, Spectral, SplitForward,
+                                        bucket_sizes, graph_safe, memory_limit,
+                                        run_with_backoff, split_into_buckets)
 from serve_graph.engine.models import sub_models
 from serve_graph.engine.separator import RunnerOptions
 from test_parity import residual_db
@@ -30,11 +30,23 @@ def windows(count: int, model) -> th.Tensor:
 def test_split_forward_is_htdemucs_forward(htdemucs):
     inputs = windows(3, htdemucs)
     with th.inference_mode():
-        split = htdemucs_forward(htdemucs, HTDemucsCore(htdemucs), inputs,
-                                 lambda: th.autocast("cpu", enabled=False))
+        split = SplitForward(htdemucs, HTDemucsCore(htdemucs), th.device("cpu"))(inputs)
         whole = htdemucs(inputs)
     assert split.shape == whole.shape == (3, 4, 2, inputs.shape[-1])
     assert th.allclose(split, whole, rtol=0, atol=1e-6)
+
+
+def test_spectral_transforms_are_htdemucs_own(htdemucs):
+    """The graph-capturable STFT/iSTFT compute exactly what HTDemucs' `_spec`/`_ispec` do."""
+    inputs = windows(2, htdemucs)
+    spectral = Spectral(htdemucs, th.device("cpu"))
+    z = htdemucs._spec(inputs)
+    assert th.equal(spectral.spec(inputs), z)
+    assert th.equal(spectral.ispec(z, inputs.shape[-1]), htdemucs._ispec(z, inputs.shape[-1]))
+    estimate = th.randn(z.shape, dtype=z.dtype, generator=th.Generator().manual_seed(1))
+    assert estimate[..., 0, :].imag.abs().min() > 0  # as the model's: the DC bin is not real
+    assert th.equal(spectral.ispec(estimate, inputs.shape[-1]),
+                    htdemucs._ispec(estimate, inputs.shape[-1]))
 
 
 def test_compiled_runner_matches_eager(tiny_model):
@@ -105,6 +117,19 @@ def test_backoff_gives_up_at_one_window_and_passes_other_errors():
     with pytest.raises(ValueError):
         run_with_backoff(broken, th.zeros(4, 1), limit)
     assert limit.limit == 4
+
+
+@pytest.mark.parametrize("message", ["cuFFT error: CUFFT_ALLOC_FAILED",
+                                     "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+                                     "CUDA error: out of memory"])
+def test_library_allocation_failures_back_off_too(message):
+    """cuFFT, cuDNN and cuBLAS report a failed workspace allocation in their own words."""
+    def forward(batch):
+        if batch.shape[0] > 1:
+            raise RuntimeError(message)
+        return batch
+    limit = BatchLimit(4)
+    assert len(run_with_backoff(forward, th.zeros(4, 1), limit)) == 4 and limit.limit == 1
 
 
 def test_runner_survives_out_of_memory_with_the_same_stems(tiny_model):

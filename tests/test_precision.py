@@ -1,11 +1,11 @@
 """Precision options of ModelRunner, their logic checked on the CPU with the tiny model."""
 import copy
 
-import demucs.htdemucs
 import pytest
 import torch as th
 
 from serve_graph.engine import ModelRunner, separate
+from serve_graph.engine.forward import Spectral
 from test_parity import residual_db
 
 MIX = th.randn(2, 60000, generator=th.Generator().manual_seed(3)) * 0.3
@@ -33,15 +33,15 @@ def test_fp32_on_cpu_routes_self_attention_through_sdpa(tiny_model):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_autocast_keeps_spectral_transforms_in_fp32(tiny_model, monkeypatch, precision):
     seen = []
-    for name in ("spectro", "ispectro"):
-        original = getattr(demucs.htdemucs, name)
+    for name in ("spec", "ispec"):
+        original = getattr(Spectral, name)
 
-        def spy(x, *args, _original=original, _name=name, **kwargs):
+        def spy(self, x, *args, _original=original, _name=name, **kwargs):
             seen.append((_name, x.dtype, th.is_autocast_enabled("cpu")))
-            return _original(x, *args, **kwargs)
-        monkeypatch.setattr(demucs.htdemucs, name, spy)
+            return _original(self, x, *args, **kwargs)
+        monkeypatch.setattr(Spectral, name, spy)
     low = stems(tiny_model, precision)
-    assert {name for name, _, _ in seen} == {"spectro", "ispectro"}
+    assert {name for name, _, _ in seen} == {"spec", "ispec"}
     assert all(dtype in (th.float32, th.complex64) and not autocast
                for _, dtype, autocast in seen), seen
     assert low.dtype == th.float32 and th.isfinite(low).all()

@@ -3,9 +3,10 @@
 - `HTDemucsCore`: HTDemucs' inner network (normalisation, encoders, cross-transformer, decoders)
   on real tensors of a fixed shape, split from the spectral transforms, which stay eager and
   in float32. This is what `torch.compile` compiles (the STFT's complex tensors stay outside).
-- `htdemucs_forward`: STFT -> core -> iSTFT, the same function as `HTDemucs.forward` in eval.
-- `CudaGraphs`: the whole forward captured once per batch size ("bucket") at start-up and
-  replayed; a batch is cut into bucket-sized pieces, so no request ever waits on a capture.
+- `Spectral`: HTDemucs' STFT and iSTFT without host round trips, the same on CPU and CUDA.
+- `SplitForward`: STFT -> core -> iSTFT, the same function as `HTDemucs.forward` in eval.
+- `CudaGraphs`: the core captured once per batch size ("bucket") at start-up and replayed; a
+  batch is cut into bucket-sized pieces, so no request ever waits on a capture.
 - `BatchLimit`: the largest batch that fits in device memory, measured at start-up, halved when
   an out-of-memory error happens anyway (the batch is then retried in smaller pieces).
 
@@ -13,10 +14,13 @@ Shapes: windows `[B, C, L]` (C audio channels, L samples at the model rate) -> s
 `[B, S, C, L]` (S sources), float32.
 """
 import logging
+import math
 import typing as tp
 
 import torch as th
+import torch.nn.functional as F
 from demucs.htdemucs import HTDemucs
+from demucs.transformer import create_2d_sin_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ class HTDemucsCore(th.nn.Module):
     def __init__(self, model: HTDemucs):
         super().__init__()
         self.model = model
+        self._embeddings: tp.Dict[tuple, th.Tensor] = {}
 
     def forward(self, mag: th.Tensor, mix: th.Tensor) -> tp.Tuple[th.Tensor, th.Tensor]:
         m = self.model
@@ -92,55 +97,161 @@ class HTDemucsCore(th.nn.Module):
             b, c, f, t = x.shape
             x = m.channel_upsampler(x.reshape(b, c, f * t)).reshape(b, -1, f, t)
             xt = m.channel_upsampler_t(xt)
-        x, xt = m.crosstransformer(x, xt)
+        x, xt = self._crosstransformer(x, xt)
         if m.bottom_channels:
             b, c, f, t = x.shape
             x = m.channel_downsampler(x.reshape(b, c, f * t)).reshape(b, -1, f, t)
             xt = m.channel_downsampler_t(xt)
         return x, xt
 
+    def _crosstransformer(self, x: th.Tensor, xt: th.Tensor) -> tp.Tuple[th.Tensor, th.Tensor]:
+        """`CrossTransformerEncoder.forward` (demucs/transformer.py) with its 2-D positional
+        embedding kept on the device (`_embedding_2d`): Demucs builds it on the CPU and copies
+        it over on every call, which a CUDA graph cannot capture. `x [B, C, Fr, T1]`,
+        `xt [B, C, T2]` in and out."""
+        t = self.model.crosstransformer
+        B, C, Fr, T1 = x.shape
+        x = t.norm_in(x.permute(0, 3, 2, 1).reshape(B, T1 * Fr, C))  # b (t1 fr) c
+        x = x + t.weight_pos_embed * self._embedding_2d(C, Fr, T1, x.device, t.max_period)
+        _, Ct, T2 = xt.shape
+        pos_emb = t._get_pos_embedding(T2, B, Ct, x.device).permute(1, 0, 2)  # b t2 c
+        xt = t.norm_in_t(xt.transpose(1, 2))
+        xt = xt + t.weight_pos_embed * pos_emb
+        for idx in range(t.num_layers):
+            if idx % 2 == t.classic_parity:
+                x = t.layers[idx](x)
+                xt = t.layers_t[idx](xt)
+            else:
+                old_x = x
+                x = t.layers[idx](x, xt)
+                xt = t.layers_t[idx](xt, old_x)
+        return x.reshape(B, T1, Fr, C).permute(0, 3, 2, 1), xt.transpose(1, 2)
 
-def htdemucs_forward(model: HTDemucs, core: tp.Callable, mix: th.Tensor,
-                     autocast: tp.Callable[[], tp.ContextManager]) -> th.Tensor:
-    """`HTDemucs.forward` in eval for windows `mix [B, C, L]` (L = the training length):
-    STFT and iSTFT in float32 outside `autocast()`, `core` (an `HTDemucsCore`, compiled or
-    not) inside it. Returns stems `[B, S, C, L]` float32."""
-    length = mix.shape[-1]
-    z = model._spec(mix)
-    with autocast():
-        x, xt = core(model._magnitude(z).to(mix.dtype), mix)
-    return xt.float() + model._ispec(model._mask(z, x.float()), length)
+    @th._dynamo.disable
+    def _embedding_2d(self, channels: int, height: int, width: int, device: th.device,
+                      max_period: float) -> th.Tensor:
+        """`create_2d_sin_embedding` as `[1, width * height, channels]` on `device`, made once
+        per shape (by the warm-up runs, before any capture sees it)."""
+        key = (channels, height, width, str(device), max_period)
+        if key not in self._embeddings:
+            pe = create_2d_sin_embedding(channels, height, width, "cpu", max_period)
+            self._embeddings[key] = pe.permute(0, 3, 2, 1).reshape(
+                1, width * height, channels).to(device)
+        return self._embeddings[key]
+
+
+class Spectral:
+    """`HTDemucs._spec` and `HTDemucs._ispec` (with `demucs.spec.spectro`/`ispectro`), the same
+    arithmetic without host round trips: Demucs builds the Hann window on the CPU and copies it
+    to the device on every call, and `pad1d` asserts by reading the padded tensor back to the
+    host. Here the window lives on the device and the reflect padding is plain `F.pad` (what
+    `pad1d` does for windows longer than the padding)."""
+
+    def __init__(self, model: HTDemucs, device: th.device):
+        self.hop, self.nfft = model.hop_length, model.nfft
+        assert self.hop == self.nfft // 4
+        self.window = th.hann_window(self.nfft, device=device)
+
+    def spec(self, x: th.Tensor) -> th.Tensor:
+        """Windows `[B, C, L]` -> complex spectrogram `[B, C, nfft / 2, ceil(L / hop)]`."""
+        length = x.shape[-1]
+        frames = math.ceil(length / self.hop)
+        pad = self.hop // 2 * 3
+        x = F.pad(x, (pad, pad + frames * self.hop - length), mode="reflect")
+        *other, padded = x.shape
+        z = th.stft(x.reshape(-1, padded), self.nfft, self.hop,
+                    window=self.window.to(x.dtype), win_length=self.nfft, normalized=True,
+                    center=True, return_complex=True, pad_mode="reflect")
+        z = z.view(*other, *z.shape[-2:])[..., :-1, :]
+        return z[..., 2:2 + frames]
+
+    def ispec(self, z: th.Tensor, length: int) -> th.Tensor:
+        """Complex spectrogram `[..., nfft / 2, T]` -> waveform `[..., length]`.
+
+        The imaginary part of the DC bin is set to zero first: a real signal has none, the
+        model's estimate does. The CPU's FFT ignores it, cuFFT does not (its inverse real FFT
+        assumes a Hermitian input), so Demucs' own output on CUDA differs from the CPU's by
+        about -32 dB (full-size htdemucs, random weights, measured on an H100). Zeroed, both
+        devices compute what the CPU computes."""
+        z = F.pad(F.pad(z, (0, 0, 0, 1)), (2, 2))  # a new tensor: the Nyquist row is zero
+        z.imag[..., 0, :] = 0
+        pad = self.hop // 2 * 3
+        padded = self.hop * math.ceil(length / self.hop) + 2 * pad
+        *other, freqs, frames = z.shape
+        x = th.istft(z.reshape(-1, freqs, frames), self.nfft, self.hop,
+                     window=self.window.to(z.real.dtype), win_length=self.nfft,
+                     normalized=True, length=padded, center=True)
+        return x.view(*other, padded)[..., pad:pad + length]
+
+
+class SplitForward:
+    """`HTDemucs.forward` in eval for windows `mix [B, C, L]` (L = the training length) ->
+    stems `[B, S, C, L]` float32, split in three: the STFT (`Spectral`, float32, eager), the
+    inner network `inner(mag, mix) -> (x, xt)` (an `HTDemucsCore` under autocast, compiled or
+    not) and the iSTFT. `graphs`, once captured, replays `inner` for the batch sizes it holds:
+    the inner network is where the kernels are many and small; the STFT and iSTFT are a few
+    cuFFT calls, and `torch.istft` reads a value back to check the window, which no CUDA graph
+    can hold."""
+
+    def __init__(self, model: HTDemucs, inner: tp.Callable, device: th.device):
+        self.model, self.inner = model, inner
+        self.spectral = Spectral(model, device)
+        self.graphs: tp.Optional["CudaGraphs"] = None
+
+    def __call__(self, mix: th.Tensor) -> th.Tensor:
+        z = self.spectral.spec(mix)
+        mag = self.model._magnitude(z).to(mix.dtype)
+        graphs = self.graphs
+        inner = graphs if graphs is not None and mix.shape[0] in graphs.graphs else self.inner
+        x, xt = inner(mag, mix)
+        return xt.float() + self.spectral.ispec(self.model._mask(z, x.float()), mix.shape[-1])
+
+    def example(self, size: int, channels: int, length: int) -> tp.Tuple[th.Tensor, th.Tensor]:
+        """`inner`'s inputs `(mag, mix)` for `size` windows of noise, on the device."""
+        mix = th.randn(size, channels, length, device=self.spectral.window.device)
+        return self.model._magnitude(self.spectral.spec(mix)).to(mix.dtype), mix
+
+    def capture(self, buckets: tp.Iterable[int], channels: int, length: int) -> "CudaGraphs":
+        self.graphs = None
+        self.graphs = CudaGraphs(self.inner, buckets,
+                                 lambda size: self.example(size, channels, length),
+                                 self.spectral.window.device)
+        return self.graphs
 
 
 class CudaGraphs:
-    """`forward` captured as one CUDA graph per batch size in `buckets`, sharing one memory
-    pool. `__call__` copies windows `[b, C, L]` (b a bucket) into the graph's static input,
-    replays it and returns the static output `[b, S, C, L]`: read it before the next call."""
+    """`forward(*inputs) -> outputs` (tuples of tensors) captured as one CUDA graph per batch
+    size in `buckets`, sharing one memory pool; `example(size)` gives inputs of each size.
+    `__call__` copies inputs of a bucket's size into the graph's static inputs, replays it and
+    returns its static outputs: read them before the next call."""
 
-    def __init__(self, forward: tp.Callable[[th.Tensor], th.Tensor], buckets: tp.Iterable[int],
-                 channels: int, length: int, device: th.device):
+    def __init__(self, forward: tp.Callable[..., tp.Tuple[th.Tensor, ...]],
+                 buckets: tp.Iterable[int],
+                 example: tp.Callable[[int], tp.Tuple[th.Tensor, ...]], device: th.device):
         self.pool = th.cuda.graph_pool_handle()
-        self.graphs: tp.Dict[int, tp.Tuple[th.cuda.CUDAGraph, th.Tensor, th.Tensor]] = {}
+        self.graphs: tp.Dict[int, tp.Tuple[th.cuda.CUDAGraph, tuple, tuple]] = {}
         for size in sorted(set(buckets), reverse=True):  # the largest first: the pool fits all
-            static_in = th.randn(size, channels, length, device=device)
+            with th.inference_mode():
+                static_in = example(size)
             side = th.cuda.Stream(device)
             side.wait_stream(th.cuda.current_stream(device))
             with th.cuda.stream(side), th.inference_mode():
                 for _ in range(2):  # cuDNN/cuFFT plans and autotuning before the capture
-                    forward(static_in)
+                    forward(*static_in)
             th.cuda.current_stream(device).wait_stream(side)
             graph = th.cuda.CUDAGraph()
             with th.cuda.graph(graph, pool=self.pool), th.inference_mode():
-                static_out = forward(static_in)
+                static_out = forward(*static_in)
             self.graphs[size] = (graph, static_in, static_out)
 
     @property
     def buckets(self) -> tp.List[int]:
         return sorted(self.graphs)
 
-    def __call__(self, inputs: th.Tensor) -> th.Tensor:
-        graph, static_in, static_out = self.graphs[inputs.shape[0]]
-        static_in.copy_(inputs, non_blocking=True)
+    def __call__(self, *inputs: th.Tensor) -> tp.Tuple[th.Tensor, ...]:
+        graph, static_in, static_out = self.graphs[inputs[0].shape[0]]
+        for target, value in zip(static_in, inputs):
+            target.copy_(value, non_blocking=True)
         graph.replay()
         return static_out
 
@@ -162,8 +273,15 @@ def split_into_buckets(count: int, buckets: tp.Sequence[int]) -> tp.List[int]:
     return pieces
 
 
+# How libraries below PyTorch say they ran out of device memory (cuFFT plans, cuDNN and cuBLAS
+# workspaces), besides PyTorch's own OutOfMemoryError
+_OUT_OF_MEMORY = ("out of memory", "cufft_alloc_failed", "cudnn_status_alloc_failed",
+                  "cublas_status_alloc_failed")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, th.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    message = str(exc).lower()
+    return isinstance(exc, th.OutOfMemoryError) or any(s in message for s in _OUT_OF_MEMORY)
 
 
 class BatchLimit:

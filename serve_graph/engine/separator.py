@@ -15,8 +15,8 @@ import torch as th
 import tqdm
 from demucs.htdemucs import HTDemucs
 
-from .forward import (COMPILE_MODES, BatchLimit, CudaGraphs, HTDemucsCore, bucket_sizes,
-                      compile_core, graph_safe, htdemucs_forward, is_out_of_memory,
+from .forward import (COMPILE_MODES, BatchLimit, CudaGraphs, HTDemucsCore, SplitForward,
+                      bucket_sizes, compile_core, graph_safe, is_out_of_memory,
                       memory_limit, run_with_backoff, split_into_buckets, window_memory)
 from .models import Model, model_geometry, sub_models
 from .windows import (OverlapAdd, Plan, Window, center_trim, denormalise, in_order,
@@ -44,8 +44,8 @@ class RunnerOptions:
     - `precision`: "fp32" (reference numerics; TF32 off on CUDA), "tf32" (TensorFloat-32
       matmuls/convolutions on CUDA, no-op on CPU), "bf16" / "fp16" (autocast, HTDemucs' STFT and
       iSTFT in float32).
-    - `compile`: "none" (eager), "graphs" (CUDA: the forward captured as CUDA graphs per batch
-      size at start-up), "compile" (`torch.compile` of HTDemucs' inner network, plus CUDA graphs
+    - `compile`: "none" (eager), "graphs" (CUDA: HTDemucs' inner network captured as CUDA graphs
+      per batch size at start-up), "compile" (`torch.compile` of the inner network, plus CUDA graphs
       on CUDA). Models whose forward is not a fixed function (see `forward.graph_safe`) run eager.
     - `max_batch`: the most windows in one forward; on CUDA lowered to what fits in
       `memory_fraction` of the free device memory (measured at start-up).
@@ -124,7 +124,11 @@ class ModelRunner:
         core: tp.Callable = HTDemucsCore(model)
         if fast and self.options.compile == "compile" and graph_safe(model):
             core = compile_core(core, self.options.compile_backend)
-        return lambda mix: htdemucs_forward(model, core, mix, self._autocast)
+
+        def inner(mag: th.Tensor, mix: th.Tensor) -> tp.Tuple[th.Tensor, th.Tensor]:
+            with self._autocast():
+                return core(mag, mix)
+        return SplitForward(model, inner, self.device)
 
     def _start(self, index: int) -> None:
         """Measure the batch that fits (CUDA), capture CUDA graphs, or compile by running once."""
@@ -150,8 +154,8 @@ class ModelRunner:
         limit = self.limits[index]
         while True:
             try:
-                self.graphs[index] = CudaGraphs(self._forwards[index], bucket_sizes(limit.limit),
-                                                channels, length, self.device)
+                self.graphs[index] = self._forwards[index].capture(bucket_sizes(limit.limit),
+                                                                   channels, length)
                 return
             except Exception as exc:  # noqa: BLE001
                 if not is_out_of_memory(exc):
@@ -184,10 +188,9 @@ class ModelRunner:
         start = 0
         sizes = (split_into_buckets(inputs.shape[0], graphs.buckets) if graphs else
                  [inputs.shape[0]])
-        for size in sizes:
-            piece = inputs[start:start + size]
-            out = (graphs(piece) if graphs else
-                   self._forwards[model_index](piece.to(self.device, non_blocking=True)))
+        for size in sizes:  # the forward replays its graphs for these sizes
+            piece = inputs[start:start + size].to(self.device, non_blocking=True)
+            out = self._forwards[model_index](piece)
             host = th.empty(out.shape, dtype=out.dtype, pin_memory=True)
             outputs.append(host.copy_(out, non_blocking=True))
             start += size

@@ -48,7 +48,7 @@ class Encode:
         """The ZIP of `song`'s stems as `options` ask, and seconds by stage: windows (first
         window sent to last output in), overlap_add, encode, encode_cpu, finish (last output
         in to ZIP ready), zip."""
-        writer = SongWriter(song, options, self._pool)
+        writer = SongWriter(song, options, self._pool, self.threads)
         try:
             start = time.perf_counter()
             await self._run_windows(song, writer)

@@ -2,6 +2,8 @@
 encoded in parallel and spliced gaplessly, clip prevention that needs the whole stem."""
 import io
 import os
+import threading
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -134,3 +136,31 @@ def test_recipe_zip_matches_stems_separated_at_once(tiny_model, fmt, two_stems):
     assert archive.namelist() == [f"{name}.{fmt}" for name in stems]
     for name, stem in stems.items():
         assert archive.read(f"{name}.{fmt}") == encode_stem(stem, RATE, fmt), name
+
+
+@pytest.mark.parametrize("max_pending", [2, 6])
+def test_one_stem_keeps_max_pending_chunks_encoding(tmp_path, monkeypatch, max_pending):
+    """A whole song's audio arriving at once (a GPU's pace) keeps `max_pending` chunks of one
+    stem encoding side by side, so one song can use every encoding thread."""
+    running, most, lock = [0], [0], threading.Lock()
+    encode_chunk = mp3.encode_chunk
+
+    def slow_chunk(*args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        try:
+            return encode_chunk(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+    monkeypatch.setattr(mp3, "encode_chunk", slow_chunk)
+    audio = sweep(60.)
+    with ThreadPoolExecutor(8) as pool:
+        stem = StemFile("mp3", audio.shape[1], 2, RATE, pool, str(tmp_path),
+                        max_pending=max_pending)
+        stem.write(np.ascontiguousarray(audio.T))
+        assert decode(stem.finish()).shape == audio.shape
+        stem.close()
+    assert most[0] == max_pending

@@ -28,8 +28,10 @@ from . import mp3
 from .errors import InvalidParameterError
 from .options import WAV_DEPTHS
 
-# MP3 chunks of one stem queued or encoding at a time: when the encoder lags behind the model,
-# `write` waits instead of piling up PCM (a 900 s song would otherwise queue ~600 MB).
+# MP3 chunks of one stem queued or encoding at a time, at least: when the encoder lags behind
+# the model, `write` waits instead of piling up PCM (a 900 s song would otherwise queue
+# ~600 MB). A `StemFile` may queue more (`max_pending`) so that one song's stems keep every
+# encoding thread busy (a GPU delivers a whole song's windows within a second).
 MAX_PENDING_CHUNKS = 2
 CLIP_HEADROOM = 1.01  # `demucs.audio.prevent_clip`'s rescale divides by 1.01 x the peak
 
@@ -117,7 +119,8 @@ class StemFile:
     """One output file (`vocals.mp3`, `no_vocals.wav`...) of `num_samples` samples of
     `channels` channels, written stretch by stretch with `write`, bytes from `finish`.
 
-    `fmt` is "mp3", "wav" or "flac"; MP3 chunks are encoded on `pool`. The spill file lives in
+    `fmt` is "mp3", "wav" or "flac"; MP3 chunks are encoded on `pool`, at most `max_pending`
+    of them queued or running at a time. The spill file lives in
     `spill_dir` until `close`. `clip` is Demucs' clip mode: "rescale" the whole stem when it
     would clip, "clamp" its samples to [-1, 1], or "none" (integer formats clip anyway; float32
     WAV keeps the samples).
@@ -125,8 +128,10 @@ class StemFile:
 
     def __init__(self, fmt: str, num_samples: int, channels: int, samplerate: int,
                  pool: Executor, spill_dir: str, bitrate: int = 192, wav_depth: str = "int16",
-                 clock: tp.Optional[EncodeClock] = None, clip: str = "rescale"):
+                 clock: tp.Optional[EncodeClock] = None, clip: str = "rescale",
+                 max_pending: int = MAX_PENDING_CHUNKS):
         self.fmt, self.num_samples, self.channels = fmt, num_samples, channels
+        self.max_pending = max(max_pending, 1)
         self.clip = clip
         self.clock = clock or EncodeClock()
         self.samplerate, self.bitrate, self.wav_depth = samplerate, bitrate, wav_depth
@@ -172,7 +177,7 @@ class StemFile:
         while len(self._chunks) < len(self._bounds) and self._bounds[len(self._chunks)][1] <= end:
             start, stop = self._bounds[len(self._chunks)]
             pcm = pcm_int(self._held[start - self._held_from:stop - self._held_from], scale, 16)
-            while len(self._pending) >= MAX_PENDING_CHUNKS:
+            while len(self._pending) >= self.max_pending:
                 self._pending.popleft().result()
             chunk = self._pool.submit(self.clock.timed, mp3.encode_chunk, pcm, start,
                                       self.samplerate, self.bitrate)

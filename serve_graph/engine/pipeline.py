@@ -6,6 +6,7 @@
    (Encode).
 
 `separate_to_zip` runs the three in one process."""
+import math
 import os
 import tempfile
 import time
@@ -18,7 +19,7 @@ import torch as th
 from .audio import decode, output_names, select_stems, zip_files
 from .errors import OverBudgetError
 from .options import SeparationOptions
-from .output import EncodeClock, StemFile, interleaved, spill_dir
+from .output import MAX_PENDING_CHUNKS, EncodeClock, StemFile, interleaved, spill_dir
 from .separator import ModelRunner, run_plan, timed
 from .windows import (ModelGeometry, OverlapAdd, Plan, Window, denormalise, normalise,
                       plan_windows)
@@ -68,12 +69,14 @@ class SongWriter:
     encoded as their stretches become final, a ZIP out.
 
     `add` takes one window's trimmed stems `[S, C, length]`; `finish` returns the ZIP; `close`
-    (always, also on failure) frees the spill files. MP3 chunks encode on `pool`.
+    (always, also on failure) frees the spill files. MP3 chunks encode on `pool`, which has
+    `threads` threads: each stem queues enough chunks to keep them all busy.
     """
 
     TAKE_SAMPLES = 1 << 16  # hand final audio to the encoders in stretches of at least this
 
-    def __init__(self, song: Song, options: SeparationOptions, pool: Executor):
+    def __init__(self, song: Song, options: SeparationOptions, pool: Executor,
+                 threads: int = 1):
         self.song, self.options = song, options
         self._acc = OverlapAdd(song.plan, song.geometry)
         self.clock = EncodeClock()
@@ -81,10 +84,11 @@ class SongWriter:
         self._spill = tempfile.TemporaryDirectory(prefix="stems-", dir=spill_dir())
         names = output_names(song.geometry.sources, options.two_stems, options.stem_list)
         fmt = options.output_format
+        pending = max(MAX_PENDING_CHUNKS, math.ceil(threads / len(names)) + 1)
         self.files = {f"{name}.{fmt}": StemFile(
             fmt, song.plan.length, song.geometry.audio_channels, song.geometry.samplerate,
             pool, self._spill.name, options.mp3_bitrate, options.wav_depth, self.clock,
-            options.clip) for name in names}
+            options.clip, pending) for name in names}
         self.windows_added = 0
 
     def add(self, window: Window, output: th.Tensor) -> None:
@@ -132,9 +136,9 @@ def separate_to_zip(data: bytes, runner: ModelRunner, options: SeparationOptions
                     batch_size: int = 1, max_seconds: tp.Optional[float] = None,
                     progress: bool = False,
                     timings: tp.Optional[tp.Dict[str, float]] = None,
-                    pool: tp.Optional[Executor] = None) -> bytes:
+                    threads: tp.Optional[int] = None) -> bytes:
     """Audio file bytes -> ZIP of stems, in this process: the recipe's three steps in a loop,
-    the stems encoding on `pool` (default: one thread per core) while the model runs.
+    the stems encoding on `threads` threads (default: one per core) while the model runs.
     `timings` collects seconds per stage: decode, windows, model, overlap_add (with the
     encoding of WAV/FLAC), finish (waiting for the last MP3 chunks, joining, ZIP), and the
     writer's `timings()` as writer_*."""
@@ -142,9 +146,9 @@ def separate_to_zip(data: bytes, runner: ModelRunner, options: SeparationOptions
     options.validate_for(geometry.sources)
     with timed(timings, "decode"):
         song = prepare(data, geometry, options, max_seconds)
-    own_pool = pool is None
-    pool = pool or ThreadPoolExecutor(os.cpu_count() or 1)
-    writer = SongWriter(song, options, pool)
+    threads = threads or os.cpu_count() or 1
+    pool = ThreadPoolExecutor(threads)
+    writer = SongWriter(song, options, pool, threads)
     try:
         for batch, outputs in run_plan(runner, song.mix, song.plan, batch_size, progress,
                                        timings):
@@ -158,5 +162,4 @@ def separate_to_zip(data: bytes, runner: ModelRunner, options: SeparationOptions
         return archive
     finally:
         writer.close()
-        if own_pool:
-            pool.shutdown(cancel_futures=True)
+        pool.shutdown(cancel_futures=True)

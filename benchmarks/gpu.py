@@ -14,6 +14,7 @@ the precision and mode that `model` found fastest, unless given.
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import requests
 import torch as th
 
 from benchmarks.common import append_results, full_size_repo, song
-from benchmarks.model_sweep import Sweep, run_sweep
+from benchmarks.model_sweep import EXCERPT_SECONDS, Sweep, run_sweep
 from benchmarks.throughput import (_post, add_service_arguments, percentile, run_requests,
                                    start_service, stop_service)
 from serve_graph.engine.output import encode_stem
@@ -36,28 +37,49 @@ CHOICE = Path(os.environ.get("SERVE_GRAPH_BENCH_CACHE", Path.home() / ".cache" /
 
 
 def model_part(args) -> None:
+    """Eager and CUDA graphs at every precision, appended; then torch.compile of the fastest
+    autocast precision (or the first of `--precisions` when only compile is asked for) and its
+    start-up from the cache, appended; the fastest is kept for the `http` part."""
     sweep = Sweep("cuda", args.song_seconds)
-    rows = run_sweep(sweep, args.precisions, ["none", "graphs"], args.batch_sizes, args.repeats)
+    modes = [mode for mode in args.modes if mode != "compile"]
+    rows: tp.List[dict] = []
+    try:
+        run_sweep(sweep, args.precisions, modes, args.batch_sizes, args.repeats, rows)
+    finally:  # also when a configuration fails or the run is stopped (SIGTERM)
+        if rows:
+            append_results(f"GPU model only: {args.song_seconds:.0f} s song, precision x mode "
+                           f"x batch", [sweep_header(sweep), *[
+                               sweep.line(r["precision"], r["compile"], r) for r in rows]])
+            save_choice(max(rows, key=lambda r: r["throughput_rtf"]))
+    if "compile" not in args.modes:
+        return
     autocast = [r for r in rows if r["precision"] in ("bf16", "fp16") and r["compile"] == "graphs"]
-    best = max(autocast or rows, key=lambda r: r["rtf"])
-    compiled = run_sweep(sweep, [best["precision"]], ["compile"], args.batch_sizes, args.repeats)
-    rows += compiled
-    restart = cached_start(best["precision"], max(args.batch_sizes))
-    fastest = max(rows, key=lambda r: r["rtf"])
-    CHOICE.parent.mkdir(parents=True, exist_ok=True)
-    CHOICE.write_text(json.dumps({"precision": fastest["precision"],
-                                  "compile": fastest["compile"]}))
-    append_results(f"GPU model only: {args.song_seconds:.0f} s song, precision x mode x batch", [
-        f"- song {args.song_seconds:.0f} s = {len(sweep.windows)} windows (shifts 1, overlap "
-        f"0.25), full-size htdemucs (random weights); times include host->device->host copies; "
-        f"residual: 20 s excerpt against the fp32 CPU engine ({sweep.reference_seconds:.1f} s "
-        f"on the CPU)",
-        *[sweep.line(r["precision"], r["compile"], r) for r in rows],
+    precision = max(autocast, key=lambda r: r["throughput_rtf"])["precision"] if autocast \
+        else args.precisions[0]
+    compiled = run_sweep(sweep, [precision], ["compile"], args.batch_sizes, args.repeats)
+    restart = cached_start(precision, max(args.batch_sizes))
+    fastest = max(rows + compiled, key=lambda r: r["throughput_rtf"])
+    save_choice(fastest)
+    append_results(f"GPU torch.compile ({precision}), {args.song_seconds:.0f} s song", [
+        sweep_header(sweep), *[sweep.line(r["precision"], r["compile"], r) for r in compiled],
         f"- torch.compile start-up: {compiled[0]['startup']:.1f} s in a fresh cache (compile + "
         f"graph capture), {restart:.1f} s in a new process with the cache "
         f"(TORCHINDUCTOR_CACHE_DIR={os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')})",
-        f"- fastest: {fastest['precision']} {fastest['compile']}, {fastest['rtf']:.0f}x real "
-        f"time, residual {fastest['residual']:.1f} dB"])
+        f"- fastest of this run: {fastest['precision']} {fastest['compile']}, "
+        f"{fastest['throughput_rtf']:.0f}x real time at its best batch size, one song alone "
+        f"{fastest['rtf']:.0f}x, residual {fastest['residual']:.1f} dB"])
+
+
+def sweep_header(sweep: Sweep) -> str:
+    return (f"- song {sweep.song_seconds:.0f} s = {len(sweep.windows)} windows (shifts 1, "
+            f"overlap 0.25), full-size htdemucs (random weights); times include "
+            f"host->device->host copies; residual: {EXCERPT_SECONDS:.0f} s excerpt against the "
+            f"fp32 CPU engine ({sweep.reference_seconds:.1f} s on the CPU)")
+
+
+def save_choice(row: dict) -> None:
+    CHOICE.parent.mkdir(parents=True, exist_ok=True)
+    CHOICE.write_text(json.dumps({"precision": row["precision"], "compile": row["compile"]}))
 
 
 def cached_start(precision: str, max_batch: int) -> float:
@@ -93,8 +115,9 @@ def http_part(args) -> None:
     lines = []
     try:
         info = requests.get(url + "/", timeout=30).json()
-        songs = [encode_stem(song(args.song_seconds, seed=i), 44100, "mp3", 192)
-                 for i in range(args.concurrency)]
+        with ThreadPoolExecutor(os.cpu_count()) as pool:  # LAME releases the GIL
+            songs = list(pool.map(lambda i: encode_stem(song(args.song_seconds, seed=i), 44100,
+                                                        "mp3", 192), range(args.concurrency)))
         formats = {"mp3": {}, "wav": {"mp3": "false"}}
         for fields in formats.values():
             _post(url, songs[0], fields)  # warm-up
@@ -144,14 +167,22 @@ def main() -> None:
                         choices=["model", "http"])
     parser.add_argument("--song-seconds", type=float, default=216.)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "tf32", "bf16", "fp16"])
+    parser.add_argument("--modes", nargs="+", default=["none", "graphs", "compile"],
+                        choices=["none", "graphs", "compile"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 8, 16, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
     add_service_arguments(parser)
+    # a 16-core GPU box: Separate 1 CPU + the GPU, Decode 2 x 1 CPU, Encode one replica with
+    # 12 CPUs and 14 MP3 threads (one song's stems encode on all of them), every window of a
+    # 216 s song (37) queued at once so that a song fills the GPU's batches
     parser.set_defaults(precision=None, compile=None, gpus=1, max_batch_size=64,
-                        batch_wait=0.005, decode_replicas=4, encode_replicas=4,
-                        cpus_per_replica=1)
+                        batch_wait=0.005, decode_replicas=2, encode_replicas=1,
+                        cpus_per_replica=1, encode_cpus=12, encode_threads=14,
+                        windows_in_flight=64)
     args = parser.parse_args()
+    # `timeout` stops with SIGTERM: exit through the `finally` blocks that record results
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if not th.cuda.is_available():
         sys.exit("benchmarks.gpu needs a CUDA GPU")
     full_size_repo()

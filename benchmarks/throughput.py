@@ -9,6 +9,7 @@ deployment formed (from its /stats counters), and appends them to RESULTS.md.
     python -m benchmarks.throughput --url http://host:8000 --songs 16 --concurrency 16 --seconds 216
 """
 import argparse
+import contextlib
 import os
 import signal
 import statistics
@@ -29,22 +30,28 @@ from serve_graph.launch import launch, write_config
 def service_config(args, folder: Path) -> Path:
     """serve_config.yaml with this run's model, precision, replicas and batching."""
     cpus = {"num_cpus": args.cpus_per_replica}
+    service_args = {"model_repo": args.model_repo or str(full_size_repo()),
+                    "precision": args.precision, "compile": args.compile}
+    for name in ("windows_in_flight", "encode_threads"):
+        if getattr(args, name) is not None:
+            service_args[name] = getattr(args, name)
     return write_config(
-        folder / "serve_config.yaml", port=args.port, host="127.0.0.1",
-        args={"model_repo": args.model_repo or str(full_size_repo()),
-              "precision": args.precision, "compile": args.compile},
+        folder / "serve_config.yaml", port=args.port, host="127.0.0.1", args=service_args,
         deployments={
-            "Separate": {"num_replicas": args.replicas,
+            "Separate": {"num_replicas": args.replicas, "max_ongoing_requests": 1024,
                          "ray_actor_options": {"num_gpus": args.gpus, "num_cpus": 1},
                          "user_config": {"max_batch_size": args.max_batch_size,
                                          "batch_wait_timeout_s": args.batch_wait}},
             "Decode": {"num_replicas": args.decode_replicas, "ray_actor_options": cpus},
-            "Encode": {"num_replicas": args.encode_replicas, "ray_actor_options": cpus}})
+            "Encode": {"num_replicas": args.encode_replicas,
+                       "ray_actor_options": {"num_cpus": args.encode_cpus or
+                                             args.cpus_per_replica}}})
 
 
 def start_service(args, config: tp.Optional[Path] = None) -> tuple:
     """`serve run` of `config` (default: `service_config(args)`) in a new process group;
-    returns (url, process) once `GET /` answers. `args.launched_at` records when it was
+    returns (url, process) once `/readyz` says the model is loaded (`GET /` answers earlier,
+    while Separate still loads, compiles or captures). `args.launched_at` records when it was
     launched."""
     folder = Path(tempfile.mkdtemp(prefix="throughput_"))
     config = config or service_config(args, folder)
@@ -55,13 +62,15 @@ def start_service(args, config: tp.Optional[Path] = None) -> tuple:
     deadline = time.time() + 900
     while time.time() < deadline and process.poll() is None:
         try:
-            if requests.get(url + "/", timeout=5).status_code == 200:
+            if requests.get(url + "/readyz", timeout=5).status_code == 200:
                 return url, process
         except requests.RequestException:
             pass
         time.sleep(1)
-    os.killpg(process.pid, signal.SIGKILL)
-    raise RuntimeError(f"the service did not start; see {folder / 'serve.log'}")
+    with contextlib.suppress(ProcessLookupError):  # it may have ended by itself
+        os.killpg(process.pid, signal.SIGKILL)
+    tail = (folder / "serve.log").read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"the service did not start; {folder / 'serve.log'} ends:\n{tail}")
 
 
 def stop_service(process) -> None:
@@ -104,6 +113,11 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encode-replicas", type=int, default=1)
     parser.add_argument("--cpus-per-replica", type=float, default=0.25,
                         help="CPUs of each Decode and Encode replica")
+    parser.add_argument("--encode-cpus", type=float, help="CPUs of each Encode replica")
+    parser.add_argument("--encode-threads", type=int,
+                        help="MP3 threads per Encode replica (default: its CPUs)")
+    parser.add_argument("--windows-in-flight", type=int,
+                        help="windows of one song queued at Separate at a time")
 
 
 def main() -> None:

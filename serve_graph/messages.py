@@ -26,11 +26,28 @@ def release_memory() -> None:
         pass
 
 
-class MixRef(tp.NamedTuple):
+class MixRef:
     """An object ref to a song's normalised mix `[C, T]` float32, boxed so that Ray passes the
     ref itself (a top-level ref argument would be fetched by whoever receives it). In the
-    service, `Song.mix` holds one."""
-    ref: tp.Any
+    service, `Song.mix` holds one.
+
+    Each call's receiver gets its own copy of the box: `release()` drops that copy's ref once
+    the mix is read. Serve's batch loop keeps its last batch's arguments until the next batch
+    comes (`_process_batches` in ray/serve/batching.py), which otherwise pinned the last
+    songs' mixes in the object store after traffic stopped."""
+    __slots__ = ("ref",)
+
+    def __init__(self, ref: tp.Any):
+        self.ref = ref
+
+    def __getstate__(self):
+        return self.ref
+
+    def __setstate__(self, ref) -> None:
+        self.ref = ref
+
+    def release(self) -> None:
+        self.ref = None
 
 
 class MixLostError(RuntimeError):

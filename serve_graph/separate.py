@@ -138,11 +138,16 @@ class Separate:
 
 
 def _fetch(mixes: tp.List[MixRef]) -> tp.List[tp.Optional[np.ndarray]]:
-    """Each caller's mix `[C, T]` (zero-copy from the object store), None where it is lost."""
+    """Each caller's mix `[C, T]` (zero-copy from the object store), None where it is lost.
+    The boxes' refs are released: the arrays keep what this batch needs, and nothing here
+    keeps a mix alive after it."""
     unique = {mix.ref: None for mix in mixes}
     for ref in unique:
         try:
             unique[ref] = ray.get(ref)
         except ray.exceptions.ObjectLostError:
             logger.warning("a mix was lost from the object store (its owner died)")
-    return [unique[mix.ref] for mix in mixes]
+    arrays = [unique[mix.ref] for mix in mixes]
+    for mix in mixes:
+        mix.release()
+    return arrays

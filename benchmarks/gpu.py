@@ -30,6 +30,7 @@ from benchmarks.common import append_results, full_size_repo, song
 from benchmarks.model_sweep import EXCERPT_SECONDS, Sweep, run_sweep
 from benchmarks.throughput import (_post, add_service_arguments, percentile, run_requests,
                                    start_service, stop_service)
+from serve_graph.engine.forward import COMPILE_MODES
 from serve_graph.engine.output import encode_stem
 
 CHOICE = Path(os.environ.get("SERVE_GRAPH_BENCH_CACHE", Path.home() / ".cache" / "serve_graph")
@@ -167,8 +168,7 @@ def main() -> None:
                         choices=["model", "http"])
     parser.add_argument("--song-seconds", type=float, default=216.)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "tf32", "bf16", "fp16"])
-    parser.add_argument("--modes", nargs="+", default=["none", "graphs", "compile"],
-                        choices=["none", "graphs", "compile"])
+    parser.add_argument("--modes", nargs="+", default=list(COMPILE_MODES), choices=COMPILE_MODES)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 8, 16, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)

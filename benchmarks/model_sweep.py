@@ -83,7 +83,7 @@ class Sweep:
             if size <= runner.batch_limit():
                 batch = self.batch(size)
                 per_window[size] = timed(lambda: runner(0, batch), self.device, repeats) / size
-        windows = self.windows.pin_memory() if self.device.type == "cuda" else self.windows
+        windows = self.batch(len(self.windows))
         song_time = timed(lambda: runner(0, windows), self.device, repeats)
         stems = separate(runner, self.excerpt, batch_size=runner.batch_limit())
         best = min(per_window.values(), default=song_time / len(self.windows))

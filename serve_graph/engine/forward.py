@@ -212,7 +212,8 @@ class SplitForward:
         return self.model._magnitude(self.spectral.spec(mix)).to(mix.dtype), mix
 
     def capture(self, buckets: tp.Iterable[int], channels: int, length: int) -> "CudaGraphs":
-        self.graphs = None
+        """Capture `inner` for `buckets`; a capture that fails leaves no graphs."""
+        self.graphs = None  # frees earlier graphs' memory before capturing again
         self.graphs = CudaGraphs(self.inner, buckets,
                                  lambda size: self.example(size, channels, length),
                                  self.spectral.window.device)

@@ -85,7 +85,6 @@ class ModelRunner:
         self._set_backends()
         self._forwards = [self._make_forward(m) for m in self.models]
         self.limits = [BatchLimit(options.max_batch) for _ in self.models]
-        self.graphs: tp.List[tp.Optional[CudaGraphs]] = [None] * len(self.models)
         self.startup_seconds = 0.
         start = time.perf_counter()
         for index in range(len(self.models)):
@@ -154,15 +153,18 @@ class ModelRunner:
         limit = self.limits[index]
         while True:
             try:
-                self.graphs[index] = self._forwards[index].capture(bucket_sizes(limit.limit),
-                                                                   channels, length)
+                self._forwards[index].capture(bucket_sizes(limit.limit), channels, length)
                 return
             except Exception as exc:  # noqa: BLE001
                 if not is_out_of_memory(exc):
                     raise
-                self.graphs[index] = None
                 self._free_cache()
                 limit.halve()
+
+    @property
+    def graphs(self) -> tp.List[tp.Optional[CudaGraphs]]:
+        """Each sub-model's captured CUDA graphs (None: it runs without)."""
+        return [getattr(forward, "graphs", None) for forward in self._forwards]
 
     def _free_cache(self) -> None:
         if self.device.type == "cuda":

@@ -12,15 +12,28 @@ BAG_WEIGHTS = [[1., 2., 0.5, 1.], [1., 1., 1., 3.]]
 SIX_SOURCES = ["drums", "bass", "other", "vocals", "guitar", "piano"]  # htdemucs_6s' order
 
 
-@pytest.fixture(scope="session")
-def tiny_repo(tmp_path_factory) -> Path:
-    """A model repo with bag `htdemucs` (one tiny model), bag `tinybag` (two models) and
-    `tiny6s` (six sources, as htdemucs_6s)."""
-    repo = tmp_path_factory.mktemp("model_repo")
+SPECIALISTS = [[1., 0., 0., 0.], [0., 1., 0., 0.], [0., 0., 1., 0.], [0., 0., 0., 1.]]
+MDX_WEIGHTS = [[1., 1., 2., 0.], [1., 0., 1., 1.]]  # a zero: stem subsets can skip a model
+
+
+def make_tiny_repo(repo: Path) -> Path:
+    """Tiny random models in the shapes of those Demucs ships: `htdemucs`, `tinybag` (two
+    HTDemucs, per-stem weights), `tiny6s` (six sources, as htdemucs_6s), `tinyft` (one
+    specialist per stem, as htdemucs_ft), `tinymmi` (HDemucs, segment set by its bag file, as
+    hdemucs_mmi) and `tinymdx` (a Demucs v2 and an HDemucs, as the mdx bags)."""
     make_random_repo(repo, "htdemucs", size="tiny", seed=0)
     make_random_repo(repo, "tiny6s", size="tiny", seed=20, sources=SIX_SOURCES)
     make_random_repo(repo, "tinybag", size="tiny", num_models=2, weights=BAG_WEIGHTS, seed=10)
+    make_random_repo(repo, "tinyft", size="tiny", num_models=4, weights=SPECIALISTS, seed=30)
+    make_random_repo(repo, "tinymmi", size="tiny", arch="hdemucs", seed=40, segment=2)
+    make_random_repo(repo, "tinymdx", size="tiny", num_models=2, arch=["demucs", "hdemucs"],
+                     weights=MDX_WEIGHTS, seed=50, segment=3)
     return repo
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory) -> Path:
+    return make_tiny_repo(tmp_path_factory.mktemp("model_repo"))
 
 
 @pytest.fixture(scope="session")

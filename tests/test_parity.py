@@ -1,11 +1,12 @@
 """The engine reproduces `demucs.api.Separator.separate_tensor` (residual <= -80 dB per stem)."""
+import itertools
 import random
 
 import pytest
 import torch as th
 from demucs.api import Separator
 
-from serve_graph.engine import ModelRunner, load_model, separate
+from serve_graph.engine import ModelRunner, load_model, plan_windows, separate
 
 SEED = 1234
 
@@ -16,7 +17,8 @@ def residual_db(ours: th.Tensor, ref: th.Tensor) -> th.Tensor:
     return 10 * th.log10(error.clamp_min(1e-30) / (ref ** 2).sum(dim=(-1, -2)))
 
 
-@pytest.fixture(scope="module", params=["htdemucs", "tinybag", "tiny6s"])
+@pytest.fixture(scope="module",
+                params=["htdemucs", "tinybag", "tiny6s", "tinymmi", "tinymdx"])
 def models(request, tiny_repo):
     """(reference Separator, our runner) loaded from the repo through get_model."""
     reference = Separator(request.param, repo=tiny_repo, device="cpu", progress=False)
@@ -48,3 +50,31 @@ def test_different_seeds_give_different_shifts(models):
     other = separate(runner, mix, shifts=1, seed=2)
     assert th.equal(first, again)
     assert residual_db(other, first).max() > -80
+
+
+@pytest.mark.parametrize("name", ["tinyft", "tinymdx"])
+def test_stem_subsets_run_only_the_models_they_need(tiny_repo, name):
+    """For every subset of stems, a plan with only the bag's models that weigh on them gives
+    those stems as the whole bag does, with fewer windows."""
+    reference = Separator(name, repo=tiny_repo, device="cpu", progress=False, shifts=1)
+    runner = ModelRunner(load_model(name, tiny_repo), device="cpu")
+    geometry = runner.geometry
+    mix = th.randn(2, 100000, generator=th.Generator().manual_seed(7)) * 0.3
+    random.seed(SEED)
+    _, ref_stems = reference.separate_tensor(mix)
+    whole = plan_windows(mix.shape[-1], geometry, shifts=1, seed=SEED)
+    pruned_somewhere = False
+    for size in range(1, len(geometry.sources) + 1):
+        for stems in itertools.combinations(geometry.sources, size):
+            models = geometry.models_for(stems)
+            plan = plan_windows(mix.shape[-1], geometry, shifts=1, seed=SEED, models=models)
+            assert len(plan.windows) == sum(
+                1 for w in whole.windows if w.model_index in models)
+            pruned_somewhere |= len(plan.windows) < len(whole.windows)
+            ours = separate(runner, mix, plan=plan)
+            for stem in stems:
+                index = geometry.sources.index(stem)
+                ref = ref_stems[stem][None]
+                assert residual_db(ours[index][None], ref).max() <= -80, (stems, stem)
+    assert pruned_somewhere
+    assert len(geometry.models_for(["vocals"])) == 1  # one of the bag's models

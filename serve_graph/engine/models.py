@@ -14,12 +14,14 @@ from pathlib import Path
 import torch as th
 import yaml
 from demucs.apply import BagOfModels
+from demucs.demucs import Demucs
+from demucs.hdemucs import HDemucs
 from demucs.htdemucs import HTDemucs
 from demucs.pretrained import REMOTE_ROOT, _parse_remote_files, get_model
 from demucs.repo import LocalRepo, ModelLoadingError
 
 from .errors import ModelNotFoundError
-from .windows import ModelGeometry
+from .windows import LengthRule, ModelGeometry
 
 DEFAULT_MODEL = "htdemucs"
 SOURCES = ["drums", "bass", "other", "vocals"]
@@ -41,6 +43,15 @@ TINY_KWARGS: tp.Dict[str, tp.Any] = dict(
     channels=8, growth=2, nfft=64, depth=2, dconv_comp=4, t_layers=1, t_heads=2,
     t_hidden_scale=1.0, bottom_channels=0, norm_starts=4,
 )
+
+# Tiny models of the other architectures Demucs ships, for tests: HDemucs (v3 hybrid:
+# hdemucs_mmi, the mdx bags) runs on windows of any length; Demucs (v2 time domain, in the
+# mdx bags) pads each window to its `valid_length`.
+TINY_ARCHITECTURES: tp.Dict[str, tp.Tuple[type, tp.Dict[str, tp.Any]]] = {
+    "htdemucs": (HTDemucs, TINY_KWARGS),
+    "hdemucs": (HDemucs, dict(channels=8, depth=2, nfft=64, dconv_comp=4, segment=4)),
+    "demucs": (Demucs, dict(channels=8, depth=3, lstm_layers=0, dconv_comp=4, segment=4)),
+}
 
 
 
@@ -152,12 +163,34 @@ def _forward_draw_bound(model: th.nn.Module) -> int:
     return 0
 
 
-def _input_length_rule(model: th.nn.Module, segment_length: int):
+def _input_length_rule(model: th.nn.Module, segment_length: int) -> LengthRule:
+    """What `apply_model` pads a window to: the training segment (HTDemucs), the model's
+    `valid_length` (Demucs v2), or nothing (HDemucs)."""
     if isinstance(model, (HTDemucs, StandInModel)) and model.use_train_segment:
         return int(model.segment * model.samplerate)
     if hasattr(model, "valid_length"):
-        return tuple(model.valid_length(length) for length in range(1, segment_length + 1))
-    return tuple(range(1, segment_length + 1))
+        return _steps(model.valid_length, segment_length)
+    return None
+
+
+def _steps(rule: tp.Callable[[int], int], longest: int) -> tp.Tuple[tp.Tuple[int, int], ...]:
+    """A non-decreasing `rule` over lengths 1..`longest` as `((first length, value), ...)`,
+    one entry per value: found by bisection, a few hundred steps for a 44 s segment instead
+    of a table of two million lengths."""
+    steps = []
+    length = 1
+    while length <= longest:
+        value = rule(length)
+        low, high = length, longest  # the last length with this value
+        while low < high:
+            middle = (low + high + 1) // 2
+            if rule(middle) == value:
+                low = middle
+            else:
+                high = middle - 1
+        steps.append((length, value))
+        length = low + 1
+    return tuple(steps)
 
 
 def build_htdemucs(kwargs: tp.Optional[dict] = None, seed: int = 0) -> HTDemucs:
@@ -197,25 +230,37 @@ def save_bag(repo: tp.Union[str, Path], name: str, signatures: tp.List[str],
     return path
 
 
-def _architecture(size: str, sources: tp.Optional[tp.Sequence[str]]) -> dict:
-    """HTDemucs' keyword arguments for `size` ("full" or "tiny"), with other `sources`."""
-    kwargs = dict({"full": HTDEMUCS_KWARGS, "tiny": TINY_KWARGS}[size])
-    return kwargs if sources is None else {**kwargs, "sources": list(sources)}
+def random_model(size: str = "full", arch: str = "htdemucs",
+                 sources: tp.Optional[tp.Sequence[str]] = None, seed: int = 0) -> th.nn.Module:
+    """A model with random weights: `size` "full" (htdemucs' architecture), "tiny" (a few
+    thousand parameters of `arch`: htdemucs, hdemucs or demucs) or "standin"
+    (`StandInModel`), separating `sources` (default: htdemucs' four)."""
+    sources = list(sources or SOURCES)
+    if size == "standin":
+        return StandInModel(sources)
+    if size == "full":
+        if arch != "htdemucs":
+            raise ValueError("full size exists for the htdemucs architecture only")
+        return build_htdemucs({**HTDEMUCS_KWARGS, "sources": sources}, seed=seed)
+    klass, kwargs = TINY_ARCHITECTURES[arch]
+    th.manual_seed(seed)
+    return klass(**{**kwargs, "sources": sources}).eval()
 
 
 def make_random_repo(repo: tp.Union[str, Path], name: str = DEFAULT_MODEL, size: str = "full",
                      num_models: int = 1, weights: tp.Optional[tp.List[tp.List[float]]] = None,
-                     seed: int = 0, sources: tp.Optional[tp.Sequence[str]] = None) -> Path:
-    """Create a local model repo holding bag `name` of `num_models` random HTDemucs
-    (`size` "full": the htdemucs architecture, "tiny": for tests, "standin": `StandInModel`),
-    separating `sources` (default: htdemucs' four; htdemucs_6s adds guitar and piano).
+                     seed: int = 0, sources: tp.Optional[tp.Sequence[str]] = None,
+                     arch: tp.Union[str, tp.Sequence[str]] = "htdemucs",
+                     segment: tp.Optional[float] = None) -> Path:
+    """Create a local model repo holding bag `name` of `num_models` random models (see
+    `random_model`; `arch` one name, or one per sub-model), with the bag's per-source
+    `weights` and `segment` (seconds, as hdemucs_mmi's and the mdx bags' files set it).
     Returns the repo folder."""
+    archs = [arch] * num_models if isinstance(arch, str) else list(arch)
     signatures = []
-    for index in range(num_models):
-        sig = hashlib.sha1(f"{name}-{size}-{seed}-{index}".encode()).hexdigest()[:8]
-        model = (StandInModel() if size == "standin" else
-                 build_htdemucs(_architecture(size, sources), seed=seed + index))
-        save_checkpoint(model, repo, sig)
+    for index, model_arch in enumerate(archs):
+        sig = hashlib.sha1(f"{name}-{size}-{model_arch}-{seed}-{index}".encode()).hexdigest()[:8]
+        save_checkpoint(random_model(size, model_arch, sources, seed + index), repo, sig)
         signatures.append(sig)
-    save_bag(repo, name, signatures, weights)
+    save_bag(repo, name, signatures, weights, segment)
     return Path(repo)

@@ -56,10 +56,12 @@ def prepare(data: bytes, geometry: ModelGeometry, options: SeparationOptions,
             max_seconds: tp.Optional[float] = None,
             max_windows: tp.Optional[int] = None) -> Song:
     """Step 1 of the recipe: audio file bytes -> decoded, normalised mix and its window plan
-    (within the duration limit and the window budget)."""
+    (within the duration limit and the window budget). A stem subset plans only the bag's
+    sub-models that weigh on those stems (`ModelGeometry.models_for`)."""
     wav = decode(data, geometry.samplerate, geometry.audio_channels, max_seconds)
     mix, mean, std = normalise(wav)
-    plan = plan_windows(mix.shape[-1], geometry, options.shifts, options.overlap, options.seed)
+    plan = plan_windows(mix.shape[-1], geometry, options.shifts, options.overlap, options.seed,
+                        models=geometry.models_for(options.stem_list))
     check_budget(plan, max_windows, geometry.samplerate)
     return Song(mix, plan, mean, std, geometry)
 

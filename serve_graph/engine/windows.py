@@ -10,6 +10,7 @@ Positions and lengths are in samples. A *pass* is one model of the bag at one sh
 sees the mix through a *view* (the shifted signal of `apply_model`), which it splits into windows
 of the model's segment length with the given overlap.
 """
+import bisect
 import random
 import typing as tp
 from dataclasses import dataclass
@@ -24,16 +25,18 @@ MAX_SHIFT_SECONDS = 0.5
 class ModelGeometry:
     """What planning needs to know of a model or bag of models, without the weights.
 
-    `input_lengths[m]` is the fixed model input length (samples) of sub-model `m` when the model
-    always runs on windows of one length (HTDemucs), else a table: entry `L - 1` is the model's
-    `valid_length(L)` for a window of `L` samples. `forward_draws[m]` is `n` when every forward
-    of sub-model `m` calls `random.randrange(n)` once (HTDemucs' sin embedding does), else 0.
+    `input_lengths[m]` says how many samples sub-model `m` takes for a window of `L` samples
+    (a `LengthRule`): an int when the model always runs on windows of one length (HTDemucs),
+    None when it takes the window as it is (HDemucs), else its `valid_length` as steps
+    `((L0, V0), (L1, V1), ...)`: windows of `Li` up to `Li+1 - 1` samples take `Vi` (Demucs v2).
+    `forward_draws[m]` is `n` when every forward of sub-model `m` calls `random.randrange(n)`
+    once (HTDemucs' sin embedding does), else 0.
     """
     samplerate: int
     audio_channels: int
     sources: tp.Tuple[str, ...]
     segment_lengths: tp.Tuple[int, ...]
-    input_lengths: tp.Tuple[tp.Union[int, tp.Tuple[int, ...]], ...]
+    input_lengths: tp.Tuple["LengthRule", ...]
     weights: tp.Tuple[tp.Tuple[float, ...], ...]
     is_bag: bool = False
     forward_draws: tp.Tuple[int, ...] = ()
@@ -45,7 +48,25 @@ class ModelGeometry:
     def input_length(self, model_index: int, length: int) -> int:
         """Samples fed to sub-model `model_index` for a window of `length` samples."""
         rule = self.input_lengths[model_index]
-        return rule if isinstance(rule, int) else rule[length - 1]
+        if rule is None:
+            return length
+        if isinstance(rule, int):
+            return rule
+        return rule[bisect.bisect_right(rule, length, key=lambda step: step[0]) - 1][1]
+
+    def models_for(self, stems: tp.Optional[tp.Sequence[str]]) -> tp.Tuple[int, ...]:
+        """The sub-models whose output reaches `stems` (None: every stem): those of a bag
+        with a non-zero weight on one of them. htdemucs_ft has one specialist per stem, so
+        `vocals` alone needs one of its four models."""
+        if stems is None or not self.is_bag:
+            return tuple(range(self.num_models))
+        wanted = [self.sources.index(stem) for stem in stems]
+        return tuple(index for index, weights in enumerate(self.weights)
+                     if any(weights[k] != 0 for k in wanted))
+
+
+# How many samples a model takes for a window (see `ModelGeometry.input_lengths`).
+LengthRule = tp.Union[int, None, tp.Tuple[tp.Tuple[int, int], ...]]
 
 
 @dataclass(frozen=True)
@@ -116,13 +137,16 @@ def denormalise(stems: th.Tensor, mean: float, std: float) -> th.Tensor:
 
 def plan_windows(length: int, geometry: ModelGeometry, shifts: int = 1, overlap: float = 0.25,
                  seed: tp.Optional[int] = 0, offsets: tp.Optional[tp.List[tp.List[int]]] = None,
-                 transition_power: float = 1.) -> Plan:
-    """Plan the windows of a separation of `length` samples.
+                 transition_power: float = 1.,
+                 models: tp.Optional[tp.Sequence[int]] = None) -> Plan:
+    """Plan the windows of a separation of `length` samples by the sub-models `models` of the
+    bag (None: all; `ModelGeometry.models_for` picks those a stem subset needs).
 
     Shift offsets are `offsets[model][shift]` when given, else drawn from `random.Random(seed)`
     (seed None: the global `random`) in `apply_model`'s order: model by model, shift by shift,
     with the draws that the model's forward makes for each window of a pass in between, so that
-    seeding the global RNG with `seed` makes `apply_model` draw the very same offsets.
+    seeding the global RNG with `seed` makes `apply_model` draw the very same offsets. The
+    sub-models left out still draw theirs: the others' offsets stay those of the whole bag.
     """
     if length <= 0:
         raise ValueError("cannot separate an empty signal")
@@ -143,9 +167,10 @@ def plan_windows(length: int, geometry: ModelGeometry, shifts: int = 1, overlap:
                              segment_length)
             else:
                 pass_ = Pass(model_index, None, 0, length, segment_length)
-            passes.append(pass_)
-            pass_windows = _split(pass_, len(passes) - 1, len(windows), overlap, geometry)
-            windows.extend(pass_windows)
+            pass_windows = _split(pass_, len(passes), len(windows), overlap, geometry)
+            if models is None or model_index in models:
+                passes.append(pass_)
+                windows.extend(pass_windows)
             draw_bound = geometry.forward_draws[model_index]
             if shifts and offsets is None and draw_bound:
                 for _ in pass_windows:
@@ -296,11 +321,13 @@ class OverlapAdd:
         estimates: tp.Union[float, th.Tensor] = 0.
         totals = [0.] * len(self.geometry.sources)
         for model_index, model_weights in enumerate(self.geometry.weights):
-            out = models[model_index]
             for k, inst_weight in enumerate(model_weights):
-                out[k] *= inst_weight
                 totals[k] += inst_weight
-            estimates = estimates + out
+            out = models.get(model_index)  # left out of the plan: no weight on its stems
+            if out is not None:
+                for k, inst_weight in enumerate(model_weights):
+                    out[k] *= inst_weight
+                estimates = estimates + out
         assert isinstance(estimates, th.Tensor)
         for k in range(estimates.shape[0]):
             estimates[k] /= totals[k]

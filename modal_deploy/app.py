@@ -8,7 +8,8 @@
 Settings come from the environment when this file is imported (deploy time), so nothing needs
 editing: SEPARATION_GPU (default B200), SEPARATION_TIMEOUT (600 s), SEPARATION_SCALEDOWN_WINDOW
 (60 s), SEPARATION_MIN_CONTAINERS (0: scale to zero), SEPARATION_MAX_CONTAINERS (10),
-SEPARATION_MODEL (htdemucs), SEPARATION_PRECISION (fp32), SEPARATION_MAX_BATCH_SIZE (16),
+SEPARATION_MODEL (htdemucs), SEPARATION_MODELS (more models a request may name, comma-separated,
+e.g. `htdemucs_ft,htdemucs_6s`; their weights are baked into the image too), SEPARATION_PRECISION (fp32), SEPARATION_MAX_BATCH_SIZE (16),
 SEPARATION_CLUSTER_SIZE (2, for serve_cluster), SEPARATION_API_KEYS_SECRET (none: open; else
 the name of a Modal Secret holding `SERVE_GRAPH_API_KEYS=key1,key2`, e.g.
 `modal secret create stem-separation-api-keys SERVE_GRAPH_API_KEYS=...`; the local entrypoint
@@ -42,6 +43,7 @@ SCALEDOWN_WINDOW = int(_env("SEPARATION_SCALEDOWN_WINDOW", "60"))
 MIN_CONTAINERS = int(_env("SEPARATION_MIN_CONTAINERS", "0"))
 MAX_CONTAINERS = int(_env("SEPARATION_MAX_CONTAINERS", "10"))
 MODEL = _env("SEPARATION_MODEL", "htdemucs")
+MODELS = [name for name in _env("SEPARATION_MODELS", "").split(",") if name.strip()]
 PRECISION = _env("SEPARATION_PRECISION", "fp32")
 MAX_BATCH_SIZE = int(_env("SEPARATION_MAX_BATCH_SIZE", "16"))
 CLUSTER_SIZE = int(_env("SEPARATION_CLUSTER_SIZE", "2"))
@@ -51,10 +53,11 @@ SECRETS = [modal.Secret.from_name(API_KEYS_SECRET)] if API_KEYS_SECRET else []
 
 
 def download_model() -> None:
-    """Image build step: fetch the weights through Demucs' own loader into the image's caches,
-    so a cold start reads them from disk."""
+    """Image build step: fetch the weights of every model served through Demucs' own loader
+    into the image's caches, so a cold start reads them from disk."""
     from serve_graph.engine import load_model
-    load_model(MODEL)
+    for name in dict.fromkeys([MODEL, *MODELS]):
+        load_model(name)
 
 
 image = (
@@ -98,7 +101,7 @@ def start_service(port: int = PORT, gpus: tp.Optional[int] = None, replicas: int
         gpus = 1 if torch.cuda.is_available() else 0
     folder = Path(tempfile.mkdtemp(prefix="serve_config_"))
     path = write_config(folder / "serve_config.yaml", config, port=port, host="0.0.0.0",
-                        args={"model": MODEL, "precision": PRECISION,
+                        args={"model": MODEL, "models": MODELS, "precision": PRECISION,
                               "windows_in_flight": MAX_BATCH_SIZE if gpus else 2},
                         deployments=gpu_overrides(gpus, replicas))
     return launch(path, env, **popen)

@@ -34,8 +34,6 @@ def _separate_parser(sub) -> None:
                      help="same as --format wav")
     fmt.add_argument("--flac", dest="format", action="store_const", const="flac",
                      help="same as --format flac")
-    p.add_argument("--model", default=os.environ.get(MODEL_ENV, DEFAULT_MODEL),
-                   help=f"pretrained name, bag or signature (env {MODEL_ENV})")
     p.add_argument("--model-repo", default=os.environ.get(REPO_ENV),
                    help=f"local model repo folder (env {REPO_ENV})")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -63,8 +61,11 @@ def _add_option_fields(parser) -> None:
 
 
 def _options(args) -> SeparationOptions:
-    return SeparationOptions.parse(**{field.name: getattr(args, field.name)
-                                      for field in request_fields()})
+    """The request's options; `--model` left out: env SERVE_GRAPH_MODEL, else htdemucs."""
+    options = SeparationOptions.parse(**{field.name: getattr(args, field.name)
+                                         for field in request_fields()})
+    model = options.model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    return options.with_model(model, [model])
 
 
 def run_separate(args) -> int:
@@ -79,12 +80,12 @@ def run_separate(args) -> int:
         data = args.audio_file.read_bytes()
         start = time.perf_counter()
         with timed(timings, "load_model"):
-            runner = ModelRunner(load_model(args.model, args.model_repo), options=RunnerOptions(
+            runner = ModelRunner(load_model(options.model, args.model_repo), options=RunnerOptions(
                 args.device, args.precision, args.compile, max(args.batch_size, 1)))
         archive = separate_to_zip(data, runner, options, args.batch_size,
                                   progress=not args.no_progress, timings=timings)
     except ModelNotFoundError as exc:
-        print(missing_model_message(args.model, str(exc)), file=sys.stderr)
+        print(missing_model_message(options.model, str(exc)), file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)

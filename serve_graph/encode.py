@@ -35,6 +35,7 @@ class Encode:
 
     def __init__(self, separate: DeploymentHandle, settings: ServiceSettings):
         self._separate = separate
+        self._handles: tp.Dict[str, DeploymentHandle] = {}
         keep_replica_server_on_loopback()
         self._settings = settings
         self.threads = settings.encode_threads or _assigned_cpus()
@@ -61,8 +62,16 @@ class Encode:
             writer.close()
             await asyncio.to_thread(release_memory)
 
+    def _separate_for(self, model: str) -> DeploymentHandle:
+        """Separate's handle for `model`: Serve routes its calls to a replica that has the
+        model loaded (model multiplexing)."""
+        if model not in self._handles:
+            self._handles[model] = self._separate.options(multiplexed_model_id=model)
+        return self._handles[model]
+
     async def _run_windows(self, song: Song, writer: SongWriter) -> None:
         request_id = uuid.uuid4().hex
+        separate = self._separate_for(song.model)
         waiting = iter(in_order(song.plan))
         running: tp.Set[asyncio.Task] = set()
         try:
@@ -71,7 +80,8 @@ class Encode:
                     window = next(waiting, None)
                     if window is None:
                         break
-                    running.add(asyncio.create_task(self._window(song, window, request_id)))
+                    running.add(asyncio.create_task(
+                        self._window(separate, song, window, request_id)))
                 if not running:
                     return
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -82,12 +92,13 @@ class Encode:
             for task in running:
                 task.cancel()
 
-    async def _window(self, song: Song, window: Window,
+    async def _window(self, separate: DeploymentHandle, song: Song, window: Window,
                       request_id: str) -> tp.Tuple[Window, np.ndarray]:
         """One window's stems `[S, C, length]`, retried on another replica while Separate
         replicas die, for up to `retry_seconds`."""
         output = await retrying(
-            lambda: self._separate.separate_window.remote(song.mix, window, request_id),
+            lambda: separate.separate_window.remote(song.mix, window, request_id,
+                                                    song.model),
             REPLICA_LOST, self._settings.retry_seconds,
             f"window {window.index}: Separate replica lost")
         if output is None:

@@ -20,8 +20,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.serve.handle import DeploymentHandle
 
 from .access import ConcurrencyLimit, bearer_token, load_keys, matching_key
-from .engine import (InvalidAudioError, InvalidParameterError, ModelUnavailableError,
-                     SeparationError, SeparationOptions, UploadTooLargeError)
+from .engine import (InvalidAudioError, InvalidParameterError, ModelMissingError,
+                     ModelUnavailableError, SeparationError, SeparationOptions,
+                     UploadTooLargeError)
 from .engine.options import EXCLUSIVE_FIELDS, request_fields
 from .launch import keep_replica_server_on_loopback
 from .messages import SONG_LOST, retrying
@@ -32,8 +33,8 @@ HEALTH_WAIT_S = 2.  # how long GET / waits for a Separate replica before saying 
 
 app = FastAPI(
     title="Stem separation",
-    description="Upload a song, get its stems (vocals, drums, bass, other) back as a ZIP, "
-                "separated by Demucs v4 (htdemucs).",
+    description="Upload a song, get its stems (vocals, drums, bass, other...) back as a ZIP, "
+                "separated by Demucs v4 (htdemucs, or another model: GET /models).",
     version="1.0")
 
 def object_store_usage() -> dict:
@@ -60,6 +61,7 @@ def _documented(description: str) -> dict:
 ERROR_RESPONSES: tp.Dict[tp.Union[int, str], dict] = {
     400: _documented("malformed request (multipart)"),
     401: _documented("API keys are configured and none valid was sent"),
+    404: _documented("the model asked for is served here but its weights are missing"),
     413: _documented("upload or audio too long, or over the window budget"),
     415: _documented("not decodable audio"),
     422: _documented("invalid parameter"),
@@ -105,11 +107,13 @@ _generated_openapi = app.openapi
 def _openapi_with_closed_forms() -> dict:
     """FastAPI's schema, with `additionalProperties: false` on the form bodies (the routes
     refuse fields they do not take, `check_form_fields`) and the options that exclude each
-    other (`EXCLUSIVE_FIELDS`) marked so."""
+    other (`EXCLUSIVE_FIELDS`) marked so; `model` lists the models this service serves."""
     schema = _generated_openapi()
     for name, component in schema.get("components", {}).get("schemas", {}).items():
         if name.startswith("Body_"):
             component["additionalProperties"] = False
+            if "model" in component.get("properties", {}) and _config.models:
+                component["properties"]["model"]["enum"] = list(_config.models)
             if set(EXCLUSIVE_FIELDS) <= set(component.get("properties", {})):
                 component["not"] = {"required": list(EXCLUSIVE_FIELDS)}
     return schema
@@ -181,7 +185,7 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 # on purpose: `@serve.ingress(app)` serves a frozen copy of `app`, made when the class below is
 # decorated, so middleware must be registered before that and cannot read `app.state`.
 _config = types.SimpleNamespace(max_upload_bytes=None, api_keys=[], limit=None,
-                                cors_origins=())
+                                cors_origins=(), models=())
 
 
 
@@ -193,9 +197,10 @@ def configure_middleware(settings: ServiceSettings) -> None:
     _config.api_keys = load_keys(settings.api_keys_file)
     _config.limit = ConcurrencyLimit(settings.max_concurrent_per_client)
     _config.cors_origins = settings.cors_origins
+    _config.models = settings.served_models
 
 
-OPEN_PATHS = {"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json",
+OPEN_PATHS = {"/", "/healthz", "/readyz", "/models", "/docs", "/docs/oauth2-redirect", "/openapi.json",
               "/redoc"}
 RETRY_AFTER_S = 5
 
@@ -309,56 +314,104 @@ class Ingress:
         self._decode, self._separate, self._encode = decode, separate, encode
         keep_replica_server_on_loopback()
         self._settings = settings
-        self._info: tp.Optional[dict] = None
-        self._model_geometry = None
+        self._default = settings.model
+        self._infos: tp.Dict[str, dict] = {}  # the models seen loaded, by name
+        self._geometries: tp.Dict[str, tp.Any] = {}
+        self._handles: tp.Dict[str, DeploymentHandle] = {}
         self._max_bytes = settings.max_upload_bytes
         configure_middleware(settings)
 
-    async def _model_info(self) -> dict:
-        """Separate's `info`: "loaded" (cached from then on), "missing" with the reason, or
-        "loading" while no Separate replica answers within `HEALTH_WAIT_S`."""
-        if self._info is not None:
-            return self._info
+    def _separate_for(self, model: str) -> DeploymentHandle:
+        """Separate's handle for `model`, routed to replicas that have it loaded."""
+        if model not in self._handles:
+            self._handles[model] = self._separate.options(multiplexed_model_id=model)
+        return self._handles[model]
+
+    async def _model_info(self, model: str, load: bool = True) -> dict:
+        """Separate's word on `model`: "loaded" (cached from then on), "available" (weights
+        there, not loaded; only with `load` false), "missing" with the reason, or "loading"
+        while no Separate replica answers within `HEALTH_WAIT_S`."""
+        if model in self._infos:
+            return self._infos[model]
+        call = (self._separate_for(model).info.remote(model) if load else
+                self._separate.describe.remote(model))
         try:
-            info = await asyncio.wait_for(self._separate.info.remote(), HEALTH_WAIT_S)
+            info = await asyncio.wait_for(call, HEALTH_WAIT_S)
         except asyncio.TimeoutError:
-            return {"model": self._settings.model, "state": "loading",
-                    "detail": "the Separate replica is starting (loading the model)"}
+            return {"model": model, "state": "loading",
+                    "detail": f"no answer from Separate within {HEALTH_WAIT_S:g} s: its "
+                              f"replica is starting, or loading a model"}
         if info["state"] == "loaded":
-            self._info = info
+            self._infos[model] = info
         return info
 
-    async def _loaded_model(self) -> dict:
-        info = await self._model_info()
+    async def _models(self) -> tp.Dict[str, dict]:
+        """Every served model's state: the default one loaded, the others described."""
+        names = self._settings.served_models
+        infos = await asyncio.gather(*(self._model_info(name, load=name == self._default)
+                                       for name in names))
+        return dict(zip(names, infos))
+
+    async def _ready_model(self, model: str) -> dict:
+        """`model`'s facts once it is loaded (it is loaded now if it is not); the default
+        model answers 503 while its replica starts, any model 404 without its weights."""
+        if model == self._default:
+            info = await self._model_info(model)
+        elif model in self._infos:
+            info = self._infos[model]
+        else:  # its weights looked for first: a missing model is answered at once
+            info = await self._separate.describe.remote(model)
+            if info["state"] != "missing":
+                info = await self._separate_for(model).info.remote(model)
+            if info["state"] == "loaded":
+                self._infos[model] = info
+        if info["state"] == "missing":
+            if model == self._default:
+                raise ModelUnavailableError(f"model {model!r} is missing: {info['detail']}")
+            raise ModelMissingError(f"model {model!r} is not available: {info['detail']}")
         if info["state"] != "loaded":
-            raise ModelUnavailableError(f"model {info['model']!r} is {info['state']}: "
+            raise ModelUnavailableError(f"model {model!r} is {info['state']}: "
                                         f"{info['detail']}")
         return info
 
-    def _health(self, info: dict) -> dict:
-        model = {key: info[key] for key in ("state", "detail") if key in info}
+    def _health(self, info: dict, models: tp.Dict[str, dict]) -> dict:
         return {"status": {"loaded": "ok", "loading": "loading"}.get(info["state"],
                                                                      "unavailable"),
-                **info, "models": {info["model"]: model},
+                **info,
+                "models": {name: {key: model[key] for key in ("state", "detail") if key in model}
+                           for name, model in models.items()},
                 "max_upload_mb": self._settings.max_upload_mb,
                 "max_audio_seconds": self._settings.max_audio_seconds}
 
-    @app.get("/", summary="Health: status, the model being served and whether it is loaded")
+    @app.get("/", summary="Health: status, the default model and whether each model served is "
+             "loaded, available (loads on first use) or missing")
     async def health(self) -> dict:
-        return self._health(await self._model_info())
+        models = await self._models()
+        return self._health(models[self._default], models)
 
     @app.get("/healthz", summary="Liveness: 200 while the HTTP front answers")
     async def liveness(self) -> dict:
         return {"status": "alive"}
 
-    @app.get("/readyz", summary="Readiness: 200 once the model is loaded, else 503",
+    @app.get("/readyz", summary="Readiness: 200 once the default model is loaded, else 503",
              responses={503: {"description": "the model is loading or missing"}})
     async def readiness(self):
-        health = self._health(await self._model_info())
+        info = await self._model_info(self._default)
+        health = self._health(info, {self._default: info})
         if health["status"] == "ok":
             return {"status": "ready", "models": health["models"]}
-        return _error(503, "not_ready", f"model {health['model']!r} is "
-                      f"{health['models'][health['model']]['state']}", models=health["models"])
+        return _error(503, "not_ready", f"model {self._default!r} is {info['state']}",
+                      models=health["models"])
+
+    @app.get("/models", summary="The models served: for each, its state (loaded, available, "
+             "missing with the file that is missing, loading), its stems and whether it is the "
+             "default")
+    async def models(self) -> dict:
+        models = await self._models()
+        return {"default": self._default,
+                "models": [{"name": name, "default": name == self._default, **{
+                    key: value for key, value in info.items() if key != "model"}}
+                    for name, info in models.items()]}
 
     @app.get("/stats", summary="Batching counters and model seconds of the Separate deployment "
              "(one replica), and the object store's use")
@@ -377,8 +430,9 @@ class Ingress:
                        **fields) -> Response:
         """The form's other fields are `SeparationOptions`' (`with_option_fields`)."""
         check_form_fields(request, await request.form())
-        options = SeparationOptions.parse(**fields)
-        info = await self._loaded_model()
+        options = SeparationOptions.parse(**fields).with_model(
+            self._default, self._settings.served_models)
+        info = await self._ready_model(options.model)
         options.validate_for(info["sources"])
         data = await audio_file.read(self._max_bytes + 1)
         if len(data) > self._max_bytes:
@@ -391,13 +445,14 @@ class Ingress:
         return Response(archive, media_type="application/zip", headers={
             "Content-Disposition": f'attachment; filename="{_ascii(name)}_stems.zip"',
             "X-Audio-Seconds": f"{song.seconds:.3f}", "X-Windows": str(len(song.plan.windows)),
+            "X-Model": options.model,
             "Server-Timing": timing})
 
     async def _separate_song(self, data: bytes, options: SeparationOptions):
         """Decode, then Encode (which runs the windows): `(song, zip, Server-Timing)`. An
         attempt that loses a replica or the song's mix starts again from the upload, until
         `retry_seconds` have passed."""
-        geometry = await self._geometry()
+        geometry = await self._geometry(options.model)
 
         async def attempt():
             start = time.perf_counter()
@@ -413,11 +468,11 @@ class Ingress:
                               "separation attempt lost; starting the song again",
                               delay=0.5, max_delay=0.5)
 
-    async def _geometry(self):
+    async def _geometry(self, model: str):
         """The model's window geometry (what Decode plans with), asked of Separate once."""
-        if self._model_geometry is None:
-            self._model_geometry = await self._separate.geometry.remote()
-        return self._model_geometry
+        if model not in self._geometries:
+            self._geometries[model] = await self._separate_for(model).geometry.remote(model)
+        return self._geometries[model]
 
 
 __all__ = ["Ingress", "app"]

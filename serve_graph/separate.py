@@ -6,6 +6,7 @@ import threading
 import time
 import typing as tp
 import warnings
+import weakref
 from collections import Counter
 
 import numpy as np
@@ -13,7 +14,9 @@ import ray
 import torch as th
 from ray import serve
 
-from .engine import ModelNotFoundError, ModelRunner, ModelUnavailableError, load_model
+from .engine import (ModelMissingError, ModelNotFoundError, ModelRunner, load_model,
+                     model_geometry)
+from .engine.models import weights_problem
 from .engine.separator import run_windows
 from .engine.windows import Window
 from .launch import keep_replica_server_on_loopback
@@ -26,11 +29,18 @@ logger = logging.getLogger("ray.serve")
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
+# Models one Separate replica keeps loaded; Serve unloads the least recently used beyond.
+# Read when this module is imported (set it in the replicas' runtime_env to change it).
+MODELS_PER_REPLICA = int(os.environ.get("SERVE_GRAPH_MODELS_PER_REPLICA", "3"))
+
+
 @serve.deployment(max_ongoing_requests=256)
 class Separate:
-    """Holds the model once per replica. `separate_window` takes one window and is called
-    concurrently for every window of every song in flight; `@serve.batch` stacks the windows
-    waiting at that moment (of one song or of several) into one forward pass."""
+    """Holds the served models, each loaded once per replica on first use (Ray Serve model
+    multiplexing: requests for a model go to the replicas that have it loaded). The default
+    model is loaded at start. `separate_window` takes one window and is called concurrently
+    for every window of every song in flight; `@serve.batch` stacks the windows waiting at
+    that moment (of one song or of several) into one forward pass per model."""
 
     def __init__(self, settings: ServiceSettings):
         keep_replica_server_on_loopback()
@@ -40,33 +50,38 @@ class Separate:
             th.set_num_threads(os.cpu_count())  # Ray sets OMP threads to num_cpus otherwise
         self.model_name = settings.model
         self._settings = settings
-        self.runner: tp.Optional[ModelRunner] = None
-        self.problem: tp.Optional[str] = None
-        self._load()
+        self._loaded: "weakref.WeakValueDictionary[str, ModelRunner]" = (
+            weakref.WeakValueDictionary())  # what the multiplexer holds, by name
+        self._started: tp.Dict[str, ModelRunner] = {}  # loaded at start, not yet multiplexed
+        self._sources: tp.Dict[str, dict] = {}  # of models described, by name
+        # start-up work (memory measurement, torch.compile, CUDA graph capture) happens here
+        try:
+            self._started[settings.model] = self._build(settings.model)
+        except ModelMissingError as exc:
+            logger.error("model %r missing: %s", settings.model, exc.detail)
         self._lock = threading.Lock()
         self._stats: tp.Dict[str, tp.Any] = {"batches": 0, "windows": 0, "model_seconds": 0.,
                                              "multi_request_batches": 0,
                                              "max_requests_in_batch": 0,
                                              "batch_sizes": Counter()}
 
-    def _load(self) -> None:
-        """Load the model; without its weights the replica stays up and reports them missing
-        (`info`), so a cluster deployment says what is wrong instead of restarting forever."""
+    def _build(self, name: str) -> ModelRunner:
+        """Model `name` on this replica's device; `ModelMissingError` naming the missing
+        file when its weights are not in place."""
         try:
-            model = load_model(self._settings.model, self._settings.model_repo)
+            model = load_model(name, self._settings.model_repo)
         except ModelNotFoundError as exc:
-            self.problem = str(exc)
-            logger.error("model %r missing: %s", self._settings.model, exc)
-            return
-        # start-up work (memory measurement, torch.compile, CUDA graph capture) happens here
-        self.runner = ModelRunner(model, options=self._settings.runner_options())
-        self.problem = None
+            raise ModelMissingError(str(exc)) from None
+        runner = ModelRunner(model, options=self._settings.runner_options())
+        self._loaded[name] = runner
+        return runner
 
-    def _loaded(self) -> ModelRunner:
-        if self.runner is None:
-            raise ModelUnavailableError(f"model {self.model_name!r} is not loaded: "
-                                        f"{self.problem}")
-        return self.runner
+    @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
+    async def runner(self, name: str) -> ModelRunner:
+        """The loaded model `name` (loaded now when it is not: Serve keeps the last
+        `MODELS_PER_REPLICA` used)."""
+        started = self._started.pop(name, None)
+        return started or await asyncio.to_thread(self._build, name)
 
     def reconfigure(self, config: dict) -> None:
         """`user_config` from serve_config.yaml: batching knobs, changeable without restart."""
@@ -74,51 +89,77 @@ class Separate:
         self.separate_window.set_batch_wait_timeout_s(
             float(config.get("batch_wait_timeout_s", 0.0)))
 
-    def info(self) -> dict:
-        """The model's state: "loaded" with its facts, or "missing" with the reason (the load
-        is retried here, so weights put in place later are picked up)."""
-        if self.runner is None:
-            self._load()
-        if self.runner is None:
-            return {"model": self.model_name, "state": "missing", "detail": self.problem}
-        geometry = self.runner.geometry
-        return {"model": self.model_name, "state": "loaded", "device": str(self.runner.device),
-                "precision": self.runner.precision, "compile": self.runner.options.compile,
-                "batch_limit": self.runner.batch_limit(),
-                "startup_seconds": round(self.runner.startup_seconds, 2),
-                "sample_rate": geometry.samplerate,
-                "sources": list(geometry.sources),
+    async def info(self, name: str) -> dict:
+        """Model `name`'s state: "loaded" with its facts (it is loaded now when its weights are
+        there), or "missing" with the reason (looked for again on each call, so weights put in
+        place later are picked up)."""
+        try:
+            runner = await self.runner(name)
+        except ModelMissingError as exc:
+            return _missing(name, exc.detail)
+        return self._facts(name, runner)
+
+    async def describe(self, name: str) -> dict:
+        """Model `name`'s state without keeping it loaded: "loaded" (here), "available" (its
+        weight files are in place; with its sources) or "missing" (naming the file). Looks at
+        files, never downloads; an available model is loaded once to read its sources."""
+        runner = self._loaded.get(name)
+        if runner is not None:
+            return self._facts(name, runner)
+        problem = await asyncio.to_thread(weights_problem, name, self._settings.model_repo)
+        if problem is not None:
+            return _missing(name, problem)
+        if name not in self._sources:
+            self._sources[name] = await asyncio.to_thread(self._read_sources, name)
+        return {"model": name, "state": "available", **self._sources[name]}
+
+    def _read_sources(self, name: str) -> dict:
+        geometry = model_geometry(load_model(name, self._settings.model_repo))
+        return {"sources": list(geometry.sources), "models_in_bag": geometry.num_models}
+
+    def _facts(self, name: str, runner: ModelRunner) -> dict:
+        geometry = runner.geometry
+        return {"model": name, "state": "loaded", "device": str(runner.device),
+                "precision": runner.precision, "compile": runner.options.compile,
+                "batch_limit": runner.batch_limit(),
+                "startup_seconds": round(runner.startup_seconds, 2),
+                "sample_rate": geometry.samplerate, "sources": list(geometry.sources),
+                "models_in_bag": geometry.num_models,
                 "max_batch_size": self.separate_window._get_max_batch_size(),
                 "batch_wait_timeout_s": self.separate_window._get_batch_wait_timeout_s()}
 
-    def geometry(self):
-        return self._loaded().geometry
+    async def geometry(self, name: str):
+        return (await self.runner(name)).geometry
 
     def stats(self) -> dict:
         with self._lock:
             stats = dict(self._stats, batch_sizes=dict(self._stats["batch_sizes"]))
         stats["mean_batch_size"] = stats["windows"] / stats["batches"] if stats["batches"] else 0.
+        stats["models_loaded"] = sorted(self._loaded)
         return stats
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.0)
     async def separate_window(self, mixes: tp.List[MixRef], windows: tp.List[Window],
-                              request_ids: tp.List[str]) -> tp.List[np.ndarray]:
-        """Batched: one `(mix, window, request_id)` per caller, where `mix` is an object ref to
-        a song's normalised mix `[C, T]`. Returns each window's trimmed stems
+                              request_ids: tp.List[str], models: tp.List[str]
+                              ) -> tp.List[np.ndarray]:
+        """Batched: one `(mix, window, request_id, model)` per caller, where `mix` is an object
+        ref to a song's normalised mix `[C, T]`. Returns each window's trimmed stems
         `[S, C, window.length]` float32, or None when its mix is lost."""
-        return await asyncio.to_thread(self._run, mixes, windows, request_ids)
+        runners = {name: await self.runner(name) for name in dict.fromkeys(models)}
+        return await asyncio.to_thread(self._run, mixes, windows, request_ids,
+                                       [runners[name] for name in models])
 
-    def _run(self, mixes, windows, request_ids) -> tp.List[tp.Optional[np.ndarray]]:
-        runner = self._loaded()
+    def _run(self, mixes, windows, request_ids, runners) -> tp.List[tp.Optional[np.ndarray]]:
         arrays = _fetch(mixes)
         outputs: tp.List[tp.Optional[np.ndarray]] = [None] * len(windows)
-        groups: tp.Dict[tp.Tuple[int, int], tp.List[int]] = {}
+        groups: tp.Dict[tp.Tuple[int, int, int], tp.List[int]] = {}
         for index, window in enumerate(windows):
             if arrays[index] is not None:  # a lost mix: its caller gets None
-                groups.setdefault((window.model_index, window.input_length), []).append(index)
+                key = (id(runners[index]), window.model_index, window.input_length)
+                groups.setdefault(key, []).append(index)
         for indices in groups.values():
             start = time.perf_counter()
-            stems = run_windows(runner, [th.from_numpy(arrays[i]) for i in indices],
+            stems = run_windows(runners[indices[0]], [th.from_numpy(arrays[i]) for i in indices],
                                 [windows[i] for i in indices])
             for i, out in zip(indices, stems):
                 outputs[i] = out.contiguous().numpy()
@@ -135,6 +176,10 @@ class Separate:
             self._stats["multi_request_batches"] += requests > 1
             self._stats["max_requests_in_batch"] = max(self._stats["max_requests_in_batch"],
                                                        requests)
+
+
+def _missing(name: str, detail: str) -> dict:
+    return {"model": name, "state": "missing", "detail": detail}
 
 
 def _fetch(mixes: tp.List[MixRef]) -> tp.List[tp.Optional[np.ndarray]]:

@@ -9,7 +9,10 @@ MODEL_ENV, REPO_ENV = "SERVE_GRAPH_MODEL", "SERVE_GRAPH_MODEL_REPO"
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    model: str = "htdemucs"
+    model: str = "htdemucs"  # the default: requests that name no model get this one
+    # more models a request may name (`model`): loaded on first use, up to
+    # MODELS_PER_REPLICA per Separate replica (least recently used unloaded)
+    models: tp.Tuple[str, ...] = ()
     model_repo: tp.Optional[str] = None  # local model repo folder; None: Demucs' caches
     device: str = "auto"  # auto: cuda if present, else cpu
     precision: str = "fp32"
@@ -46,9 +49,15 @@ class ServiceSettings:
             args["model"] = os.environ[MODEL_ENV]
         if os.environ.get(REPO_ENV) and not args.get("model_repo"):
             args["model_repo"] = os.environ[REPO_ENV]
-        if "cors_origins" in args:  # a YAML list
-            args["cors_origins"] = tuple(args["cors_origins"] or ())
+        for name in ("cors_origins", "models"):  # YAML lists
+            if name in args:
+                args[name] = tuple(args[name] or ())
         return cls(**args)
+
+    @property
+    def served_models(self) -> tp.Tuple[str, ...]:
+        """The default model first, then the others configured."""
+        return tuple(dict.fromkeys((self.model, *self.models)))
 
     @property
     def max_upload_bytes(self) -> int:

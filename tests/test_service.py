@@ -18,11 +18,13 @@ from bad_inputs import upload_cases as upload_cases_for
 from serve_process import ServeProcess, free_port, listening_addresses
 from serve_graph.procs import descendants
 from serve_graph.launch import write_config
-from serve_graph.engine import ModelRunner, decode, separate
+from serve_graph.engine import ModelRunner, decode, load_model, separate
 from serve_graph.engine.output import prevent_clip
 
 pytestmark = pytest.mark.serve
 MAX_UPLOAD_MB, MAX_SECONDS, MAX_WINDOWS = 2, 20, 300
+# served beside the default (tiny htdemucs): six sources, a bag of specialists, no weights
+OTHER_MODELS = ("tiny6s", "tinyft", "nothere")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def service_process(tmp_path_factory, tiny_repo):
     config = write_config(
         folder / "serve_config.yaml", port=port, host="127.0.0.1",
         args={"max_upload_mb": MAX_UPLOAD_MB, "max_audio_seconds": MAX_SECONDS,
-              "max_windows": MAX_WINDOWS},
+              "max_windows": MAX_WINDOWS, "models": list(OTHER_MODELS)},
         deployments={"Separate": {"user_config": {"max_batch_size": 8,
                                                   "batch_wait_timeout_s": 0.05}}})
     server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
@@ -107,6 +109,70 @@ def test_wav_stems_equal_the_engine(service, song_mp3, tiny_model):
     for name, stem in zip(archive.namelist(), expected):
         got = decode(archive.read(name))
         assert th.allclose(got, prevent_clip(stem), atol=2 / 2**15, rtol=0), name
+
+
+def test_models_lists_each_model_with_its_state_and_stems(service):
+    listing = requests.get(service + "/models", timeout=60).json()
+    assert listing["default"] == "htdemucs"
+    models = {entry["name"]: entry for entry in listing["models"]}
+    assert list(models) == ["htdemucs", *OTHER_MODELS]
+    assert models["htdemucs"]["state"] == "loaded" and models["htdemucs"]["default"]
+    assert models["tiny6s"]["state"] in ("available", "loaded")
+    assert models["tiny6s"]["sources"][-2:] == ["guitar", "piano"]
+    assert models["tinyft"]["models_in_bag"] == 4
+    assert models["nothere"]["state"] == "missing"
+    assert "nothere.yaml" in models["nothere"]["detail"]  # the file it needs
+    health = requests.get(service + "/", timeout=60).json()
+    assert health["status"] == "ok" and health["models"]["nothere"]["state"] == "missing"
+    schema = requests.get(service + "/openapi.json", timeout=30).json()
+    body = schema["components"]["schemas"]["Body_separate_separate_post"]
+    assert body["properties"]["model"]["enum"] == ["htdemucs", *OTHER_MODELS]
+
+
+def test_model_chosen_per_request_equals_the_engine(service, song_mp3, tiny_repo):
+    """A six-source model through the same service: its six stems, as the engine makes them;
+    the default model's requests keep working beside it."""
+    response = post(service, song_mp3, model="tiny6s", format="wav", stems="vocals,guitar")
+    archive = stems_of(response)
+    assert response.headers["x-model"] == "tiny6s"
+    assert archive.namelist() == ["vocals.wav", "guitar.wav"]
+    runner = ModelRunner(load_model("tiny6s", tiny_repo), "cpu")
+    expected = separate(runner, decode(song_mp3), shifts=1, overlap=0.25, seed=0)
+    for name in archive.namelist():
+        stem = expected[runner.geometry.sources.index(name[:-4])]
+        got = decode(archive.read(name))
+        assert th.allclose(got, prevent_clip(stem), atol=2 / 2**15, rtol=0), name
+    assert len(stems_of(post(service, song_mp3, model="tiny6s")).namelist()) == 6
+    assert stems_of(post(service, song_mp3)).namelist()[-1] == "vocals.mp3"
+
+
+def test_stem_subset_of_a_bag_runs_only_its_specialists(service, song_mp3, tiny_repo):
+    whole = post(service, song_mp3, model="tinyft", format="wav")
+    vocals = post(service, song_mp3, model="tinyft", format="wav", stems="vocals")
+    assert stems_of(vocals).namelist() == ["vocals.wav"]
+    assert int(vocals.headers["x-windows"]) * 4 == int(whole.headers["x-windows"])
+    # equal but for the last bit (batches of other sizes round differently)
+    assert th.allclose(decode(stems_of(vocals).read("vocals.wav")),
+                       decode(stems_of(whole).read("vocals.wav")), atol=2 / 2**15, rtol=0)
+
+
+@pytest.mark.parametrize("model, status, error, words", [
+    ("nothere", 404, "model_missing", "nothere.yaml"),
+    ("htdemucs_ft", 422, "invalid_parameter", "tiny6s"),  # not served: the choices named
+    ("../models", 422, "invalid_parameter", "model"),
+])
+def test_unavailable_models_are_refused_with_the_reason(service, song_mp3, model, status,
+                                                        error, words):
+    response = post(service, song_mp3, model=model)
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == error and words in response.json()["detail"]
+
+
+def test_stems_are_those_of_the_model_asked_for(service, song_mp3):
+    refused = post(service, song_mp3, stems="guitar")  # htdemucs has no guitar
+    assert refused.status_code == 422 and "guitar" in refused.json()["detail"]
+    assert stems_of(post(service, song_mp3, model="tiny6s", two_stems="guitar")).namelist() \
+        == ["guitar.mp3", "no_guitar.mp3"]
 
 
 def test_concurrent_songs_share_forward_passes(service):

@@ -2,7 +2,7 @@
 audio I/O. Plain functions on tensors; no Ray here (the deployments call into this)."""
 from .audio import decode, select_stems, zip_files
 from .errors import (AudioTooLongError, InvalidAudioError, InvalidParameterError,
-                     ModelNotFoundError, ModelUnavailableError, SeparationError,
+                     ModelMissingError, ModelNotFoundError, ModelUnavailableError, SeparationError,
                      UploadTooLargeError)
 from .models import DEFAULT_MODEL, load_model, make_random_repo, model_geometry
 from .output import encode_stem
@@ -13,7 +13,7 @@ from .windows import ModelGeometry, OverlapAdd, Plan, Window, plan_windows
 
 __all__ = [
     "AudioTooLongError", "DEFAULT_MODEL", "InvalidAudioError", "InvalidParameterError",
-    "ModelGeometry", "ModelNotFoundError", "ModelRunner", "ModelUnavailableError", "OverlapAdd", "PRECISIONS", "Plan",
+    "ModelGeometry", "ModelMissingError", "ModelNotFoundError", "ModelRunner", "ModelUnavailableError", "OverlapAdd", "PRECISIONS", "Plan",
     "SeparationError", "SeparationOptions", "UploadTooLargeError", "Window", "decode",
     "default_device", "encode_stem", "load_model", "make_random_repo", "model_geometry",
     "plan_windows", "prepare", "select_stems", "separate", "separate_to_zip", "Song", "SongWriter",

@@ -47,5 +47,12 @@ class ModelUnavailableError(SeparationError):
     error = "model_unavailable"
 
 
+class ModelMissingError(SeparationError):
+    """The model asked for is served here but its weights are not in place: the detail names
+    the missing file and where it goes."""
+    status_code = 404
+    error = "model_missing"
+
+
 class ModelNotFoundError(RuntimeError):
     """The model's weights are not where Demucs looks; the message says which file and where."""

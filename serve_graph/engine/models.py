@@ -98,6 +98,48 @@ def load_model(name: str = DEFAULT_MODEL, repo: tp.Optional[tp.Union[str, Path]]
     return model
 
 
+def weights_problem(name: str, repo: tp.Optional[tp.Union[str, Path]] = None
+                    ) -> tp.Optional[str]:
+    """None when every weight file of model `name` is on this machine (in the local model
+    `repo`, else in Demucs' caches: the Hugging Face hub's or torch hub's); else which file is
+    missing and where it goes. Looks at files only: never loads, never downloads."""
+    if repo is not None:
+        try:
+            _check_local_repo(name, Path(repo))
+        except ModelNotFoundError as exc:
+            return str(exc)
+        return None
+    if _in_hf_cache(name) or _in_torch_cache(name):
+        return None
+    return _remote_hint(name, FileNotFoundError("its weights are not in Demucs' caches"))
+
+
+def _in_hf_cache(name: str) -> bool:
+    """Whether `demucs.hf.get_hf_model(name)` finds its bag file and every model file in the
+    Hugging Face cache."""
+    from demucs.hf import DEFAULT_NAMESPACE, hf_repo_name
+    from huggingface_hub import try_to_load_from_cache
+    repo_id = f"{DEFAULT_NAMESPACE}/{hf_repo_name(name)}"
+    bag_file = try_to_load_from_cache(repo_id, f"{name}.yaml")
+    if not isinstance(bag_file, str):
+        return False
+    signatures = yaml.safe_load(Path(bag_file).read_text())["models"]
+    return all(isinstance(try_to_load_from_cache(repo_id, f"{sig}.safetensors"), str)
+               for sig in signatures)
+
+
+def _in_torch_cache(name: str) -> bool:
+    """Whether Demucs' legacy remote repo finds every checkpoint of `name` (a bag name or a
+    signature) in torch hub's cache."""
+    urls = _parse_remote_files(REMOTE_ROOT / "files.txt")
+    bag_file = REMOTE_ROOT / f"{name}.yaml"
+    signatures = yaml.safe_load(bag_file.read_text())["models"] if bag_file.is_file() else [name]
+    if not all(sig in urls for sig in signatures):
+        return False
+    cache = Path(th.hub.get_dir()) / "checkpoints"
+    return all((cache / urls[sig].rsplit("/", 1)[-1]).is_file() for sig in signatures)
+
+
 def _check_local_repo(name: str, repo: Path) -> None:
     if not repo.is_dir():
         raise ModelNotFoundError(

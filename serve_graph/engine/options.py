@@ -18,14 +18,20 @@ CLIP_MODES = ("rescale", "clamp", "none")
 # piano); `validate_for` checks a request against the model that serves it.
 DEFAULT_SOURCES = ("drums", "bass", "other", "vocals")
 _ONE_OF = f"({'|'.join(DEFAULT_SOURCES)})"
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # Demucs' names and signatures: never a path
 EXCLUSIVE_FIELDS = ("two_stems", "stems")  # at most one of them in a request
 
 
 class SeparationOptions(BaseModel):
     """The parameters of one separation. Validated on construction (types, ranges, choices:
     `pydantic.ValidationError`), and against the model's sources by `validate_for`."""
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
+    model: tp.Optional[str] = Field(
+        None, pattern=MODEL_NAME, max_length=64, description="the model that separates: "
+        "htdemucs (fast), htdemucs_ft (a bag of four, best quality), htdemucs_6s (adds guitar "
+        "and piano), hdemucs_mmi, mdx_extra... as configured (GET /models); leave out for the "
+        "service's default")
     two_stems: tp.Optional[str] = Field(
         None, description="return only this stem and no_<stem> (the sum of the others); "
         "leave out for every stem", json_schema_extra={"enum": list(DEFAULT_SOURCES)})
@@ -77,6 +83,15 @@ class SeparationOptions(BaseModel):
     def stem_list(self) -> tp.Optional[tp.Tuple[str, ...]]:
         return None if self.stems is None else tuple(self.stems.split(","))
 
+    def with_model(self, default: str, served: tp.Sequence[str]) -> "SeparationOptions":
+        """These options with `model` set (`default` when left out); raises
+        `InvalidParameterError` when it is not one of the `served` models."""
+        name = self.model or default
+        if name not in served:
+            raise InvalidParameterError(f"model {name!r} is not served here; choose one of "
+                                        f"{', '.join(served)} (GET /models)")
+        return self.model_copy(update={"model": name})
+
     def validate_for(self, sources: tp.Sequence[str]) -> "SeparationOptions":
         """Raise `InvalidParameterError` when a stem named is not one of the model's
         `sources`; returns self."""
@@ -98,7 +113,7 @@ class SeparationOptions(BaseModel):
                 for error in exc.errors())) from None
 
 
-CONSTRAINTS = ("ge", "le", "gt", "lt", "pattern", "allow_inf_nan")  # those the fields use
+CONSTRAINTS = ("ge", "le", "gt", "lt", "pattern", "max_length", "allow_inf_nan")  # those the fields use
 
 
 class RequestField(tp.NamedTuple):

@@ -40,12 +40,13 @@ def check_budget(plan: Plan, max_windows: tp.Optional[int], samplerate: int) -> 
 class Song:
     """A decoded song, ready for its windows: the normalised mix `[C, T]` float32 (a tensor in
     process; in the service a boxed object-store ref), the window plan and what undoes the
-    normalisation."""
+    normalisation, for `model` (its name; None in process, where the runner is the model)."""
     mix: tp.Any
     plan: Plan
     mean: float
     std: float
     geometry: ModelGeometry
+    model: tp.Optional[str] = None
 
     @property
     def seconds(self) -> float:
@@ -63,7 +64,7 @@ def prepare(data: bytes, geometry: ModelGeometry, options: SeparationOptions,
     plan = plan_windows(mix.shape[-1], geometry, options.shifts, options.overlap, options.seed,
                         models=geometry.models_for(options.stem_list))
     check_budget(plan, max_windows, geometry.samplerate)
-    return Song(mix, plan, mean, std, geometry)
+    return Song(mix, plan, mean, std, geometry, options.model)
 
 
 class SongWriter:

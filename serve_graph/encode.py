@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from .engine import SeparationOptions, SongWriter
 from .engine.output import sweep_spill
 from .engine.windows import Window, in_order
+from .jobs import Progress
 from .launch import keep_replica_server_on_loopback
 from .messages import REPLICA_LOST, MixLostError, Song, release_memory, retrying
 from .settings import ServiceSettings
@@ -44,15 +45,15 @@ class Encode:
         if swept:
             logger.info("removed the spill folders of %d replicas that died", swept)
 
-    async def encode(self, song: Song, options: SeparationOptions
-                     ) -> tp.Tuple[bytes, tp.Dict[str, float]]:
+    async def encode(self, song: Song, options: SeparationOptions,
+                     job_id: tp.Optional[str] = None) -> tp.Tuple[bytes, tp.Dict[str, float]]:
         """The ZIP of `song`'s stems as `options` ask, and seconds by stage: windows (first
         window sent to last output in), overlap_add, encode, encode_cpu, finish (last output
-        in to ZIP ready), zip."""
+        in to ZIP ready), zip. Windows done are reported to job `job_id`, if any."""
         writer = SongWriter(song, options, self._pool, self.threads)
         try:
             start = time.perf_counter()
-            await self._run_windows(song, writer)
+            await self._run_windows(song, writer, Progress(job_id, len(song.plan.windows)))
             windows_done = time.perf_counter()
             archive = await asyncio.to_thread(writer.finish)
             timings = dict(writer.timings(), windows=windows_done - start,
@@ -69,7 +70,7 @@ class Encode:
             self._handles[model] = self._separate.options(multiplexed_model_id=model)
         return self._handles[model]
 
-    async def _run_windows(self, song: Song, writer: SongWriter) -> None:
+    async def _run_windows(self, song: Song, writer: SongWriter, progress: Progress) -> None:
         request_id = uuid.uuid4().hex
         separate = self._separate_for(song.model)
         waiting = iter(in_order(song.plan))
@@ -88,6 +89,7 @@ class Encode:
                 for task in done:
                     window, output = task.result()
                     await asyncio.to_thread(writer.add, window, th.from_numpy(np.array(output)))
+                    progress.windows_done(writer.windows_added)
         finally:
             for task in running:
                 task.cancel()

@@ -1,6 +1,7 @@
 """The HTTP front: FastAPI on Ray Serve. `POST /separate` and `GET /`, the original API."""
 import asyncio
 import inspect
+import json
 import logging
 import time
 import types
@@ -13,7 +14,7 @@ from pathlib import PurePath
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,8 +25,9 @@ from .engine import (InvalidAudioError, InvalidParameterError, ModelMissingError
                      ModelUnavailableError, SeparationError, SeparationOptions,
                      UploadTooLargeError)
 from .engine.options import EXCLUSIVE_FIELDS, request_fields
+from .jobs import FINAL, job_store, key_id
 from .launch import keep_replica_server_on_loopback
-from .messages import SONG_LOST, retrying
+from .messages import SONG_LOST, awaited, retrying
 from .settings import ServiceSettings
 
 logger = logging.getLogger("ray.serve")
@@ -267,6 +269,7 @@ async def _access(request: Request, call_next):
                           "'Authorization: Bearer <key>'")
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
+    request.state.api_key = key  # jobs are visible to the key that created them
     limit = _config.limit
     if limit is None or request.url.path != "/separate":
         return await call_next(request)
@@ -302,6 +305,48 @@ class _ConfiguredCORS:
 app.add_middleware(_ConfiguredCORS)  # outermost: browsers' preflights carry no key
 
 
+SSE_POLL_S, SSE_KEEPALIVE_S, WATCH_S = 0.25, 15., 1.
+
+
+class JobNotFoundError(SeparationError):
+    status_code = 404
+    error = "job_not_found"
+
+
+class JobLinks(BaseModel):
+    """A job: its state (`serve_graph.jobs.public`) and where to follow it."""
+    id: str
+    status: str = Field(description="queued, running, done, failed or cancelled")
+    stage: str = Field(description="queued, decoding, separating, encoding, or the status")
+    progress: dict = Field(description="windows_done, windows_total, fraction (0-1)")
+    eta_seconds: tp.Optional[float] = Field(description="seconds left at the pace so far")
+    model: tp.Optional[str]
+    audio_seconds: tp.Optional[float]
+    created_at: float
+    updated_at: float
+    expires_at: tp.Optional[float] = Field(description="when a finished job is forgotten")
+    error: tp.Optional[dict] = Field(description="a failed job's {status, error, detail}")
+    status_url: str
+    events_url: str
+    result_url: str
+
+
+def _job_links(job: dict) -> dict:
+    base = f"/jobs/{job['id']}"
+    return {**job, "status_url": base, "events_url": f"{base}/events",
+            "result_url": f"{base}/result"}
+
+
+def _key(request: Request) -> tp.Optional[str]:
+    return key_id(getattr(request.state, "api_key", None))
+
+
+def _zip_headers(name: str, song, options: SeparationOptions, timing: str) -> dict:
+    return {"Content-Disposition": f'attachment; filename="{_ascii(name)}_stems.zip"',
+            "X-Audio-Seconds": f"{song.seconds:.3f}", "X-Windows": str(len(song.plan.windows)),
+            "X-Model": options.model or "", "Server-Timing": timing}
+
+
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
 class Ingress:
@@ -319,6 +364,10 @@ class Ingress:
         self._geometries: tp.Dict[str, tp.Any] = {}
         self._handles: tp.Dict[str, DeploymentHandle] = {}
         self._max_bytes = settings.max_upload_bytes
+        self._jobs = job_store(settings.job_ttl_s)
+        self._replica = uuid.uuid4().hex  # this replica, as the owner of the jobs it runs
+        self._running: tp.Dict[str, asyncio.Task] = {}
+        self._watcher: tp.Optional[asyncio.Task] = None
         configure_middleware(settings)
 
     def _separate_for(self, model: str) -> DeploymentHandle:
@@ -429,6 +478,16 @@ class Ingress:
                        audio_file: UploadFile = File(..., description=AUDIO_FILE_HELP),
                        **fields) -> Response:
         """The form's other fields are `SeparationOptions`' (`with_option_fields`)."""
+        options, data, name = await self._accept(request, audio_file, fields)
+        song, archive, timing = await self._separate_song(data, options)
+        return Response(archive, media_type="application/zip",
+                        headers=_zip_headers(name, song, options, timing))
+
+    async def _accept(self, request: Request, audio_file: UploadFile, fields: dict
+                      ) -> tp.Tuple[SeparationOptions, bytes, str]:
+        """A separation request checked before any work: its fields, its model (loaded) and
+        the model's stems, the upload's size. Returns the options (model set), the upload
+        and the song's name."""
         check_form_fields(request, await request.form())
         options = SeparationOptions.parse(**fields).with_model(
             self._default, self._settings.served_models)
@@ -440,25 +499,172 @@ class Ingress:
                                       f"{self._settings.max_upload_mb:g} MB")
         if not data:
             raise InvalidAudioError("the file is empty")
-        song, archive, timing = await self._separate_song(data, options)
-        name = PurePath(audio_file.filename or "song").stem or "song"
-        return Response(archive, media_type="application/zip", headers={
-            "Content-Disposition": f'attachment; filename="{_ascii(name)}_stems.zip"',
-            "X-Audio-Seconds": f"{song.seconds:.3f}", "X-Windows": str(len(song.plan.windows)),
-            "X-Model": options.model,
-            "Server-Timing": timing})
+        return options, data, PurePath(audio_file.filename or "song").stem or "song"
 
-    async def _separate_song(self, data: bytes, options: SeparationOptions):
+    @app.post("/jobs", summary="Start a separation job: 202 at once, then poll status_url, "
+              "follow events_url (Server-Sent Events) and fetch result_url",
+              status_code=202, response_model=JobLinks, responses=ERROR_RESPONSES)
+    @with_option_fields
+    async def create_job(self, request: Request,
+                         audio_file: UploadFile = File(..., description=AUDIO_FILE_HELP),
+                         **fields) -> JSONResponse:
+        """The same fields as `POST /separate`, checked the same way before the 202."""
+        options, data, name = await self._accept(request, audio_file, fields)
+        self._watch()
+        job = await self._jobs.create.remote(self._replica, _key(request), data,
+                                             options.model_dump(), name)
+        self._start_job(job["id"], data, options, name)
+        links = _job_links(job)
+        return JSONResponse(links, status_code=202, headers={"Location": links["status_url"]})
+
+    @app.get("/jobs/{job_id}", summary="A job's status, stage, progress and ETA",
+             response_model=JobLinks, responses={404: _documented("no such job (or expired)")})
+    async def job_status(self, request: Request, job_id: str) -> dict:
+        return _job_links(await self._job(request, job_id))
+
+    @app.get("/jobs/{job_id}/events", summary="A job's status as Server-Sent Events, one "
+             "`status` event per change, until it ends",
+             response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}},
+                        404: _documented("no such job (or expired)")})
+    async def job_events(self, request: Request, job_id: str) -> StreamingResponse:
+        job = await self._job(request, job_id)
+        key = _key(request)
+
+        async def events():
+            last, quiet_since = None, time.monotonic()
+            current: tp.Optional[dict] = job
+            while current is not None:
+                view = _job_links(current)
+                if view != last:
+                    yield f"event: status\ndata: {json.dumps(view)}\n\n"
+                    last, quiet_since = view, time.monotonic()
+                    if current["status"] in FINAL:
+                        return
+                elif time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
+                    yield ": keep-alive\n\n"
+                    quiet_since = time.monotonic()
+                await asyncio.sleep(SSE_POLL_S)
+                current = await self._jobs.get.remote(job_id, key)
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.get("/jobs/{job_id}/result", summary="A finished job's ZIP of stems",
+             response_class=Response,
+             responses={200: {"content": {"application/zip": {}},
+                              "description": "ZIP of the stems"},
+                        404: _documented("no such job (or expired)"),
+                        409: _documented("the job has not finished, failed or was cancelled")})
+    async def job_result(self, request: Request, job_id: str) -> Response:
+        job = await self._job(request, job_id)
+        if job["status"] != "done":
+            detail = f"the job is {job['status']}"
+            if job["error"]:
+                detail += f": {job['error']['detail']}"
+            return _error(409, "job_not_done", detail, job_status=job["status"])
+        found = await self._jobs.result.remote(job_id, _key(request))
+        if found is None:
+            raise JobNotFoundError(f"job {job_id} has no result any more")
+        archive, headers = found
+        return Response(archive, media_type="application/zip", headers=headers)
+
+    @app.delete("/jobs/{job_id}", summary="Cancel a job (its queued windows and encoding stop)",
+                response_model=JobLinks,
+                responses={404: _documented("no such job (or expired)")})
+    async def cancel_job(self, request: Request, job_id: str) -> dict:
+        job = await self._jobs.cancel.remote(job_id, _key(request))
+        if job is None:
+            raise JobNotFoundError(f"no job {job_id} (unknown, expired or not yours)")
+        task = self._running.get(job_id)
+        if task is not None:
+            task.cancel()
+        return _job_links(job)
+
+    async def _job(self, request: Request, job_id: str) -> dict:
+        self._watch()
+        job = await self._jobs.get.remote(job_id, _key(request))
+        if job is None:
+            raise JobNotFoundError(f"no job {job_id} (unknown, expired or not yours)")
+        return job
+
+    def _start_job(self, job_id: str, data: bytes, options: SeparationOptions,
+                   name: str) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._run_job(job_id, data, options, name))
+        self._running[job_id] = task
+        task.add_done_callback(lambda _: self._running.pop(job_id, None))
+
+    async def _run_job(self, job_id: str, data: bytes, options: SeparationOptions,
+                       name: str) -> None:
+        """Run a job to its end and record it: the ZIP, or the error a client would have got
+        from `POST /separate`."""
+        try:
+            song, archive, timing = await self._separate_song(data, options, job_id)
+            await self._jobs.finish.remote(job_id, archive,
+                                           _zip_headers(name, song, options, timing))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded in the job, as /separate answers
+            cause = getattr(exc, "cause", exc)
+            if isinstance(cause, SeparationError):
+                error = {"status": cause.status_code, "error": cause.error,
+                         "detail": cause.detail}
+            else:
+                logger.exception("job %s failed", job_id)
+                error = {"status": 500, "error": "internal_error",
+                         "detail": "the separation failed; the error is logged"}
+            await self._jobs.fail.remote(job_id, error)
+
+    def _watch(self) -> None:
+        """Start this replica's job watcher once (from a request, or Serve's health check)."""
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_jobs())
+
+    async def _watch_jobs(self) -> None:
+        """Every second: tell the store which jobs run here, stop those cancelled elsewhere,
+        and adopt the orphans of a replica that died (they start again from their upload)."""
+        while True:
+            try:
+                answer = await self._jobs.heartbeat.remote(self._replica, list(self._running))
+                for job_id in answer["stop"]:
+                    task = self._running.get(job_id)
+                    if task is not None:
+                        task.cancel()
+                for job_id in answer["adopt"]:
+                    upload = await self._jobs.upload.remote(job_id)
+                    if upload is not None:
+                        data, options, name = upload
+                        logger.warning("job %s: its replica is gone; running it here", job_id)
+                        self._start_job(job_id, data, SeparationOptions(**options), name)
+            except Exception:  # noqa: BLE001 - the store restarting: try again
+                logger.exception("job watcher")
+            await asyncio.sleep(WATCH_S)
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: also what starts the job watcher of a replica that
+        has had no request yet (one that replaced a dead replica adopts its jobs)."""
+        self._watch()
+
+    async def _separate_song(self, data: bytes, options: SeparationOptions,
+                             job_id: tp.Optional[str] = None):
         """Decode, then Encode (which runs the windows): `(song, zip, Server-Timing)`. An
         attempt that loses a replica or the song's mix starts again from the upload, until
-        `retry_seconds` have passed."""
+        `retry_seconds` have passed. Stages are reported to job `job_id`, if any."""
         geometry = await self._geometry(options.model)
+
+        def stage(**fields) -> None:
+            if job_id is not None:
+                self._jobs.update.remote(job_id, **fields)
 
         async def attempt():
             start = time.perf_counter()
-            song = await self._decode.decode.remote(data, geometry, options)
+            stage(stage="decoding")
+            song = await awaited(self._decode.decode.remote(data, geometry, options))
             decoded = time.perf_counter()
-            archive, stages = await self._encode.encode.remote(song, options)
+            stage(stage="separating", windows_total=len(song.plan.windows),
+                  audio_seconds=round(song.seconds, 3))
+            archive, stages = await awaited(
+                self._encode.encode.remote(song, options, job_id))
             stages = {"decode": decoded - start, **stages,
                       "total": time.perf_counter() - start}
             return song, archive, ", ".join(f"{name};dur={seconds * 1000:.0f}"

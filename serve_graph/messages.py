@@ -10,8 +10,8 @@ from ray.serve import exceptions as serve_errors
 
 from .engine import Song
 
-__all__ = ["MixRef", "MixLostError", "Song", "REPLICA_LOST", "SONG_LOST", "release_memory",
-           "retrying"]
+__all__ = ["MixRef", "MixLostError", "Song", "REPLICA_LOST", "SONG_LOST", "awaited",
+           "release_memory", "retrying"]
 logger = logging.getLogger("ray.serve")
 T = tp.TypeVar("T")
 
@@ -77,3 +77,14 @@ async def retrying(attempt: tp.Callable[[], tp.Awaitable[T]], errors: tp.Tuple[t
             logger.warning("%s: %s; retrying in %.2f s", what, type(exc).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(2 * delay, max_delay)
+
+
+async def awaited(response: tp.Any) -> tp.Any:
+    """The result of a `DeploymentResponse`; when the awaiting task is cancelled, the call is
+    cancelled too. Serve does that by itself only for calls made while handling a request that
+    is cancelled, not for calls of a background task (a job)."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise

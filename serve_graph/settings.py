@@ -31,6 +31,7 @@ class ServiceSettings:
     windows_in_flight: int = 2
     encode_threads: int = 0  # MP3 encoding threads per Encode replica; 0: its num_cpus
     retry_seconds: float = 60.  # how long a window or song is retried while replicas die
+    job_ttl_s: float = 3600.  # how long a finished job's state and result are kept
     # A missing model stops a local `serve run` at start with one clear message; false: the
     # service starts anyway and reports the model missing at GET / and /readyz (as on a cluster)
     require_model: bool = True

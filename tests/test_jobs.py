@@ -1,0 +1,145 @@
+"""Asynchronous jobs over real HTTP: 202 and links, progress by polling and by Server-Sent
+Events, the result, cancellation, failures recorded, API keys, expiry, and a job that survives
+the SIGKILL of the Ingress replica running it."""
+import io
+import json
+import os
+import signal
+import time
+import zipfile
+
+import pytest
+import requests
+
+from audio_files import encode, tone
+from serve_graph.procs import replica_pids
+from serve_process import tiny_service
+
+pytestmark = pytest.mark.serve
+KEYS = ("key-one", "key-two")
+TTL = 12
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_repo):
+    folder = tmp_path_factory.mktemp("jobs")
+    (folder / "keys").write_text("\n".join(KEYS) + "\n")
+    server = tiny_service(folder, tiny_repo, {"max_windows": 100_000, "job_ttl_s": TTL,
+                                              "api_keys_file": str(folder / "keys")})
+    yield server
+    server.stop()
+
+
+def auth(key: str = KEYS[0]) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def submit(url: str, song: bytes, key: str = KEYS[0], **fields) -> requests.Response:
+    return requests.post(url + "/jobs", files={"audio_file": ("song.mp3", song)},
+                         data={k: str(v) for k, v in fields.items()}, headers=auth(key),
+                         timeout=60)
+
+
+def wait_for(url: str, job_id: str, statuses=("done", "failed", "cancelled"),
+             timeout: float = 240) -> dict:
+    """Poll the job until it reaches one of `statuses`, riding out a restarting Ingress."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            response = requests.get(f"{url}/jobs/{job_id}", headers=auth(), timeout=10)
+            if response.status_code == 200 and response.json()["status"] in statuses:
+                return response.json()
+        except requests.RequestException:
+            pass  # the HTTP front restarting
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not reach {statuses} in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def song():
+    return encode(tone(6.0, 44100, 2, seed=3), 44100, "mp3")
+
+
+def test_job_runs_to_a_zip_with_progress(service, song):
+    answer = submit(service.url, song, two_stems="vocals")
+    assert answer.status_code == 202, answer.text
+    job = answer.json()
+    assert job["status"] in ("queued", "running") and answer.headers["location"] == \
+        job["status_url"] == f"/jobs/{job['id']}"
+    done = wait_for(service.url, job["id"])
+    assert done["status"] == "done" and done["progress"]["fraction"] == 1.0
+    assert done["progress"]["windows_done"] == done["progress"]["windows_total"] > 0
+    assert done["eta_seconds"] == 0 and done["expires_at"] > time.time()
+    result = requests.get(service.url + done["result_url"], headers=auth(), timeout=60)
+    assert result.status_code == 200 and result.headers["content-type"] == "application/zip"
+    assert zipfile.ZipFile(io.BytesIO(result.content)).namelist() == ["vocals.mp3",
+                                                                      "no_vocals.mp3"]
+
+
+def test_events_stream_the_progress_until_the_end(service, song):
+    job = submit(service.url, song, shifts=3, format="wav").json()
+    events = []
+    with requests.get(service.url + job["events_url"], headers=auth(), stream=True,
+                      timeout=240) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines(decode_unicode=True):
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: "):]))
+    assert events[-1]["status"] == "done"
+    separating = [e for e in events if e["stage"] == "separating"]
+    assert separating, [e["stage"] for e in events]
+    done = [e["progress"]["windows_done"] for e in events]
+    assert done == sorted(done) and len(set(done)) > 2  # windows done counted up live
+    assert any(e["eta_seconds"] for e in separating)
+
+
+def test_cancel_stops_the_work(service, song):
+    long_song = encode(tone(20.0, 44100, 2, seed=5), 44100, "mp3")
+    job = submit(service.url, long_song, shifts=8).json()
+    running = wait_for(service.url, job["id"], statuses=("running",), timeout=60)
+    while running["progress"]["windows_done"] < 2:
+        running = requests.get(service.url + job["status_url"], headers=auth(), timeout=10).json()
+        time.sleep(0.2)
+    cancelled = requests.delete(service.url + job["status_url"], headers=auth(), timeout=10)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    time.sleep(2)
+    windows = requests.get(service.url + "/stats", headers=auth(), timeout=10).json()["windows"]
+    time.sleep(2)
+    assert requests.get(service.url + "/stats", headers=auth(),
+                        timeout=10).json()["windows"] == windows  # no more work for it
+    result = requests.get(service.url + job["result_url"], headers=auth(), timeout=10)
+    assert result.status_code == 409 and result.json()["error"] == "job_not_done"
+
+
+def test_bad_request_is_refused_before_a_job_and_bad_audio_fails_the_job(service, song):
+    refused = submit(service.url, song, shifts=99)
+    assert refused.status_code == 422 and refused.json()["error"] == "invalid_parameter"
+    job = submit(service.url, b"not audio at all" * 100).json()
+    failed = wait_for(service.url, job["id"])
+    assert failed["status"] == "failed"
+    assert failed["error"]["status"] == 415 and failed["error"]["error"] == "invalid_audio"
+
+
+def test_a_job_is_visible_only_to_its_key_and_expires(service, song):
+    job = submit(service.url, song).json()
+    for method in (requests.get, requests.delete):
+        other = method(service.url + job["status_url"], headers=auth(KEYS[1]), timeout=10)
+        assert other.status_code == 404 and other.json()["error"] == "job_not_found"
+    assert requests.get(service.url + job["status_url"], timeout=10).status_code == 401
+    wait_for(service.url, job["id"])
+    time.sleep(TTL + 1)
+    gone = requests.get(service.url + job["status_url"], headers=auth(), timeout=10)
+    assert gone.status_code == 404
+
+
+def test_job_survives_the_loss_of_its_ingress_replica(service, song):
+    long_song = encode(tone(15.0, 44100, 2, seed=6), 44100, "mp3")
+    job = submit(service.url, long_song, shifts=4).json()
+    wait_for(service.url, job["id"], statuses=("running",), timeout=60)
+    victim = replica_pids(service.pid)["Ingress"]
+    os.kill(victim, signal.SIGKILL)
+    done = wait_for(service.url, job["id"], timeout=300)
+    assert done["status"] == "done", done
+    assert replica_pids(service.pid)["Ingress"] != victim
+    result = requests.get(service.url + done["result_url"], headers=auth(), timeout=60)
+    assert len(zipfile.ZipFile(io.BytesIO(result.content)).namelist()) == 4

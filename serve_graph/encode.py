@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from .engine import SeparationOptions, SongWriter
 from .engine.output import sweep_spill
 from .engine.windows import Window, in_order
+from . import metrics
 from .jobs import Progress
 from .launch import keep_replica_server_on_loopback
 from .messages import REPLICA_LOST, MixLostError, Song, release_memory, retrying
@@ -37,6 +38,7 @@ class Encode:
     def __init__(self, separate: DeploymentHandle, settings: ServiceSettings):
         self._separate = separate
         self._handles: tp.Dict[str, DeploymentHandle] = {}
+        self._waiting = 0  # windows sent to Separate and not back yet, all songs
         keep_replica_server_on_loopback()
         self._settings = settings
         self.threads = settings.encode_threads or _assigned_cpus()
@@ -63,6 +65,10 @@ class Encode:
             writer.close()
             await asyncio.to_thread(release_memory)
 
+    def _waiting_changed(self, change: int) -> None:
+        self._waiting += change
+        metrics.windows_waiting(self._waiting)
+
     def _separate_for(self, model: str) -> DeploymentHandle:
         """Separate's handle for `model`: Serve routes its calls to a replica that has the
         model loaded (model multiplexing)."""
@@ -83,9 +89,11 @@ class Encode:
                         break
                     running.add(asyncio.create_task(
                         self._window(separate, song, window, request_id)))
+                    self._waiting_changed(+1)
                 if not running:
                     return
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                self._waiting_changed(-len(done))
                 for task in done:
                     window, output = task.result()
                     await asyncio.to_thread(writer.add, window, th.from_numpy(np.array(output)))
@@ -93,6 +101,7 @@ class Encode:
         finally:
             for task in running:
                 task.cancel()
+            self._waiting_changed(-len(running))
 
     async def _window(self, separate: DeploymentHandle, song: Song, window: Window,
                       request_id: str) -> tp.Tuple[Window, np.ndarray]:

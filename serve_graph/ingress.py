@@ -14,7 +14,7 @@ from pathlib import PurePath
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,6 +27,7 @@ from .engine import (InvalidAudioError, InvalidParameterError, ModelMissingError
 from .engine.options import EXCLUSIVE_FIELDS, request_fields
 from .jobs import FINAL, job_store, key_id
 from .launch import keep_replica_server_on_loopback
+from . import metrics
 from .messages import SONG_LOST, awaited, retrying
 from .settings import ServiceSettings
 
@@ -202,7 +203,7 @@ def configure_middleware(settings: ServiceSettings) -> None:
     _config.models = settings.served_models
 
 
-OPEN_PATHS = {"/", "/healthz", "/readyz", "/models", "/docs", "/docs/oauth2-redirect", "/openapi.json",
+OPEN_PATHS = {"/", "/healthz", "/readyz", "/models", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json",
               "/redoc"}
 RETRY_AFTER_S = 5
 
@@ -283,6 +284,16 @@ async def _access(request: Request, call_next):
         return await call_next(request)
     finally:
         limit.leave(client)
+
+
+@app.middleware("http")
+async def _count_requests(request: Request, call_next):
+    """Every answer counted by route template, method and status (`serve_graph_requests`)."""
+    response = await call_next(request)
+    route = request.scope.get("route")
+    metrics.request_done(getattr(route, "path", "unmatched"), request.method,
+                         response.status_code)
+    return response
 
 
 class _ConfiguredCORS:
@@ -461,6 +472,13 @@ class Ingress:
                 "models": [{"name": name, "default": name == self._default, **{
                     key: value for key, value in info.items() if key != "model"}}
                     for name, info in models.items()]}
+
+    @app.get("/metrics", summary="Prometheus metrics: Ray Serve's, Ray's (GPU utilisation where "
+             "present) and the service's (serve_graph_*), from this node's Ray metrics agent",
+             response_class=PlainTextResponse)
+    async def prometheus_metrics(self) -> PlainTextResponse:
+        text = await asyncio.to_thread(metrics.node_metrics_text)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/stats", summary="Batching counters and model seconds of the Separate deployment "
              "(one replica), and the object store's use")
@@ -667,6 +685,7 @@ class Ingress:
                 self._encode.encode.remote(song, options, job_id))
             stages = {"decode": decoded - start, **stages,
                       "total": time.perf_counter() - start}
+            metrics.song_done(options.model, song.seconds, stages)
             return song, archive, ", ".join(f"{name};dur={seconds * 1000:.0f}"
                                             for name, seconds in stages.items())
 

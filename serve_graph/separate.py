@@ -19,6 +19,7 @@ from .engine import (ModelMissingError, ModelNotFoundError, ModelRunner, load_mo
 from .engine.models import weights_problem
 from .engine.separator import run_windows
 from .engine.windows import Window
+from . import metrics
 from .launch import keep_replica_server_on_loopback
 from .messages import MixRef
 from .settings import ServiceSettings
@@ -147,9 +148,10 @@ class Separate:
         `[S, C, window.length]` float32, or None when its mix is lost."""
         runners = {name: await self.runner(name) for name in dict.fromkeys(models)}
         return await asyncio.to_thread(self._run, mixes, windows, request_ids,
-                                       [runners[name] for name in models])
+                                       [runners[name] for name in models], models)
 
-    def _run(self, mixes, windows, request_ids, runners) -> tp.List[tp.Optional[np.ndarray]]:
+    def _run(self, mixes, windows, request_ids, runners,
+             models) -> tp.List[tp.Optional[np.ndarray]]:
         arrays = _fetch(mixes)
         outputs: tp.List[tp.Optional[np.ndarray]] = [None] * len(windows)
         groups: tp.Dict[tp.Tuple[int, int, int], tp.List[int]] = {}
@@ -163,11 +165,12 @@ class Separate:
                                 [windows[i] for i in indices])
             for i, out in zip(indices, stems):
                 outputs[i] = out.contiguous().numpy()
-            self._count(len(indices), len(set(request_ids[i] for i in indices)),
-                        time.perf_counter() - start)
+            self._count(models[indices[0]], len(indices),
+                        len(set(request_ids[i] for i in indices)), time.perf_counter() - start)
         return outputs
 
-    def _count(self, size: int, requests: int, seconds: float) -> None:
+    def _count(self, model: str, size: int, requests: int, seconds: float) -> None:
+        metrics.batch_run(model, size, seconds)
         with self._lock:
             self._stats["model_seconds"] += seconds
             self._stats["batches"] += 1

@@ -175,6 +175,51 @@ def test_stems_are_those_of_the_model_asked_for(service, song_mp3):
         == ["guitar.mp3", "no_guitar.mp3"]
 
 
+def scrape(url: str) -> dict:
+    """`{(metric sample name, sorted labels): value}` from /metrics, Prometheus' text format."""
+    from prometheus_client.parser import text_string_to_metric_families
+    answer = requests.get(url + "/metrics", timeout=30)
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(answer.text)
+            for sample in family.samples}
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    return sum(value for (sample, tags), value in samples.items()
+               if sample == name and set(labels.items()) <= set(tags))
+
+
+def test_metrics_move_with_a_request(service, song_mp3):
+    """Ray Serve's metrics and ours, as Prometheus scrapes them, count a separation (Ray's
+    agent gathers the replicas' metrics every few seconds: polled)."""
+    before = scrape(service)
+    seconds = float(post(service, song_mp3).headers["x-audio-seconds"])
+    moved = {}
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        after = scrape(service)
+        moved = {
+            "requests": total(after, "ray_serve_graph_requests_total", route="/separate",
+                              status="200") - total(before, "ray_serve_graph_requests_total",
+                                                    route="/separate", status="200"),
+            "audio": total(after, "ray_serve_graph_audio_seconds_total", model="htdemucs") -
+            total(before, "ray_serve_graph_audio_seconds_total", model="htdemucs"),
+            "windows": total(after, "ray_serve_graph_windows_total") -
+            total(before, "ray_serve_graph_windows_total"),
+            "batches": total(after, "ray_serve_graph_batch_size_count") -
+            total(before, "ray_serve_graph_batch_size_count"),
+            "stage": total(after, "ray_serve_graph_stage_seconds_count", stage="total") -
+            total(before, "ray_serve_graph_stage_seconds_count", stage="total"),
+            "serve": total(after, "ray_serve_num_http_requests_total") -
+            total(before, "ray_serve_num_http_requests_total")}
+        if all(value > 0 for value in moved.values()):
+            break
+        time.sleep(2)
+    assert all(value > 0 for value in moved.values()), moved
+    assert moved["audio"] >= seconds - 1e-3
+
+
 def test_concurrent_songs_share_forward_passes(service):
     songs = [encode(tone(3.0, 44100, 2, seed=s), 44100, "flac") for s in range(4)]
     before = requests.get(service + "/stats", timeout=30).json()

@@ -181,9 +181,9 @@ def with_option_arguments(entrypoint):
 @app.local_entrypoint()
 @with_option_arguments
 def main(audio_file: str, **options) -> None:
-    """Send a song to the endpoint and write `<song>_stems.zip` beside it."""
-    import requests
-
+    """Send a song to the endpoint as a job (`POST /jobs`: no web request runs past Modal's
+    150 s limit, however long the song or the queue), follow its progress and write
+    `<song>_stems.zip` beside it."""
     song = Path(audio_file)
     url = Separation().web.get_web_url()
     fields = {name: str(value).lower() if isinstance(value, bool) else value
@@ -191,11 +191,30 @@ def main(audio_file: str, **options) -> None:
     start = time.perf_counter()
     key = os.environ.get("SERVE_GRAPH_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    with song.open("rb") as audio:
-        response = requests.post(f"{url}/separate", files={"audio_file": (song.name, audio)},
-                                 data=fields, headers=headers, timeout=TIMEOUT)
-    if response.status_code != 200:
-        raise SystemExit(f"{response.status_code}: {response.text}")
+    archive = run_job(url, song, fields, headers)
     output = song.with_name(song.stem + "_stems.zip")
-    output.write_bytes(response.content)
+    output.write_bytes(archive)
     print(f"wrote {output} in {time.perf_counter() - start:.1f} s")
+
+
+def run_job(url: str, song: Path, fields: dict, headers: dict, poll: float = 1.) -> bytes:
+    """Submit `song` as a job, print its progress until it ends, return its ZIP."""
+    import requests
+    with song.open("rb") as audio:
+        answer = requests.post(f"{url}/jobs", files={"audio_file": (song.name, audio)},
+                               data=fields, headers=headers, timeout=120)
+    if answer.status_code != 202:
+        raise SystemExit(f"{answer.status_code}: {answer.text}")
+    job = answer.json()
+    while job["status"] not in ("done", "failed", "cancelled"):
+        time.sleep(poll)
+        job = requests.get(url + job["status_url"], headers=headers, timeout=60).json()
+        progress = job["progress"]
+        print(f"\r{job['stage']}: {progress['windows_done']}/{progress['windows_total'] or '?'}"
+              f" windows", end="", flush=True)
+    print()
+    if job["status"] != "done":
+        raise SystemExit(f"job {job['status']}: {job['error']}")
+    result = requests.get(url + job["result_url"], headers=headers, timeout=TIMEOUT)
+    result.raise_for_status()
+    return result.content

@@ -9,12 +9,16 @@ import typing as tp
 import uuid
 from collections import Counter
 from http import HTTPStatus
-from pathlib import PurePath
+from pathlib import Path, PurePath
+
+import fastapi_offline
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import (FileResponse, HTMLResponse, JSONResponse, PlainTextResponse,
+                               Response, StreamingResponse)
 from pydantic import BaseModel, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,7 +42,43 @@ app = FastAPI(
     title="Stem separation",
     description="Upload a song, get its stems (vocals, drums, bass, other...) back as a ZIP, "
                 "separated by Demucs v4 (htdemucs, or another model: GET /models).",
-    version="1.0")
+    version="1.0", docs_url=None, redoc_url=None)  # /docs and /redoc below: no CDN
+
+UI_PAGE = Path(__file__).with_name("static") / "ui.html"
+DOCS_ASSETS = Path(fastapi_offline.__file__).with_name("static")  # Swagger UI 5, ReDoc
+ASSET_TYPES = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+
+
+@app.get("/ui", include_in_schema=False)
+async def web_page() -> HTMLResponse:
+    """The web page: drop a song, follow the job, listen to the stems."""
+    return HTMLResponse(UI_PAGE.read_text())
+
+
+@app.get("/static/{name}", include_in_schema=False)
+async def docs_asset(name: str) -> Response:
+    """Swagger UI's and ReDoc's files, served here so that /docs works offline."""
+    path = DOCS_ASSETS / name
+    if PurePath(name).name != name or path.suffix not in ASSET_TYPES or not path.is_file():
+        return _error(404, "not_found", f"no asset {name!r}")
+    return FileResponse(path, media_type=ASSET_TYPES[path.suffix],
+                        headers={"Cache-Control": "public, max-age=86400"})
+
+
+@app.get("/docs", include_in_schema=False)
+async def swagger_ui() -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs",
+                               swagger_js_url="/static/swagger-ui-bundle.js",
+                               swagger_css_url="/static/swagger-ui.css",
+                               swagger_favicon_url="/static/favicon.png")
+
+
+@app.get("/redoc", include_in_schema=False)
+async def redoc() -> HTMLResponse:
+    return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc",
+                          redoc_js_url="/static/redoc.standalone.js",
+                          redoc_favicon_url="/static/favicon.png", with_google_fonts=False)
+
 
 def object_store_usage() -> dict:
     """Bytes and objects in the Ray object store, from Ray's memory report (cluster-wide)."""
@@ -203,7 +243,7 @@ def configure_middleware(settings: ServiceSettings) -> None:
     _config.models = settings.served_models
 
 
-OPEN_PATHS = {"/", "/healthz", "/readyz", "/models", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json",
+OPEN_PATHS = {"/", "/healthz", "/readyz", "/models", "/metrics", "/ui", "/docs", "/docs/oauth2-redirect", "/openapi.json",
               "/redoc"}
 RETRY_AFTER_S = 5
 
@@ -262,7 +302,8 @@ async def _access(request: Request, call_next):
     """API keys (when configured) on everything but health and docs, then the per-client limit
     on separations; both answered from the headers, before the upload is read."""
     keys = _config.api_keys
-    if request.url.path in OPEN_PATHS or request.method == "OPTIONS":
+    if (request.url.path in OPEN_PATHS or request.url.path.startswith("/static/") or
+            request.method == "OPTIONS"):
         return await call_next(request)
     key = matching_key(keys, bearer_token(request.headers.get("authorization")))
     if keys and key is None:

@@ -143,3 +143,12 @@ def test_job_survives_the_loss_of_its_ingress_replica(service, song):
     assert replica_pids(service.pid)["Ingress"] != victim
     result = requests.get(service.url + done["result_url"], headers=auth(), timeout=60)
     assert len(zipfile.ZipFile(io.BytesIO(result.content)).namelist()) == 4
+
+
+def test_modal_client_runs_a_song_as_a_job(service, song, tmp_path):
+    """The Modal local entrypoint's client half (`run_job`) against this service."""
+    from modal_deploy.app import run_job
+    path = tmp_path / "song.mp3"
+    path.write_bytes(song)
+    archive = run_job(service.url, path, {"two_stems": "drums"}, auth(), poll=0.2)
+    assert zipfile.ZipFile(io.BytesIO(archive)).namelist() == ["drums.mp3", "no_drums.mp3"]

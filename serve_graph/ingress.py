@@ -203,7 +203,19 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     name = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
     response = _error(exc.status_code, name, str(exc.detail))
     response.headers.update(exc.headers or {})  # e.g. `Allow` on a 405
+    if exc.status_code == 405:  # Starlette names the first route's methods only
+        response.headers["Allow"] = _allowed_methods(request)
     return response
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method the routes of this path take (`/jobs/{id}`: GET and DELETE)."""
+    path = request.url.path
+    router = request.scope.get("router") or request.app.router
+    methods = {method for route in router.routes
+               if getattr(route, "path_regex", None) and route.path_regex.match(path)
+               for method in getattr(route, "methods", None) or ()}
+    return ", ".join(sorted(methods))
 
 
 @app.exception_handler(RequestValidationError)

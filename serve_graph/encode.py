@@ -20,7 +20,8 @@ from .engine.windows import Window, in_order
 from . import metrics
 from .jobs import Progress
 from .launch import keep_replica_server_on_loopback
-from .messages import REPLICA_LOST, MixLostError, Song, release_memory, retrying
+from .messages import (REPLICA_LOST, MixLostError, ModelHandles, Song, release_memory,
+                       retrying)
 from .settings import ServiceSettings
 
 logger = logging.getLogger("ray.serve")
@@ -36,8 +37,7 @@ class Encode:
     pool of one thread per CPU given to this replica."""
 
     def __init__(self, separate: DeploymentHandle, settings: ServiceSettings):
-        self._separate = separate
-        self._handles: tp.Dict[str, DeploymentHandle] = {}
+        self._separate = ModelHandles(separate)
         self._waiting = 0  # windows sent to Separate and not back yet, all songs
         keep_replica_server_on_loopback()
         self._settings = settings
@@ -69,16 +69,9 @@ class Encode:
         self._waiting += change
         metrics.windows_waiting(self._waiting)
 
-    def _separate_for(self, model: str) -> DeploymentHandle:
-        """Separate's handle for `model`: Serve routes its calls to a replica that has the
-        model loaded (model multiplexing)."""
-        if model not in self._handles:
-            self._handles[model] = self._separate.options(multiplexed_model_id=model)
-        return self._handles[model]
-
     async def _run_windows(self, song: Song, writer: SongWriter, progress: Progress) -> None:
         request_id = uuid.uuid4().hex
-        separate = self._separate_for(song.model)
+        separate = self._separate[song.model]
         waiting = iter(in_order(song.plan))
         running: tp.Set[asyncio.Task] = set()
         try:

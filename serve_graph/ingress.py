@@ -32,7 +32,7 @@ from .engine.options import EXCLUSIVE_FIELDS, request_fields
 from .jobs import FINAL, job_store, key_id
 from .launch import keep_replica_server_on_loopback
 from . import metrics
-from .messages import SONG_LOST, awaited, retrying
+from .messages import SONG_LOST, ModelHandles, awaited, retrying
 from .settings import ServiceSettings
 
 logger = logging.getLogger("ray.serve")
@@ -255,7 +255,8 @@ def configure_middleware(settings: ServiceSettings) -> None:
     _config.models = settings.served_models
 
 
-OPEN_PATHS = {"/", "/healthz", "/readyz", "/models", "/metrics", "/ui", "/docs", "/docs/oauth2-redirect", "/openapi.json",
+OPEN_PATHS = {"/", "/healthz", "/readyz", "/models", "/metrics", "/ui", "/docs",
+              "/docs/oauth2-redirect", "/openapi.json",
               "/redoc"}
 RETRY_AFTER_S = 5
 
@@ -426,7 +427,7 @@ class Ingress:
         self._default = settings.model
         self._infos: tp.Dict[str, dict] = {}  # the models seen loaded, by name
         self._geometries: tp.Dict[str, tp.Any] = {}
-        self._handles: tp.Dict[str, DeploymentHandle] = {}
+        self._for_model = ModelHandles(separate)  # Separate, routed by model
         self._max_bytes = settings.max_upload_bytes
         self._jobs = job_store(settings.job_ttl_s)
         self._replica = uuid.uuid4().hex  # this replica, as the owner of the jobs it runs
@@ -434,19 +435,13 @@ class Ingress:
         self._watcher: tp.Optional[asyncio.Task] = None
         configure_middleware(settings)
 
-    def _separate_for(self, model: str) -> DeploymentHandle:
-        """Separate's handle for `model`, routed to replicas that have it loaded."""
-        if model not in self._handles:
-            self._handles[model] = self._separate.options(multiplexed_model_id=model)
-        return self._handles[model]
-
     async def _model_info(self, model: str, load: bool = True) -> dict:
         """Separate's word on `model`: "loaded" (cached from then on), "available" (weights
         there, not loaded; only with `load` false), "missing" with the reason, or "loading"
         while no Separate replica answers within `HEALTH_WAIT_S`."""
         if model in self._infos:
             return self._infos[model]
-        call = (self._separate_for(model).info.remote(model) if load else
+        call = (self._for_model[model].info.remote(model) if load else
                 self._separate.describe.remote(model))
         try:
             info = await asyncio.wait_for(call, HEALTH_WAIT_S)
@@ -475,7 +470,7 @@ class Ingress:
         else:  # its weights looked for first: a missing model is answered at once
             info = await self._separate.describe.remote(model)
             if info["state"] != "missing":
-                info = await self._separate_for(model).info.remote(model)
+                info = await self._for_model[model].info.remote(model)
             if info["state"] == "loaded":
                 self._infos[model] = info
         if info["state"] == "missing":
@@ -749,7 +744,7 @@ class Ingress:
     async def _geometry(self, model: str):
         """The model's window geometry (what Decode plans with), asked of Separate once."""
         if model not in self._geometries:
-            self._geometries[model] = await self._separate_for(model).geometry.remote(model)
+            self._geometries[model] = await self._for_model[model].geometry.remote(model)
         return self._geometries[model]
 
 

@@ -10,8 +10,8 @@ from ray.serve import exceptions as serve_errors
 
 from .engine import Song
 
-__all__ = ["MixRef", "MixLostError", "Song", "REPLICA_LOST", "SONG_LOST", "awaited",
-           "release_memory", "retrying"]
+__all__ = ["MixRef", "MixLostError", "ModelHandles", "Song", "REPLICA_LOST", "SONG_LOST",
+           "awaited", "release_memory", "retrying"]
 logger = logging.getLogger("ray.serve")
 T = tp.TypeVar("T")
 
@@ -48,6 +48,20 @@ class MixRef:
 
     def release(self) -> None:
         self.ref = None
+
+
+class ModelHandles:
+    """Separate's handle per model, made once: Serve routes each one's calls to replicas that
+    have that model loaded (model multiplexing)."""
+
+    def __init__(self, separate: tp.Any):
+        self._separate = separate
+        self._handles: tp.Dict[str, tp.Any] = {}
+
+    def __getitem__(self, model: str) -> tp.Any:
+        if model not in self._handles:
+            self._handles[model] = self._separate.options(multiplexed_model_id=model)
+        return self._handles[model]
 
 
 class MixLostError(RuntimeError):

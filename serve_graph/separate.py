@@ -49,7 +49,6 @@ class Separate:
             th.set_num_threads(settings.threads)
         elif os.cpu_count():
             th.set_num_threads(os.cpu_count())  # Ray sets OMP threads to num_cpus otherwise
-        self.model_name = settings.model
         self._settings = settings
         self._loaded: "weakref.WeakValueDictionary[str, ModelRunner]" = (
             weakref.WeakValueDictionary())  # what the multiplexer holds, by name
@@ -147,26 +146,25 @@ class Separate:
         ref to a song's normalised mix `[C, T]`. Returns each window's trimmed stems
         `[S, C, window.length]` float32, or None when its mix is lost."""
         runners = {name: await self.runner(name) for name in dict.fromkeys(models)}
-        return await asyncio.to_thread(self._run, mixes, windows, request_ids,
-                                       [runners[name] for name in models], models)
+        return await asyncio.to_thread(self._run, mixes, windows, request_ids, models, runners)
 
-    def _run(self, mixes, windows, request_ids, runners,
-             models) -> tp.List[tp.Optional[np.ndarray]]:
+    def _run(self, mixes, windows, request_ids, models,
+             runners: tp.Dict[str, ModelRunner]) -> tp.List[tp.Optional[np.ndarray]]:
         arrays = _fetch(mixes)
         outputs: tp.List[tp.Optional[np.ndarray]] = [None] * len(windows)
-        groups: tp.Dict[tp.Tuple[int, int, int], tp.List[int]] = {}
+        groups: tp.Dict[tp.Tuple[str, int, int], tp.List[int]] = {}
         for index, window in enumerate(windows):
             if arrays[index] is not None:  # a lost mix: its caller gets None
-                key = (id(runners[index]), window.model_index, window.input_length)
+                key = (models[index], window.model_index, window.input_length)
                 groups.setdefault(key, []).append(index)
-        for indices in groups.values():
+        for (model, _, _), indices in groups.items():
             start = time.perf_counter()
-            stems = run_windows(runners[indices[0]], [th.from_numpy(arrays[i]) for i in indices],
+            stems = run_windows(runners[model], [th.from_numpy(arrays[i]) for i in indices],
                                 [windows[i] for i in indices])
             for i, out in zip(indices, stems):
                 outputs[i] = out.contiguous().numpy()
-            self._count(models[indices[0]], len(indices),
-                        len(set(request_ids[i] for i in indices)), time.perf_counter() - start)
+            self._count(model, len(indices), len(set(request_ids[i] for i in indices)),
+                        time.perf_counter() - start)
         return outputs
 
     def _count(self, model: str, size: int, requests: int, seconds: float) -> None:

@@ -63,6 +63,7 @@ class Encode:
             return archive, timings
         finally:
             writer.close()
+            song.mix.release()  # the routers of the window calls keep their args (MixRef)
             await asyncio.to_thread(release_memory)
 
     def _waiting_changed(self, change: int) -> None:

@@ -34,7 +34,10 @@ class MixRef:
     Each call's receiver gets its own copy of the box: `release()` drops that copy's ref once
     the mix is read. Serve's batch loop keeps its last batch's arguments until the next batch
     comes (`_process_batches` in ray/serve/batching.py), which otherwise pinned the last
-    songs' mixes in the object store after traffic stopped."""
+    songs' mixes in the object store after traffic stopped. The sender's box is released too
+    once the song is done (Encode): a handle's router keeps the arguments of calls it has
+    routed (seen with the per-model handles of model multiplexing), and those hold the
+    sender's box itself, not a copy."""
     __slots__ = ("ref",)
 
     def __init__(self, ref: tp.Any):

@@ -65,9 +65,14 @@ class Separate:
                                              "max_requests_in_batch": 0,
                                              "batch_sizes": Counter()}
 
-    def _build(self, name: str) -> ModelRunner:
+    def _build(self, name: str, download: bool = True) -> ModelRunner:
         """Model `name` on this replica's device; `ModelMissingError` naming the missing
-        file when its weights are not in place."""
+        file when its weights are not in place. Only the replica's start may `download` them
+        (Demucs' loader): on a request's path a missing file is answered at once, since a
+        download on a machine without the internet can hang for minutes."""
+        problem = None if download else weights_problem(name, self._settings.model_repo)
+        if problem is not None:
+            raise ModelMissingError(problem)
         try:
             model = load_model(name, self._settings.model_repo)
         except ModelNotFoundError as exc:
@@ -81,7 +86,7 @@ class Separate:
         """The loaded model `name` (loaded now when it is not: Serve keeps the last
         `MODELS_PER_REPLICA` used)."""
         started = self._started.pop(name, None)
-        return started or await asyncio.to_thread(self._build, name)
+        return started or await asyncio.to_thread(self._build, name, False)
 
     def reconfigure(self, config: dict) -> None:
         """`user_config` from serve_config.yaml: batching knobs, changeable without restart."""

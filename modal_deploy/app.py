@@ -3,21 +3,28 @@
     modal deploy modal_deploy/app.py                        # the web endpoint, scale to zero
     modal serve modal_deploy/app.py                         # live reload while developing
     modal run modal_deploy/app.py song.mp3 --two-stems vocals   # writes song_stems.zip beside it
-    modal run modal_deploy/app.py::serve_cluster            # optional: several GPU containers, one Ray cluster
+    SEPARATION_CLUSTER_SIZE=2 modal deploy modal_deploy/app.py  # adds cluster mode (below)
 
 Settings come from the environment when this file is imported (deploy time), so nothing needs
-editing: SEPARATION_GPU (default B200), SEPARATION_TIMEOUT (600 s), SEPARATION_SCALEDOWN_WINDOW
-(60 s), SEPARATION_MIN_CONTAINERS (0: scale to zero), SEPARATION_MAX_CONTAINERS (10),
-SEPARATION_MODEL (htdemucs), SEPARATION_MODELS (more models a request may name, comma-separated,
-e.g. `htdemucs_ft,htdemucs_6s`; their weights are baked into the image too), SEPARATION_PRECISION (fp32), SEPARATION_MAX_BATCH_SIZE (16),
-SEPARATION_CLUSTER_SIZE (2, for serve_cluster), SEPARATION_API_KEYS_SECRET (none: open; else
-the name of a Modal Secret holding `SERVE_GRAPH_API_KEYS=key1,key2`, e.g.
+editing: SEPARATION_GPU (default B200), SEPARATION_CPUS (16: Encode gets all but 3),
+SEPARATION_TIMEOUT (600 s), SEPARATION_SCALEDOWN_WINDOW (60 s), SEPARATION_MIN_CONTAINERS
+(0: scale to zero), SEPARATION_MAX_CONTAINERS (10), SEPARATION_MODEL (htdemucs),
+SEPARATION_MODELS (more models a request may name, comma-separated, e.g.
+`htdemucs_ft,htdemucs_6s`; their weights are baked into the image too), SEPARATION_PRECISION
+(fp32), SEPARATION_MAX_BATCH_SIZE (16), SEPARATION_API_KEYS_SECRET (none: open; else the name
+of a Modal Secret holding `SERVE_GRAPH_API_KEYS=key1,key2`, e.g.
 `modal secret create stem-separation-api-keys SERVE_GRAPH_API_KEYS=...`; the local entrypoint
 then sends `SERVE_GRAPH_API_KEY` from your shell).
 
-The container runs `serve_graph.launch` on the same serve_config.yaml and `build_app` as
-`serve run serve_config.yaml` does locally, with the GPU count, precision and batching knobs
-filled in.
+Cluster mode (`SeparationCluster`, only defined when SEPARATION_CLUSTER_SIZE is set): a
+clustered Modal Server of SEPARATION_CLUSTER_SIZE containers, each taking every GPU of its host
+(SEPARATION_CLUSTER_GPU, default `<SEPARATION_GPU>:8`) and SEPARATION_CLUSTER_CPUS (64), as one
+Ray cluster whose head (rank 0) serves HTTP; SEPARATION_CLUSTER_MIN/MAX_CONTAINERS (0 and the
+size) must be multiples of the size.
+
+Every container runs `serve_graph.launch` on the same serve_config.yaml and `build_app` as
+`serve run serve_config.yaml` does locally, placed on its GPUs and CPUs by
+`serve_graph.placement`.
 """
 import os
 import subprocess
@@ -46,10 +53,42 @@ MODEL = _env("SEPARATION_MODEL", "htdemucs")
 MODELS = [name for name in _env("SEPARATION_MODELS", "").split(",") if name.strip()]
 PRECISION = _env("SEPARATION_PRECISION", "fp32")
 MAX_BATCH_SIZE = int(_env("SEPARATION_MAX_BATCH_SIZE", "16"))
-CLUSTER_SIZE = int(_env("SEPARATION_CLUSTER_SIZE", "2"))
+CPUS = int(_env("SEPARATION_CPUS", "16"))
+RAY_PORT = 6379
+# Cluster mode, off unless SEPARATION_CLUSTER_SIZE is set: Modal requires each clustered
+# container to take all GPUs of its host, and container counts in multiples of the size
+CLUSTER_SIZE = int(_env("SEPARATION_CLUSTER_SIZE", "0"))
+CLUSTER_GPU = _env("SEPARATION_CLUSTER_GPU", f"{GPU}:8")
+CLUSTER_CPUS = int(_env("SEPARATION_CLUSTER_CPUS", "64"))
+CLUSTER_MIN_CONTAINERS = int(_env("SEPARATION_CLUSTER_MIN_CONTAINERS", "0"))
+CLUSTER_MAX_CONTAINERS = int(_env("SEPARATION_CLUSTER_MAX_CONTAINERS", str(CLUSTER_SIZE)))
 API_KEYS_SECRET = _env("SEPARATION_API_KEYS_SECRET", "")
 # The service reads SERVE_GRAPH_API_KEYS (serve_graph/access.py) from the Secret's environment
 SECRETS = [modal.Secret.from_name(API_KEYS_SECRET)] if API_KEYS_SECRET else []
+
+
+def cluster_gpus_per_node(gpu: str) -> int:
+    """The GPU count of a clustered container's spec ("B200:8"), which Modal requires to be
+    all GPUs of a host: a spec without a count is refused rather than guessed."""
+    kind, _, count = gpu.partition(":")
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"SEPARATION_CLUSTER_GPU={gpu!r}: a clustered container takes every "
+                         f"GPU of its host; name them, e.g. {kind}:8")
+    return int(count)
+
+
+def check_cluster_containers(size: int, **counts: int) -> None:
+    """Modal counts a cluster's containers one by one: min/max must be multiples of `size`."""
+    for name, count in counts.items():
+        if count % size:
+            raise ValueError(f"SEPARATION_CLUSTER_{name.upper()}={count} is not a multiple of "
+                             f"the cluster size {size}")
+
+
+if CLUSTER_SIZE:
+    CLUSTER_GPUS_PER_NODE = cluster_gpus_per_node(CLUSTER_GPU)
+    check_cluster_containers(CLUSTER_SIZE, min_containers=CLUSTER_MIN_CONTAINERS,
+                             max_containers=CLUSTER_MAX_CONTAINERS)
 
 
 def download_model() -> None:
@@ -76,34 +115,23 @@ image = (
 app = modal.App("stem-separation", image=image)
 
 
-def gpu_overrides(gpus: int, replicas: int = 1) -> tp.Dict[str, dict]:
-    """Deployment overrides for `gpus` GPUs per Separate replica (0: CPU)."""
-    if not gpus:  # CPU: serve_config.yaml's CPU shares as they are
-        return {"Separate": {"num_replicas": replicas,
-                             "ray_actor_options": {"num_gpus": 0, "num_cpus": 0.5}}}
-    batching = {"max_batch_size": MAX_BATCH_SIZE, "batch_wait_timeout_s": 0.01}
-    # MP3 encoding is the CPU work of a GPU box: Encode gets the cores the others leave
-    encode_cpus = max(1, (os.cpu_count() or 4) - 2)
-    return {"Separate": {"num_replicas": replicas,
-                         "ray_actor_options": {"num_gpus": gpus, "num_cpus": 1},
-                         "user_config": batching},
-            "Encode": {"ray_actor_options": {"num_cpus": encode_cpus}}}
-
-
-def start_service(port: int = PORT, gpus: tp.Optional[int] = None, replicas: int = 1,
-                  config: Path = ROOT / "serve_config.yaml",
+def start_service(port: int = PORT, gpus: tp.Optional[int] = None, cpus: int = CPUS,
+                  nodes: int = 1, config: Path = ROOT / "serve_config.yaml",
                   env: tp.Optional[dict] = None, **popen) -> subprocess.Popen:
-    """What a container runs: serve_config.yaml with this container's GPUs, through the same
+    """What a container runs: serve_config.yaml placed on `nodes` nodes of `gpus` GPUs
+    (default: this container's) and `cpus` CPUs (`serve_graph.placement`), through the same
     launcher and `build_app` as `serve run serve_config.yaml`. Returns the `serve run` process."""
     from serve_graph.launch import launch, write_config
+    from serve_graph.placement import NodeShape, application_args, deployment_overrides
     if gpus is None:
         import torch
-        gpus = 1 if torch.cuda.is_available() else 0
+        gpus = torch.cuda.device_count()
+    shape = NodeShape(gpus=gpus, cpus=cpus, nodes=nodes)
     folder = Path(tempfile.mkdtemp(prefix="serve_config_"))
     path = write_config(folder / "serve_config.yaml", config, port=port, host="0.0.0.0",
                         args={"model": MODEL, "models": MODELS, "precision": PRECISION,
-                              "windows_in_flight": MAX_BATCH_SIZE if gpus else 2},
-                        deployments=gpu_overrides(gpus, replicas))
+                              **application_args(shape, MAX_BATCH_SIZE)},
+                        deployments=deployment_overrides(shape, MAX_BATCH_SIZE))
     return launch(path, env, **popen)
 
 
@@ -126,7 +154,7 @@ def wait_ready(process: subprocess.Popen, port: int = PORT, timeout: float = 300
     raise RuntimeError(f"the service was not ready within {timeout:.0f} s")
 
 
-@app.cls(gpu=GPU, timeout=TIMEOUT, scaledown_window=SCALEDOWN_WINDOW,
+@app.cls(gpu=GPU, cpu=CPUS, timeout=TIMEOUT, scaledown_window=SCALEDOWN_WINDOW,
          min_containers=MIN_CONTAINERS, max_containers=MAX_CONTAINERS, secrets=SECRETS)
 @modal.concurrent(max_inputs=64)
 class Separation:
@@ -138,23 +166,62 @@ class Separation:
         wait_ready(self.process)  # readiness: the model is loaded before traffic comes
 
 
-@app.function(gpu=GPU, timeout=TIMEOUT, secrets=SECRETS)
-@modal.clustered(size=CLUSTER_SIZE)
-def serve_cluster() -> None:
-    """Multi-node mode: CLUSTER_SIZE GPU containers form one Ray cluster; rank 0 runs the Serve
-    graph with one Separate replica per container and is reachable through a tunnel."""
-    info = modal.experimental.get_cluster_info()
-    head = info.container_ips[0]
-    if info.rank != 0:
-        subprocess.run(["ray", "start", f"--address={head}:6379", "--block"], check=True)
-        return
-    subprocess.run(["ray", "start", "--head", f"--node-ip-address={head}", "--port=6379"],
-                   check=True)
-    process = start_service(gpus=1, replicas=len(info.container_ips),
-                            env={"RAY_ADDRESS": f"{head}:6379"})
-    with modal.forward(PORT) as tunnel:
-        print(f"stem separation cluster of {len(info.container_ips)} GPUs at {tunnel.url}")
-        process.wait()
+def start_cluster_node(rank: int, ips: tp.Sequence[str], gpus: int, cpus: int,
+                       timeout: float = 300.) -> tp.Optional[subprocess.Popen]:
+    """One node of a cluster of `len(ips)` (rank 0 the head): join Ray; on the head, once
+    every node has joined, start the graph placed on all of them and wait until it is ready.
+    Returns the head's `serve run` process (None on the other nodes)."""
+    head = f"{ips[0]}:{RAY_PORT}"
+    role = ["--head", f"--port={RAY_PORT}"] if rank == 0 else [f"--address={head}"]
+    subprocess.run(ray_start_command(role, ips[rank], gpus, cpus), check=True)
+    if rank != 0:
+        return None
+    wait_for_nodes(head, len(ips), timeout)
+    process = start_service(gpus=gpus, cpus=cpus, nodes=len(ips), env={"RAY_ADDRESS": head})
+    wait_ready(process, timeout=timeout)
+    return process
+
+
+def ray_start_command(role: tp.Sequence[str], node_ip: str, gpus: int,
+                      cpus: int) -> tp.List[str]:
+    """`ray start` for a cluster node on its private address, with its GPUs and CPUs."""
+    import sys
+    return [sys.executable, "-m", "ray.scripts.scripts", "start", *role,
+            f"--node-ip-address={node_ip}", f"--num-gpus={gpus}", f"--num-cpus={cpus}",
+            "--disable-usage-stats"]
+
+
+def wait_for_nodes(address: str, nodes: int, timeout: float) -> None:
+    """Block until `nodes` nodes are alive in the Ray cluster at `address`."""
+    import ray
+    ray.init(address=address, logging_level="warning")
+    try:
+        deadline = time.monotonic() + timeout
+        while sum(node["Alive"] for node in ray.nodes()) < nodes:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {sum(n['Alive'] for n in ray.nodes())} of {nodes} "
+                                   f"nodes joined the Ray cluster within {timeout:.0f} s")
+            time.sleep(1)
+    finally:
+        ray.shutdown()
+
+
+if CLUSTER_SIZE:
+    @app.server(gpu=CLUSTER_GPU, cpu=CLUSTER_CPUS, port=PORT, startup_timeout=600,
+                min_containers=CLUSTER_MIN_CONTAINERS, max_containers=CLUSTER_MAX_CONTAINERS,
+                scaledown_window=SCALEDOWN_WINDOW, secrets=SECRETS)
+    @modal.clustered(size=CLUSTER_SIZE)
+    class SeparationCluster:
+        """Cluster mode: CLUSTER_SIZE containers, each with all GPUs of its host, form one Ray
+        cluster; rank 0 is the head and serves HTTP (Modal routes a Server's requests to rank 0
+        only), with one Separate replica per GPU and a Decode and an Encode replica per node."""
+
+        @modal.enter()
+        def start(self) -> None:
+            cluster = modal.Cluster.from_context()
+            self.process = start_cluster_node(cluster.container_rank(),
+                                              cluster.container_ips(family="ipv4"),
+                                              CLUSTER_GPUS_PER_NODE, CLUSTER_CPUS)
 
 
 def with_option_arguments(entrypoint):
@@ -185,7 +252,7 @@ def main(audio_file: str, **options) -> None:
     150 s limit, however long the song or the queue), follow its progress and write
     `<song>_stems.zip` beside it."""
     song = Path(audio_file)
-    url = Separation().web.get_web_url()
+    url = SeparationCluster.get_url() if CLUSTER_SIZE else Separation().web.get_web_url()
     fields = {name: str(value).lower() if isinstance(value, bool) else value
               for name, value in options.items() if value != ""}
     start = time.perf_counter()

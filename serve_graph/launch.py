@@ -15,10 +15,16 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 
 
 def write_config(path: tp.Union[str, Path], source: tp.Union[str, Path] = DEFAULT_CONFIG,
-                 port: tp.Optional[int] = None, host: tp.Optional[str] = None,
-                 args: tp.Optional[dict] = None,
-                 deployments: tp.Optional[tp.Dict[str, dict]] = None) -> Path:
-    """Write `source` to `path` with another HTTP port/host, application `args` and
+                 **overrides) -> Path:
+    """Write `source` to `path` with `overrides` (see `configured`)."""
+    Path(path).write_text(yaml.safe_dump(configured(source, **overrides), sort_keys=False))
+    return Path(path)
+
+
+def configured(source: tp.Union[str, Path] = DEFAULT_CONFIG, port: tp.Optional[int] = None,
+               host: tp.Optional[str] = None, args: tp.Optional[dict] = None,
+               deployments: tp.Optional[tp.Dict[str, dict]] = None) -> dict:
+    """The Serve config in `source` with another HTTP port/host, application `args` and
     per-deployment overrides (`{"Separate": {"num_replicas": 2, "user_config": {...}}}`;
     dict values are merged one level deep)."""
     config = yaml.safe_load(Path(source).read_text())
@@ -34,8 +40,7 @@ def write_config(path: tp.Union[str, Path], source: tp.Union[str, Path] = DEFAUL
                 deployment[key] = {**deployment[key], **value}
             else:
                 deployment[key] = value
-    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
-    return Path(path)
+    return config
 
 
 def serve_command(config: tp.Union[str, Path]) -> tp.List[str]:

@@ -34,8 +34,18 @@ while image is not None:
         "build_function": synchronizer._translate_in(build)._raw_f.__qualname__ if build else None})
     bases = list(spec.get("base_images", {}).values()) or [spec.get("base_image")]
     image = bases[0]  # a mount layer names its parent base_image
+cluster = None
+if "SeparationCluster" in deployed.app.registered_functions:
+    server = closure(deployed.app.registered_functions["SeparationCluster"])
+    cluster = {key: server[key] for key in ("gpu", "cpu", "cluster_size", "min_containers",
+                                            "max_containers", "is_server", "i6pn_enabled")}
+    cluster["port"] = server["http_config"].port
+    cluster["enter"] = [name for name, value in vars(server["info"].user_cls).items()
+                        if type(value).__name__ == "PartialFunction"
+                        and synchronizer._translate_in(value).flags & 4]  # ENTER_POST_SNAPSHOT
 print(json.dumps({
-    "gpu": function["gpu"], "timeout": function["timeout"],
+    "gpu": function["gpu"], "cpu": function["cpu"], "timeout": function["timeout"],
+    "cluster": cluster,
     "scaledown_window": function["scaledown_window"], "min_containers": function["min_containers"],
     "entrypoints": sorted(deployed.app.registered_entrypoints),
     "web_methods": sorted(function["method_definitions"]),
@@ -57,8 +67,9 @@ def inspect_app(**env) -> dict:
 
 def test_defaults_read_from_the_app():
     spec = inspect_app()
-    assert spec["gpu"] == "B200"
+    assert spec["gpu"] == "B200" and spec["cpu"] == 16
     assert spec["timeout"] == 600 and spec["scaledown_window"] == 60
+    assert spec["cluster"] is None  # cluster mode only when asked for
     assert spec["min_containers"] == 0
     assert spec["entrypoints"] == ["main"]
     assert "web" in spec["web_methods"]
@@ -70,6 +81,69 @@ def test_environment_changes_the_endpoint():
     assert spec["gpu"] == "H100"
     assert spec["timeout"] == 900 and spec["scaledown_window"] == 120
     assert spec["min_containers"] == 1
+
+
+def test_cluster_mode_follows_modal_cluster_rules():
+    """Each clustered container takes every GPU of its host, the cluster is a Server (HTTP to
+    rank 0; clustered web functions are not supported) and container counts are multiples of
+    the size."""
+    spec = inspect_app(SEPARATION_CLUSTER_SIZE="4", SEPARATION_CLUSTER_MAX_CONTAINERS="8")
+    cluster = spec["cluster"]
+    assert cluster["gpu"] == "B200:8" and cluster["cpu"] == 64
+    assert cluster["cluster_size"] == 4 and cluster["is_server"] and cluster["i6pn_enabled"]
+    assert cluster["min_containers"] == 0 and cluster["max_containers"] == 8
+    assert cluster["port"] == 8000 and cluster["enter"] == ["start"]
+    assert spec["gpu"] == "B200" and "web" in spec["web_methods"]  # the default endpoint stays
+    spec = inspect_app(SEPARATION_CLUSTER_SIZE="2", SEPARATION_CLUSTER_GPU="H100:8",
+                       SEPARATION_CLUSTER_CPUS="96")
+    assert spec["cluster"]["gpu"] == "H100:8" and spec["cluster"]["cpu"] == 96
+    assert spec["cluster"]["max_containers"] == 2
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SEPARATION_CLUSTER_GPU": "B200"}, "takes every GPU of its host"),
+    ({"SEPARATION_CLUSTER_MAX_CONTAINERS": "3"}, "not a multiple of the cluster size 2"),
+    ({"SEPARATION_CLUSTER_MIN_CONTAINERS": "1"}, "not a multiple of the cluster size 2")])
+def test_cluster_mode_refuses_what_modal_forbids(env, message):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SEPARATION_"))}
+    proc = subprocess.run([sys.executable, "-c", "import modal_deploy.app"], cwd=ROOT,
+                          env={**clean, "MODAL_CONFIG_PATH": os.devnull,
+                               "SEPARATION_CLUSTER_SIZE": "2", **env},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_cluster_placement_puts_a_separate_replica_on_every_gpu():
+    """What rank 0 deploys on 2 nodes of 8 GPUs and 64 CPUs (serve_graph.placement)."""
+    from serve_graph.placement import NodeShape, application_args, deployment_overrides
+    shape = NodeShape(gpus=8, cpus=64, nodes=2)
+    placed = deployment_overrides(shape, max_batch_size=16)
+    assert placed["Separate"]["num_replicas"] == 16
+    assert placed["Separate"]["max_replicas_per_node"] == 8
+    assert placed["Separate"]["ray_actor_options"] == {"num_gpus": 1, "num_cpus": 1}
+    for name in ("Decode", "Encode"):
+        assert placed[name]["num_replicas"] == 2 and placed[name]["max_replicas_per_node"] == 1
+    # per node: 8 CPUs for Separate, 2 kept for Ingress/Decode/Serve/Ray, the rest encodes
+    assert placed["Encode"]["ray_actor_options"]["num_cpus"] == 64 - 8 - 2
+    assert application_args(shape, 16) == {"encode_threads": 0, "windows_in_flight": 16,
+                                           "cluster": True}
+    single = deployment_overrides(NodeShape(gpus=1, cpus=16))
+    assert "max_replicas_per_node" not in single["Separate"]
+    assert single["Encode"]["ray_actor_options"]["num_cpus"] == 13
+
+
+def test_cluster_nodes_join_the_head_on_their_private_addresses():
+    from modal_deploy.app import ray_start_command
+    head = ray_start_command(["--head", "--port=6379"], "10.0.0.1", 8, 64)
+    worker = ray_start_command(["--address=10.0.0.1:6379"], "10.0.0.2", 8, 64)
+    assert head[1:4] == ["-m", "ray.scripts.scripts", "start"] and "--head" in head
+    assert "--address=10.0.0.1:6379" in worker and "--node-ip-address=10.0.0.2" in worker
+    assert {"--num-gpus=8", "--num-cpus=64"} <= set(worker)
+    help_text = subprocess.run(head[:4] + ["--help"], capture_output=True, text=True,
+                               timeout=120).stdout
+    for flag in ("--node-ip-address", "--num-gpus", "--num-cpus", "--disable-usage-stats",
+                 "--address", "--port"):
+        assert flag in help_text, flag
 
 
 def test_api_keys_come_from_a_modal_secret():

@@ -157,6 +157,8 @@ def test_image_installs_the_project_from_pyproject_and_bakes_the_weights():
     commands = [command for layer in layers for command in layer["commands"]]
     uv_sync = [c for c in commands if "uv sync" in c]
     assert uv_sync and "--extra=modal" in uv_sync[0]
+    assert "--frozen" in uv_sync[0]  # exactly what uv.lock pins
+    assert any("uv.lock" in c and c.startswith("COPY") for c in commands)
     assert any("pyproject.toml" in c and c.startswith("COPY") for c in commands)
     # no second, hand-kept list of the project's dependencies anywhere in the recipe
     for dependency in ("torch", "demucs", "ray", "lameenc", " av"):

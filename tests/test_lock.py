@@ -1,0 +1,42 @@
+"""uv.lock, which the Modal image and deploy/Dockerfile install from, belongs to this
+pyproject.toml: checked offline (`uv lock --check` would ask the package index)."""
+import tomllib
+
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+from serve_process import ROOT
+
+
+def requirement_set(requirements) -> set:
+    """Requirements as comparable (name, specifier set, marker) triples."""
+    parsed = [Requirement(text) for text in requirements]
+    return {(r.name.lower(), str(r.specifier), str(r.marker or "")) for r in parsed}
+
+
+def locked_set(entries) -> set:
+    return {(e["name"].lower(), str(SpecifierSet(e.get("specifier", ""))),
+             str(Marker(e["marker"])) if "marker" in e else "") for e in entries}
+
+
+def test_lock_was_made_from_this_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    root = next(p for p in lock["package"] if p["name"] == "serve-graph")
+    wanted = requirement_set(project["dependencies"])
+    for extra, requirements in project["optional-dependencies"].items():
+        wanted |= {(name, spec, str(Marker(f'extra == "{extra}"')) if not marker else marker)
+                   for name, spec, marker in requirement_set(requirements)}
+    locked = locked_set(root["metadata"]["requires-dist"])
+    assert locked == wanted, "uv.lock is stale: run `uv lock`"
+    assert set(root["metadata"]["provides-extras"]) == set(project["optional-dependencies"])
+
+
+def test_lock_pins_the_tested_torch_and_one_ray():
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    versions = {}
+    for package in lock["package"]:
+        versions.setdefault(package["name"], set()).add(package["version"])
+    assert versions["torch"] == {"2.13.0"}
+    assert len(versions["ray"]) == 1 and len(versions["demucs"]) == 1

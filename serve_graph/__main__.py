@@ -154,14 +154,42 @@ def run_make_repo(args) -> int:
     return 0
 
 
+def _kuberay_parser(sub) -> None:
+    from .kuberay import ClusterSpec
+    p = sub.add_parser("kuberay", help="write a KubeRay RayService manifest embedding the config")
+    defaults = ClusterSpec()
+    p.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    for name in ("name", "image", "ray_version", "workers", "gpus", "cpus", "memory_gib",
+                 "max_batch_size"):
+        value = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+                       help=f"default: {value}")
+
+
+def run_kuberay(args) -> int:
+    from .kuberay import ClusterSpec, manifest_text
+    spec = ClusterSpec(name=args.name, image=args.image, ray_version=args.ray_version,
+                       workers=args.workers, gpus=args.gpus, cpus=args.cpus,
+                       memory_gib=args.memory_gib, max_batch_size=args.max_batch_size)
+    text = manifest_text(spec, args.config)
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve_graph", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _separate_parser(sub)
     _serve_parser(sub)
     _make_repo_parser(sub)
+    _kuberay_parser(sub)
     args = parser.parse_args(argv)
-    commands = {"serve": run_serve, "separate": run_separate, "make-repo": run_make_repo}
+    commands = {"serve": run_serve, "separate": run_separate, "make-repo": run_make_repo,
+                "kuberay": run_kuberay}
     return commands[args.command](args)
 
 

@@ -1,0 +1,123 @@
+"""The graph on a real multi-node Ray cluster: three Ray nodes on this machine (a head with the
+Ingress and Serve's proxy, a "codec" node with Decode and Encode, a "model" node with Separate),
+placed through serve_config.yaml's `resources`, a song separated over HTTP, and Ray's own
+accounting showing where the audio went.
+
+
+The audio's path is read from each node's object store (`GetNodeStats` of its raylet: bytes
+created in that store, including copies pulled from other nodes) and the placement from Ray's
+state API (`list_actors`). Every Ray process here is started by `ray.cluster_utils.Cluster`
+and stopped by it.
+"""
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import requests
+
+from audio_files import encode, tone
+from serve_process import ServeProcess, free_port
+
+pytestmark = pytest.mark.serve
+
+NODES = {"head": {"num_cpus": 1, "resources": {"ingress_node": 1}},
+         "codec": {"num_cpus": 2, "resources": {"codec_node": 1}},
+         "model": {"num_cpus": 1, "resources": {"model_node": 1}}}
+PLACEMENT = {"Ingress": "ingress_node", "Decode": "codec_node", "Encode": "codec_node",
+             "Separate": "model_node"}  # deployment: the custom resource of its node
+SONG_SECONDS = 12.
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Three Ray nodes on 127.0.0.1, stopped (every process) when the module is done."""
+    from ray.cluster_utils import Cluster
+    from serve_graph.launch import LOOPBACK_RAY
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in LOOPBACK_RAY.items():  # Ray's servers on 127.0.0.1 only
+            patch.setenv(name, value)
+        ray_cluster = Cluster(initialize_head=True, head_node_args={
+            **NODES["head"], "node_ip_address": "127.0.0.1", "include_dashboard": True})
+        try:
+            for name in ("codec", "model"):
+                ray_cluster.add_node(**NODES[name], node_ip_address="127.0.0.1")
+            ray_cluster.wait_for_nodes()
+            yield ray_cluster
+        finally:
+            ray_cluster.shutdown()
+
+
+# Run as a separate Ray driver (a fresh process with Ray kept on loopback): prints, as JSON,
+# which node each Serve replica is on (state API) and the bytes created so far in each node's
+# object store (its own objects and the copies pulled from other nodes), by node resource.
+PROBE = r"""
+import json, sys, ray
+from ray._private.internal_api import node_stats
+from ray.util.state import list_actors
+ray.init(address=sys.argv[1], logging_level="warning")
+nodes = [node for node in ray.nodes() if node["Alive"]]
+name = {node["NodeID"]: next(key for key in node["Resources"] if key.endswith("_node"))
+        for node in nodes}
+replicas = list_actors(detail=True, filters=[("state", "=", "ALIVE")])
+placed = {actor.class_name.rsplit(":", 1)[1]: name[actor.node_id] for actor in replicas
+          if actor.class_name.startswith("ServeReplica:separation:")}
+created = {name[node["NodeID"]]: node_stats(node["NodeManagerAddress"], node["NodeManagerPort"],
+                                            include_memory_info=False
+                                            ).store_stats.cumulative_created_bytes
+           for node in nodes}
+print(json.dumps({"placed": placed, "created": created}))
+"""
+
+
+def probe(address: str) -> dict:
+    from serve_graph.launch import LOOPBACK_RAY
+    done = subprocess.run([sys.executable, "-c", PROBE, address], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **LOOPBACK_RAY})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def service(cluster, tiny_repo, tmp_path_factory):
+    from serve_graph.launch import LOOPBACK_RAY, launch, write_config
+    folder = tmp_path_factory.mktemp("cluster_service")
+    port = free_port()
+    placed = {name: {"ray_actor_options": {"resources": {resource: 0.1}}}
+              for name, resource in PLACEMENT.items()}
+    # on a cluster the replicas get the raylets' environment, not `serve run`'s: the model
+    # repo goes in the config
+    config = write_config(folder / "serve_config.yaml", port=port, host="127.0.0.1",
+                          args={"cluster": True, "model_repo": str(tiny_repo)},
+                          deployments=placed)
+    env = {**LOOPBACK_RAY, "RAY_ADDRESS": cluster.address}
+    server = ServeProcess(config, port, env, folder / "serve.log", start=launch)
+    yield server
+    server.stop()
+
+
+def test_song_crosses_nodes_through_the_object_store_not_the_ingress(cluster, service):
+    before = probe(cluster.address)
+    assert before["placed"] == PLACEMENT  # each replica on the node serve_config.yaml names
+    song = encode(tone(SONG_SECONDS, 44100, 2), 44100, "mp3")
+    response = requests.post(service.url + "/separate", files={"audio_file": ("song.mp3", song)},
+                             data={"mp3_bitrate": "128"}, timeout=300)
+    assert response.status_code == 200, response.text
+    stems = zipfile.ZipFile(io.BytesIO(response.content)).namelist()
+    assert stems == ["drums.mp3", "bass.mp3", "other.mp3", "vocals.mp3"]
+    after = probe(cluster.address)
+    grown = {node: after["created"][node] - before["created"][node] for node in after["created"]}
+    mix_bytes = SONG_SECONDS * 44100 * 2 * np.float32().nbytes  # [C, T] float32
+    # Decode's mix and, pulled from the model node, 4 stems of every window: >= 5 mixes
+    assert grown["codec_node"] >= 5 * mix_bytes, grown
+    # the mix pulled from the codec node and the window outputs made here: >= 5 mixes
+    assert grown["model_node"] >= 5 * mix_bytes, grown
+    # the Ingress's node only ever held the MP3 upload and the ZIP (twice: Encode -> Ingress,
+    # Ingress -> HTTP proxy), never decoded audio
+    carried = len(song) + 2 * len(response.content) + 2**20
+    assert carried < mix_bytes  # so the check below can tell
+    assert grown["ingress_node"] < carried, grown

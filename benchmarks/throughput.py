@@ -24,7 +24,7 @@ import requests
 
 from benchmarks.common import append_results, full_size_repo, song
 from serve_graph.engine.output import encode_stem
-from serve_graph.launch import launch, write_config
+from serve_graph.launch import deploy_failure, launch, write_config
 
 
 def service_config(args, folder: Path) -> Path:
@@ -61,6 +61,8 @@ def start_service(args, config: tp.Optional[Path] = None) -> tuple:
     url = f"http://127.0.0.1:{args.port}"
     deadline = time.time() + 900
     while time.time() < deadline and process.poll() is None:
+        if deploy_failure(folder / "serve.log"):
+            break
         try:
             if requests.get(url + "/readyz", timeout=5).status_code == 200:
                 return url, process

@@ -4,6 +4,7 @@ Used by `python -m serve_graph serve`, by the Modal container and by the tests, 
 them runs the same config through the same `build_app`.
 """
 import os
+import re
 import subprocess
 import sys
 import typing as tp
@@ -91,3 +92,15 @@ def launch(config: tp.Union[str, Path] = DEFAULT_CONFIG, env: tp.Optional[dict] 
     popen.setdefault("cwd", Path(config).resolve().parent)
     return subprocess.Popen(serve_command(config), env=full_env, start_new_session=True,
                             **popen)
+
+
+DEPLOY_FAILED = "failed with exception"  # Serve's controller: "Deploying app 'x' failed with..."
+
+
+def deploy_failure(log: tp.Union[str, Path]) -> tp.Optional[str]:
+    """The end of `serve run`'s log from Serve's word that the application failed to deploy
+    (an import error, a bad arg), or None. `serve run` itself keeps running and retrying then,
+    so a caller waiting for the service to answer would wait out its whole timeout."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", Path(log).read_text(errors="replace"))  # colours
+    at = text.find(DEPLOY_FAILED)
+    return None if at < 0 else text[max(0, at - 200):at + 8000]

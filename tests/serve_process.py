@@ -7,7 +7,7 @@ import typing as tp
 from pathlib import Path
 
 import requests
-from serve_graph.launch import launch
+from serve_graph.launch import deploy_failure, launch
 from serve_graph.procs import stop_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,10 @@ class ServeProcess:
         while time.time() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"{cmd} exited: {log.read_text()[-3000:]}")
+            if deploy_failure(log):
+                self.stop()  # and the log has the whole of Serve's message
+                raise RuntimeError(f"{cmd}: the application failed to deploy: "
+                                   f"{deploy_failure(log)}")
             try:
                 if requests.get(self.url + "/", timeout=5).status_code == 200:
                     return

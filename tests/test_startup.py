@@ -60,6 +60,18 @@ def test_serve_run_without_the_model_exits_at_once_with_one_message(tmp_path):
     assert_all_gone(seen)
 
 
+def test_an_application_that_fails_to_deploy_is_reported_at_once(tmp_path, tiny_repo):
+    """`serve run` keeps running when the application cannot be built (here: an arg the
+    service does not know); the launcher's callers read Serve's verdict from the log instead
+    of waiting for an answer that never comes."""
+    from serve_process import tiny_service
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="failed to deploy") as failed:
+        tiny_service(tmp_path, tiny_repo, args={"no_such_arg": 1})
+    assert "unknown application args: ['no_such_arg']" in str(failed.value)
+    assert time.monotonic() - start < 120
+
+
 def test_cli_serve_without_the_model_exits_before_starting_ray(tmp_path):
     missing = str(tmp_path / "absent")
     code, output, seconds, seen = run_watching(

@@ -9,6 +9,7 @@ created in that store, including copies pulled from other nodes) and the placeme
 state API (`list_actors`). Every Ray process here is started by `ray.cluster_utils.Cluster`
 and stopped by it.
 """
+import copy
 import io
 import json
 import os
@@ -25,9 +26,9 @@ from serve_process import ServeProcess, free_port
 
 pytestmark = pytest.mark.serve
 
-NODES = {"head": {"num_cpus": 1, "resources": {"ingress_node": 1}},
+NODES = {"head": {"num_cpus": 2, "resources": {"ingress_node": 1}},
          "codec": {"num_cpus": 2, "resources": {"codec_node": 1}},
-         "model": {"num_cpus": 1, "resources": {"model_node": 1}}}
+         "model": {"num_cpus": 2, "resources": {"model_node": 1}}}
 PLACEMENT = {"Ingress": "ingress_node", "Decode": "codec_node", "Encode": "codec_node",
              "Separate": "model_node"}  # deployment: the custom resource of its node
 SONG_SECONDS = 12.
@@ -64,8 +65,10 @@ nodes = [node for node in ray.nodes() if node["Alive"]]
 name = {node["NodeID"]: next(key for key in node["Resources"] if key.endswith("_node"))
         for node in nodes}
 replicas = list_actors(detail=True, filters=[("state", "=", "ALIVE")])
-placed = {actor.class_name.rsplit(":", 1)[1]: name[actor.node_id] for actor in replicas
-          if actor.class_name.startswith("ServeReplica:separation:")}
+placed = {}
+for actor in replicas:
+    if actor.class_name.startswith("ServeReplica:separation:"):
+        placed.setdefault(actor.class_name.rsplit(":", 1)[1], []).append(name[actor.node_id])
 created = {name[node["NodeID"]]: node_stats(node["NodeManagerAddress"], node["NodeManagerPort"],
                                             include_memory_info=False
                                             ).store_stats.cumulative_created_bytes
@@ -82,27 +85,32 @@ def probe(address: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def service(cluster, tiny_repo, tmp_path_factory):
+def serve_on(cluster, tiny_repo, folder, args: dict, deployments: dict) -> ServeProcess:
+    """serve_config.yaml with `args` and `deployments` overridden, deployed on `cluster`.
+    On a cluster the replicas get the raylets' environment, not `serve run`'s: the model repo
+    goes in the config."""
     from serve_graph.launch import LOOPBACK_RAY, launch, write_config
-    folder = tmp_path_factory.mktemp("cluster_service")
     port = free_port()
+    config = write_config(folder / "serve_config.yaml", port=port, host="127.0.0.1",
+                          args={"cluster": True, "model_repo": str(tiny_repo), **args},
+                          deployments=deployments)
+    env = {**LOOPBACK_RAY, "RAY_ADDRESS": cluster.address}
+    return ServeProcess(config, port, env, folder / "serve.log", start=launch)
+
+
+@pytest.fixture
+def service(cluster, tiny_repo, tmp_path):
     placed = {name: {"ray_actor_options": {"resources": {resource: 0.1}}}
               for name, resource in PLACEMENT.items()}
-    # on a cluster the replicas get the raylets' environment, not `serve run`'s: the model
-    # repo goes in the config
-    config = write_config(folder / "serve_config.yaml", port=port, host="127.0.0.1",
-                          args={"cluster": True, "model_repo": str(tiny_repo)},
-                          deployments=placed)
-    env = {**LOOPBACK_RAY, "RAY_ADDRESS": cluster.address}
-    server = ServeProcess(config, port, env, folder / "serve.log", start=launch)
+    server = serve_on(cluster, tiny_repo, tmp_path, {}, placed)
     yield server
     server.stop()
 
 
 def test_song_crosses_nodes_through_the_object_store_not_the_ingress(cluster, service):
     before = probe(cluster.address)
-    assert before["placed"] == PLACEMENT  # each replica on the node serve_config.yaml names
+    # each replica on the node serve_config.yaml names
+    assert before["placed"] == {name: [node] for name, node in PLACEMENT.items()}
     song = encode(tone(SONG_SECONDS, 44100, 2), 44100, "mp3")
     response = requests.post(service.url + "/separate", files={"audio_file": ("song.mp3", song)},
                              data={"mp3_bitrate": "128"}, timeout=300)
@@ -121,3 +129,24 @@ def test_song_crosses_nodes_through_the_object_store_not_the_ingress(cluster, se
     carried = len(song) + 2 * len(response.content) + 2**20
     assert carried < mix_bytes  # so the check below can tell
     assert grown["ingress_node"] < carried, grown
+
+
+def test_placement_spreads_the_graph_over_every_node(cluster, tiny_repo, tmp_path):
+    """`serve_graph.placement` (what the Modal cluster and KubeRay deploy) on three equal
+    nodes: a Separate, a Decode and an Encode replica on each node, and a song separated."""
+    from serve_graph.placement import NodeShape, application_args, deployment_overrides
+    shape = NodeShape(gpus=0, cpus=2, nodes=len(NODES))
+    server = serve_on(cluster, tiny_repo, tmp_path, application_args(shape),
+                      deployment_overrides(shape))
+    try:
+        placed = probe(cluster.address)["placed"]
+        every_node = sorted(resources["resources"].popitem()[0]
+                            for resources in copy.deepcopy(NODES).values())
+        for name in ("Separate", "Decode", "Encode"):
+            assert sorted(placed[name]) == every_node, (name, placed)
+        song = encode(tone(4., 44100, 2), 44100, "wav16")
+        response = requests.post(server.url + "/separate", data={"two_stems": "vocals"},
+                                 files={"audio_file": ("song.wav", song)}, timeout=300)
+        assert response.status_code == 200, response.text
+    finally:
+        server.stop()

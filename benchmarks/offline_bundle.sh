@@ -20,7 +20,7 @@ platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux1_x86_64 --platform any)
 python3 -m pip download --quiet --only-binary=:all: --python-version "$py" --implementation cp \
     "${platforms[@]}" -d "$work/wheels" "ray[serve]==2.60.0" fastapi python-multipart lameenc \
-    soundfile "modal>=1.1,<1.7" "av>=12" pyyaml "schemathesis>=4.0,<5" \
+    soundfile "modal>=1.1,<1.7" "av>=12" pyyaml "schemathesis>=4.0,<5" fastapi-offline jsonschema \
     "grpcio-reflection==${GRPCIO:-1.84.0}"  # generated for the image's grpcio (GRPCIO=...)
 # Demucs and what it imports at run time; their other requirements (torch, dora-search) would
 # pull a multi-GB CUDA torch, which the image has

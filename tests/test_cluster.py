@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,19 @@ def test_placement_spreads_the_graph_over_every_node(cluster, tiny_repo, tmp_pat
         assert response.status_code == 200, response.text
     finally:
         server.stop()
+
+
+def test_modal_cluster_head_waits_for_every_node(cluster):
+    """The Modal cluster's head (`modal_deploy.app.wait_for_nodes`, run before it deploys the
+    graph) against this real cluster: it returns once the nodes are there and says how many
+    joined when they are not."""
+    from serve_graph.launch import LOOPBACK_RAY
+    script = ("import sys; from modal_deploy.app import wait_for_nodes; "
+              "wait_for_nodes(sys.argv[1], int(sys.argv[2]), timeout=float(sys.argv[3]))")
+    env = {**os.environ, **LOOPBACK_RAY, "MODAL_CONFIG_PATH": os.devnull}
+    for nodes, timeout, code in ((len(NODES), 60, 0), (len(NODES) + 1, 3, 1)):
+        done = subprocess.run([sys.executable, "-c", script, cluster.address, str(nodes),
+                               str(timeout)], capture_output=True, text=True, timeout=120,
+                              env=env, cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == code, done.stderr[-2000:]
+    assert f"only {len(NODES)} of {len(NODES) + 1} nodes joined" in done.stderr

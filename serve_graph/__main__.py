@@ -1,6 +1,7 @@
 """Command line: `python -m serve_graph separate song.mp3 -o stems.zip` (the local twin of
 `POST /separate`) and `python -m serve_graph serve` (the Ray Serve graph)."""
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -157,21 +158,17 @@ def run_make_repo(args) -> int:
 def _kuberay_parser(sub) -> None:
     from .kuberay import ClusterSpec
     p = sub.add_parser("kuberay", help="write a KubeRay RayService manifest embedding the config")
-    defaults = ClusterSpec()
     p.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    for name in ("name", "image", "ray_version", "workers", "gpus", "cpus", "memory_gib",
-                 "max_batch_size"):
-        value = getattr(defaults, name)
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
-                       help=f"default: {value}")
+    for field in dataclasses.fields(ClusterSpec):  # one option per field of the spec
+        p.add_argument("--" + field.name.replace("_", "-"), type=type(field.default),
+                       default=field.default, help=f"default: {field.default}")
 
 
 def run_kuberay(args) -> int:
     from .kuberay import ClusterSpec, manifest_text
-    spec = ClusterSpec(name=args.name, image=args.image, ray_version=args.ray_version,
-                       workers=args.workers, gpus=args.gpus, cpus=args.cpus,
-                       memory_gib=args.memory_gib, max_batch_size=args.max_batch_size)
+    spec = ClusterSpec(**{field.name: getattr(args, field.name)
+                          for field in dataclasses.fields(ClusterSpec)})
     text = manifest_text(spec, args.config)
     if args.output:
         args.output.write_text(text)

@@ -402,6 +402,13 @@ def _job_links(job: dict) -> dict:
             "result_url": f"{base}/result"}
 
 
+def _found(job: tp.Optional[dict], job_id: str) -> dict:
+    """The store's answer about `job_id`, or 404 when it had none for this client."""
+    if job is None:
+        raise JobNotFoundError(f"no job {job_id} (unknown, expired or not yours)")
+    return job
+
+
 def _key(request: Request) -> tp.Optional[str]:
     return key_id(getattr(request.state, "api_key", None))
 
@@ -638,9 +645,7 @@ class Ingress:
                 response_model=JobLinks,
                 responses={404: _documented("no such job (or expired)")})
     async def cancel_job(self, request: Request, job_id: str) -> dict:
-        job = await self._jobs.cancel.remote(job_id, _key(request))
-        if job is None:
-            raise JobNotFoundError(f"no job {job_id} (unknown, expired or not yours)")
+        job = _found(await self._jobs.cancel.remote(job_id, _key(request)), job_id)
         task = self._running.get(job_id)
         if task is not None:
             task.cancel()
@@ -648,10 +653,7 @@ class Ingress:
 
     async def _job(self, request: Request, job_id: str) -> dict:
         self._watch()
-        job = await self._jobs.get.remote(job_id, _key(request))
-        if job is None:
-            raise JobNotFoundError(f"no job {job_id} (unknown, expired or not yours)")
-        return job
+        return _found(await self._jobs.get.remote(job_id, _key(request)), job_id)
 
     def _start_job(self, job_id: str, data: bytes, options: SeparationOptions,
                    name: str) -> None:

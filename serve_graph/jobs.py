@@ -54,13 +54,16 @@ class JobStore:
         self.uploads[job_id] = (data, options, filename)
         return public(self.jobs[job_id], self.ttl)
 
+    def _owned(self, job_id: str, key: tp.Optional[str]) -> tp.Optional[dict]:
+        """The record of `job_id`, None when unknown or another key's."""
+        job = self.jobs.get(job_id)
+        return None if job is None or job["key"] != key else job
+
     def get(self, job_id: str, key: tp.Optional[str]) -> tp.Optional[dict]:
         """The public view of `job_id`, None when unknown, expired or another key's."""
         self._expire()
-        job = self.jobs.get(job_id)
-        if job is None or job["key"] != key:
-            return None
-        return public(job, self.ttl)
+        job = self._owned(job_id, key)
+        return None if job is None else public(job, self.ttl)
 
     def upload(self, job_id: str) -> tp.Optional[tp.Tuple[bytes, dict, str]]:
         return self.uploads.get(job_id)
@@ -88,17 +91,14 @@ class JobStore:
     def cancel(self, job_id: str, key: tp.Optional[str]) -> tp.Optional[dict]:
         """Cancel a queued or running job (its runner sees it on its next heartbeat and stops
         its work); None when unknown or another key's."""
-        job = self.jobs.get(job_id)
-        if job is None or job["key"] != key:
+        job = self._owned(job_id, key)
+        if job is None:
             return None
         self._end(job_id, "cancelled")
         return public(job, self.ttl)
 
     def result(self, job_id: str, key: tp.Optional[str]) -> tp.Optional[tp.Tuple[bytes, dict]]:
-        job = self.jobs.get(job_id)
-        if job is None or job["key"] != key:
-            return None
-        return self.results.get(job_id)
+        return None if self._owned(job_id, key) is None else self.results.get(job_id)
 
     def heartbeat(self, owner: str, running: tp.List[str]) -> tp.Dict[str, tp.List[str]]:
         """From an Ingress replica running `running`: marks them heard of, and answers which

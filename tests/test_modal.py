@@ -54,12 +54,17 @@ print(json.dumps({
 """
 
 
+def without_credentials(**env) -> dict:
+    """This environment without Modal's or the app's settings (`env` added): no credentials,
+    the app's defaults."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SEPARATION_"))}
+    return {**clean, "MODAL_CONFIG_PATH": os.devnull, **env}
+
+
 def inspect_app(**env) -> dict:
     """Import modal_deploy.app in a fresh interpreter without credentials and read its objects."""
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("MODAL_", "SEPARATION_"))}
-    clean.update(MODAL_CONFIG_PATH=os.devnull, **env)
-    proc = subprocess.run([sys.executable, "-c", INSPECT], cwd=ROOT, env=clean,
+    proc = subprocess.run([sys.executable, "-c", INSPECT], cwd=ROOT,
+                          env=without_credentials(**env),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -105,10 +110,8 @@ def test_cluster_mode_follows_modal_cluster_rules():
     ({"SEPARATION_CLUSTER_MAX_CONTAINERS": "3"}, "not a multiple of the cluster size 2"),
     ({"SEPARATION_CLUSTER_MIN_CONTAINERS": "1"}, "not a multiple of the cluster size 2")])
 def test_cluster_mode_refuses_what_modal_forbids(env, message):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SEPARATION_"))}
     proc = subprocess.run([sys.executable, "-c", "import modal_deploy.app"], cwd=ROOT,
-                          env={**clean, "MODAL_CONFIG_PATH": os.devnull,
-                               "SEPARATION_CLUSTER_SIZE": "2", **env},
+                          env=without_credentials(SEPARATION_CLUSTER_SIZE="2", **env),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
 
@@ -228,9 +231,8 @@ def test_client_arguments_are_the_request_fields():
     """`modal run modal_deploy/app.py song.mp3 --format flac ...`: Modal's own CLI built from
     the entrypoint offers every field of SeparationOptions, with its choices."""
     from serve_graph.engine.options import request_fields
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SEPARATION_"))}
     proc = subprocess.run([sys.executable, "-c", CLIENT_OPTIONS], cwd=ROOT, text=True,
-                          env={**clean, "MODAL_CONFIG_PATH": os.devnull}, capture_output=True,
+                          env=without_credentials(), capture_output=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     options = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -190,6 +190,16 @@ def total(samples: dict, name: str, **labels) -> float:
                if sample == name and set(labels.items()) <= set(tags))
 
 
+# what one separation moves on /metrics: {what: (sample name, labels)}
+MOVED_BY_A_SEPARATION = {
+    "requests": ("ray_serve_graph_requests_total", {"route": "/separate", "status": "200"}),
+    "audio": ("ray_serve_graph_audio_seconds_total", {"model": "htdemucs"}),
+    "windows": ("ray_serve_graph_windows_total", {}),
+    "batches": ("ray_serve_graph_batch_size_count", {}),
+    "stage": ("ray_serve_graph_stage_seconds_count", {"stage": "total"}),
+    "serve": ("ray_serve_num_http_requests_total", {})}
+
+
 def test_metrics_move_with_a_request(service, song_mp3):
     """Ray Serve's metrics and ours, as Prometheus scrapes them, count a separation (Ray's
     agent gathers the replicas' metrics every few seconds: polled)."""
@@ -199,20 +209,8 @@ def test_metrics_move_with_a_request(service, song_mp3):
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         after = scrape(service)
-        moved = {
-            "requests": total(after, "ray_serve_graph_requests_total", route="/separate",
-                              status="200") - total(before, "ray_serve_graph_requests_total",
-                                                    route="/separate", status="200"),
-            "audio": total(after, "ray_serve_graph_audio_seconds_total", model="htdemucs") -
-            total(before, "ray_serve_graph_audio_seconds_total", model="htdemucs"),
-            "windows": total(after, "ray_serve_graph_windows_total") -
-            total(before, "ray_serve_graph_windows_total"),
-            "batches": total(after, "ray_serve_graph_batch_size_count") -
-            total(before, "ray_serve_graph_batch_size_count"),
-            "stage": total(after, "ray_serve_graph_stage_seconds_count", stage="total") -
-            total(before, "ray_serve_graph_stage_seconds_count", stage="total"),
-            "serve": total(after, "ray_serve_num_http_requests_total") -
-            total(before, "ray_serve_num_http_requests_total")}
+        moved = {what: total(after, name, **labels) - total(before, name, **labels)
+                 for what, (name, labels) in MOVED_BY_A_SEPARATION.items()}
         if all(value > 0 for value in moved.values()):
             break
         time.sleep(2)

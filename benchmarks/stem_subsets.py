@@ -2,8 +2,8 @@
 HTDemucs, each weighted on one stem), against `demucs.api.Separator`, which runs all four.
 
 Random weights, the compute of the real bag. For each subset, our engine plans only the models
-that weigh on it (`ModelGeometry.models_for`); times alternate with the reference's in one
-process, and each subset's stems are checked against the reference's.
+that weigh on it (`ModelGeometry.models_for`); the reference runs once and every subset after
+it in the same process, and each subset's stems are checked against the reference's.
 
     python -m benchmarks.stem_subsets --seconds 15
 """

@@ -36,13 +36,14 @@ def standin_repo() -> Path:
 
 
 def config(args, folder: Path, encode_cpus: int) -> Path:
-    """The shipped config, Encode given `encode_cpus` CPUs and the rest none (they fit a
-    2-core box; Separate's torch threads use every core regardless)."""
+    """The shipped config, Encode given `encode_cpus` CPUs and as many encoding threads, the
+    rest no CPUs (they fit a 2-core box; Separate's torch threads use every core regardless)."""
     none = {"ray_actor_options": {"num_cpus": 0}}
     return write_config(
         folder / "serve_config.yaml", port=args.port, host="127.0.0.1",
         args={"model_repo": str(full_size_repo() if args.full else standin_repo()),
-              "max_windows": 100_000, "windows_in_flight": args.windows_in_flight},
+              "max_windows": 100_000, "windows_in_flight": args.windows_in_flight,
+              "encode_threads": encode_cpus},  # serve_config.yaml's own is 2
         deployments={"Ingress": none, "Decode": none, "Separate": none,
                      "Encode": {"ray_actor_options": {"num_cpus": encode_cpus}}})
 

@@ -40,6 +40,12 @@ class Encode:
         self._separate = ModelHandles(separate)
         self._waiting = 0  # windows sent to Separate and not back yet, all songs
         keep_replica_server_on_loopback()
+        # Overlap-add and the stems' arithmetic touch a few MB per window and are bound by
+        # memory: a second OpenMP thread (Ray sets as many as `num_cpus`) gains nothing there
+        # but spins on the cores the encoders need (with fewer copies on the window path, on 2
+        # cores: overlap-add 3.3 -> 1.5 s wall, the MP3 encode stage 1.29 -> 1.19 x its
+        # CPU-seconds per core; benchmarks/RESULTS.md).
+        th.set_num_threads(1)
         self._settings = settings
         self.threads = settings.encode_threads or _assigned_cpus()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="encode")
@@ -90,7 +96,8 @@ class Encode:
                 self._waiting_changed(-len(done))
                 for task in done:
                     window, output = task.result()
-                    await asyncio.to_thread(writer.add, window, th.from_numpy(np.array(output)))
+                    # read where it lies in the object store, not copied out first
+                    await asyncio.to_thread(writer.add, window, th.from_numpy(output))
                     progress.windows_done(writer.windows_added)
         finally:
             for task in running:

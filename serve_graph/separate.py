@@ -5,7 +5,6 @@ import os
 import threading
 import time
 import typing as tp
-import warnings
 import weakref
 from collections import Counter
 
@@ -25,9 +24,6 @@ from .messages import MixRef
 from .settings import ServiceSettings
 
 logger = logging.getLogger("ray.serve")
-# Mixes are read zero-copy from the object store (read-only) and never written: windows are
-# copied out of them.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 # Models one Separate replica keeps loaded; Serve unloads the least recently used beyond.

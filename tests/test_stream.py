@@ -115,7 +115,7 @@ def test_overlap_add_hands_out_final_stretches_and_holds_few_blocks(tiny_model):
     blocks_per_segment = plan.passes[0].segment_length // BLOCK + 2
     assert most_blocks <= len(plan.passes) * 2 * blocks_per_segment
     streamed = th.cat(stretches, -1)
-    assert th.allclose(streamed, whole.result(), atol=1e-6)
+    assert th.equal(streamed, whole.result())  # freed blocks are reused: zeroed again
     expected = mix[None] * th.arange(1., 5.)[:, None, None]
     assert th.allclose(streamed, expected, atol=1e-4)
 

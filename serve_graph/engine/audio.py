@@ -51,9 +51,9 @@ def _check_samples(wav: np.ndarray, rate: int) -> None:
     if wav.shape[1] < MIN_SECONDS * rate:
         raise InvalidAudioError(f"the audio lasts {wav.shape[1] / rate:.3f} s; at least "
                                 f"{MIN_SECONDS} s is needed")
-    if not np.isfinite(wav).all():
+    peak = max(float(wav.max()), -float(wav.min()))  # NaN if any sample is (no temporaries)
+    if not np.isfinite(peak):
         raise InvalidAudioError("the audio holds NaN or infinite samples (corrupt float audio)")
-    peak = float(np.abs(wav).max())
     if peak > MAX_SAMPLE:
         raise InvalidAudioError(f"the audio's samples reach {peak:.3g}, far outside [-1, 1] "
                                 f"(corrupt float audio)")

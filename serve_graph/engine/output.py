@@ -41,7 +41,9 @@ def pcm_int(audio: np.ndarray, scale: float, bits: int) -> np.ndarray:
     (`[-1, 1]` maps to +-(2**(bits-1) - 1))."""
     full = 2**(bits - 1) - 1
     dtype = "<i2" if bits == 16 else "<i4"
-    return (np.clip(audio * scale if scale != 1 else audio, -1, 1) * full).astype(dtype)
+    clipped = np.clip(audio * scale if scale != 1 else audio, -1, 1)
+    clipped *= full
+    return clipped.astype(dtype)
 
 
 def wav_header(channels: int, samplerate: int, depth: str, payload_bytes: int) -> bytes:
@@ -154,8 +156,8 @@ class StemFile:
         """The next stretch: float32 `[n, C]`, continuing where the last one ended."""
         if self.clip == "clamp":
             audio = np.clip(audio, -1., 1.)
-        os.write(self._spill_fd, np.ascontiguousarray(audio, np.float32).tobytes())
-        self.peak = max(self.peak, float(np.abs(audio).max(initial=0.)))
+        _write_all(self._spill_fd, np.ascontiguousarray(audio, np.float32))
+        self.peak = max(self.peak, float(audio.max(initial=0.)), -float(audio.min(initial=0.)))
         self.written += audio.shape[0]
         self.clock.timed(self._encode, audio, 1.)
 
@@ -245,6 +247,13 @@ class StemFile:
             os.close(self._spill_fd)
             os.unlink(self.spill_path)
             self._spill_fd = None
+
+
+def _write_all(fd: int, array: np.ndarray) -> None:
+    """Write a C-contiguous array's bytes to `fd`, all of them (`os.write` may write fewer)."""
+    view = memoryview(array).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class Inline(Executor):

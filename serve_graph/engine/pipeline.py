@@ -60,7 +60,7 @@ def prepare(data: bytes, geometry: ModelGeometry, options: SeparationOptions,
     (within the duration limit and the window budget). A stem subset plans only the bag's
     sub-models that weigh on those stems (`ModelGeometry.models_for`)."""
     wav = decode(data, geometry.samplerate, geometry.audio_channels, max_seconds)
-    mix, mean, std = normalise(wav)
+    mix, mean, std = normalise(wav, in_place=True)  # `wav` is ours: decoded here
     plan = plan_windows(mix.shape[-1], geometry, options.shifts, options.overlap, options.seed,
                         models=geometry.models_for(options.stem_list))
     check_budget(plan, max_windows, geometry.samplerate)
@@ -108,7 +108,7 @@ class SongWriter:
         stretch = self._acc.take(self.TAKE_SAMPLES)
         if stretch is None:
             return []
-        stems = denormalise(stretch, self.song.mean, self.song.std)
+        stems = denormalise(stretch, self.song.mean, self.song.std, in_place=True)
         return list(select_stems(dict(zip(self.song.geometry.sources, stems)),
                                  self.options.two_stems, self.options.stem_list).values())
 

@@ -121,18 +121,22 @@ class Plan:
         return ranks
 
 
-def normalise(wav: th.Tensor) -> tp.Tuple[th.Tensor, float, float]:
+def normalise(wav: th.Tensor, in_place: bool = False) -> tp.Tuple[th.Tensor, float, float]:
     """Normalise a mix `[C, T]` by the mean and std of its channel mean, as
-    `demucs.api.Separator.separate_tensor` does. Returns `(normalised [C, T], mean, std)`."""
+    `demucs.api.Separator.separate_tensor` does. Returns `(normalised [C, T], mean, std)`;
+    `in_place` overwrites `wav` with it (the same float32 arithmetic without two song-sized
+    temporaries: 0.1-0.2 s less for a 216 s song)."""
     ref = wav.mean(0)
     mean = ref.mean()
     std = ref.std() + 1e-8
-    return (wav - mean) / std, float(mean), float(std)
+    out = wav.sub_(mean).div_(std) if in_place else (wav - mean) / std
+    return out, float(mean), float(std)
 
 
-def denormalise(stems: th.Tensor, mean: float, std: float) -> th.Tensor:
-    """Undo `normalise` on stems `[S, C, T]`."""
-    return stems * std + mean
+def denormalise(stems: th.Tensor, mean: float, std: float, in_place: bool = False
+                ) -> th.Tensor:
+    """Undo `normalise` on stems `[S, C, T]` (`in_place`: overwriting them)."""
+    return stems.mul_(std).add_(mean) if in_place else stems * std + mean
 
 
 def plan_windows(length: int, geometry: ModelGeometry, shifts: int = 1, overlap: float = 0.25,
@@ -233,11 +237,17 @@ class OverlapAdd:
     their number, then the bag's per-source weights.
     """
 
+    SPARE_BLOCKS = 8  # freed blocks kept for reuse
+
     def __init__(self, plan: Plan, geometry: ModelGeometry):
         self.plan = plan
         self.geometry = geometry
         self._blocks: tp.List[tp.Dict[int, tp.Tuple[th.Tensor, th.Tensor]]] = [
             {} for _ in plan.passes]
+        # blocks taken and freed, reused (zeroed) instead of fresh memory the kernel must
+        # fault in and zero; and one block's worth of room for `weight x output`
+        self._spare: tp.List[tp.Tuple[th.Tensor, th.Tensor]] = []
+        self._product = th.empty(0)
         self._rank = plan.ranks()
         self._offsets: tp.List[tp.List[int]] = [[] for _ in plan.passes]
         for window in plan.windows:  # a pass's windows come in order of offset
@@ -263,10 +273,9 @@ class OverlapAdd:
         weight = self._transition(pass_.segment_length)[:window.length]
         for block, span, part in _block_spans(window.offset, window.length):
             if block not in blocks:
-                blocks[block] = (th.zeros(*output.shape[:2], BLOCK, dtype=output.dtype),
-                                 th.zeros(BLOCK, dtype=output.dtype))
+                blocks[block] = self._new_block(output)
             total, weights = blocks[block]
-            total[..., span] += weight[part] * output[..., part]
+            total[..., span] += self._weighted(weight[part], output[..., part])
             weights[span] += weight[part]
         done = self._done[window.pass_index]
         done[self._rank[window.index]] = True
@@ -274,6 +283,24 @@ class OverlapAdd:
         while first < len(done) and done[first]:
             first += 1
         self._first_pending[window.pass_index] = first
+
+    def _new_block(self, output: th.Tensor) -> tp.Tuple[th.Tensor, th.Tensor]:
+        """Zeroed sums `[S, C, BLOCK]` and summed weights `[BLOCK]` for `output`'s stems."""
+        shape = (*output.shape[:2], BLOCK)
+        while self._spare:
+            total, weights = self._spare.pop()
+            if total.shape == shape and total.dtype == output.dtype:
+                return total.zero_(), weights.zero_()
+        return (th.zeros(shape, dtype=output.dtype), th.zeros(BLOCK, dtype=output.dtype))
+
+    def _weighted(self, weight: th.Tensor, output: th.Tensor) -> th.Tensor:
+        """`weight * output` (`[n]` x `[S, C, n]`, n <= BLOCK) in reused memory: the same
+        float32 products as `apply_model`'s, without a fresh window-sized temporary."""
+        size = output.numel()
+        if self._product.numel() < size or self._product.dtype != output.dtype:
+            self._product = th.empty(output.shape[0] * output.shape[1] * BLOCK,
+                                     dtype=output.dtype)
+        return th.mul(weight, output, out=self._product[:size].view(output.shape))
 
     def frontier(self) -> int:
         """Mix samples final so far (every window covering them is in, in every pass)."""
@@ -307,13 +334,15 @@ class OverlapAdd:
             total, weight = blocks[block]
             pieces.append(total[..., span])
             weights.append(weight[span])
-        out = th.cat(pieces, -1) / th.cat(weights)
+        out = th.cat(pieces, -1)
+        out /= th.cat(weights)
         for block in [b for b in blocks if (b + 1) * BLOCK <= end + delay]:
-            del blocks[block]
+            self._spare.append(blocks.pop(block))
+        del self._spare[self.SPARE_BLOCKS:]
         return out
 
     def _combine(self, models: tp.Dict[int, th.Tensor]) -> th.Tensor:
-        if self.plan.shifts:
+        if self.plan.shifts > 1:  # dividing by 1 changes nothing: skip a pass over the stems
             for out in models.values():
                 out /= self.plan.shifts
         if not self.geometry.is_bag:

@@ -197,10 +197,10 @@ def wait_for_nodes(address: str, nodes: int, timeout: float) -> None:
     ray.init(address=address, logging_level="warning")
     try:
         deadline = time.monotonic() + timeout
-        while sum(node["Alive"] for node in ray.nodes()) < nodes:
+        while (alive := sum(node["Alive"] for node in ray.nodes())) < nodes:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {sum(n['Alive'] for n in ray.nodes())} of {nodes} "
-                                   f"nodes joined the Ray cluster within {timeout:.0f} s")
+                raise RuntimeError(f"only {alive} of {nodes} nodes joined the Ray cluster "
+                                   f"within {timeout:.0f} s")
             time.sleep(1)
     finally:
         ray.shutdown()

@@ -13,7 +13,7 @@ import soundfile
 from audio_files import FORMATS, encode, tone
 from bad_inputs import Sentinels, audio_file, playlists
 from serve_graph.engine import InvalidAudioError, AudioTooLongError, decode, zip_files
-from serve_graph.engine.audio import select_stems
+from serve_graph.engine.audio import _Samples, select_stems
 from serve_graph.engine.output import encode_stem
 from serve_graph.engine.mp3 import count_frames, parse_header
 
@@ -203,3 +203,17 @@ def test_spill_writes_every_byte_even_when_os_write_writes_fewer(tmp_path, monke
     output._write_all(fd, audio)
     os.close(fd)
     assert (tmp_path / "spill.f32").read_bytes() == audio.tobytes()
+
+
+@pytest.mark.parametrize("expected", [1, 7, 12, 40])
+def test_decoded_samples_equal_the_frames_joined_whatever_length_was_expected(expected):
+    """Frames go into one array sized for the length the header states: fewer or more frames
+    than that (a header that estimates or lies) still give exactly the frames, contiguous."""
+    rng = np.random.default_rng(0)
+    frames = [rng.standard_normal((2, k)).astype(np.float32) for k in (3, 4, 5)]
+    samples = _Samples(expected)
+    for frame in frames:
+        samples.append(frame)
+    joined = samples.array()
+    assert joined.flags.c_contiguous
+    np.testing.assert_array_equal(joined, np.concatenate(frames, axis=1))

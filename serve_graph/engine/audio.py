@@ -46,16 +46,22 @@ def decode(data: bytes, samplerate: int = 44100, channels: int = 2,
     return wav.contiguous()
 
 
+def peak(audio: np.ndarray) -> float:
+    """The largest |sample| of `audio` (0 when empty; NaN if any sample is), read without
+    a temporary array."""
+    return max(float(audio.max(initial=0.)), -float(audio.min(initial=0.)))
+
+
 def _check_samples(wav: np.ndarray, rate: int) -> None:
     """Refuse what no separation can come from: non-finite or absurd samples, near-empty audio."""
     if wav.shape[1] < MIN_SECONDS * rate:
         raise InvalidAudioError(f"the audio lasts {wav.shape[1] / rate:.3f} s; at least "
                                 f"{MIN_SECONDS} s is needed")
-    peak = max(float(wav.max()), -float(wav.min()))  # NaN if any sample is (no temporaries)
-    if not np.isfinite(peak):
+    largest = peak(wav)
+    if not np.isfinite(largest):
         raise InvalidAudioError("the audio holds NaN or infinite samples (corrupt float audio)")
-    if peak > MAX_SAMPLE:
-        raise InvalidAudioError(f"the audio's samples reach {peak:.3g}, far outside [-1, 1] "
+    if largest > MAX_SAMPLE:
+        raise InvalidAudioError(f"the audio's samples reach {largest:.3g}, far outside [-1, 1] "
                                 f"(corrupt float audio)")
 
 

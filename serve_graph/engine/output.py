@@ -25,6 +25,7 @@ import numpy as np
 import torch as th
 
 from . import mp3
+from .audio import peak
 from .errors import InvalidParameterError
 from .options import WAV_DEPTHS
 
@@ -157,7 +158,7 @@ class StemFile:
         if self.clip == "clamp":
             audio = np.clip(audio, -1., 1.)
         _write_all(self._spill_fd, np.ascontiguousarray(audio, np.float32))
-        self.peak = max(self.peak, float(audio.max(initial=0.)), -float(audio.min(initial=0.)))
+        self.peak = max(self.peak, peak(audio))
         self.written += audio.shape[0]
         self.clock.timed(self._encode, audio, 1.)
 

@@ -345,7 +345,7 @@ class OverlapAdd:
         if self.plan.shifts > 1:  # dividing by 1 changes nothing: skip a pass over the stems
             for out in models.values():
                 out /= self.plan.shifts
-        if not self.geometry.is_bag:
+        if not self.geometry.is_bag or self._unit_bag:
             return models[0]
         estimates: tp.Union[float, th.Tensor] = 0.
         totals = [0.] * len(self.geometry.sources)
@@ -361,6 +361,13 @@ class OverlapAdd:
         for k in range(estimates.shape[0]):
             estimates[k] /= totals[k]
         return estimates
+
+    @property
+    def _unit_bag(self) -> bool:
+        """A bag of one model whose weights are all 1 (`htdemucs`): weighting it multiplies and
+        divides each stem by 1 and adds it to zeros, which changes no sample (but the sign of
+        a zero), in three passes over the stems that are skipped."""
+        return self.geometry.weights == (tuple(1. for _ in self.geometry.sources),)
 
     def _transition(self, segment_length: int) -> th.Tensor:
         if segment_length not in self._weights:

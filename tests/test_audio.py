@@ -190,19 +190,21 @@ def test_two_stems_sums_the_others_and_zip_names():
     assert archive.namelist() == ["vocals.mp3", "no_vocals.mp3"]
 
 
-def test_spill_writes_every_byte_even_when_os_write_writes_fewer(tmp_path, monkeypatch):
-    """`os.write` may write fewer bytes than given: `_write_all` carries on until the whole
-    stretch is in the spill file (one short of bytes would re-encode garbage when a stem must
-    be rescaled)."""
+def test_spill_writes_every_byte_even_when_os_pwrite_writes_fewer(tmp_path, monkeypatch):
+    """`os.pwrite` may write fewer bytes than given: `_write_all` carries on until the whole
+    stretch is in the spill file, where it belongs (one short of bytes would re-encode
+    garbage when a stem must be rescaled)."""
     import os
     from serve_graph.engine import output
-    real_write = os.write
-    monkeypatch.setattr(output.os, "write", lambda fd, data: real_write(fd, data[:1000]))
-    audio = np.random.default_rng(0).standard_normal((3000, 2)).astype(np.float32)
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(output.os, "pwrite",
+                        lambda fd, data, offset: real_pwrite(fd, data[:1000], offset))
+    audio = np.random.default_rng(0).standard_normal((2, 3000)).astype(np.float32)
     fd = os.open(tmp_path / "spill.f32", os.O_WRONLY | os.O_CREAT)
-    output._write_all(fd, audio)
+    output._write_all(fd, audio[1], 12)
+    output._write_all(fd, audio[0], 12 + audio[1].nbytes)
     os.close(fd)
-    assert (tmp_path / "spill.f32").read_bytes() == audio.tobytes()
+    assert (tmp_path / "spill.f32").read_bytes() == bytes(12) + audio[::-1].tobytes()
 
 
 @pytest.mark.parametrize("expected", [1, 7, 12, 40])

@@ -12,7 +12,7 @@ import pytest
 import torch as th
 
 from serve_graph.engine import ModelRunner, SeparationOptions, decode, model_geometry, separate
-from serve_graph.engine import mp3
+from serve_graph.engine import mp3, output
 from serve_graph.engine.output import StemFile, encode_stem, prevent_clip
 from serve_graph.engine.pipeline import separate_to_zip
 from serve_graph.engine.windows import (BLOCK, OverlapAdd, center_trim, in_order, plan_windows,
@@ -36,7 +36,7 @@ def write_in_stretches(stem: StemFile, audio: np.ndarray, seed: int = 0) -> byte
     position = 0
     while position < audio.shape[1]:
         step = int(rng.integers(1, 200_000))
-        stem.write(np.ascontiguousarray(audio[:, position:position + step].T))
+        stem.write(audio[:, position:position + step])
         position += step
     return stem.finish()
 
@@ -91,6 +91,50 @@ def test_loud_stem_written_in_stretches_is_rescaled_like_a_whole_one(tmp_path, f
     else:
         assert th.allclose(decoded, expected, atol=2 / 2**15, rtol=0)
         assert data == encode_stem(whole, RATE, fmt)
+
+
+def test_mp3_chunks_clamp_and_spill_their_own_samples(tmp_path):
+    """Each chunk task clamps its samples, spills the ones it owns and notes their peak:
+    the spill file holds the clamped stem, planar, and the MP3 is the one-shot encode of the
+    clamped stem's."""
+    audio = sweep(30.) * 3  # reaches 1.5
+    with ThreadPoolExecutor(2) as pool:
+        stem = StemFile("mp3", audio.shape[1], 2, RATE, pool, str(tmp_path), clip="clamp")
+        data = write_in_stretches(stem, audio)
+        clamped = np.clip(audio, -1, 1)
+        assert np.array_equal(np.asarray(stem._spilled()), clamped)
+        assert stem.peak == 1. and stem.scale == 1.
+        stem.close()
+    one_shot = decode(encode_stem(th.from_numpy(clamped), RATE, "mp3")).numpy()
+    assert rms(decode(data).numpy() - one_shot) <= 0.05 * rms(clamped)
+
+
+def test_closing_a_stem_while_its_chunks_encode_stops_their_spill_writes(tmp_path,
+                                                                        monkeypatch):
+    """A song cancelled mid-way closes its stems while chunk tasks still run: the spill file
+    goes at once, and the tasks that go on later end cleanly without writing (no write lands
+    on a descriptor number reused since)."""
+    started, release = threading.Event(), threading.Event()
+    samples = output._samples
+
+    def held(*args):  # a chunk task, held before it spills
+        started.set()
+        release.wait(10)
+        return samples(*args)
+    monkeypatch.setattr(output, "_samples", held)
+    audio = sweep(40.)
+    with ThreadPoolExecutor(2) as pool:
+        stem = StemFile("mp3", audio.shape[1], 2, RATE, pool, str(tmp_path), max_pending=8)
+        stem.write(audio[:, :audio.shape[1] // 2])
+        assert started.wait(10)
+        spill = stem.spill_path
+        stem.close()
+        assert not os.path.exists(spill)
+        other = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT)  # may reuse the number
+        release.set()
+    assert not os.path.exists(spill) and os.fstat(other).st_size == 0
+    assert all(chunk.cancelled() or chunk.exception() is None for chunk in stem._chunks)
+    os.close(other)
 
 
 def test_overlap_add_hands_out_final_stretches_and_holds_few_blocks(tiny_model):
@@ -160,7 +204,7 @@ def test_one_stem_keeps_max_pending_chunks_encoding(tmp_path, monkeypatch, max_p
     with ThreadPoolExecutor(8) as pool:
         stem = StemFile("mp3", audio.shape[1], 2, RATE, pool, str(tmp_path),
                         max_pending=max_pending)
-        stem.write(np.ascontiguousarray(audio.T))
+        stem.write(audio)
         assert decode(stem.finish()).shape == audio.shape
         stem.close()
     assert most[0] == max_pending

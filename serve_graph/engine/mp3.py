@@ -225,6 +225,15 @@ def chunk_bounds(num_samples: int, frame_samples: int = 1152,
     return bounds
 
 
+def chunk_owned(num_samples: int, frame_samples: int = 1152,
+                chunk_frames: int = CHUNK_FRAMES) -> tp.List[tp.Tuple[int, int]]:
+    """The samples `[start, end)` each chunk of `chunk_bounds` has to itself (its range less
+    the pre- and post-roll that neighbours also encode): they tile the stem."""
+    bounds = chunk_bounds(num_samples, frame_samples, chunk_frames)
+    starts = [k * chunk_frames * frame_samples for k in range(len(bounds))]
+    return list(zip(starts, starts[1:] + [num_samples]))
+
+
 def encode_frames(pcm16: np.ndarray, samplerate: int, bitrate: int = 192,
                   quality: int = 2) -> bytes:
     """Bare CBR MP3 frames of interleaved int16 samples `[T, C]` (LAME's 576-sample delay in

@@ -1,9 +1,9 @@
 """Stem files written while the song is still being separated.
 
 A `StemFile` receives one stem's final audio stretch by stretch, in order, as float32
-interleaved `[n, C]` arrays, and encodes as it goes: MP3 in chunks of `mp3.CHUNK_FRAMES` frames
-handed to a thread pool (LAME releases the GIL) and spliced gaplessly at the end; WAV and FLAC
-as each stretch arrives. Demucs' default clip prevention ("rescale": divide the whole stem by
+planar `[C, n]` arrays, and encodes as it goes: MP3 in chunks of `mp3.CHUNK_FRAMES` frames
+handed to a thread pool (LAME releases the GIL; the task also converts, spills and measures
+its chunk) and spliced gaplessly at the end; WAV and FLAC as each stretch arrives. Demucs' default clip prevention ("rescale": divide the whole stem by
 1.01 x its peak when the peak reaches 1/1.01) needs the peak of the whole stem, known only at
 the end: stretches are encoded as if it will not be needed (it rarely is: then the output is
 the one-shot encode's), kept in a spill file, and re-encoded from it, scaled, when it is.
@@ -38,11 +38,12 @@ CLIP_HEADROOM = 1.01  # `demucs.audio.prevent_clip`'s rescale divides by 1.01 x 
 
 
 def pcm_int(audio: np.ndarray, scale: float, bits: int) -> np.ndarray:
-    """Interleaved float `[n, C]` x `scale` -> integers of `bits` bits, clipped as Demucs does
-    (`[-1, 1]` maps to +-(2**(bits-1) - 1))."""
+    """Planar float `[C, n]` x `scale` -> interleaved integers `[n, C]` of `bits` bits,
+    clipped as Demucs does (`[-1, 1]` maps to +-(2**(bits-1) - 1))."""
     full = 2**(bits - 1) - 1
     dtype = "<i2" if bits == 16 else "<i4"
-    clipped = np.clip(audio * scale if scale != 1 else audio, -1, 1)
+    clipped = np.empty(audio.shape[::-1], np.float32)
+    np.clip((audio * scale if scale != 1 else audio).T, -1, 1, out=clipped)
     clipped *= full
     return clipped.astype(dtype)
 
@@ -58,13 +59,13 @@ def wav_header(channels: int, samplerate: int, depth: str, payload_bytes: int) -
 
 
 def wav_samples(audio: np.ndarray, scale: float, depth: str) -> bytes:
-    """Interleaved float `[n, C]` -> the WAV payload bytes of that stretch."""
+    """Planar float `[C, n]` -> the WAV payload bytes (interleaved) of that stretch."""
     if depth == "int16":
         return pcm_int(audio, scale, 16).tobytes()
     if depth == "int24":
         return pcm_int(audio, scale, 24).view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
     if depth == "float32":
-        return (audio * scale).astype("<f4").tobytes()
+        return np.ascontiguousarray((audio * scale).T, "<f4").tobytes()
     raise InvalidParameterError(f"wav depth must be one of {WAV_DEPTHS}, got {depth!r}")
 
 
@@ -122,17 +123,21 @@ class StemFile:
     """One output file (`vocals.mp3`, `no_vocals.wav`...) of `num_samples` samples of
     `channels` channels, written stretch by stretch with `write`, bytes from `finish`.
 
-    `fmt` is "mp3", "wav" or "flac"; MP3 chunks are encoded on `pool`, at most `max_pending`
-    of them queued or running at a time. The spill file lives in
+    `fmt` is "mp3", "wav" or "flac". MP3 chunks are tasks on `pool`, at most `max_pending`
+    of them queued or running at a time; each task also keeps its part of the stem (the
+    spill file, the peak), so the caller's thread only hands stretches over. WAV and FLAC
+    are encoded in `write`. The spill file (planar: each channel's samples in a row) lives in
     `spill_dir` until `close`. `clip` is Demucs' clip mode: "rescale" the whole stem when it
-    would clip, "clamp" its samples to [-1, 1], or "none" (integer formats clip anyway; float32
-    WAV keeps the samples).
+    would clip, "clamp" its samples to [-1, 1], or "none" (integer formats clip anyway;
+    float32 WAV keeps the samples).
     """
 
     def __init__(self, fmt: str, num_samples: int, channels: int, samplerate: int,
                  pool: Executor, spill_dir: str, bitrate: int = 192, wav_depth: str = "int16",
                  clock: tp.Optional[EncodeClock] = None, clip: str = "rescale",
                  max_pending: int = MAX_PENDING_CHUNKS):
+        if fmt not in ("mp3", "wav", "flac"):
+            raise InvalidParameterError(f"unknown format {fmt!r}")
         self.fmt, self.num_samples, self.channels = fmt, num_samples, channels
         self.max_pending = max(max_pending, 1)
         self.clip = clip
@@ -140,60 +145,105 @@ class StemFile:
         self.samplerate, self.bitrate, self.wav_depth = samplerate, bitrate, wav_depth
         self._pool = pool
         self.written = 0
-        self.peak = 0.
+        self._peaks: tp.List[float] = []  # of the stretches kept so far (list.append: atomic)
+        self._spill_fd: tp.Optional[int]
         self._spill_fd, self.spill_path = tempfile.mkstemp(suffix=".f32", dir=spill_dir)
+        self._spill_lock = threading.Lock()
         self._start_encoder()
 
     def _start_encoder(self) -> None:
         self._chunks: tp.List[Future] = []
         self._pending: tp.Deque[Future] = collections.deque()
         self._bounds = mp3.chunk_bounds(self.num_samples)
-        self._held = np.zeros((0, self.channels), np.float32)  # samples from `_held_from`
-        self._held_from = 0
+        self._owned = mp3.chunk_owned(self.num_samples)
+        self._pieces: tp.Deque[tp.Tuple[int, np.ndarray]] = collections.deque()
+        self._fed = 0  # samples handed to this encoder
         self._wav: tp.List[bytes] = []
         self._flac = _Flac(self.channels, self.samplerate) if self.fmt == "flac" else None
 
     def write(self, audio: np.ndarray) -> None:
-        """The next stretch: float32 `[n, C]`, continuing where the last one ended."""
-        if self.clip == "clamp":
-            audio = np.clip(audio, -1., 1.)
-        _write_all(self._spill_fd, np.ascontiguousarray(audio, np.float32))
-        self.peak = max(self.peak, peak(audio))
-        self.written += audio.shape[0]
-        self.clock.timed(self._encode, audio, 1.)
+        """The next stretch: float32 `[C, n]`, continuing where the last one ended. MP3 holds
+        on to it until its chunks are encoded: it must not change afterwards."""
+        self.written += audio.shape[1]
+        self._feed(audio, 1., keep=True)
 
-    def _encode(self, audio: np.ndarray, scale: float) -> None:
+    def _feed(self, audio: np.ndarray, scale: float, keep: bool) -> None:
+        """Encode `audio` `[C, n]` x `scale` next; `keep`: also spill it and note its peak."""
+        start = self._fed
+        self._fed += audio.shape[1]
+        if self.fmt == "mp3":
+            self._pieces.append((start, audio))
+            self._submit_chunks(scale, keep)
+        else:
+            self.clock.timed(self._encode_lossless, start, audio, scale, keep)
+
+    def _encode_lossless(self, start: int, audio: np.ndarray, scale: float,
+                         keep: bool) -> None:
+        audio = self._clamped(audio)
+        if keep:
+            self._keep(start, audio)
         if self.fmt == "wav":
             self._wav.append(wav_samples(audio, scale, self.wav_depth))
-        elif self.fmt == "flac":
+        else:
             assert self._flac is not None
             self._flac.write(audio, scale)
-        elif self.fmt == "mp3":
-            self._hold_mp3(audio, scale)
-        else:
-            raise InvalidParameterError(f"unknown format {self.fmt!r}")
 
-    def _hold_mp3(self, audio: np.ndarray, scale: float) -> None:
-        """Keep samples until the next chunk's range is complete, then hand it to the pool."""
-        self._held = np.concatenate([self._held, audio])
-        end = self._held_from + self._held.shape[0]
-        while len(self._chunks) < len(self._bounds) and self._bounds[len(self._chunks)][1] <= end:
-            start, stop = self._bounds[len(self._chunks)]
-            pcm = pcm_int(self._held[start - self._held_from:stop - self._held_from], scale, 16)
+    def _submit_chunks(self, scale: float, keep: bool) -> None:
+        """Hand each chunk whose samples are all in to the pool (waiting while `max_pending`
+        are queued or running), then let go of the stretches no later chunk needs."""
+        while len(self._chunks) < len(self._bounds):
+            index = len(self._chunks)
+            start, stop = self._bounds[index]
+            if stop > self._fed:
+                return
+            pieces = [(at, piece) for at, piece in self._pieces
+                      if at < stop and at + piece.shape[1] > start]
             while len(self._pending) >= self.max_pending:
                 self._pending.popleft().result()
-            chunk = self._pool.submit(self.clock.timed, mp3.encode_chunk, pcm, start,
-                                      self.samplerate, self.bitrate)
+            chunk = self._pool.submit(self.clock.timed, self._encode_chunk, pieces, start,
+                                      stop, self._owned[index], scale, keep)
             self._chunks.append(chunk)
             self._pending.append(chunk)
-            following = len(self._chunks)
-            keep_from = self._bounds[following][0] if following < len(self._bounds) else end
-            self._held = self._held[keep_from - self._held_from:]
-            self._held_from = keep_from
+            following = index + 1
+            needed_from = (self._bounds[following][0] if following < len(self._bounds)
+                           else self._fed)
+            while self._pieces and _end(self._pieces[0]) <= needed_from:
+                self._pieces.popleft()
+
+    def _encode_chunk(self, pieces: tp.List[tp.Tuple[int, np.ndarray]], start: int,
+                      stop: int, owned: tp.Tuple[int, int], scale: float,
+                      keep: bool) -> mp3.Frames:
+        """A pool task: chunk `[start, stop)` from `pieces` (stretches `(first sample,
+        [C, n])`) encoded; with `keep`, its `owned` samples (those no other chunk has) are
+        spilled and their peak noted."""
+        audio = self._clamped(_samples(pieces, start, stop))
+        if keep:
+            self._keep(owned[0], audio[:, owned[0] - start:owned[1] - start])
+        return mp3.encode_chunk(pcm_int(audio, scale, 16), start, self.samplerate,
+                                self.bitrate)
+
+    def _clamped(self, audio: np.ndarray) -> np.ndarray:
+        return np.clip(audio, -1., 1.) if self.clip == "clamp" else audio
+
+    def _keep(self, start: int, audio: np.ndarray) -> None:
+        """Spill `audio` `[C, n]` (samples from `start`) and note its peak; nothing once the
+        file is closed (a pool task may outlive a cancelled song)."""
+        with self._spill_lock:
+            if self._spill_fd is None:
+                return
+            for channel, row in enumerate(audio):
+                _write_all(self._spill_fd, np.ascontiguousarray(row),
+                           4 * (channel * self.num_samples + start))
+        self._peaks.append(peak(audio))
+
+    @property
+    def peak(self) -> float:
+        """The largest |sample| kept so far (every sample's once `finish` has waited)."""
+        return max(self._peaks, default=0.)
 
     @property
     def scale(self) -> float:
-        """`prevent_clip`'s rescale factor, known once every sample is written (1 unless the
+        """`prevent_clip`'s rescale factor, known once every sample is kept (1 unless the
         clip mode is "rescale")."""
         if self.clip != "rescale":
             return 1.
@@ -203,21 +253,23 @@ class StemFile:
         """The encoded file; re-encodes from the spill file when the stem must be rescaled."""
         if self.written != self.num_samples:
             raise RuntimeError(f"{self.written} of {self.num_samples} samples written")
+        for chunk in self._chunks:  # every chunk kept: the peak is the stem's
+            chunk.result()
         if self.scale != 1.:
             self._start_encoder()
             self.clock.timed(self._reencode, self.scale)
         return self.clock.timed(self._result)
 
     def _spilled(self) -> np.ndarray:
-        """Every sample written, `[T, C]` float32, mapped from the spill file."""
+        """Every sample written, `[C, T]` float32, mapped from the spill file."""
         return np.memmap(self.spill_path, np.float32, "r",
-                         shape=(self.num_samples, self.channels))
+                         shape=(self.channels, self.num_samples))
 
     def _reencode(self, scale: float) -> None:
         spilled = self._spilled()
         step = mp3.CHUNK_FRAMES * 1152
         for start in range(0, self.num_samples, step):
-            self._encode(np.array(spilled[start:start + step]), scale)
+            self._feed(np.array(spilled[:, start:start + step]), scale, keep=False)
         del spilled
 
     def _result(self) -> bytes:
@@ -244,17 +296,32 @@ class StemFile:
         """Cancel what is still queued and delete the spill file."""
         for chunk in self._chunks:
             chunk.cancel()
-        if self._spill_fd is not None:
-            os.close(self._spill_fd)
-            os.unlink(self.spill_path)
-            self._spill_fd = None
+        self._pieces.clear()
+        with self._spill_lock:  # a running task writes no more
+            if self._spill_fd is not None:
+                os.close(self._spill_fd)
+                os.unlink(self.spill_path)
+                self._spill_fd = None
 
 
-def _write_all(fd: int, array: np.ndarray) -> None:
-    """Write a C-contiguous array's bytes to `fd`, all of them (`os.write` may write fewer)."""
+def _samples(pieces: tp.List[tp.Tuple[int, np.ndarray]], start: int, stop: int) -> np.ndarray:
+    """Samples `[start, stop)`, `[C, n]`, of consecutive stretches `(first sample, [C, m])`
+    that cover them: a view when one stretch does."""
+    parts = [piece[:, max(start - at, 0):stop - at] for at, piece in pieces]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def _end(piece: tp.Tuple[int, np.ndarray]) -> int:
+    return piece[0] + piece[1].shape[1]
+
+
+def _write_all(fd: int, array: np.ndarray, offset: int) -> None:
+    """Write a C-contiguous array's bytes to `fd` at `offset`, all of them (`os.pwrite` may
+    write fewer)."""
     view = memoryview(array).cast("B")
     while view:
-        view = view[os.write(fd, view):]
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 class Inline(Executor):
@@ -266,9 +333,10 @@ class Inline(Executor):
         return future
 
 
-def interleaved(wav: th.Tensor) -> np.ndarray:
-    """`[C, T]` float tensor -> `[T, C]` float32 array."""
-    return np.ascontiguousarray(wav.detach().cpu().numpy().T, dtype=np.float32)
+def planar(wav: th.Tensor) -> np.ndarray:
+    """`[C, T]` float tensor -> `[C, T]` C-contiguous float32 array (no copy when it is one:
+    a stem of the stems `[S, C, T]` is)."""
+    return np.ascontiguousarray(wav.detach().cpu().numpy(), dtype=np.float32)
 
 
 def prevent_clip(wav: th.Tensor) -> th.Tensor:
@@ -284,7 +352,7 @@ def encode_stem(wav: th.Tensor, samplerate: int, fmt: str = "mp3", bitrate: int 
         stem = StemFile(fmt, wav.shape[-1], wav.shape[0], samplerate, pool or Inline(),
                         spill_dir, bitrate, wav_depth)
         try:
-            stem.write(interleaved(wav))
+            stem.write(planar(wav))
             return stem.finish()
         finally:
             stem.close()

@@ -19,7 +19,7 @@ import torch as th
 from .audio import decode, output_names, select_stems, zip_files
 from .errors import OverBudgetError
 from .options import SeparationOptions
-from .output import MAX_PENDING_CHUNKS, EncodeClock, StemFile, interleaved, spill_dir
+from .output import MAX_PENDING_CHUNKS, EncodeClock, StemFile, planar, spill_dir
 from .separator import ModelRunner, run_plan, timed
 from .windows import (ModelGeometry, OverlapAdd, Plan, Window, denormalise, normalise,
                       plan_windows)
@@ -101,7 +101,7 @@ class SongWriter:
         stems = self._final_stems()
         self.overlap_add_seconds += time.perf_counter() - start
         for file, audio in zip(self.files.values(), stems):
-            file.write(interleaved(audio))
+            file.write(planar(audio))
 
     def _final_stems(self) -> tp.List[th.Tensor]:
         """The output stems' next final stretch, `[C, n]` each (none until one is ready)."""

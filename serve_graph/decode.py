@@ -6,6 +6,7 @@ import ray
 from ray import serve
 
 from .engine import ModelGeometry, SeparationOptions, prepare
+from .engine.split_decode import SplitDecoder
 from .launch import keep_replica_server_on_loopback
 from .messages import MixRef, Song, release_memory
 from .settings import ServiceSettings
@@ -19,6 +20,8 @@ class Decode:
     def __init__(self, settings: ServiceSettings):
         self._settings = settings
         keep_replica_server_on_loopback()
+        self._split = (SplitDecoder(settings.decode_helpers) if settings.decode_helpers
+                       else None)
 
     async def decode(self, data: bytes, geometry: ModelGeometry,
                      options: SeparationOptions) -> Song:
@@ -29,5 +32,5 @@ class Decode:
 
     def _prepare(self, data: bytes, geometry: ModelGeometry, options: SeparationOptions) -> Song:
         song = prepare(data, geometry, options, self._settings.max_audio_seconds,
-                       self._settings.max_windows)
+                       self._settings.max_windows, self._split)
         return dataclasses.replace(song, mix=MixRef(ray.put(song.mix.numpy())))

@@ -32,8 +32,10 @@ def tone(seconds: float, samplerate: int = 44100, channels: int = 2,
     return wav.astype(np.float32)
 
 
-def encode(wav: np.ndarray, samplerate: int, fmt: str) -> bytes:
-    """Encode `[C, T]` float32 audio into `fmt` (a key of FORMATS) with FFmpeg."""
+def encode(wav: np.ndarray, samplerate: int, fmt: str,
+           bitrate: tp.Optional[int] = None) -> bytes:
+    """Encode `[C, T]` float32 audio into `fmt` (a key of FORMATS) with FFmpeg (at `bitrate`
+    bits per second where given)."""
     container_format, codec, sample_format, _ = FORMATS[fmt]
     if codec.startswith("libsndfile"):
         buf = io.BytesIO()
@@ -45,6 +47,8 @@ def encode(wav: np.ndarray, samplerate: int, fmt: str) -> bytes:
     with av.open(buf, mode="w", format=container_format) as container:
         stream = container.add_stream(codec, rate=samplerate, layout=layout)
         stream.format = sample_format
+        if bitrate is not None:
+            stream.bit_rate = bitrate
         for packet in _encode_frames(stream, wav, samplerate, layout, sample_format):
             container.mux(packet)
     return buf.getvalue()

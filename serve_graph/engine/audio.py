@@ -13,6 +13,9 @@ import torch as th
 
 from .errors import AudioTooLongError, InvalidAudioError, InvalidParameterError
 
+if tp.TYPE_CHECKING:
+    from .split_decode import SplitDecoder
+
 SAMPLE_RATES = (4000, 768000)  # Hz: the rates accepted; outside them a header is corrupt or hostile
 MIN_SECONDS = 0.1  # shorter audio cannot be separated meaningfully
 MAX_SAMPLE = 1e3  # |sample| above this (60 dB over full scale) is corrupt float audio
@@ -26,12 +29,17 @@ TRUNCATION_TOLERANCE_S = 0.1  # decoded may fall short of a header's exact lengt
 
 
 def decode(data: bytes, samplerate: int = 44100, channels: int = 2,
-           max_seconds: tp.Optional[float] = None) -> th.Tensor:
+           max_seconds: tp.Optional[float] = None,
+           split: tp.Optional["SplitDecoder"] = None) -> th.Tensor:
     """Decode `data` (any container/codec FFmpeg reads) to float32 `[channels, T]` at
     `samplerate` Hz. Mono is duplicated; more than two channels are downmixed by FFmpeg's
     channel-layout rules; other rates are resampled by FFmpeg's resampler while decoding, as
     Demucs' own CLI does (`AudioFile.read(samplerate=...)`; julius is only its fallback):
     0.52 s instead of julius' 0.69 s for a 290 s 22.05 kHz MP3 (benchmarks/RESULTS.md).
+
+    With `split`, an MP3 that needs no conversion is decoded in parts at once, by this thread
+    and the `SplitDecoder`'s helper processes, to the same samples (a 216 s song on two cores,
+    one helper: 0.245 -> 0.19 s; benchmarks/RESULTS.md).
 
     Raises `InvalidAudioError` for empty, corrupt, truncated or non-audio bytes, for rates
     outside `SAMPLE_RATES`, for NaN, infinite or absurd (beyond `MAX_SAMPLE`) samples and for
@@ -40,7 +48,7 @@ def decode(data: bytes, samplerate: int = 44100, channels: int = 2,
     """
     if not data:
         raise InvalidAudioError("the file is empty")
-    wav = th.from_numpy(_decode_at(data, samplerate, max_seconds))
+    wav = th.from_numpy(_decode_at(data, samplerate, max_seconds, split))
     if wav.shape[0] != channels:
         wav = wav.mean(0, keepdim=True) if channels == 1 else wav[:1].expand(channels, -1)
     return wav.contiguous()
@@ -65,7 +73,8 @@ def _check_samples(wav: np.ndarray, rate: int) -> None:
                                 f"(corrupt float audio)")
 
 
-def _decode_at(data: bytes, samplerate: int, max_seconds: tp.Optional[float]) -> np.ndarray:
+def _decode_at(data: bytes, samplerate: int, max_seconds: tp.Optional[float],
+               split: tp.Optional["SplitDecoder"]) -> np.ndarray:
     """The first audio stream, `[1 or 2, T]` float32 at `samplerate`, its samples checked."""
     try:
         container = av.open(io.BytesIO(data), mode="r",
@@ -75,49 +84,75 @@ def _decode_at(data: bytes, samplerate: int, max_seconds: tp.Optional[float]) ->
                                 f"({exc}); supported: {', '.join(DEMUXERS)}") from None
     with container:
         format_name = container.format.name
-        if not container.streams.audio:
-            raise InvalidAudioError("the file has no audio stream")
-        stream = container.streams.audio[0]
-        rate = stream.codec_context.sample_rate or stream.rate
-        if not rate:
-            raise InvalidAudioError("the audio stream has no sample rate")
-        low, high = SAMPLE_RATES
-        if not low <= rate <= high:
-            raise InvalidAudioError(f"the file declares a sample rate of {rate} Hz; "
-                                    f"{low} Hz to {high} Hz are supported")
-        declared = _declared_seconds(container, stream, data)
-        if max_seconds is not None and declared is not None and declared > max_seconds + 1:
-            raise AudioTooLongError(f"the audio lasts {declared:.1f} s, longer than the "
-                                    f"limit of {max_seconds:.0f} s")
-        layout = "stereo" if stream.codec_context.channels > 2 else None
-        resampler = av.AudioResampler(format="fltp", layout=layout, rate=samplerate)
-        limit = None if max_seconds is None else int(max_seconds * samplerate) + 1
-        samples = _Samples(_expected_samples(stream, samplerate, limit))
-        try:
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    samples.append(out.to_ndarray())
-                if limit is not None and samples.length > limit:
-                    raise AudioTooLongError(f"the audio is longer than the limit of "
-                                            f"{max_seconds:.0f} s")
-            for out in resampler.resample(None):
-                samples.append(out.to_ndarray())
-        except av.FFmpegError as exc:
-            raise InvalidAudioError(f"corrupt or truncated audio after "
-                                    f"{samples.length / samplerate:.2f} s: {exc}") from None
-    if not samples.length:
-        raise InvalidAudioError("no audio could be decoded from the file (empty or corrupt)")
+        stream, declared = _audio_stream(container, data, max_seconds)
+        limit = _sample_limit(max_seconds, samplerate)
+        expected = _expected_samples(stream, samplerate, limit)
+        wav = None
+        if split is not None and format_name == "mp3":
+            wav = split.decode(data, stream, samplerate, expected, declared is not None, limit)
+        if wav is None:
+            wav = _decode_frames(container, stream, samplerate, expected, max_seconds)
     if format_name == "wav":
         _check_wav_data_size(data)
     if format_name == "ogg":
         _check_ogg_end(data)
-    wav = samples.array()
     seconds = wav.shape[1] / samplerate
     if declared is not None and seconds < declared - TRUNCATION_TOLERANCE_S:
         raise InvalidAudioError(f"truncated audio: {seconds:.2f} s decoded of the "
                                 f"{declared:.2f} s the file declares")
     _check_samples(wav, samplerate)
     return wav
+
+
+def _audio_stream(container, data: bytes,
+                  max_seconds: tp.Optional[float]) -> tp.Tuple[tp.Any, tp.Optional[float]]:
+    """The first audio stream and the seconds its header states (None: not stated), refused
+    without a sane sample rate or when it states more than `max_seconds`."""
+    if not container.streams.audio:
+        raise InvalidAudioError("the file has no audio stream")
+    stream = container.streams.audio[0]
+    rate = stream.codec_context.sample_rate or stream.rate
+    if not rate:
+        raise InvalidAudioError("the audio stream has no sample rate")
+    low, high = SAMPLE_RATES
+    if not low <= rate <= high:
+        raise InvalidAudioError(f"the file declares a sample rate of {rate} Hz; "
+                                f"{low} Hz to {high} Hz are supported")
+    declared = _declared_seconds(container, stream, data)
+    if max_seconds is not None and declared is not None and declared > max_seconds + 1:
+        raise AudioTooLongError(f"the audio lasts {declared:.1f} s, longer than the "
+                                f"limit of {max_seconds:.0f} s")
+    return stream, declared
+
+
+def _sample_limit(max_seconds: tp.Optional[float], samplerate: int) -> tp.Optional[int]:
+    """Samples per channel beyond which audio is longer than `max_seconds`."""
+    return None if max_seconds is None else int(max_seconds * samplerate) + 1
+
+
+def _decode_frames(container, stream, samplerate: int, expected: int,
+                   max_seconds: tp.Optional[float]) -> np.ndarray:
+    """`stream` decoded in one pass, `[1 or 2, T]` float32 at `samplerate` (FFmpeg's resampler
+    converting rate and layout where needed), into an array of `expected` samples."""
+    layout = "stereo" if stream.codec_context.channels > 2 else None
+    resampler = av.AudioResampler(format="fltp", layout=layout, rate=samplerate)
+    limit = _sample_limit(max_seconds, samplerate)
+    samples = _Samples(expected)
+    try:
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                samples.append(out.to_ndarray())
+            if limit is not None and samples.length > limit:
+                raise AudioTooLongError(f"the audio is longer than the limit of "
+                                        f"{max_seconds:.0f} s")
+        for out in resampler.resample(None):
+            samples.append(out.to_ndarray())
+    except av.FFmpegError as exc:
+        raise InvalidAudioError(f"corrupt or truncated audio after "
+                                f"{samples.length / samplerate:.2f} s: {exc}") from None
+    if not samples.length:
+        raise InvalidAudioError("no audio could be decoded from the file (empty or corrupt)")
+    return samples.array()
 
 
 def _expected_samples(stream, samplerate: int, limit: tp.Optional[int]) -> int:

@@ -21,6 +21,7 @@ from .errors import OverBudgetError
 from .options import SeparationOptions
 from .output import MAX_PENDING_CHUNKS, EncodeClock, StemFile, planar, spill_dir
 from .separator import ModelRunner, run_plan, timed
+from .split_decode import SplitDecoder
 from .windows import (ModelGeometry, OverlapAdd, Plan, Window, denormalise, normalise,
                       plan_windows)
 
@@ -54,12 +55,13 @@ class Song:
 
 
 def prepare(data: bytes, geometry: ModelGeometry, options: SeparationOptions,
-            max_seconds: tp.Optional[float] = None,
-            max_windows: tp.Optional[int] = None) -> Song:
+            max_seconds: tp.Optional[float] = None, max_windows: tp.Optional[int] = None,
+            split: tp.Optional[SplitDecoder] = None) -> Song:
     """Step 1 of the recipe: audio file bytes -> decoded, normalised mix and its window plan
     (within the duration limit and the window budget). A stem subset plans only the bag's
-    sub-models that weigh on those stems (`ModelGeometry.models_for`)."""
-    wav = decode(data, geometry.samplerate, geometry.audio_channels, max_seconds)
+    sub-models that weigh on those stems (`ModelGeometry.models_for`). `split` decodes an MP3
+    in parts at once."""
+    wav = decode(data, geometry.samplerate, geometry.audio_channels, max_seconds, split)
     mix, mean, std = normalise(wav, in_place=True)  # `wav` is ours: decoded here
     plan = plan_windows(mix.shape[-1], geometry, options.shifts, options.overlap, options.seed,
                         models=geometry.models_for(options.stem_list))

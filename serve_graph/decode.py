@@ -1,4 +1,5 @@
-"""The Decode deployment: upload bytes -> normalised mix in the object store + window plan."""
+"""The Decode deployment: upload bytes -> mix in the object store, its normalisation, window
+plan."""
 import asyncio
 import dataclasses
 
@@ -14,8 +15,9 @@ from .settings import ServiceSettings
 
 @serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
 class Decode:
-    """Decodes any audio FFmpeg reads to the model's rate and channels, normalises it as Demucs
-    does, plans its windows within the budget and puts the mix in the object store once."""
+    """Decodes any audio FFmpeg reads to the model's rate and channels, measures how Demucs
+    normalises it, plans its windows within the budget and puts the mix in the object store
+    once."""
 
     def __init__(self, settings: ServiceSettings):
         self._settings = settings
@@ -33,4 +35,5 @@ class Decode:
     def _prepare(self, data: bytes, geometry: ModelGeometry, options: SeparationOptions) -> Song:
         song = prepare(data, geometry, options, self._settings.max_audio_seconds,
                        self._settings.max_windows, self._split)
-        return dataclasses.replace(song, mix=MixRef(ray.put(song.mix.numpy())))
+        return dataclasses.replace(song, mix=MixRef(ray.put(song.mix.numpy()), song.mean,
+                                                    song.std))

@@ -31,9 +31,10 @@ def release_memory() -> None:
 
 
 class MixRef:
-    """An object ref to a song's normalised mix `[C, T]` float32, boxed so that Ray passes the
-    ref itself (a top-level ref argument would be fetched by whoever receives it). In the
-    service, `Song.mix` holds one.
+    """An object ref to a song's mix `[C, T]` float32 with its normalisation (`mean`, `std`:
+    each window's input is normalised by them), boxed so that Ray passes the ref itself (a
+    top-level ref argument would be fetched by whoever receives it). In the service,
+    `Song.mix` holds one.
 
     Each call's receiver gets its own copy of the box: `release()` drops that copy's ref once
     the mix is read. Serve's batch loop keeps its last batch's arguments until the next batch
@@ -42,16 +43,16 @@ class MixRef:
     once the song is done (Encode): a handle's router keeps the arguments of calls it has
     routed (seen with the per-model handles of model multiplexing), and those hold the
     sender's box itself, not a copy."""
-    __slots__ = ("ref",)
+    __slots__ = ("ref", "mean", "std")
 
-    def __init__(self, ref: tp.Any):
-        self.ref = ref
+    def __init__(self, ref: tp.Any, mean: float = 0., std: float = 1.):
+        self.ref, self.mean, self.std = ref, mean, std
 
     def __getstate__(self):
-        return self.ref
+        return self.ref, self.mean, self.std
 
-    def __setstate__(self, ref) -> None:
-        self.ref = ref
+    def __setstate__(self, state) -> None:
+        self.ref, self.mean, self.std = state
 
     def release(self) -> None:
         self.ref = None

@@ -144,7 +144,7 @@ class Separate:
                               request_ids: tp.List[str], models: tp.List[str]
                               ) -> tp.List[np.ndarray]:
         """Batched: one `(mix, window, request_id, model)` per caller, where `mix` is an object
-        ref to a song's normalised mix `[C, T]`. Returns each window's trimmed stems
+        ref to a song's mix `[C, T]` and its normalisation. Returns each window's trimmed stems
         `[S, C, window.length]` float32, or None when its mix is lost."""
         runners = {name: await self.runner(name) for name in dict.fromkeys(models)}
         return await asyncio.to_thread(self._run, mixes, windows, request_ids, models, runners)
@@ -161,7 +161,8 @@ class Separate:
         for (model, _, _), indices in groups.items():
             start = time.perf_counter()
             stems = run_windows(runners[model], [th.from_numpy(arrays[i]) for i in indices],
-                                [windows[i] for i in indices])
+                                [windows[i] for i in indices],
+                                norms=[(mixes[i].mean, mixes[i].std) for i in indices])
             for i, out in zip(indices, stems):
                 outputs[i] = out.contiguous().numpy()
             self._count(model, len(indices), len(set(request_ids[i] for i in indices)),

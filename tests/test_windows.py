@@ -3,7 +3,7 @@ import pytest
 import torch as th
 
 from serve_graph.engine import OverlapAdd, model_geometry, plan_windows
-from serve_graph.engine.windows import center_trim, window_input
+from serve_graph.engine.windows import center_trim, normalise, window_input
 
 
 def test_windows_tile_every_pass(tiny_model):
@@ -34,6 +34,19 @@ def test_window_input_zero_pads_outside_the_mix():
     assert out.tolist()[0] == [0., 0., 0., 1., 2., 3., 4., 5.]
     tail = window_input(mix, Window(0, 0, 0, 0, 4, 7, 6))
     assert tail.tolist()[0] == [8., 9., 10., 0., 0., 0.]
+
+
+def test_windows_normalised_where_cut_equal_the_normalised_mix_cut(tiny_model):
+    """Decode only measures the normalisation; each window normalises its own samples: the
+    model sees the very floats Demucs' whole-mix normalisation (then cutting) gives it,
+    zero padding included."""
+    geometry = model_geometry(tiny_model)
+    mix = th.randn(2, 70000) * 0.3 + 0.01
+    normalised, mean, std = normalise(mix)
+    ref = mix.mean(0)  # Demucs' own arithmetic (demucs.api.Separator.separate_tensor)
+    assert th.equal(normalised, (mix - ref.mean()) / (ref.std() + 1e-8))
+    for window in plan_windows(mix.shape[-1], geometry, shifts=2, seed=1).windows:
+        assert th.equal(window_input(mix, window, mean, std), window_input(normalised, window))
 
 
 def test_center_trim_drops_the_odd_sample_on_the_right():

@@ -1,6 +1,6 @@
 """The separation recipe, once, for the CLI and the service alike:
 
-1. `prepare`: bytes -> decoded, normalised mix + window plan (Decode);
+1. `prepare`: bytes -> decoded mix, its normalisation + window plan (Decode);
 2. `run_windows` (separator.py): batches of windows through the model (Separate);
 3. `SongWriter`: window outputs -> overlap-add -> stems encoded as they become final -> ZIP
    (Encode).
@@ -22,7 +22,7 @@ from .options import SeparationOptions
 from .output import MAX_PENDING_CHUNKS, EncodeClock, StemFile, planar, spill_dir
 from .separator import ModelRunner, run_plan, timed
 from .split_decode import SplitDecoder
-from .windows import (ModelGeometry, OverlapAdd, Plan, Window, denormalise, normalise,
+from .windows import (ModelGeometry, OverlapAdd, Plan, Window, denormalise, normalisation,
                       plan_windows)
 
 def check_budget(plan: Plan, max_windows: tp.Optional[int], samplerate: int) -> None:
@@ -39,9 +39,10 @@ def check_budget(plan: Plan, max_windows: tp.Optional[int], samplerate: int) -> 
 
 @dataclass(frozen=True)
 class Song:
-    """A decoded song, ready for its windows: the normalised mix `[C, T]` float32 (a tensor in
-    process; in the service a boxed object-store ref), the window plan and what undoes the
-    normalisation, for `model` (its name; None in process, where the runner is the model)."""
+    """A decoded song, ready for its windows: the mix `[C, T]` float32 (a tensor in process; in
+    the service a boxed object-store ref), the window plan and the mix's normalisation (each
+    window's input is normalised by it, the stems denormalised), for `model` (its name; None
+    in process, where the runner is the model)."""
     mix: tp.Any
     plan: Plan
     mean: float
@@ -57,16 +58,17 @@ class Song:
 def prepare(data: bytes, geometry: ModelGeometry, options: SeparationOptions,
             max_seconds: tp.Optional[float] = None, max_windows: tp.Optional[int] = None,
             split: tp.Optional[SplitDecoder] = None) -> Song:
-    """Step 1 of the recipe: audio file bytes -> decoded, normalised mix and its window plan
-    (within the duration limit and the window budget). A stem subset plans only the bag's
+    """Step 1 of the recipe: audio file bytes -> decoded mix, its normalisation and window
+    plan (within the duration limit and the window budget). The mix is normalised window by
+    window, where each is cut (`window_input`): one pass over the song less here. A stem subset plans only the bag's
     sub-models that weigh on those stems (`ModelGeometry.models_for`). `split` decodes an MP3
     in parts at once."""
     wav = decode(data, geometry.samplerate, geometry.audio_channels, max_seconds, split)
-    mix, mean, std = normalise(wav, in_place=True)  # `wav` is ours: decoded here
-    plan = plan_windows(mix.shape[-1], geometry, options.shifts, options.overlap, options.seed,
+    mean, std = normalisation(wav)
+    plan = plan_windows(wav.shape[-1], geometry, options.shifts, options.overlap, options.seed,
                         models=geometry.models_for(options.stem_list))
     check_budget(plan, max_windows, geometry.samplerate)
-    return Song(mix, plan, mean, std, geometry, options.model)
+    return Song(wav, plan, mean, std, geometry, options.model)
 
 
 class SongWriter:
@@ -156,7 +158,7 @@ def separate_to_zip(data: bytes, runner: ModelRunner, options: SeparationOptions
     writer = SongWriter(song, options, pool, threads)
     try:
         for batch, outputs in run_plan(runner, song.mix, song.plan, batch_size, progress,
-                                       timings):
+                                       timings, (song.mean, song.std)):
             with timed(timings, "overlap_add"):
                 for window, out in zip(batch, outputs):
                     writer.add(window, out)

@@ -227,27 +227,35 @@ def timed(timings: tp.Optional[tp.Dict[str, float]], stage: str):
 
 def run_windows(runner: ModelRunner, mixes: tp.Sequence[th.Tensor],
                 windows: tp.Sequence[Window],
-                timings: tp.Optional[tp.Dict[str, float]] = None) -> tp.List[th.Tensor]:
+                timings: tp.Optional[tp.Dict[str, float]] = None,
+                norms: tp.Optional[tp.Sequence[tp.Tuple[float, float]]] = None
+                ) -> tp.List[th.Tensor]:
     """One forward pass over windows of one model and input length, window `i` cut from
-    `mixes[i]` (`[C, T]`, songs may differ). Returns the trimmed outputs `[S, C, length]`
-    on the CPU; `timings` collects the seconds of the "windows" and "model" stages."""
+    `mixes[i]` (`[C, T]`, songs may differ) and normalised by `norms[i]` (mean, std; None:
+    the mixes are normalised). Returns the trimmed outputs `[S, C, length]` on the CPU;
+    `timings` collects the seconds of the "windows" and "model" stages."""
+    norms = norms or [(0., 1.)] * len(windows)
     with timed(timings, "windows"):
-        inputs = th.stack([window_input(mix, window) for mix, window in zip(mixes, windows)])
+        inputs = th.stack([window_input(mix, window, *norm)
+                           for mix, window, norm in zip(mixes, windows, norms)])
     with timed(timings, "model"):
         outputs = runner(windows[0].model_index, inputs)
     return [center_trim(out, window.length) for out, window in zip(outputs, windows)]
 
 
 def run_plan(runner: ModelRunner, mix: th.Tensor, plan: Plan, batch_size: int = 1,
-             progress: bool = False, timings: tp.Optional[tp.Dict[str, float]] = None
+             progress: bool = False, timings: tp.Optional[tp.Dict[str, float]] = None,
+             norm: tp.Tuple[float, float] = (0., 1.)
              ) -> tp.Iterator[tp.Tuple[tp.List[Window], tp.List[th.Tensor]]]:
     """Every window of `plan` through the model, front to back (`in_order`), in batches of at
     most `batch_size`: yields each batch's windows and their trimmed outputs `[S, C, length]`.
-    `mix` is the normalised mix `[C, T]`; `progress` shows a bar."""
+    `mix` is the mix `[C, T]`, normalised window by window by `norm` (mean, std; the default
+    leaves a normalised mix as it is); `progress` shows a bar."""
     bar = tqdm.tqdm(total=len(plan.windows), unit="window", disable=not progress)
     try:
         for batch in batch_windows(in_order(plan), batch_size):
-            yield batch, run_windows(runner, [mix] * len(batch), batch, timings)
+            yield batch, run_windows(runner, [mix] * len(batch), batch, timings,
+                                     [norm] * len(batch))
             bar.update(len(batch))
     finally:
         bar.close()

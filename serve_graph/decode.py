@@ -35,5 +35,7 @@ class Decode:
     def _prepare(self, data: bytes, geometry: ModelGeometry, options: SeparationOptions) -> Song:
         song = prepare(data, geometry, options, self._settings.max_audio_seconds,
                        self._settings.max_windows, self._split)
-        return dataclasses.replace(song, mix=MixRef(ray.put(song.mix.numpy()), song.mean,
-                                                    song.std))
+        mix = MixRef(ray.put(song.mix.numpy()), song.mean, song.std)
+        if self._split is not None:  # copied into the object store: its memory is free
+            self._split.recycle(song.mix)
+        return dataclasses.replace(song, mix=mix)

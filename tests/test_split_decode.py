@@ -150,3 +150,19 @@ def test_a_helper_that_hangs_is_stopped(song_mp3, monkeypatch):
         assert th.equal(decode(song_mp3, split=decoder), decode(song_mp3))
     finally:
         decoder.close()
+
+
+def test_memory_given_back_is_the_next_songs(song_mp3):
+    """Samples handed back with `recycle` are where the next song decodes (warm pages, not
+    fresh ones); samples never handed back stay the caller's, untouched by later songs."""
+    decoder = SplitDecoder(helpers=1)
+    try:
+        kept = decode(song_mp3, split=decoder)
+        copy = kept.clone()
+        second = decode(song_mp3, split=decoder)
+        assert second.data_ptr() != kept.data_ptr() and th.equal(kept, copy)
+        decoder.recycle(second)
+        third = decode(song_mp3, split=decoder)
+        assert third.data_ptr() == second.data_ptr() and th.equal(third, copy)
+    finally:
+        decoder.close()

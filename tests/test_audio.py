@@ -1,6 +1,7 @@
 """Decoding files FFmpeg wrote in each format, and encoding stems (real encoders, real decoder)."""
 import io
 import math
+import time
 import wave
 import zipfile
 
@@ -188,6 +189,25 @@ def test_two_stems_sums_the_others_and_zip_names():
     assert th.equal(selected["no_vocals"], th.full((2, 10), 6.))
     archive = zipfile.ZipFile(io.BytesIO(zip_files({"vocals.mp3": b"a", "no_vocals.mp3": b"b"})))
     assert archive.namelist() == ["vocals.mp3", "no_vocals.mp3"]
+
+
+@pytest.mark.parametrize("zip64_limit", [None, 10], ids=["one-join", "zipfile"])
+def test_zip_files_reads_back_with_zipfile(monkeypatch, zip64_limit):
+    """The ZIP written in one join (or by zipfile, past its limit) is one zipfile reads and
+    checks: names in order (a UTF-8 one too), contents and CRCs, mode 0644, today's date."""
+    from serve_graph.engine import audio
+    if zip64_limit is not None:
+        monkeypatch.setattr(audio, "ZIP64_LIMIT", zip64_limit)
+    files = {"vocals.mp3": np.random.default_rng(0).bytes(300_000), "no_vocals.mp3": b"",
+             "stimme_\u00fc.wav": b"RIFF" * 10}
+    archive = zipfile.ZipFile(io.BytesIO(zip_files(files)))
+    assert archive.testzip() is None
+    assert archive.namelist() == list(files)
+    assert all(archive.read(name) == data for name, data in files.items())
+    assert all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
+    if zip64_limit is None:
+        assert all(info.external_attr >> 16 == 0o644 for info in archive.infolist())
+    assert archive.infolist()[0].date_time[:3] == time.localtime()[:3]
 
 
 def test_spill_writes_every_byte_even_when_os_pwrite_writes_fewer(tmp_path, monkeypatch):

@@ -4,8 +4,10 @@ Audio tensors are float32 `[C, T]`, C channels by T samples, nominal range [-1, 
 """
 import io
 import struct
+import time
 import typing as tp
 import zipfile
+import zlib
 
 import av
 import numpy as np
@@ -263,7 +265,40 @@ def select_stems(stems: tp.Dict[str, th.Tensor], two_stems: tp.Optional[str] = N
 
 
 def zip_files(files: tp.Dict[str, bytes]) -> bytes:
-    """A ZIP archive of `{name: bytes}`, stored (the stems are compressed already or PCM)."""
+    """A ZIP archive of `{name: bytes}`, stored (the stems are compressed already or PCM).
+    Written as one join of the headers and the files (zipfile's buffer grows and copies as it
+    goes: 14-21 ms instead of ~7 for 20 MB of MP3 stems); zipfile writes it where it needs
+    ZIP64 (4 GiB)."""
+    if sum(len(data) for data in files.values()) >= ZIP64_LIMIT:
+        return _zip_with_zipfile(files)
+    day, clock = _dos_date_time(time.localtime())
+    parts, directory, offset = [], [], 0
+    for name, data in files.items():
+        encoded = name.encode()
+        flags = 0 if encoded.isascii() else 0x800  # UTF-8 names
+        fields = struct.pack("<HHHHHIII", 20, flags, 0, clock, day, zlib.crc32(data),
+                             len(data), len(data))
+        parts += [b"PK\x03\x04" + fields + struct.pack("<HH", len(encoded), 0), encoded, data]
+        directory.append(b"PK\x01\x02" + struct.pack("<H", UNIX_ZIP_20) + fields +
+                         struct.pack("<HHHHHII", len(encoded), 0, 0, 0, 0, 0o644 << 16, offset)
+                         + encoded)
+        offset += 30 + len(encoded) + len(data)
+    size = sum(map(len, directory))
+    end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, len(files), len(files), size, offset, 0)
+    return b"".join(parts + directory + [end])
+
+
+ZIP64_LIMIT = 0xFFFFFFFF - (1 << 20)  # bytes: beyond, offsets need ZIP64
+UNIX_ZIP_20 = 3 << 8 | 20  # "made by" Unix (so the 0644 mode counts), ZIP 2.0
+
+
+def _dos_date_time(now: time.struct_time) -> tp.Tuple[int, int]:
+    """A ZIP entry's (date, time) fields, as zipfile writes them."""
+    return ((now.tm_year - 1980) << 9 | now.tm_mon << 5 | now.tm_mday,
+            now.tm_hour << 11 | now.tm_min << 5 | now.tm_sec // 2)
+
+
+def _zip_with_zipfile(files: tp.Dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as archive:
         for name, data in files.items():

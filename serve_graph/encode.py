@@ -54,8 +54,11 @@ class Encode:
             logger.info("removed the spill folders of %d replicas that died", swept)
 
     async def encode(self, song: Song, options: SeparationOptions,
-                     job_id: tp.Optional[str] = None) -> tp.Tuple[bytes, tp.Dict[str, float]]:
-        """The ZIP of `song`'s stems as `options` ask, and seconds by stage: windows (first
+                     job_id: tp.Optional[str] = None
+                     ) -> tp.Tuple[np.ndarray, tp.Dict[str, float]]:
+        """The ZIP of `song`'s stems as `options` ask (its bytes as a uint8 array: Ray copies
+        an array once into the object store and the caller reads it there, where `bytes` cost
+        two more copies, 0.044 -> 0.026 s for 20 MB), and seconds by stage: windows (first
         window sent to last output in), overlap_add, encode, encode_cpu, finish (last output
         in to ZIP ready), zip. Windows done are reported to job `job_id`, if any."""
         writer = SongWriter(song, options, self._pool, self.threads)
@@ -66,7 +69,7 @@ class Encode:
             archive = await asyncio.to_thread(writer.finish)
             timings = dict(writer.timings(), windows=windows_done - start,
                            finish=time.perf_counter() - windows_done)
-            return archive, timings
+            return np.frombuffer(archive, np.uint8), timings
         finally:
             writer.close()
             song.mix.release()  # the routers of the window calls keep their args (MixRef)

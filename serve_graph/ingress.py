@@ -22,6 +22,7 @@ from fastapi.responses import (FileResponse, HTMLResponse, JSONResponse, PlainTe
 from pydantic import BaseModel, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartParser
 from ray.serve.handle import DeploymentHandle
 
 from .access import ConcurrencyLimit, bearer_token, load_keys, matching_key
@@ -262,6 +263,9 @@ RETRY_AFTER_S = 5
 
 
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the other fields, beside the file
+# An upload up to this size is parsed into memory instead of a temporary file on disk (it is
+# read into memory right after anyway); Starlette's default is 1 MB, less than one song.
+MultiPartParser.spool_max_size = 32 * 2**20
 
 
 def _too_large_detail(limit: int) -> str:
@@ -731,8 +735,9 @@ class Ingress:
             decoded = time.perf_counter()
             stage(stage="separating", windows_total=len(song.plan.windows),
                   audio_seconds=round(song.seconds, 3))
-            archive, stages = await awaited(
+            zipped, stages = await awaited(
                 self._encode.encode.remote(song, options, job_id))
+            archive = zipped.tobytes()  # read from the object store
             stages = {"decode": decoded - start, **stages,
                       "total": time.perf_counter() - start}
             metrics.song_done(options.model, song.seconds, stages)

@@ -2,6 +2,8 @@
 plan."""
 import asyncio
 import dataclasses
+import logging
+import typing as tp
 
 import ray
 from ray import serve
@@ -11,6 +13,8 @@ from .engine.split_decode import SplitDecoder
 from .launch import keep_replica_server_on_loopback
 from .messages import MixRef, Song, release_memory
 from .settings import ServiceSettings
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
@@ -22,8 +26,7 @@ class Decode:
     def __init__(self, settings: ServiceSettings):
         self._settings = settings
         keep_replica_server_on_loopback()
-        self._split = (SplitDecoder(settings.decode_helpers) if settings.decode_helpers
-                       else None)
+        self._split = _split_decoder(settings.decode_helpers)
 
     async def decode(self, data: bytes, geometry: ModelGeometry,
                      options: SeparationOptions) -> Song:
@@ -39,3 +42,15 @@ class Decode:
         if self._split is not None:  # copied into the object store: its memory is free
             self._split.recycle(song.mix)
         return dataclasses.replace(song, mix=mix)
+
+
+def _split_decoder(helpers: int) -> tp.Optional[SplitDecoder]:
+    """`helpers` decode helpers, or none (one pass) when asked for none or when this machine
+    cannot start them (no memfd, no processes in the sandbox)."""
+    if helpers < 1:
+        return None
+    try:
+        return SplitDecoder(helpers)
+    except OSError as exc:
+        logger.warning("no decode helpers (%s): every song decodes in one pass", exc)
+        return None

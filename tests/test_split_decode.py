@@ -166,3 +166,17 @@ def test_memory_given_back_is_the_next_songs(song_mp3):
         assert third.data_ptr() == second.data_ptr() and th.equal(third, copy)
     finally:
         decoder.close()
+
+
+def test_decode_runs_without_helpers_where_none_can_start(monkeypatch):
+    """Decode asks for none (decode_helpers: 0), or the machine cannot make a memfd or start
+    a process (a sandbox): every song decodes in one pass instead of the replica failing."""
+    from serve_graph import decode as deployment
+
+    def refused(*args):
+        raise OSError(38, "Function not implemented")
+    assert deployment._split_decoder(0) is None
+    monkeypatch.setattr(split_decode.os, "memfd_create", refused)
+    assert deployment._split_decoder(1) is None
+    with pytest.raises(ValueError):
+        SplitDecoder(0)

@@ -26,8 +26,8 @@ import av
 import numpy as np
 
 WARM_UP = 32  # packets decoded before a part's first one, their output dropped
-MIN_PACKETS = 1000  # ~26 s: a shorter song decodes in one pass (a part costs ~5 ms to set up)
-CODECS = ("mp3float", "mp3")  # FFmpeg's MP3 decoders
+MIN_PACKETS = 1000  # ~26 s: a shorter song decodes in one pass (each helper demuxes it all)
+CODECS = ("mp3float",)  # FFmpeg's MP3 decoder (float output, as the one pass gives it)
 FRAME_SAMPLES = 1152  # the most samples per channel one MP3 packet decodes to
 PART_TIMEOUT_S = 60.  # a helper silent this long is stopped and the song decoded in one pass
 logger = logging.getLogger(__name__)
@@ -181,6 +181,8 @@ class SplitDecoder:
     freed pages (this one) a fresh 76 MB costs up to 0.15 s after a few idle seconds."""
 
     def __init__(self, helpers: int = 1):
+        if helpers < 1:
+            raise ValueError(f"a SplitDecoder needs at least one helper, not {helpers}")
         self._input_fd = os.memfd_create("serve_graph_mp3")
         self._helpers = [_Helper(self._input_fd) for _ in range(helpers)]
         self._lock = threading.Lock()

@@ -336,13 +336,14 @@ class OverlapAdd:
         """Pass `index`'s weighted average over mix samples `[start, end)`; frees its blocks
         that lie wholly before `end`."""
         delay, blocks = self._delay(index), self._blocks[index]
-        pieces, weights = [], []
-        for block, span, _ in _block_spans(start + delay, end - start):
+        out: tp.Optional[th.Tensor] = None
+        for block, span, part in _block_spans(start + delay, end - start):
             total, weight = blocks[block]
-            pieces.append(total[..., span])
-            weights.append(weight[span])
-        out = th.cat(pieces, -1)
-        out /= th.cat(weights)
+            if out is None:
+                out = total.new_empty((*total.shape[:2], end - start))
+            # divided straight into the output: one pass, where joining then dividing took two
+            th.div(total[..., span], weight[span], out=out[..., part])
+        assert out is not None
         for block in [b for b in blocks if (b + 1) * BLOCK <= end + delay]:
             self._spare.append(blocks.pop(block))
         del self._spare[self.SPARE_BLOCKS:]

@@ -114,7 +114,7 @@ class _Helper:
         packets = (stop if stop is not None else estimate + estimate // 10 + WARM_UP) - first
         self._shape = (channels, max(packets, 1) * FRAME_SAMPLES)
         size = channels * self._shape[1] * 4
-        if size > self._size:  # grown, never shrunk: its pages stay warm for the next song
+        if not size <= self._size <= 2 * size:  # kept from song to song: its pages stay warm
             os.ftruncate(self._output_fd, size)
             self._size = size
         command = {"first": first, "stop": stop, "channels": channels,

@@ -110,6 +110,7 @@ class _Helper:
         have about `estimate` packets), with room for `FRAME_SAMPLES` a packet and a tenth
         more at the end."""
         if self._process is None or self._process.poll() is not None:
+            self.stop()  # a dead one's pipes closed
             self._start()
         packets = (stop if stop is not None else estimate + estimate // 10 + WARM_UP) - first
         self._shape = (channels, max(packets, 1) * FRAME_SAMPLES)
@@ -163,6 +164,9 @@ class _Helper:
         if self._process is not None:
             self._process.kill()
             self._process.wait()
+            for pipe in (self._process.stdin, self._process.stdout):
+                if pipe is not None:
+                    pipe.close()
             self._process = None
 
     def close(self) -> None:

@@ -45,7 +45,7 @@ class MixRef:
     sender's box itself, not a copy."""
     __slots__ = ("ref", "mean", "std")
 
-    def __init__(self, ref: tp.Any, mean: float = 0., std: float = 1.):
+    def __init__(self, ref: tp.Any, mean: float, std: float):
         self.ref, self.mean, self.std = ref, mean, std
 
     def __getstate__(self):

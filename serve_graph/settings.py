@@ -31,7 +31,7 @@ class ServiceSettings:
     windows_in_flight: int = 2
     encode_threads: int = 0  # MP3 encoding threads per Encode replica; 0: its num_cpus
     # helper processes per Decode replica that decode an MP3's later parts while it decodes
-    # the first (0: one pass); a part each, so 1 halves the decoding time of a song
+    # the first (0: one pass); a part each (1, 2 cores: 0.245 -> 0.19 s for a 216 s song)
     decode_helpers: int = 1
     retry_seconds: float = 60.  # how long a window or song is retried while replicas die
     job_ttl_s: float = 3600.  # how long a finished job's state and result are kept

@@ -3,10 +3,11 @@
 A `StemFile` receives one stem's final audio stretch by stretch, in order, as float32
 planar `[C, n]` arrays, and encodes as it goes: MP3 in chunks of `mp3.CHUNK_FRAMES` frames
 handed to a thread pool (LAME releases the GIL; the task also converts, spills and measures
-its chunk) and spliced gaplessly at the end; WAV and FLAC as each stretch arrives. Demucs' default clip prevention ("rescale": divide the whole stem by
-1.01 x its peak when the peak reaches 1/1.01) needs the peak of the whole stem, known only at
-the end: stretches are encoded as if it will not be needed (it rarely is: then the output is
-the one-shot encode's), kept in a spill file, and re-encoded from it, scaled, when it is.
+its chunk) and spliced gaplessly at the end; WAV and FLAC as each stretch arrives. Demucs'
+default clip prevention ("rescale": divide the whole stem by 1.01 x its peak when the peak
+reaches 1/1.01) needs the peak of the whole stem, known only at the end: stretches are
+encoded as if it will not be needed (it rarely is: then the output is the one-shot encode's),
+kept in a spill file, and re-encoded from it, scaled, when it is.
 """
 import collections
 import io

@@ -60,9 +60,9 @@ def prepare(data: bytes, geometry: ModelGeometry, options: SeparationOptions,
             split: tp.Optional[SplitDecoder] = None) -> Song:
     """Step 1 of the recipe: audio file bytes -> decoded mix, its normalisation and window
     plan (within the duration limit and the window budget). The mix is normalised window by
-    window, where each is cut (`window_input`): one pass over the song less here. A stem subset plans only the bag's
-    sub-models that weigh on those stems (`ModelGeometry.models_for`). `split` decodes an MP3
-    in parts at once."""
+    window, where each is cut (`window_input`): one pass over the song less here. A stem
+    subset plans only the bag's sub-models that weigh on those stems
+    (`ModelGeometry.models_for`). `split` decodes an MP3 in parts at once."""
     wav = decode(data, geometry.samplerate, geometry.audio_channels, max_seconds, split)
     mean, std = normalisation(wav)
     plan = plan_windows(wav.shape[-1], geometry, options.shifts, options.overlap, options.seed,

@@ -19,8 +19,8 @@ from .forward import (COMPILE_MODES, BatchLimit, CudaGraphs, HTDemucsCore, Split
                       bucket_sizes, compile_core, graph_safe, is_out_of_memory,
                       memory_limit, run_with_backoff, split_into_buckets, window_memory)
 from .models import Model, model_geometry, sub_models
-from .windows import (OverlapAdd, Plan, Window, center_trim, denormalise, in_order,
-                      normalise, plan_windows, window_input)
+from .windows import (NORMALISED, OverlapAdd, Plan, Window, center_trim, denormalise,
+                      in_order, normalise, plan_windows, window_input)
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": th.bfloat16, "fp16": th.float16}
@@ -234,7 +234,7 @@ def run_windows(runner: ModelRunner, mixes: tp.Sequence[th.Tensor],
     `mixes[i]` (`[C, T]`, songs may differ) and normalised by `norms[i]` (mean, std; None:
     the mixes are normalised). Returns the trimmed outputs `[S, C, length]` on the CPU;
     `timings` collects the seconds of the "windows" and "model" stages."""
-    norms = norms or [(0., 1.)] * len(windows)
+    norms = norms or [NORMALISED] * len(windows)
     with timed(timings, "windows"):
         inputs = th.stack([window_input(mix, window, *norm)
                            for mix, window, norm in zip(mixes, windows, norms)])
@@ -245,12 +245,12 @@ def run_windows(runner: ModelRunner, mixes: tp.Sequence[th.Tensor],
 
 def run_plan(runner: ModelRunner, mix: th.Tensor, plan: Plan, batch_size: int = 1,
              progress: bool = False, timings: tp.Optional[tp.Dict[str, float]] = None,
-             norm: tp.Tuple[float, float] = (0., 1.)
+             norm: tp.Tuple[float, float] = NORMALISED
              ) -> tp.Iterator[tp.Tuple[tp.List[Window], tp.List[th.Tensor]]]:
     """Every window of `plan` through the model, front to back (`in_order`), in batches of at
     most `batch_size`: yields each batch's windows and their trimmed outputs `[S, C, length]`.
     `mix` is the mix `[C, T]`, normalised window by window by `norm` (mean, std; the default
-    leaves a normalised mix as it is); `progress` shows a bar."""
+    is for a mix normalised already); `progress` shows a bar."""
     bar = tqdm.tqdm(total=len(plan.windows), unit="window", disable=not progress)
     try:
         for batch in batch_windows(in_order(plan), batch_size):

@@ -198,8 +198,11 @@ def _split(pass_: Pass, pass_index: int, first_index: int, overlap: float,
     return windows
 
 
-def window_input(mix: th.Tensor, window: Window, mean: float = 0.,
-                 std: float = 1.) -> th.Tensor:
+NORMALISED = (0., 1.)  # the (mean, std) of a mix normalised already: window_input leaves it
+
+
+def window_input(mix: th.Tensor, window: Window, mean: float = NORMALISED[0],
+                 std: float = NORMALISED[1]) -> th.Tensor:
     """The model input of `window`: `[C, input_length]` samples of `mix [C, T]` from
     `window.input_start`, normalised (`(x - mean) / std`, as `normalisation` gives them: the
     samples of the whole mix normalised first) and zero-padded where it reaches outside the mix
@@ -207,7 +210,7 @@ def window_input(mix: th.Tensor, window: Window, mean: float = 0.,
     total = mix.shape[-1]
     start, end = window.input_start, window.input_start + window.input_length
     inside = mix[..., max(0, start):min(total, end)]
-    if (mean, std) != (0., 1.):
+    if (mean, std) != NORMALISED:
         inside = (inside - mean) / std
     return F.pad(inside, (max(0, start) - start, end - min(total, end)))
 

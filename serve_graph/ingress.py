@@ -148,19 +148,25 @@ def with_option_fields(endpoint):
 _generated_openapi = app.openapi
 
 
-def _openapi_with_closed_forms() -> dict:
+def openapi_document(models: tp.Sequence[str] = ()) -> dict:
     """FastAPI's schema, with `additionalProperties: false` on the form bodies (the routes
     refuse fields they do not take, `check_form_fields`) and the options that exclude each
-    other (`EXCLUSIVE_FIELDS`) marked so; `model` lists the models this service serves."""
+    other (`EXCLUSIVE_FIELDS`) marked so; `model` lists `models`, those the service serves
+    (any name when empty)."""
     schema = _generated_openapi()
     for name, component in schema.get("components", {}).get("schemas", {}).items():
         if name.startswith("Body_"):
             component["additionalProperties"] = False
-            if "model" in component.get("properties", {}) and _config.models:
-                component["properties"]["model"]["enum"] = list(_config.models)
+            if "model" in component.get("properties", {}) and models:
+                component["properties"]["model"]["enum"] = list(models)
             if set(EXCLUSIVE_FIELDS) <= set(component.get("properties", {})):
                 component["not"] = {"required": list(EXCLUSIVE_FIELDS)}
     return schema
+
+
+def _openapi_with_closed_forms() -> dict:
+    """The served schema: `openapi_document` for this replica's models."""
+    return openapi_document(_config.models)
 
 
 app.openapi = _openapi_with_closed_forms  # type: ignore[method-assign]

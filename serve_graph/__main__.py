@@ -109,8 +109,16 @@ def _serve_parser(sub) -> None:
     p.add_argument("--model-repo", help=f"local model repo folder (or env {REPO_ENV})")
 
 
-def _stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM stops the service as Ctrl-C does
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_GRACE_S = 10.  # for `serve run` to shut Serve down; then whatever is left is killed by PID
+
+
+def _stop_once(signum, frame):
+    """The first SIGTERM or Ctrl-C stops the service; any later one is ignored, so that it
+    cannot cut the stop short and leave `serve run` and Ray's processes behind."""
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def run_serve(args) -> int:
@@ -125,15 +133,18 @@ def run_serve(args) -> int:
         if problem is not None:
             print(missing_model_message(settings.model, problem), file=sys.stderr)
             return 2
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    for stop_signal in STOP_SIGNALS:  # also where SIGINT came ignored (a script's `&`)
+        signal.signal(stop_signal, _stop_once)
     with tempfile.TemporaryDirectory() as folder:
         config = write_config(Path(folder) / "serve_config.yaml", args.config, port=args.port,
                               args=app_args)
-        process = launch(config, cwd=os.getcwd())  # relative model repos stay yours
+        process = None
         try:
+            process = launch(config, cwd=os.getcwd())  # relative model repos stay yours
             return process.wait()
         except KeyboardInterrupt:
-            stop_tree(process, signal.SIGINT)
+            if process is not None:
+                stop_tree(process, signal.SIGINT, grace=STOP_GRACE_S, linger=3.)
             return 0
 
 

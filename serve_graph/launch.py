@@ -5,6 +5,7 @@ them runs the same config through the same `build_app`.
 """
 import os
 import re
+import signal
 import subprocess
 import sys
 import typing as tp
@@ -82,14 +83,22 @@ def ray_environment(config: tp.Union[str, Path], env: tp.Mapping[str, str]) -> d
     return {**env, **LOOPBACK_RAY}
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def launch(config: tp.Union[str, Path] = DEFAULT_CONFIG, env: tp.Optional[dict] = None,
            **popen) -> subprocess.Popen:
     """Start `serve run <config>` in the background (own process group) and return it; Ray's
     ports on 127.0.0.1 unless the config says `cluster: true`. It runs in the config's folder
-    unless `popen` names another `cwd`."""
+    unless `popen` names another `cwd`. `serve run` stops on SIGINT (Serve shut down, Ray's
+    processes with it) even where this process ignores SIGINT, as a script's `cmd &` does:
+    an ignored signal would stay ignored in the child."""
     full_env = ray_environment(config, dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
                                             **(env or {})))
     popen.setdefault("cwd", Path(config).resolve().parent)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        popen.setdefault("preexec_fn", _default_sigint)
     return subprocess.Popen(serve_command(config), env=full_env, start_new_session=True,
                             **popen)
 

@@ -82,9 +82,8 @@ def test_cli_serve_without_the_model_exits_before_starting_ray(tmp_path):
 
 
 @pytest.mark.parametrize("command,sig", [("serve run", signal.SIGTERM),
-                                         ("python -m serve_graph serve", signal.SIGTERM),
                                          ("python -m serve_graph serve", signal.SIGINT)],
-                         ids=["serve-run-sigterm", "cli-sigterm", "cli-ctrl-c"])
+                         ids=["serve-run-sigterm", "cli-ctrl-c"])  # cli SIGTERM: below
 def test_stopping_leaves_no_process_behind(tmp_path, tiny_repo, command, sig):
     port = free_port()
     config = write_config(tmp_path / "serve_config.yaml", port=port, host="127.0.0.1")
@@ -104,6 +103,38 @@ def test_stopping_leaves_no_process_behind(tmp_path, tiny_repo, command, sig):
     process.wait(90)
     assert_all_gone(started + [process.pid])
     server.stop()
+
+
+def start_in_background_of_a_script(config_path, env, **popen) -> subprocess.Popen:
+    """`python -m serve_graph serve &` as a script starts it: with SIGINT ignored, which the
+    launcher and every process it starts inherit."""
+    script = 'trap "" INT; exec "$0" -m serve_graph serve --config "$1"'
+    return subprocess.Popen(["bash", "-c", script, sys.executable, str(config_path)],
+                            env={**os.environ, **env}, start_new_session=True, **popen)
+
+
+@pytest.mark.parametrize("again", [signal.SIGTERM, signal.SIGINT],
+                         ids=["sigterm-twice", "sigterm-then-ctrl-c"])
+def test_a_script_s_background_service_stops_on_sigterm_within_15_s(tmp_path, tiny_repo, again):
+    """SIGTERM stops it, Ray's processes included, although SIGINT (by which the launcher stops
+    `serve run`) came ignored; a second SIGTERM or Ctrl-C during the stop does not cut it short
+    and leave `serve run` and Ray running."""
+    port = free_port()
+    config = write_config(tmp_path / "serve_config.yaml", port=port, host="127.0.0.1")
+    server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
+                          tmp_path / "serve.log", start=start_in_background_of_a_script)
+    started = descendants(server.pid)
+    assert any("raylet" in arg for pid in started for arg in cmdline(pid))
+    start = time.monotonic()
+    server._proc.send_signal(signal.SIGTERM)
+    time.sleep(1.)
+    server._proc.send_signal(again)
+    left = wait_gone(started + [server.pid], 15.)
+    seconds = time.monotonic() - start
+    server.stop()  # kills by PID whatever the assertion below finds
+    assert not left, f"still running {seconds:.1f} s after SIGTERM: " + "; ".join(
+        f"{pid} {' '.join(cmdline(pid))[:80]}" for pid in left)
+    assert server._proc.returncode == 0
 
 
 def test_health_tells_liveness_from_readiness(tmp_path):

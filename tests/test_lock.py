@@ -1,5 +1,6 @@
 """uv.lock, which the Modal image and deploy/Dockerfile install from, belongs to this
 pyproject.toml: checked offline (`uv lock --check` would ask the package index)."""
+import re
 import tomllib
 
 from packaging.markers import Marker
@@ -40,3 +41,37 @@ def test_lock_pins_the_tested_torch_and_one_ray():
         versions.setdefault(package["name"], set()).add(package["version"])
     assert versions["torch"] == {"2.13.0"}
     assert len(versions["ray"]) == 1 and len(versions["demucs"]) == 1
+
+
+def only_through(lock: dict, root: str, through: str) -> set:
+    """The packages of `lock` that `root` depends on only through `through` (and it)."""
+    needs: dict = {}
+    for package in lock["package"]:
+        wanted = needs.setdefault(package["name"], set())
+        wanted |= {d["name"] for d in package.get("dependencies", [])}
+        for extra in package.get("optional-dependencies", {}).values():
+            wanted |= {d["name"] for d in extra}
+
+    def reached(skip=None) -> set:
+        seen, todo = set(), [root]
+        while todo:
+            name = todo.pop()
+            if name not in seen and name != skip:
+                seen.add(name)
+                todo += needs.get(name, ())
+        return seen
+    return reached() - reached(skip=through)
+
+
+def test_setup_leaves_out_exactly_torch_and_what_only_its_cuda_build_needs():
+    """setup.sh installs everything from uv.lock but torch, whose CPU build pip installs: the
+    packages it leaves out are torch and the CUDA ones nothing else needs; the CPU build's own
+    dependencies (sympy, networkx...) still come from the lock."""
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    listed = re.search(r"CUDA_ONLY=\(([^)]*)\)", (ROOT / "setup.sh").read_text()).group(1)
+    left_out = set(listed.split())
+    torch_only = only_through(lock, "serve-graph", "torch")
+    cuda = {name for name in torch_only if name.startswith(("nvidia-", "cuda-"))
+            or name == "triton"}
+    assert left_out == {"torch"} | cuda
+    assert {"sympy", "networkx"} <= torch_only - left_out

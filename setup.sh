@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Set up .venv with exactly what uv.lock pins, and this project in it (editable).
+#
+#   bash setup.sh            torch 2.13.0's CPU build (pip's configured index; on a machine
+#                            without a local wheel: TORCH_INDEX=https://download.pytorch.org/whl/cpu)
+#   TORCH=lock bash setup.sh torch as uv.lock pins it (PyPI's CUDA build, for GPU machines)
+#
+# Everything but torch comes from uv.lock (`uv export --frozen`, hashes checked, no resolution).
+# uv is installed by pip if missing. VENV=DIR puts the environment elsewhere; PYTHON picks the
+# interpreter (default python3).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH=${TORCH:-cpu}
+
+# torch, and what only its CUDA build needs (tests/test_lock.py checks this list against
+# uv.lock): the CPU build is installed by pip instead
+CUDA_ONLY=(torch triton cuda-bindings cuda-pathfinder cuda-toolkit nvidia-cublas
+           nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13
+           nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse
+           nvidia-cusparselt-cu13 nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13
+           nvidia-nvtx)
+
+if ! "$PYTHON" -m uv --version >/dev/null 2>&1; then
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check "uv>=0.9"
+fi
+uv() { "$PYTHON" -m uv "$@"; }
+
+[ -x "$VENV/bin/python" ] || uv venv --quiet --seed --python "$PYTHON" "$VENV"
+requirements=$(mktemp)
+trap 'rm -f "$requirements"' EXIT
+skip=()
+if [ "$TORCH" = cpu ]; then
+    for name in "${CUDA_ONLY[@]}"; do skip+=(--no-emit-package "$name"); done
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+        ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==2.13.0"
+fi
+uv export --quiet --frozen --extra dev --no-emit-project --format requirements.txt \
+    "${skip[@]}" -o "$requirements"
+uv pip install --quiet --no-config --python "$VENV/bin/python" --no-deps --require-hashes -r "$requirements"
+uv pip install --quiet --no-config --python "$VENV/bin/python" --no-deps -e .
+uv pip check --no-config --python "$VENV/bin/python"
+"$VENV/bin/python" -c "import torch, ray, demucs; print('set up', '$VENV:', 'torch', torch.__version__, 'ray', ray.__version__)"
+echo "activate it with: source $VENV/bin/activate"

@@ -1,4 +1,5 @@
-"""Who may use the service: optional API keys and a per-client concurrency limit.
+"""Who may use the service: optional API keys, a per-client concurrency limit, and the bytes
+of uploads a replica takes in at once.
 
 Keys come from SERVE_GRAPH_API_KEYS (comma-separated) and/or the file named by `api_keys_file`
 in serve_config.yaml or SERVE_GRAPH_API_KEYS_FILE (one key per line: a Kubernetes or Modal
@@ -54,3 +55,21 @@ class ConcurrencyLimit:
         self._active[client] -= 1
         if self._active[client] <= 0:
             del self._active[client]
+
+
+class ByteBudget:
+    """At most `limit` bytes taken at once (0: no limit), in this replica. One taking alone
+    is always allowed, so an upload below the upload limit is never refused forever."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.taken = 0
+
+    def try_take(self, size: int) -> bool:
+        if self.limit and self.taken and self.taken + size > self.limit:
+            return False
+        self.taken += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.taken = max(0, self.taken - size)

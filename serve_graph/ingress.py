@@ -25,11 +25,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 from ray.serve.handle import DeploymentHandle
 
-from .access import ConcurrencyLimit, bearer_token, load_keys, matching_key
+from .access import ByteBudget, ConcurrencyLimit, bearer_token, load_keys, matching_key
 from .engine import (InvalidAudioError, InvalidParameterError, ModelMissingError,
                      ModelUnavailableError, SeparationError, SeparationOptions,
                      UploadTooLargeError)
 from .engine.options import EXCLUSIVE_FIELDS, request_fields
+from .job_runner import JobRunner, chunks
 from .jobs import FINAL, job_store, key_id
 from .launch import keep_replica_server_on_loopback
 from . import metrics
@@ -109,8 +110,10 @@ ERROR_RESPONSES: tp.Dict[tp.Union[int, str], dict] = {
     413: _documented("upload or audio too long, or over the window budget"),
     415: _documented("not decodable audio"),
     422: _documented("invalid parameter"),
-    429: _documented("too many separations in flight for this client"),
+    429: _documented("too many separations in flight for this client, jobs queued (in all or "
+                     "for this client) or uploads in flight; Retry-After says when to retry"),
     503: _documented("the model is loading or missing"),
+    507: _documented("the job storage is full (max_job_storage_mb)"),
 }
 
 
@@ -198,7 +201,9 @@ def check_form_fields(request: Request, form) -> None:
 
 @app.exception_handler(SeparationError)
 async def _separation_error(request: Request, exc: SeparationError) -> JSONResponse:
-    return _error(exc.status_code, exc.error, exc.detail)
+    response = _error(exc.status_code, exc.error, exc.detail)
+    response.headers.update(getattr(exc, "headers", None) or {})  # Retry-After of a 429
+    return response
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -247,7 +252,7 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 # on purpose: `@serve.ingress(app)` serves a frozen copy of `app`, made when the class below is
 # decorated, so middleware must be registered before that and cannot read `app.state`.
 _config = types.SimpleNamespace(max_upload_bytes=None, api_keys=[], limit=None,
-                                cors_origins=(), models=())
+                                cors_origins=(), models=(), upload_budget=ByteBudget(0))
 
 
 
@@ -260,6 +265,7 @@ def configure_middleware(settings: ServiceSettings) -> None:
     _config.limit = ConcurrencyLimit(settings.max_concurrent_per_client)
     _config.cors_origins = settings.cors_origins
     _config.models = settings.served_models
+    _config.upload_budget = ByteBudget(int(settings.max_upload_memory_mb * 2**20))
 
 
 OPEN_PATHS = {"/", "/healthz", "/readyz", "/models", "/metrics", "/ui", "/docs",
@@ -286,11 +292,16 @@ class UploadCapExceeded(HTTPException):
         super().__init__(413, _too_large_detail(limit))
 
 
+UPLOAD_PATHS = ("/separate", "/jobs")
+
+
 class _CappedBody:
     """Refuses an upload by its Content-Length before its body is read; without one (chunked
     uploads), counts the body bytes as they arrive and stops reading past the limit, so that
-    no upload is spooled beyond it. Pure ASGI and innermost: an exception raised in `receive`
-    under Starlette's BaseHTTPMiddleware would reach FastAPI wrapped in an exception group."""
+    no upload is spooled beyond it. An upload to /separate or /jobs also takes its size (the
+    limit without a Content-Length) from the replica's `upload_budget` until it is answered:
+    429 when that is spent. Pure ASGI and innermost: an exception raised in `receive` under
+    Starlette's BaseHTTPMiddleware would reach FastAPI wrapped in an exception group."""
 
     def __init__(self, app):
         self.app = app
@@ -303,6 +314,21 @@ class _CappedBody:
         if length.isdigit() and int(length) > limit + FORM_OVERHEAD:
             response = _error(413, UploadTooLargeError.error, _too_large_detail(limit))
             return await response(scope, receive, send)
+        if scope["method"] != "POST" or scope["path"] not in UPLOAD_PATHS:
+            return await self._capped(scope, receive, send, limit)
+        budget, size = _config.upload_budget, int(length) if length.isdigit() else limit
+        if not budget.try_take(size):
+            response = _error(429, "too_many_uploads", f"this replica holds its limit of "
+                              f"{budget.limit / 2**20:g} MB of uploads in flight "
+                              f"(max_upload_memory_mb); retry after {RETRY_AFTER_S} s")
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return await response(scope, receive, send)
+        try:
+            await self._capped(scope, receive, send, limit)
+        finally:
+            budget.give_back(size)
+
+    async def _capped(self, scope, receive, send, limit: int):
         received = 0
 
         async def capped_receive():
@@ -423,6 +449,14 @@ def _key(request: Request) -> tp.Optional[str]:
     return key_id(getattr(request.state, "api_key", None))
 
 
+def _client(request: Request) -> str:
+    """Who the job limits count a request against: its key, or its address without keys."""
+    key = _key(request)
+    if key is not None:
+        return f"key:{key}"
+    return f"address:{request.client.host if request.client else 'unknown'}"
+
+
 def _zip_headers(name: str, song, options: SeparationOptions, timing: str) -> dict:
     return {"Content-Disposition": f'attachment; filename="{_ascii(name)}_stems.zip"',
             "X-Audio-Seconds": f"{song.seconds:.3f}", "X-Windows": str(len(song.plan.windows)),
@@ -446,10 +480,9 @@ class Ingress:
         self._geometries: tp.Dict[str, tp.Any] = {}
         self._for_model = ModelHandles(separate)  # Separate, routed by model
         self._max_bytes = settings.max_upload_bytes
-        self._jobs = job_store(settings.job_ttl_s)
-        self._replica = uuid.uuid4().hex  # this replica, as the owner of the jobs it runs
-        self._running: tp.Dict[str, asyncio.Task] = {}
-        self._watcher: tp.Optional[asyncio.Task] = None
+        self._jobs = job_store(settings.job_ttl_s, settings.job_storage, settings.job_limits)
+        self._runner = JobRunner(self._jobs, uuid.uuid4().hex, settings.jobs_per_replica,
+                                 self._run_for_job)
         configure_middleware(settings)
 
     async def _model_info(self, model: str, load: bool = True) -> dict:
@@ -593,10 +626,7 @@ class Ingress:
                          **fields) -> JSONResponse:
         """The same fields as `POST /separate`, checked the same way before the 202."""
         options, data, name = await self._accept(request, audio_file, fields)
-        self._watch()
-        job = await self._jobs.create.remote(self._replica, _key(request), data,
-                                             options.model_dump(), name)
-        self._start_job(job["id"], data, options, name)
+        job = await self._runner.submit(_key(request), _client(request), data, options, name)
         links = _job_links(job)
         return JSONResponse(links, status_code=202, headers={"Location": links["status_url"]})
 
@@ -645,83 +675,35 @@ class Ingress:
             if job["error"]:
                 detail += f": {job['error']['detail']}"
             return _error(409, "job_not_done", detail, job_status=job["status"])
-        found = await self._jobs.result.remote(job_id, _key(request))
+        found = await self._runner.result(job_id, _key(request))
         if found is None:
             raise JobNotFoundError(f"job {job_id} has no result any more")
-        archive, headers = found
-        return Response(archive, media_type="application/zip", headers=headers)
+        file, size, headers = found
+        return StreamingResponse(chunks(file), media_type="application/zip",
+                                 headers={**headers, "Content-Length": str(size)})
 
     @app.delete("/jobs/{job_id}", summary="Cancel a job (its queued windows and encoding stop)",
                 response_model=JobLinks,
                 responses={404: _documented("no such job (or expired)")})
     async def cancel_job(self, request: Request, job_id: str) -> dict:
         job = _found(await self._jobs.cancel.remote(job_id, _key(request)), job_id)
-        task = self._running.get(job_id)
-        if task is not None:
-            task.cancel()
+        self._runner.cancel(job_id)
         return _job_links(job)
 
     async def _job(self, request: Request, job_id: str) -> dict:
-        self._watch()
+        self._runner.watch()
         return _found(await self._jobs.get.remote(job_id, _key(request)), job_id)
 
-    def _start_job(self, job_id: str, data: bytes, options: SeparationOptions,
-                   name: str) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._run_job(job_id, data, options, name))
-        self._running[job_id] = task
-        task.add_done_callback(lambda _: self._running.pop(job_id, None))
-
-    async def _run_job(self, job_id: str, data: bytes, options: SeparationOptions,
-                       name: str) -> None:
-        """Run a job to its end and record it: the ZIP, or the error a client would have got
-        from `POST /separate`."""
-        try:
-            song, archive, timing = await self._separate_song(data, options, job_id)
-            await self._jobs.finish.remote(job_id, archive,
-                                           _zip_headers(name, song, options, timing))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - recorded in the job, as /separate answers
-            cause = getattr(exc, "cause", exc)
-            if isinstance(cause, SeparationError):
-                error = {"status": cause.status_code, "error": cause.error,
-                         "detail": cause.detail}
-            else:
-                logger.exception("job %s failed", job_id)
-                error = {"status": 500, "error": "internal_error",
-                         "detail": "the separation failed; the error is logged"}
-            await self._jobs.fail.remote(job_id, error)
-
-    def _watch(self) -> None:
-        """Start this replica's job watcher once (from a request, or Serve's health check)."""
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_jobs())
-
-    async def _watch_jobs(self) -> None:
-        """Every second: tell the store which jobs run here, stop those cancelled elsewhere,
-        and adopt the orphans of a replica that died (they start again from their upload)."""
-        while True:
-            try:
-                answer = await self._jobs.heartbeat.remote(self._replica, list(self._running))
-                for job_id in answer["stop"]:
-                    task = self._running.get(job_id)
-                    if task is not None:
-                        task.cancel()
-                for job_id in answer["adopt"]:
-                    upload = await self._jobs.upload.remote(job_id)
-                    if upload is not None:
-                        data, options, name = upload
-                        logger.warning("job %s: its replica is gone; running it here", job_id)
-                        self._start_job(job_id, data, SeparationOptions(**options), name)
-            except Exception:  # noqa: BLE001 - the store restarting: try again
-                logger.exception("job watcher")
-            await asyncio.sleep(WATCH_S)
+    async def _run_for_job(self, data: bytes, options: SeparationOptions, name: str,
+                           job_id: str) -> tp.Tuple[bytes, dict]:
+        """One job's separation (`JobRunner`): its ZIP and the headers /separate would send."""
+        song, archive, timing = await self._separate_song(data, options, job_id)
+        return archive, _zip_headers(name, song, options, timing)
 
     async def check_health(self) -> None:
-        """Serve's periodic health check: also what starts the job watcher of a replica that
-        has had no request yet (one that replaced a dead replica adopts its jobs)."""
-        self._watch()
+        """Serve's periodic health check: also what starts the job runner of a replica that
+        has had no request yet (one that replaced a dead replica takes the queued jobs)."""
+        self._runner.watch()
 
     async def _separate_song(self, data: bytes, options: SeparationOptions,
                              job_id: tp.Optional[str] = None):

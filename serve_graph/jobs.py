@@ -1,12 +1,18 @@
 """Asynchronous jobs: `POST /jobs` answers at once, the separation runs in the background, and
-its state (status, stage, windows done, ETA, the ZIP) is kept in `JobStore`.
+its state (status, stage, windows done, ETA, where the ZIP is) is kept in `JobStore`.
 
-Where the state lives: a *detached Ray actor* (`JobStore`, named, in its own namespace), not
-Redis. It outlives any Ingress replica, needs nothing beyond the Ray cluster the service already
-runs on, and holds each job's upload until the job ends, so the Ingress replica that picks up
-an orphaned job (its owner died: no heartbeat for `ORPHAN_AFTER_S`) can run it again from the
-start. It does not outlive the Ray cluster itself (a cluster restart loses the jobs); that
-would take an external store.
+Where things live. The records: in a *detached Ray actor* (`JobStore`, named, in its own
+namespace), which is also the queue, and written through to the job storage (`job_files`) on
+each change of status, so that a restarted actor, or a restarted service on the same storage,
+finds every job again. The bytes (uploads, ZIPs): on the job storage only, never in an actor's
+heap; the Ingress replica that took an upload writes it before the 202, the one that ran the job
+writes its ZIP. Ingress replicas take queued jobs from the store (`claim`), fairly across
+clients, at most `jobs_per_replica` each; a running job whose replica has not been heard of for
+`ORPHAN_AFTER_S` goes back to the queue and starts again from its upload.
+
+Limits (`JobLimits`, from serve_config.yaml's `args`): jobs queued and running in all and per
+client (API key, or address without keys): 429 with Retry-After; bytes of uploads and results
+held on the storage: 507.
 
 A job record's public view (`public`):
 `{id, status, stage, progress: {windows_done, windows_total, fraction}, eta_seconds, model,
@@ -17,12 +23,26 @@ import hashlib
 import time
 import typing as tp
 import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass
 
 import ray
 
+from .job_files import JobFiles
+
 NAME, NAMESPACE = "serve_graph_jobs", "serve_graph"
 ORPHAN_AFTER_S = 6.  # a running job whose owner has not been heard of for this long is re-run
+MAX_ATTEMPTS = 3  # a job whose replica died this many times under it fails instead
 FINAL = ("done", "failed", "cancelled")
+JOBS_RETRY_AFTER_S = 30  # Retry-After when the queue is full
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """What the jobs may hold (0: no limit)."""
+    max_jobs: int = 100  # queued and running, in all
+    max_jobs_per_client: int = 10  # queued and running, per API key (per address without keys)
+    max_storage_bytes: int = 10 * 2**30  # uploads and results on the job storage
 
 
 def key_id(api_key: tp.Optional[str]) -> tp.Optional[str]:
@@ -30,29 +50,131 @@ def key_id(api_key: tp.Optional[str]) -> tp.Optional[str]:
     return None if api_key is None else hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
+def refusal(status: int, error: str, detail: str, retry_after: float) -> dict:
+    return {"status": status, "error": error, "detail": detail,
+            "retry_after": max(1, int(retry_after + 0.999))}
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class JobStore:
-    """Job records, uploads and results, by job id. Every method is quick (no separation work
-    here): the Ingress replicas run the jobs and report to it; Encode reports windows done."""
+    """Job records and the queue, by job id; the bytes are on `JobFiles`. Every method is
+    quick (no separation work here) and safe to run twice (Ray retries a call across a
+    restart of this actor): the Ingress replicas run the jobs and report to it; Encode
+    reports windows done."""
 
-    def __init__(self, ttl_seconds: float):
+    def __init__(self, ttl_seconds: float, storage: tp.Optional[str] = None,
+                 limits: tp.Optional[dict] = None):
         self.ttl = ttl_seconds
-        self.jobs: tp.Dict[str, dict] = {}
-        self.uploads: tp.Dict[str, tp.Tuple[bytes, dict, str]] = {}
-        self.results: tp.Dict[str, tp.Tuple[bytes, dict]] = {}
+        self.limits = JobLimits(**(limits or {}))
+        self.files = JobFiles(storage or default_storage())
+        self.id = uuid.uuid4().hex
+        self.files.claim_root(self.id)
+        self.jobs: tp.Dict[str, dict] = self._load()
 
-    def create(self, owner: str, key: tp.Optional[str], data: bytes, options: dict,
-               filename: str) -> dict:
-        job_id = uuid.uuid4().hex
+    def _load(self) -> tp.Dict[str, dict]:
+        """The records on the storage; those that were running are heard of now (their
+        replica, if alive, goes on; if not, they return to the queue after ORPHAN_AFTER_S)."""
+        jobs, now = {}, time.time()
+        for name in self.files.names("records"):
+            try:
+                job = self.files.read_json("records", name)
+            except ValueError:
+                continue  # not a record of ours
+            if job is not None:
+                job["heard_at"] = now
+                jobs[job["id"]] = job
+        return jobs
+
+    def storage(self) -> dict:
+        """Where the bytes go, and this store's id (`JobFiles.shared_with`)."""
+        return {"url": self.files.url, "store": self.id}
+
+    def _save(self, job: dict) -> None:
+        self.files.write_json("records", job["id"], job)
+
+    def _active(self) -> tp.List[dict]:
+        return [job for job in self.jobs.values() if job["status"] not in FINAL]
+
+    def admission(self, client: str, nbytes: int) -> tp.Optional[dict]:
+        """Why a job of `nbytes` from `client` would be refused now (`refusal`), or None."""
+        active, limits = self._active(), self.limits
+        if limits.max_jobs and len(active) >= limits.max_jobs:
+            return refusal(429, "too_many_jobs", f"the service holds its limit of "
+                           f"{limits.max_jobs} queued and running jobs (max_jobs); retry "
+                           f"later", JOBS_RETRY_AFTER_S)
+        mine = sum(job["client"] == client for job in active)
+        if limits.max_jobs_per_client and mine >= limits.max_jobs_per_client:
+            return refusal(429, "too_many_jobs", f"this client has {mine} queued and running "
+                           f"jobs, its limit (max_jobs_per_client); retry once one has ended",
+                           JOBS_RETRY_AFTER_S)
+        held = sum(job["upload_bytes"] + job["result_bytes"] for job in self.jobs.values())
+        if limits.max_storage_bytes and held + nbytes > limits.max_storage_bytes:
+            ends = [job["finished_at"] + self.ttl for job in self.jobs.values()
+                    if job["finished_at"] and job["result_bytes"]]
+            return refusal(507, "storage_full", f"the job storage holds "
+                           f"{held / 2**20:.0f} MB of uploads and results, and this upload "
+                           f"would take it past its limit of "
+                           f"{limits.max_storage_bytes / 2**20:.0f} MB (max_job_storage_mb)",
+                           min(ends, default=time.time() + JOBS_RETRY_AFTER_S) - time.time())
+        return None
+
+    def create(self, job_id: str, key: tp.Optional[str], client: str, nbytes: int,
+               options: dict, filename: str) -> dict:
+        """Queue job `job_id`, whose upload of `nbytes` is on the storage: `{"job": view}`,
+        or `{"refused": refusal}` over a limit (the caller then deletes the upload)."""
+        if job_id in self.jobs:
+            return {"job": public(self.jobs[job_id], self.ttl)}
+        refused = self.admission(client, nbytes)
+        if refused is not None:
+            return {"refused": refused}
         now = time.time()
-        self.jobs[job_id] = {"id": job_id, "status": "queued", "stage": "queued",
-                             "windows_done": 0, "windows_total": None, "key": key,
-                             "model": options.get("model"), "audio_seconds": None,
-                             "created_at": now, "updated_at": now, "started_at": None,
-                             "separating_since": None, "finished_at": None, "error": None,
-                             "owner": owner, "heard_at": now, "attempts": 1}
-        self.uploads[job_id] = (data, options, filename)
-        return public(self.jobs[job_id], self.ttl)
+        job = {"id": job_id, "status": "queued", "stage": "queued",
+               "windows_done": 0, "windows_total": None, "key": key, "client": client,
+               "model": options.get("model"), "options": options, "filename": filename,
+               "audio_seconds": None, "created_at": now, "updated_at": now,
+               "started_at": None, "separating_since": None, "finished_at": None,
+               "error": None, "owner": None, "heard_at": now, "attempts": 0,
+               "upload_bytes": nbytes, "result_bytes": 0, "result": None, "headers": None}
+        self.jobs[job_id] = job
+        self._save(job)
+        return {"job": public(job, self.ttl)}
+
+    def claim(self, owner: str, count: int) -> tp.List[dict]:
+        """Up to `count` queued jobs for replica `owner` to run now (`{id, options,
+        filename}`), taken round-robin across clients: the client with the fewest jobs
+        running, then the one whose last job started longest ago, then the oldest job."""
+        queued = sorted((job for job in self.jobs.values() if job["status"] == "queued"),
+                        key=lambda job: job["created_at"])
+        running: Counter = Counter()
+        last_start: tp.Dict[str, float] = {}
+        for job in self.jobs.values():
+            running[job["client"]] += job["status"] == "running"
+            if job["started_at"]:
+                last_start[job["client"]] = max(last_start.get(job["client"], 0.),
+                                                job["started_at"])
+        taken = []
+        while queued and len(taken) < count:
+            job = min(queued, key=lambda job: (running[job["client"]],
+                                               last_start.get(job["client"], 0.)))
+            queued.remove(job)
+            if job["attempts"] >= MAX_ATTEMPTS:
+                self._fail_exhausted(job)
+                continue
+            now = time.time()
+            running[job["client"]] += 1
+            last_start[job["client"]] = now
+            job.update(status="running", stage="decoding", owner=owner, heard_at=now,
+                       updated_at=now, started_at=now, attempts=job["attempts"] + 1)
+            self._save(job)
+            taken.append({key: job[key] for key in ("id", "options", "filename")})
+        return taken
+
+    def _fail_exhausted(self, job: dict) -> None:
+        if self._end(job["id"], "failed"):
+            job["error"] = {"status": 500, "error": "internal_error",
+                            "detail": f"the job's replica was lost {job['attempts']} times "
+                                      f"while running it; the error is logged"}
+            self._save(job)
 
     def _owned(self, job_id: str, key: tp.Optional[str]) -> tp.Optional[dict]:
         """The record of `job_id`, None when unknown or another key's."""
@@ -65,28 +187,31 @@ class JobStore:
         job = self._owned(job_id, key)
         return None if job is None else public(job, self.ttl)
 
-    def upload(self, job_id: str) -> tp.Optional[tp.Tuple[bytes, dict, str]]:
-        return self.uploads.get(job_id)
-
     def update(self, job_id: str, **fields) -> None:
         """Stage changes and progress from the job's runner (Ingress) and from Encode."""
         job = self.jobs.get(job_id)
-        if job is None or job["status"] in FINAL:
+        if job is None or job["status"] != "running":
             return
         now = time.time()
         if fields.get("stage") == "separating" and job["separating_since"] is None:
             job["separating_since"] = now
-        if job["status"] == "queued":
-            job["status"], job["started_at"] = "running", now
         job.update(fields, updated_at=now, heard_at=now)
 
-    def finish(self, job_id: str, archive: bytes, headers: dict) -> None:
-        if self._end(job_id, "done"):
-            self.results[job_id] = (archive, headers)
+    def finish(self, job_id: str, result: str, nbytes: int, headers: dict) -> bool:
+        """The job's ZIP is on the storage as `results/<result>`; false (and the file
+        deleted) when the job had already ended, cancelled or finished by another run."""
+        if not self._end(job_id, "done", save=False):
+            self.files.delete("results", result)
+            return False
+        job = self.jobs[job_id]
+        job.update(result=result, result_bytes=nbytes, headers=headers)
+        self._save(job)
+        return True
 
     def fail(self, job_id: str, error: dict) -> None:
-        if self._end(job_id, "failed"):
+        if self._end(job_id, "failed", save=False):
             self.jobs[job_id]["error"] = error
+            self._save(self.jobs[job_id])
 
     def cancel(self, job_id: str, key: tp.Optional[str]) -> tp.Optional[dict]:
         """Cancel a queued or running job (its runner sees it on its next heartbeat and stops
@@ -97,46 +222,60 @@ class JobStore:
         self._end(job_id, "cancelled")
         return public(job, self.ttl)
 
-    def result(self, job_id: str, key: tp.Optional[str]) -> tp.Optional[tp.Tuple[bytes, dict]]:
-        return None if self._owned(job_id, key) is None else self.results.get(job_id)
+    def result(self, job_id: str, key: tp.Optional[str]) -> tp.Optional[dict]:
+        """`{"name", "headers", "bytes"}` of a finished job's ZIP on the storage."""
+        job = self._owned(job_id, key)
+        if job is None or job["result"] is None:
+            return None
+        return {"name": job["result"], "headers": job["headers"], "bytes": job["result_bytes"]}
 
     def heartbeat(self, owner: str, running: tp.List[str]) -> tp.Dict[str, tp.List[str]]:
-        """From an Ingress replica running `running`: marks them heard of, and answers which
-        of them were cancelled (`stop`) and which orphaned jobs it now owns (`adopt`: their
-        owner was not heard of for `ORPHAN_AFTER_S`; they start again from the upload)."""
+        """From an Ingress replica running `running`: marks them heard of (and its own, after
+        a restart of this store), answers which of them were cancelled or ended elsewhere
+        (`stop`), and puts the running jobs of replicas not heard of for ORPHAN_AFTER_S back
+        in the queue."""
         now = time.time()
         stop = []
         for job_id in running:
             job = self.jobs.get(job_id)
-            if job is None or job["status"] in FINAL:
+            if job is None or job["status"] != "running":
                 stop.append(job_id)
             else:
-                job["heard_at"] = now
-        adopt = []
-        for job_id, job in self.jobs.items():
-            if (job["status"] not in FINAL and job["owner"] != owner and
-                    now - job["heard_at"] > ORPHAN_AFTER_S):
-                job.update(owner=owner, heard_at=now, attempts=job["attempts"] + 1,
-                           status="queued", stage="queued", windows_done=0)
-                adopt.append(job_id)
+                job.update(owner=owner, heard_at=now)
+        for job in self._active():
+            if job["status"] == "running" and now - job["heard_at"] > ORPHAN_AFTER_S:
+                job.update(owner=None, status="queued", stage="queued", windows_done=0,
+                           separating_since=None, updated_at=now)
+                self._save(job)
         self._expire()
-        return {"stop": stop, "adopt": adopt}
+        return {"stop": stop}
 
-    def _end(self, job_id: str, status: str) -> bool:
+    def _end(self, job_id: str, status: str, save: bool = True) -> bool:
         job = self.jobs.get(job_id)
         if job is None or job["status"] in FINAL:
             return False
         now = time.time()
-        job.update(status=status, stage=status, updated_at=now, finished_at=now)
-        self.uploads.pop(job_id, None)
+        job.update(status=status, stage=status, updated_at=now, finished_at=now,
+                   upload_bytes=0)
+        self.files.delete("uploads", job_id)
+        if save:
+            self._save(job)
         return True
 
     def _expire(self) -> None:
         now = time.time()
         for job_id in [job_id for job_id, job in self.jobs.items()
                        if job["finished_at"] and now - job["finished_at"] > self.ttl]:
-            del self.jobs[job_id]
-            self.results.pop(job_id, None)
+            job = self.jobs.pop(job_id)
+            if job["result"]:
+                self.files.delete("results", job["result"])
+            self.files.delete("records", job_id)
+
+
+def default_storage() -> str:
+    """A folder in this Ray session's directory (on this node): kept while Ray runs."""
+    from ray._private import worker
+    return f"{worker.global_worker.node.get_session_dir_path()}/serve_graph_jobs"
 
 
 def public(job: dict, ttl: float) -> dict:
@@ -163,10 +302,11 @@ def _eta(job: dict) -> tp.Optional[float]:
     return round((time.time() - since) / done * (total - done), 1)
 
 
-def job_store(ttl_seconds: float = 3600.):
+def job_store(ttl_seconds: float = 3600., storage: tp.Optional[str] = None,
+              limits: JobLimits = JobLimits()):
     """The service's `JobStore`: the running one, or a new detached one."""
     return JobStore.options(name=NAME, namespace=NAMESPACE, lifetime="detached",
-                            get_if_exists=True).remote(ttl_seconds)
+                            get_if_exists=True).remote(ttl_seconds, storage, asdict(limits))
 
 
 class Progress:

@@ -76,6 +76,13 @@ def replica_pids(service_pid: int, app: str = "separation") -> tp.Dict[str, int]
     return found
 
 
+def actor_pids(service_pid: int, actor: str) -> tp.List[int]:
+    """The processes below `service_pid` whose title names Ray actor class `actor`
+    (`ray::JobStore...`)."""
+    return [pid for pid in descendants(service_pid)
+            if any(part.startswith(f"ray::{actor}") for part in cmdline(pid))]
+
+
 def wait_gone(pids: tp.Iterable[int], timeout: float) -> tp.List[int]:
     """Wait until none of `pids` runs, at most `timeout` s; returns those still running."""
     deadline = time.monotonic() + timeout

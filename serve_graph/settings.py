@@ -35,6 +35,16 @@ class ServiceSettings:
     decode_helpers: int = 1
     retry_seconds: float = 60.  # how long a window or song is retried while replicas die
     job_ttl_s: float = 3600.  # how long a finished job's state and result are kept
+    # where jobs keep uploads, results and records: a path or an fsspec URL (s3://...); unset:
+    # a folder in Ray's session directory (survives a killed replica or store, not a restart)
+    job_storage: tp.Optional[str] = None
+    max_jobs: int = 100  # jobs queued and running, in all (0: no limit): over it, 429
+    max_jobs_per_client: int = 10  # the same per API key (per address without keys)
+    max_job_storage_mb: float = 10240.  # uploads and results on the job storage: over it, 507
+    jobs_per_replica: int = 2  # jobs an Ingress replica runs at once; the others wait queued
+    # bytes of uploads an Ingress replica takes in at once (POST /separate and /jobs being
+    # received or separated, by their Content-Length): over it, 429 (0: no limit)
+    max_upload_memory_mb: float = 1024.
     # A missing model stops a local `serve run` at start with one clear message; false: the
     # service starts anyway and reports the model missing at GET / and /readyz (as on a cluster)
     require_model: bool = True
@@ -66,6 +76,13 @@ class ServiceSettings:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 2**20)
+
+    @property
+    def job_limits(self):
+        """The `JobLimits` of the job store."""
+        from .jobs import JobLimits
+        return JobLimits(self.max_jobs, self.max_jobs_per_client,
+                         int(self.max_job_storage_mb * 2**20))
 
     def runner_options(self):
         """The `RunnerOptions` of the Separate replicas."""

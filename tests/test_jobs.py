@@ -1,6 +1,6 @@
 """Asynchronous jobs over real HTTP: 202 and links, progress by polling and by Server-Sent
-Events, the result, cancellation, failures recorded, API keys, expiry, and a job that survives
-the SIGKILL of the Ingress replica running it."""
+Events, the result, cancellation, failures recorded, API keys, expiry, and jobs that survive
+the SIGKILL of the Ingress replica running them and of the job store."""
 import io
 import json
 import os
@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from audio_files import encode, tone
-from serve_graph.procs import replica_pids
+from serve_graph.procs import actor_pids, alive, replica_pids
 from serve_process import tiny_service
 
 pytestmark = pytest.mark.serve
@@ -143,6 +143,22 @@ def test_job_survives_the_loss_of_its_ingress_replica(service, song):
     assert replica_pids(service.pid)["Ingress"] != victim
     result = requests.get(service.url + done["result_url"], headers=auth(), timeout=60)
     assert len(zipfile.ZipFile(io.BytesIO(result.content)).namelist()) == 4
+
+
+def test_no_job_is_lost_when_the_job_store_is_killed(service, song):
+    """SIGKILL the store while one job runs and one waits: the restarted store reads their
+    records back from the job storage, and both finish with their ZIPs."""
+    long_song = encode(tone(12.0, 44100, 2, seed=7), 44100, "mp3")
+    jobs = [submit(service.url, long_song, shifts=3).json() for _ in range(3)]
+    wait_for(service.url, jobs[0]["id"], statuses=("running",), timeout=60)
+    store, = actor_pids(service.pid, "JobStore")
+    os.kill(store, signal.SIGKILL)
+    finished = [wait_for(service.url, job["id"], timeout=300) for job in jobs]
+    assert [job["status"] for job in finished] == ["done"] * 3, finished
+    assert not alive(store) and actor_pids(service.pid, "JobStore") != [store]
+    for job in finished:
+        result = requests.get(service.url + job["result_url"], headers=auth(), timeout=60)
+        assert len(zipfile.ZipFile(io.BytesIO(result.content)).namelist()) == 4
 
 
 def test_modal_client_runs_a_song_as_a_job(service, song, tmp_path):

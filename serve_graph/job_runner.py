@@ -1,0 +1,168 @@
+"""The jobs side of an Ingress replica: takes uploads into the job storage and the queue, runs
+its share of the queued jobs (at most `jobs_per_replica` at once), and streams results back.
+
+The queue is the `JobStore`'s: a job waits there as a record, its upload on the storage, not in
+this replica's memory. Every `WATCH_S` (and at once when a job is queued here) the replica tells
+the store which jobs it runs, stops those cancelled elsewhere, and claims queued ones for its
+free slots; a job it runs reads its upload from the storage, and its ZIP goes back there.
+"""
+import asyncio
+import logging
+import typing as tp
+import uuid
+
+from .engine import SeparationError, SeparationOptions
+from .job_files import CHUNK, JobFiles
+
+logger = logging.getLogger("ray.serve")
+WATCH_S = 1.  # how often a replica reports to the store and claims queued jobs
+
+# `run(data, options, name, job_id) -> (zip bytes, response headers)`: one separation
+Run = tp.Callable[[bytes, SeparationOptions, str, str], tp.Awaitable[tp.Tuple[bytes, dict]]]
+
+
+class JobRefusedError(SeparationError):
+    """A job over one of the limits (`jobs.JobLimits`): 429 with Retry-After, or 507."""
+
+    def __init__(self, refused: dict):
+        super().__init__(refused["detail"])
+        self.status_code, self.error = refused["status"], refused["error"]
+        self.headers = {"Retry-After": str(refused["retry_after"])}
+
+
+class JobStorageError(SeparationError):
+    """This replica does not see the job storage the store writes to (a local folder on a
+    cluster: configure `job_storage` as shared storage)."""
+    status_code = 503
+    error = "job_storage_unavailable"
+
+
+class JobRunner:
+    """Jobs for one Ingress replica (`owner`), run with `run`, at most `slots` at once."""
+
+    def __init__(self, store, owner: str, slots: int, run: Run):
+        self.store, self.owner, self.slots, self._run = store, owner, max(1, slots), run
+        self.running: tp.Dict[str, asyncio.Task] = {}
+        self._files: tp.Optional[JobFiles] = None
+        self._watcher: tp.Optional[asyncio.Task] = None
+        self._poke = asyncio.Event()
+
+    async def files(self) -> JobFiles:
+        """The job storage, as the store names it, checked to be the store's own."""
+        if self._files is None:
+            where = await self.store.storage.remote()
+            files = await asyncio.to_thread(JobFiles, where["url"])
+            if not await asyncio.to_thread(files.shared_with, where["store"]):
+                raise JobStorageError(f"this replica does not see the job storage "
+                                      f"{where['url']!r} that the job store writes to: on "
+                                      f"a cluster, set job_storage to shared storage")
+            self._files = files
+        return self._files
+
+    async def submit(self, key: tp.Optional[str], client: str, data: bytes,
+                     options: SeparationOptions, name: str) -> dict:
+        """Queue a job: its upload written to the storage, then its record; the public view.
+        Over a limit: `JobRefusedError`, and nothing is kept."""
+        refused = await self.store.admission.remote(client, len(data))
+        if refused is not None:
+            raise JobRefusedError(refused)
+        files = await self.files()
+        job_id = uuid.uuid4().hex
+        await asyncio.to_thread(files.write, "uploads", job_id, data)
+        answer = await self.store.create.remote(job_id, key, client, len(data),
+                                                options.model_dump(), name)
+        if "refused" in answer:
+            await asyncio.to_thread(files.delete, "uploads", job_id)
+            raise JobRefusedError(answer["refused"])
+        self.watch()
+        self._poke.set()
+        return answer["job"]
+
+    async def result(self, job_id: str, key: tp.Optional[str]):
+        """`(open file, size, headers)` of a finished job's ZIP, None when it is gone."""
+        found = await self.store.result.remote(job_id, key)
+        if found is None:
+            return None
+        file = await asyncio.to_thread((await self.files()).open, "results", found["name"])
+        return None if file is None else (file, found["bytes"], found["headers"])
+
+    def cancel(self, job_id: str) -> None:
+        task = self.running.get(job_id)
+        if task is not None:
+            task.cancel()
+
+    def watch(self) -> None:
+        """Start this replica's watcher once (from a request, or Serve's health check)."""
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Report, stop what was cancelled, claim what the free slots can take; again every
+        WATCH_S, or as soon as a job is queued here."""
+        while True:
+            try:
+                await self._round()
+            except Exception:  # noqa: BLE001 - the store restarting: try again
+                logger.exception("job watcher")
+            try:
+                await asyncio.wait_for(self._poke.wait(), WATCH_S)
+            except asyncio.TimeoutError:
+                pass
+            self._poke.clear()
+
+    async def _round(self) -> None:
+        answer = await self.store.heartbeat.remote(self.owner, list(self.running))
+        for job_id in answer["stop"]:
+            self.cancel(job_id)
+        free = self.slots - len(self.running)
+        if free > 0:
+            for job in await self.store.claim.remote(self.owner, free):
+                self._start(job["id"], SeparationOptions(**job["options"]), job["filename"])
+
+    def _start(self, job_id: str, options: SeparationOptions, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_job(job_id, options, name))
+        self.running[job_id] = task
+
+        def ended(_) -> None:
+            self.running.pop(job_id, None)
+            self._poke.set()  # a slot is free
+        task.add_done_callback(ended)
+
+    async def _run_job(self, job_id: str, options: SeparationOptions, name: str) -> None:
+        """Run a job to its end and record it: the ZIP on the storage, or the error a client
+        would have got from `POST /separate`."""
+        try:
+            files = await self.files()
+            data = await asyncio.to_thread(files.read, "uploads", job_id)
+            if data is None:  # ended meanwhile (cancelled), its upload deleted
+                return
+            archive, headers = await self._run(data, options, name, job_id)
+            result = f"{job_id}-{uuid.uuid4().hex[:8]}"  # each run its own file
+            size = await asyncio.to_thread(files.write, "results", result, archive)
+            await self.store.finish.remote(job_id, result, size, headers)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded in the job, as /separate answers
+            await self.store.fail.remote(job_id, error_record(exc, job_id))
+
+
+def error_record(exc: Exception, job_id: str) -> dict:
+    """What a failed job records: the client's error, or an internal one (logged)."""
+    cause = getattr(exc, "cause", exc)
+    if isinstance(cause, SeparationError):
+        return {"status": cause.status_code, "error": cause.error, "detail": cause.detail}
+    logger.error("job %s failed", job_id, exc_info=exc)
+    return {"status": 500, "error": "internal_error",
+            "detail": "the separation failed; the error is logged"}
+
+
+async def chunks(file) -> tp.AsyncIterator[bytes]:
+    """`file`'s bytes in CHUNK pieces, read off the event loop; closes it."""
+    try:
+        while True:
+            chunk = await asyncio.to_thread(file.read, CHUNK)
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        file.close()

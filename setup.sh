@@ -33,8 +33,10 @@ trap 'rm -f "$requirements"' EXIT
 skip=()
 if [ "$TORCH" = cpu ]; then
     for name in "${CUDA_ONLY[@]}"; do skip+=(--no-emit-package "$name"); done
+    # (pip's notes on configured index folders that lack a package are left out)
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==2.13.0"
+        ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==2.13.0" 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 fi
 uv export --quiet --frozen --extra dev --no-emit-project --format requirements.txt \
     "${skip[@]}" -o "$requirements"

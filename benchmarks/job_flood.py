@@ -26,11 +26,13 @@ from serve_graph.engine.output import encode_stem
 from serve_graph.launch import write_config
 from serve_graph.procs import actor_pids, memory_mb, replica_pids
 
-WATCHED = ("Ingress", "Decode", "Separate", "Encode", "JobStore")
+WATCHED = ("Ingress", "Decode", "Separate", "Encode", "JobStore", "ProxyActor")
+ACTORS = ("JobStore", "ProxyActor")  # Ray actors that are not Serve replicas
 
 
 class PeakRSS:
-    """Samples the RSS of the service's replicas and of its JobStore every `every` s."""
+    """Samples the RSS of the service's replicas, its JobStore and Serve's HTTP proxy every
+    `every` s."""
 
     def __init__(self, service_pid: int, every: float = 0.5):
         self.service_pid, self.every = service_pid, every
@@ -42,7 +44,8 @@ class PeakRSS:
 
     def sample(self) -> tp.Dict[str, float]:
         pids = dict(replica_pids(self.service_pid))
-        pids.update({"JobStore": pid for pid in actor_pids(self.service_pid, "JobStore")})
+        pids.update({actor: pid for actor in ACTORS
+                     for pid in actor_pids(self.service_pid, actor)})
         return {name: memory_mb(pid).get("VmRSS", 0.) for name, pid in pids.items()}
 
     def _run(self) -> None:
@@ -115,9 +118,13 @@ def flood(url: str, service_pid: int, args, data: bytes, keys: tp.List[str]) -> 
             f"with 507 ({dict(reasons)}), lost {ends['lost']}**; of the accepted: "
             + ", ".join(f"{status} {n}" for status, n in sorted(ends.items())),
             f"- all accepted jobs ended {wall:.0f} s after the first post",
-            "- RSS MB (before -> peak): " + ", ".join(
-                f"{name} {memory.before.get(name, 0):.0f} -> {memory.peak.get(name, 0):.0f}"
+            "- RSS MB (before the flood -> peak during it): " + ", ".join(
+                f"{name} {_mb(memory.before.get(name))} -> {_mb(memory.peak.get(name))}"
                 for name in WATCHED)]
+
+
+def _mb(value: tp.Optional[float]) -> str:
+    return "not yet started" if not value else f"{value:.0f}"
 
 
 def main() -> None:

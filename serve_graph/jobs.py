@@ -304,9 +304,17 @@ def _eta(job: dict) -> tp.Optional[float]:
 
 def job_store(ttl_seconds: float = 3600., storage: tp.Optional[str] = None,
               limits: JobLimits = JobLimits()):
-    """The service's `JobStore`: the running one, or a new detached one."""
+    """The service's `JobStore`: the running one, or a new detached one. Without a configured
+    `storage` its folder is on its own node's disk, so it is placed on the node of the
+    (Ingress) replica that creates it: on a cluster, the one Ingress replica sees it."""
+    placement = {}
+    if storage is None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True)
     return JobStore.options(name=NAME, namespace=NAMESPACE, lifetime="detached",
-                            get_if_exists=True).remote(ttl_seconds, storage, asdict(limits))
+                            get_if_exists=True, **placement).remote(
+        ttl_seconds, storage, asdict(limits))
 
 
 class Progress:

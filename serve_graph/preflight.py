@@ -69,6 +69,8 @@ def stop_local_serve_run(message: str, wait: float = 60.) -> bool:
     # dump after the message; its raylet and GCS follow it, and the agents and workers that the
     # raylet started are stopped here, by PID.
     os.kill(driver, signal.SIGHUP)
+    if wait_gone([driver], 2.):  # SIGHUP ignored (`nohup serve run ...`): no stack dump either
+        os.kill(driver, signal.SIGKILL)
     for pid in cluster:  # at once: this worker ends with the raylet
         if alive(pid):
             os.kill(pid, signal.SIGKILL)  # Ray's agents outlive a SIGTERM once the raylet is gone

@@ -179,6 +179,17 @@ def _error(status: int, error: str, detail: str, **extra) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status)
 
 
+def _retry_later(error: str, detail: str) -> JSONResponse:
+    """429 `error` with `Retry-After: RETRY_AFTER_S`."""
+    response = _error(429, error, f"{detail}; retry after {RETRY_AFTER_S} s")
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
 def _ascii(name: str) -> str:
     return "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_"
                    for c in name)
@@ -318,10 +329,9 @@ class _CappedBody:
             return await self._capped(scope, receive, send, limit)
         budget, size = _config.upload_budget, int(length) if length.isdigit() else limit
         if not budget.try_take(size):
-            response = _error(429, "too_many_uploads", f"this replica holds its limit of "
-                              f"{budget.limit / 2**20:g} MB of uploads in flight "
-                              f"(max_upload_memory_mb); retry after {RETRY_AFTER_S} s")
-            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            response = _retry_later("too_many_uploads", f"this replica holds its limit of "
+                                    f"{budget.limit / 2**20:g} MB of uploads in flight "
+                                    f"(max_upload_memory_mb)")
             return await response(scope, receive, send)
         try:
             await self._capped(scope, receive, send, limit)
@@ -364,12 +374,10 @@ async def _access(request: Request, call_next):
     limit = _config.limit
     if limit is None or request.url.path != "/separate":
         return await call_next(request)
-    client = key or (request.client.host if request.client else "unknown")
+    client = key or _address(request)
     if not limit.try_enter(client):
-        response = _error(429, "too_many_requests", f"at most {limit.limit} separations in "
-                          f"flight per client; retry after {RETRY_AFTER_S} s")
-        response.headers["Retry-After"] = str(RETRY_AFTER_S)
-        return response
+        return _retry_later("too_many_requests", f"at most {limit.limit} separations in "
+                            f"flight per client")
     try:
         return await call_next(request)
     finally:
@@ -454,7 +462,7 @@ def _client(request: Request) -> str:
     key = _key(request)
     if key is not None:
         return f"key:{key}"
-    return f"address:{request.client.host if request.client else 'unknown'}"
+    return f"address:{_address(request)}"
 
 
 def _zip_headers(name: str, song, options: SeparationOptions, timing: str) -> dict:

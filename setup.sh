@@ -40,7 +40,12 @@ if [ "$TORCH" = cpu ]; then
 fi
 uv export --quiet --frozen --extra dev --no-emit-project --format requirements.txt \
     "${skip[@]}" -o "$requirements"
-uv pip install --quiet --no-config --python "$VENV/bin/python" --no-deps --require-hashes -r "$requirements"
+# --compile-bytecode: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE is set
+# (as on this project's machines) Python never does, so every process would compile Ray,
+# FastAPI and pydantic from source at each start: ~1.3 s more per Ray process (there are a
+# dozen), 2.5 -> 1.2 s for `import ray.serve` alone (benchmarks/RESULTS.md, cold start)
+uv pip install --quiet --no-config --compile-bytecode --python "$VENV/bin/python" --no-deps \
+    --require-hashes -r "$requirements"
 uv pip install --quiet --no-config --python "$VENV/bin/python" --no-deps -e .
 uv pip check --no-config --python "$VENV/bin/python"
 "$VENV/bin/python" -c "import torch, ray, demucs; print('set up', '$VENV:', 'torch', torch.__version__, 'ray', ray.__version__)"

@@ -30,7 +30,7 @@ from benchmarks.common import append_results, full_size_repo, song
 from benchmarks.model_sweep import EXCERPT_SECONDS, Sweep, run_sweep
 from benchmarks.throughput import (_post, add_service_arguments, percentile, run_requests,
                                    start_service, stop_service)
-from serve_graph.engine.forward import COMPILE_MODES
+from serve_graph.engine.modes import COMPILE_MODES
 from serve_graph.engine.output import encode_stem
 
 CHOICE = Path(os.environ.get("SERVE_GRAPH_BENCH_CACHE", Path.home() / ".cache" / "serve_graph")

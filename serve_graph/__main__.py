@@ -12,12 +12,12 @@ from pathlib import Path
 
 import yaml
 
-from .engine import (DEFAULT_MODEL, PRECISIONS, ModelNotFoundError, ModelRunner,
-                     SeparationError, SeparationOptions, load_model, make_random_repo,
-                     separate_to_zip)
-from .engine.forward import COMPILE_MODES
-from .engine.options import request_fields
-from .engine.separator import RunnerOptions, timed
+# light imports only: `serve` starts Ray, and the model code loads where it runs (torch and
+# Demucs are imported by the commands that run the model here: separate, make-repo)
+from .engine.errors import ModelNotFoundError, SeparationError
+from .engine.model_files import DEFAULT_MODEL
+from .engine.modes import COMPILE_MODES, PRECISIONS
+from .engine.options import SeparationOptions, request_fields
 from .launch import DEFAULT_CONFIG, launch, write_config
 from .preflight import missing_model_message, model_problem
 from .procs import stop_tree
@@ -70,6 +70,8 @@ def _options(args) -> SeparationOptions:
 
 
 def run_separate(args) -> int:
+    from .engine import ModelRunner, load_model, separate_to_zip
+    from .engine.separator import RunnerOptions, timed
     try:
         options = _options(args)
     except SeparationError as exc:
@@ -159,6 +161,7 @@ def _make_repo_parser(sub) -> None:
 
 
 def run_make_repo(args) -> int:
+    from .engine import make_random_repo
     make_random_repo(args.folder, args.name, size=args.size)
     print(f"wrote model {args.name!r} ({args.size}, random weights) to {args.folder}; use it "
           f"with SERVE_GRAPH_MODEL_REPO={args.folder} or --model-repo {args.folder}",

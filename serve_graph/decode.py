@@ -1,5 +1,8 @@
 """The Decode deployment: upload bytes -> mix in the object store, its normalisation, window
-plan."""
+plan. The decoder (torch, PyAV) is imported by the replica, not with this module: Serve's build
+task imports every deployment module and is on the path of every cold start."""
+from __future__ import annotations
+
 import asyncio
 import dataclasses
 import logging
@@ -8,9 +11,10 @@ import typing as tp
 import ray
 from ray import serve
 
-from .engine import ModelGeometry, SeparationOptions, prepare
-from .engine.split_decode import SplitDecoder
-from .launch import keep_replica_server_on_loopback
+from . import engine
+from .engine.options import SeparationOptions
+from .engine.plan import ModelGeometry
+from .launch import keep_replica_server_on_loopback, log_replica_ready
 from .messages import MixRef, Song, release_memory
 from .settings import ServiceSettings
 
@@ -27,6 +31,8 @@ class Decode:
         self._settings = settings
         keep_replica_server_on_loopback()
         self._split = _split_decoder(settings.decode_helpers)
+        self._prepare_song = engine.prepare  # imported at start, not by the first request
+        log_replica_ready(logger)
 
     async def decode(self, data: bytes, geometry: ModelGeometry,
                      options: SeparationOptions) -> Song:
@@ -36,21 +42,21 @@ class Decode:
             await asyncio.to_thread(release_memory)
 
     def _prepare(self, data: bytes, geometry: ModelGeometry, options: SeparationOptions) -> Song:
-        song = prepare(data, geometry, options, self._settings.max_audio_seconds,
-                       self._settings.max_windows, self._split)
+        song = self._prepare_song(data, geometry, options, self._settings.max_audio_seconds,
+                                  self._settings.max_windows, self._split)
         mix = MixRef(ray.put(song.mix.numpy()), song.mean, song.std)
         if self._split is not None:  # copied into the object store: its memory is free
             self._split.recycle(song.mix)
         return dataclasses.replace(song, mix=mix)
 
 
-def _split_decoder(helpers: int) -> tp.Optional[SplitDecoder]:
+def _split_decoder(helpers: int) -> tp.Optional[engine.SplitDecoder]:
     """`helpers` decode helpers, or none (one pass) when asked for none or when this machine
     cannot start them (no memfd, no processes in the sandbox)."""
     if helpers < 1:
         return None
     try:
-        return SplitDecoder(helpers)
+        return engine.SplitDecoder(helpers)
     except OSError as exc:
         logger.warning("no decode helpers (%s): every song decodes in one pass", exc)
         return None

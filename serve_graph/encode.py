@@ -1,5 +1,10 @@
 """The Encode deployment: runs a song's windows through Separate and turns their outputs into
-stem files as they arrive (overlap-add, MP3/WAV/FLAC, ZIP)."""
+stem files as they arrive (overlap-add, MP3/WAV/FLAC, ZIP).
+
+torch and the engine's writers are imported by the replica, not with this module: Serve's
+build task imports every deployment module and is on the path of every cold start."""
+from __future__ import annotations
+
 import asyncio
 import logging
 import math
@@ -10,16 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
-import torch as th
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from .engine import SeparationOptions, SongWriter
-from .engine.output import sweep_spill
-from .engine.windows import Window, in_order
-from . import metrics
+from . import engine, metrics
+from .engine.options import SeparationOptions
+from .engine.plan import Window, in_order
 from .jobs import Progress
-from .launch import keep_replica_server_on_loopback
+from .launch import keep_replica_server_on_loopback, log_replica_ready
 from .messages import (REPLICA_LOST, MixLostError, ModelHandles, Song, release_memory,
                        retrying)
 from .settings import ServiceSettings
@@ -45,13 +48,17 @@ class Encode:
         # but spins on the cores the encoders need (with fewer copies on the window path, on 2
         # cores: overlap-add 3.3 -> 1.5 s wall, the MP3 encode stage 1.29 -> 1.19 x its
         # CPU-seconds per core; benchmarks/RESULTS.md).
+        import torch as th
         th.set_num_threads(1)
         self._settings = settings
         self.threads = settings.encode_threads or _assigned_cpus()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="encode")
+        self._writer = engine.SongWriter  # imported at start, not by the first request
+        from .engine.output import sweep_spill
         swept = sweep_spill()
         if swept:
             logger.info("removed the spill folders of %d replicas that died", swept)
+        log_replica_ready(logger)
 
     async def encode(self, song: Song, options: SeparationOptions,
                      job_id: tp.Optional[str] = None
@@ -61,7 +68,7 @@ class Encode:
         two more copies, 0.044 -> 0.026 s for 20 MB), and seconds by stage: windows (first
         window sent to last output in), overlap_add, encode, encode_cpu, finish (last output
         in to ZIP ready), zip. Windows done are reported to job `job_id`, if any."""
-        writer = SongWriter(song, options, self._pool, self.threads)
+        writer = self._writer(song, options, self._pool, self.threads)
         try:
             start = time.perf_counter()
             await self._run_windows(song, writer, Progress(job_id, len(song.plan.windows)))
@@ -79,7 +86,8 @@ class Encode:
         self._waiting += change
         metrics.windows_waiting(self._waiting)
 
-    async def _run_windows(self, song: Song, writer: SongWriter, progress: Progress) -> None:
+    async def _run_windows(self, song: Song, writer: engine.SongWriter,
+                           progress: Progress) -> None:
         request_id = uuid.uuid4().hex
         separate = self._separate[song.model]
         waiting = iter(in_order(song.plan))
@@ -100,7 +108,7 @@ class Encode:
                 for task in done:
                     window, output = task.result()
                     # read where it lies in the object store, not copied out first
-                    await asyncio.to_thread(writer.add, window, th.from_numpy(output))
+                    await asyncio.to_thread(writer.add, window, output)
                     progress.windows_done(writer.windows_added)
         finally:
             for task in running:

@@ -9,7 +9,7 @@ import warnings
 from ray import exceptions as ray_errors
 from ray.serve import exceptions as serve_errors
 
-from .engine import Song
+from .engine.plan import Song
 
 __all__ = ["MixRef", "MixLostError", "ModelHandles", "Song", "REPLICA_LOST", "SONG_LOST",
            "awaited", "release_memory", "retrying"]

@@ -15,7 +15,8 @@ import time
 import typing as tp
 from pathlib import Path
 
-from .engine import ModelNotFoundError, load_model
+from .engine.errors import ModelNotFoundError
+from .engine.model_files import weights_problem
 from .procs import alive, cmdline, descendants, parent, wait_gone
 
 TRY_WITHOUT_WEIGHTS = (
@@ -26,10 +27,16 @@ TRY_WITHOUT_WEIGHTS = (
 
 
 def model_problem(name: str, repo: tp.Optional[str]) -> tp.Optional[str]:
-    """None when model `name` loads (from `repo`, or Demucs' caches/download); else the
-    reason, naming the missing file and where it goes."""
+    """None when model `name`'s weight files are in place (in `repo`, or in Demucs' caches,
+    or downloaded now by Demucs where it can); else the reason, naming the missing file and
+    where it goes. Only a download imports torch and Demucs here: the check runs on the
+    path of every start (the launcher, Serve's build task)."""
+    problem = weights_problem(name, repo)
+    if problem is None or repo is not None:
+        return problem
+    from .engine.models import load_model  # Demucs' loader: downloads what it can
     try:
-        load_model(name, repo)
+        load_model(name, None)
     except ModelNotFoundError as exc:
         return str(exc)
     return None

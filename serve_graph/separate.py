@@ -1,4 +1,10 @@
-"""The Separate deployment: the model on its device, windows batched across requests."""
+"""The Separate deployment: the model on its device, windows batched across requests.
+
+torch and the model code are imported where the replica first runs them, not with this
+module: Serve's build task imports every deployment module to build the graph, runs no model,
+and is on the path of every cold start."""
+from __future__ import annotations
+
 import asyncio
 import logging
 import os
@@ -8,20 +14,21 @@ import typing as tp
 import weakref
 from collections import Counter
 
-import numpy as np
 import ray
-import torch as th
 from ray import serve
 
-from .engine import (ModelMissingError, ModelNotFoundError, ModelRunner, load_model,
-                     model_geometry)
-from .engine.models import weights_problem
-from .engine.separator import run_windows
-from .engine.windows import Window
-from . import metrics
-from .launch import keep_replica_server_on_loopback
+from . import engine, metrics
+from .engine.errors import ModelMissingError, ModelNotFoundError
+from .engine.model_files import weights_problem
+from .launch import keep_replica_server_on_loopback, log_replica_ready
 from .messages import MixRef
 from .settings import ServiceSettings
+
+if tp.TYPE_CHECKING:
+    import numpy as np
+
+    from .engine import ModelRunner
+    from .engine.plan import Window
 
 logger = logging.getLogger("ray.serve")
 
@@ -41,6 +48,7 @@ class Separate:
 
     def __init__(self, settings: ServiceSettings):
         keep_replica_server_on_loopback()
+        import torch as th
         if settings.threads:
             th.set_num_threads(settings.threads)
         elif os.cpu_count():
@@ -60,6 +68,7 @@ class Separate:
                                              "multi_request_batches": 0,
                                              "max_requests_in_batch": 0,
                                              "batch_sizes": Counter()}
+        log_replica_ready(logger)
 
     def _build(self, name: str, download: bool = True) -> ModelRunner:
         """Model `name` on this replica's device; `ModelMissingError` naming the missing
@@ -70,10 +79,10 @@ class Separate:
         if problem is not None:
             raise ModelMissingError(problem)
         try:
-            model = load_model(name, self._settings.model_repo)
+            model = engine.load_model(name, self._settings.model_repo)
         except ModelNotFoundError as exc:
             raise ModelMissingError(str(exc)) from None
-        runner = ModelRunner(model, options=self._settings.runner_options())
+        runner = engine.ModelRunner(model, options=self._settings.runner_options())
         self._loaded[name] = runner
         return runner
 
@@ -115,7 +124,7 @@ class Separate:
         return {"model": name, "state": "available", **self._sources[name]}
 
     def _read_sources(self, name: str) -> dict:
-        geometry = model_geometry(load_model(name, self._settings.model_repo))
+        geometry = engine.model_geometry(engine.load_model(name, self._settings.model_repo))
         return {"sources": list(geometry.sources), "models_in_bag": geometry.num_models}
 
     def _facts(self, name: str, runner: ModelRunner) -> dict:
@@ -151,6 +160,8 @@ class Separate:
 
     def _run(self, mixes, windows, request_ids, models,
              runners: tp.Dict[str, ModelRunner]) -> tp.List[tp.Optional[np.ndarray]]:
+        import torch as th
+        from .engine.separator import run_windows
         arrays = _fetch(mixes)
         outputs: tp.List[tp.Optional[np.ndarray]] = [None] * len(windows)
         groups: tp.Dict[tp.Tuple[str, int, int], tp.List[int]] = {}

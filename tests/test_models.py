@@ -8,7 +8,7 @@ from demucs.apply import BagOfModels
 from demucs.htdemucs import HTDemucs
 
 from serve_graph.engine import ModelNotFoundError, load_model, model_geometry
-from serve_graph.engine.models import LocalRepo
+from demucs.repo import LocalRepo
 
 
 def test_signature_and_bag_load_from_local_repo(tiny_repo):
@@ -53,3 +53,62 @@ def test_pretrained_without_weights_offline_gives_a_clear_cli_error(tmp_path):
     assert proc.returncode == 2
     assert "955717e8-8726e21a.th" in proc.stderr
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in proc.stderr
+
+
+def test_model_files_follow_demucs_and_torch_rules(tiny_repo, tmp_path, monkeypatch):
+    """The file rules written again in `model_files` (no torch) equal Demucs' and torch's own."""
+    import torch
+    from demucs.hf import hf_repo_name as demucs_hf_repo_name
+    from demucs.pretrained import REMOTE_ROOT, _parse_remote_files
+    from serve_graph.engine import model_files
+    assert model_files.remote_root() == REMOTE_ROOT
+    assert model_files.remote_files() == _parse_remote_files(REMOTE_ROOT / "files.txt")
+    (tmp_path / "plain.th").write_bytes(b"")  # a checkpoint named without a checksum
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for repo in (tiny_repo, tmp_path):
+        assert model_files.local_checkpoints(repo) == LocalRepo(repo).list_model()
+    for name in ("htdemucs", "htdemucs_ft", "htdemucs_6s", "mdx_extra", "hdemucs_mmi"):
+        assert model_files.hf_repo_name(name) == demucs_hf_repo_name(name)
+    for env in ({}, {"XDG_CACHE_HOME": str(tmp_path / "xdg")},
+                {"TORCH_HOME": str(tmp_path / "th"), "XDG_CACHE_HOME": str(tmp_path / "x")}):
+        monkeypatch.delenv("TORCH_HOME", raising=False)
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert model_files.hub_dir() == torch.hub.get_dir()
+
+
+def test_weights_problem_names_the_file_load_model_wants(tiny_repo, tmp_path):
+    from serve_graph.engine.model_files import weights_problem
+    assert weights_problem("tinybag", tiny_repo) is None
+    (tmp_path / "htdemucs.yaml").write_text("models: ['955717e8']\n")
+    with pytest.raises(ModelNotFoundError) as info:
+        load_model("htdemucs", tmp_path)
+    assert weights_problem("htdemucs", tmp_path) == str(info.value)
+
+
+LIGHT_MODULES = ("serve_graph.__main__", "serve_graph.app", "serve_graph.ingress",
+                 "serve_graph.decode", "serve_graph.encode", "serve_graph.separate",
+                 "serve_graph.preflight", "serve_graph.engine.model_files",
+                 "serve_graph.engine.plan")
+
+
+@pytest.mark.parametrize("module", LIGHT_MODULES)
+def test_start_up_paths_do_not_import_torch(module):
+    """The launcher, Serve's build task (every deployment module), the Ingress replica and the
+    model check import neither torch nor Demucs' model code nor torch._dynamo: each costs
+    every start ~1-2 s on this machine."""
+    code = (f"import sys, {module}; "
+            "print(sorted(m for m in ('torch', 'demucs.apply', 'torch._dynamo') "
+            "if m in sys.modules))")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert found == "[]"
+
+
+def test_the_model_code_does_not_import_torch_dynamo():
+    code = ("import sys, serve_graph.engine.separator, serve_graph.engine.pipeline; "
+            "print('torch._dynamo' in sys.modules)")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert found == "False"

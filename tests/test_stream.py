@@ -15,8 +15,8 @@ from serve_graph.engine import ModelRunner, SeparationOptions, decode, model_geo
 from serve_graph.engine import mp3, output
 from serve_graph.engine.output import StemFile, encode_stem, prevent_clip
 from serve_graph.engine.pipeline import separate_to_zip
-from serve_graph.engine.windows import (BLOCK, OverlapAdd, center_trim, in_order, plan_windows,
-                                        window_input)
+from serve_graph.engine.plan import in_order, plan_windows
+from serve_graph.engine.windows import BLOCK, OverlapAdd, center_trim, window_input
 from audio_files import encode, tone
 
 RATE = 44100

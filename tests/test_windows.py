@@ -27,7 +27,7 @@ def test_explicit_offsets_are_used(tiny_model):
 
 
 def test_window_input_zero_pads_outside_the_mix():
-    from serve_graph.engine.windows import Window
+    from serve_graph.engine.plan import Window
     mix = th.arange(1., 11.)[None].repeat(2, 1)
     window = Window(0, 0, 0, 0, 4, -3, 8)
     out = window_input(mix, window)

@@ -1,21 +1,41 @@
 """The numeric engine: model loading, window planning, batched model calls, overlap-add and
-audio I/O. Plain functions on tensors; no Ray here (the deployments call into this)."""
-from .audio import decode, select_stems, zip_files
-from .errors import (AudioTooLongError, InvalidAudioError, InvalidParameterError,
-                     ModelMissingError, ModelNotFoundError, ModelUnavailableError, SeparationError,
-                     UploadTooLargeError)
-from .models import DEFAULT_MODEL, load_model, make_random_repo, model_geometry
-from .output import encode_stem
-from .options import SeparationOptions
-from .pipeline import Song, SongWriter, prepare, separate_to_zip
-from .separator import PRECISIONS, ModelRunner, default_device, separate
-from .windows import ModelGeometry, OverlapAdd, Plan, Window, plan_windows
+audio I/O. Plain functions on tensors; no Ray here (the deployments call into this).
 
-__all__ = [
-    "AudioTooLongError", "DEFAULT_MODEL", "InvalidAudioError", "InvalidParameterError",
-    "ModelGeometry", "ModelMissingError", "ModelNotFoundError", "ModelRunner", "ModelUnavailableError", "OverlapAdd", "PRECISIONS", "Plan",
-    "SeparationError", "SeparationOptions", "UploadTooLargeError", "Window", "decode",
-    "default_device", "encode_stem", "load_model", "make_random_repo", "model_geometry",
-    "plan_windows", "prepare", "select_stems", "separate", "separate_to_zip", "Song", "SongWriter",
-    "zip_files",
-]
+The names below load their module on first use (PEP 562), so that importing one light part
+(`options`, `errors`) does not import torch and Demucs: Serve's build task and the Ingress
+replica need only those, and a cold start pays for each import in every process."""
+import importlib
+import typing as tp
+
+_HOMES = {  # name: the submodule that defines it
+    "decode": "audio", "select_stems": "audio", "zip_files": "audio",
+    "AudioTooLongError": "errors", "InvalidAudioError": "errors",
+    "InvalidParameterError": "errors", "ModelMissingError": "errors",
+    "ModelNotFoundError": "errors", "ModelUnavailableError": "errors",
+    "SeparationError": "errors", "UploadTooLargeError": "errors",
+    "DEFAULT_MODEL": "model_files", "load_model": "models", "make_random_repo": "models",
+    "model_geometry": "models",
+    "encode_stem": "output",
+    "SeparationOptions": "options",
+    "Song": "plan", "SongWriter": "pipeline", "prepare": "pipeline",
+    "separate_to_zip": "pipeline", "SplitDecoder": "split_decode",
+    "PRECISIONS": "modes", "ModelRunner": "separator", "default_device": "separator",
+    "separate": "separator",
+    "ModelGeometry": "plan", "Plan": "plan", "Window": "plan", "plan_windows": "plan",
+    "OverlapAdd": "windows",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> tp.Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> tp.List[str]:
+    return sorted(set(globals()) | set(_HOMES))

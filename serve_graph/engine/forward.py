@@ -24,7 +24,6 @@ from demucs.transformer import create_2d_sin_embedding
 
 logger = logging.getLogger(__name__)
 
-COMPILE_MODES = ("none", "graphs", "compile")
 
 
 def graph_safe(model: th.nn.Module) -> bool:
@@ -127,11 +126,11 @@ class HTDemucsCore(th.nn.Module):
                 xt = t.layers_t[idx](xt, old_x)
         return x.reshape(B, T1, Fr, C).permute(0, 3, 2, 1), xt.transpose(1, 2)
 
-    @th._dynamo.disable
     def _embedding_2d(self, channels: int, height: int, width: int, device: th.device,
                       max_period: float) -> th.Tensor:
         """`create_2d_sin_embedding` as `[1, width * height, channels]` on `device`, made once
-        per shape (by the warm-up runs, before any capture sees it)."""
+        per shape (by the warm-up runs, before any capture sees it). Kept out of
+        `torch.compile`'s graph (`compile_core`): its cache is Python state."""
         key = (channels, height, width, str(device), max_period)
         if key not in self._embeddings:
             pe = create_2d_sin_embedding(channels, height, width, "cpu", max_period)
@@ -360,7 +359,10 @@ def compile_core(core: HTDemucsCore, backend: str = "inductor",
                  mode: tp.Optional[str] = None) -> tp.Callable:
     """`torch.compile` of the inner network, batch size dynamic so that one compilation serves
     every bucket. Inductor's caches live in TORCHINDUCTOR_CACHE_DIR (set it to a persistent
-    folder): a restart then loads the compiled kernels instead of compiling them again."""
+    folder): a restart then loads the compiled kernels instead of compiling them again.
+    `torch._dynamo` is imported here, not with this module: it costs ~1 s of every process's
+    start-up, and only compiling needs it."""
+    core._embedding_2d = th._dynamo.disable(core._embedding_2d)  # type: ignore[method-assign]
     compiled = th.compile(core, backend=backend, mode=mode)
 
     def forward(mag: th.Tensor, mix: th.Tensor):

@@ -17,13 +17,13 @@ from demucs.apply import BagOfModels
 from demucs.demucs import Demucs
 from demucs.hdemucs import HDemucs
 from demucs.htdemucs import HTDemucs
-from demucs.pretrained import REMOTE_ROOT, _parse_remote_files, get_model
-from demucs.repo import LocalRepo, ModelLoadingError
+from demucs.pretrained import get_model
+from demucs.repo import ModelLoadingError
 
 from .errors import ModelNotFoundError
-from .windows import LengthRule, ModelGeometry
+from .model_files import DEFAULT_MODEL, check_local_repo, remote_hint
+from .plan import LengthRule, ModelGeometry
 
-DEFAULT_MODEL = "htdemucs"
 SOURCES = ["drums", "bass", "other", "vocals"]
 
 # The architecture of the pretrained `htdemucs` (signature 955717e8), from its checkpoint's kwargs.
@@ -84,7 +84,7 @@ def load_model(name: str = DEFAULT_MODEL, repo: tp.Optional[tp.Union[str, Path]]
     [--repo repo]` does. Raises `ModelNotFoundError` saying which file is missing and where."""
     if repo is not None:
         repo = Path(repo)
-        _check_local_repo(name, repo)
+        check_local_repo(name, repo)
         try:
             model = get_model(name, repo=repo)
         except ModelLoadingError as exc:
@@ -93,88 +93,9 @@ def load_model(name: str = DEFAULT_MODEL, repo: tp.Optional[tp.Union[str, Path]]
         try:
             model = get_model(name)
         except Exception as exc:  # network errors, missing cache, unknown name
-            raise ModelNotFoundError(_remote_hint(name, exc)) from exc
+            raise ModelNotFoundError(remote_hint(name, exc)) from exc
     model.eval()
     return model
-
-
-def weights_problem(name: str, repo: tp.Optional[tp.Union[str, Path]] = None
-                    ) -> tp.Optional[str]:
-    """None when every weight file of model `name` is on this machine (in the local model
-    `repo`, else in Demucs' caches: the Hugging Face hub's or torch hub's); else which file is
-    missing and where it goes. Looks at files only: never loads, never downloads."""
-    if repo is not None:
-        try:
-            _check_local_repo(name, Path(repo))
-        except ModelNotFoundError as exc:
-            return str(exc)
-        return None
-    if _in_hf_cache(name) or _in_torch_cache(name):
-        return None
-    return _remote_hint(name, FileNotFoundError("its weights are not in Demucs' caches"))
-
-
-def _in_hf_cache(name: str) -> bool:
-    """Whether `demucs.hf.get_hf_model(name)` finds its bag file and every model file in the
-    Hugging Face cache."""
-    from demucs.hf import DEFAULT_NAMESPACE, hf_repo_name
-    from huggingface_hub import try_to_load_from_cache
-    repo_id = f"{DEFAULT_NAMESPACE}/{hf_repo_name(name)}"
-    bag_file = try_to_load_from_cache(repo_id, f"{name}.yaml")
-    if not isinstance(bag_file, str):
-        return False
-    signatures = yaml.safe_load(Path(bag_file).read_text())["models"]
-    return all(isinstance(try_to_load_from_cache(repo_id, f"{sig}.safetensors"), str)
-               for sig in signatures)
-
-
-def _in_torch_cache(name: str) -> bool:
-    """Whether Demucs' legacy remote repo finds every checkpoint of `name` (a bag name or a
-    signature) in torch hub's cache."""
-    urls = _parse_remote_files(REMOTE_ROOT / "files.txt")
-    bag_file = REMOTE_ROOT / f"{name}.yaml"
-    signatures = yaml.safe_load(bag_file.read_text())["models"] if bag_file.is_file() else [name]
-    if not all(sig in urls for sig in signatures):
-        return False
-    cache = Path(th.hub.get_dir()) / "checkpoints"
-    return all((cache / urls[sig].rsplit("/", 1)[-1]).is_file() for sig in signatures)
-
-
-def _check_local_repo(name: str, repo: Path) -> None:
-    if not repo.is_dir():
-        raise ModelNotFoundError(
-            f"model repo {repo} is not a directory: create it and put the model's "
-            f"checkpoint(s) <signature>-<checksum>.th and bag file {name}.yaml in it")
-    checkpoints = LocalRepo(repo).list_model()
-    if name in checkpoints:
-        return
-    bag_file = repo / f"{name}.yaml"
-    if not bag_file.is_file():
-        raise ModelNotFoundError(
-            f"model {name!r} not found in {repo}: expected {bag_file} (a bag listing "
-            f"signatures) or a checkpoint {repo}/{name}-<checksum>.th")
-    signatures = yaml.safe_load(bag_file.read_text())["models"]
-    urls = _parse_remote_files(REMOTE_ROOT / "files.txt")
-    for sig in signatures:
-        if sig not in checkpoints:
-            source = f" (download it from {urls[sig]})" if sig in urls else ""
-            raise ModelNotFoundError(
-                f"model {name!r} needs checkpoint {sig}-<checksum>.th, missing from "
-                f"{repo}{source}: put the file in {repo}")
-
-
-def _remote_hint(name: str, exc: BaseException) -> str:
-    bag_file = REMOTE_ROOT / f"{name}.yaml"
-    cache = Path(th.hub.get_dir()) / "checkpoints"
-    hint = (f"could not load pretrained model {name!r} ({type(exc).__name__}: {exc}). "
-            f"Without internet, put its checkpoint(s) in {cache}, or in a folder together with "
-            f"a copy of {bag_file} and pass that folder as the model repo")
-    if bag_file.is_file():
-        urls = _parse_remote_files(REMOTE_ROOT / "files.txt")
-        sigs = yaml.safe_load(bag_file.read_text())["models"]
-        files = [urls.get(sig, f"{sig}-<checksum>.th") for sig in sigs]
-        hint += ": " + ", ".join(files)
-    return hint
 
 
 def sub_models(model: Model) -> tp.List[th.nn.Module]:

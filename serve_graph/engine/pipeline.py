@@ -12,7 +12,6 @@ import tempfile
 import time
 import typing as tp
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch as th
 
@@ -22,8 +21,8 @@ from .options import SeparationOptions
 from .output import MAX_PENDING_CHUNKS, EncodeClock, StemFile, planar, spill_dir
 from .separator import ModelRunner, run_plan, timed
 from .split_decode import SplitDecoder
-from .windows import (ModelGeometry, OverlapAdd, Plan, Window, denormalise, normalisation,
-                      plan_windows)
+from .plan import ModelGeometry, Plan, Song, Window, plan_windows
+from .windows import OverlapAdd, denormalise, normalisation
 
 def check_budget(plan: Plan, max_windows: tp.Optional[int], samplerate: int) -> None:
     """Raise `OverBudgetError`, stating the limit, when `plan` needs more than `max_windows`
@@ -35,24 +34,6 @@ def check_budget(plan: Plan, max_windows: tp.Optional[int], samplerate: int) -> 
         f"this request needs {len(plan.windows)} model windows ({seconds:.1f} s of audio, "
         f"{len(plan.passes)} pass(es) of shifts and models, at this overlap); one request may "
         f"take at most {max_windows}: use fewer shifts, less overlap or a shorter song")
-
-
-@dataclass(frozen=True)
-class Song:
-    """A decoded song, ready for its windows: the mix `[C, T]` float32 (a tensor in process; in
-    the service a boxed object-store ref), the window plan and the mix's normalisation (each
-    window's input is normalised by it, the stems denormalised), for `model` (its name; None
-    in process, where the runner is the model)."""
-    mix: tp.Any
-    plan: Plan
-    mean: float
-    std: float
-    geometry: ModelGeometry
-    model: tp.Optional[str] = None
-
-    @property
-    def seconds(self) -> float:
-        return self.plan.length / self.geometry.samplerate
 
 
 def prepare(data: bytes, geometry: ModelGeometry, options: SeparationOptions,
@@ -98,9 +79,12 @@ class SongWriter:
             options.clip, pending) for name in names}
         self.windows_added = 0
 
-    def add(self, window: Window, output: th.Tensor) -> None:
+    def add(self, window: Window, output: tp.Any) -> None:
+        """Window `window`'s trimmed stems `[S, C, window.length]` (a tensor, or a float32
+        array used in place: one read from the object store), and every stretch of the stems
+        that is final now written."""
         start = time.perf_counter()
-        self._acc.add(window, output)
+        self._acc.add(window, th.as_tensor(output))
         self.windows_added += 1
         stems = self._final_stems()
         self.overlap_add_seconds += time.perf_counter() - start

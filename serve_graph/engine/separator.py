@@ -15,14 +15,14 @@ import torch as th
 import tqdm
 from demucs.htdemucs import HTDemucs
 
-from .forward import (COMPILE_MODES, BatchLimit, CudaGraphs, HTDemucsCore, SplitForward,
+from .modes import COMPILE_MODES, PRECISIONS
+from .forward import (BatchLimit, CudaGraphs, HTDemucsCore, SplitForward,
                       bucket_sizes, compile_core, graph_safe, is_out_of_memory,
                       memory_limit, run_with_backoff, split_into_buckets, window_memory)
 from .models import Model, model_geometry, sub_models
-from .windows import (NORMALISED, OverlapAdd, Plan, Window, center_trim, denormalise,
-                      in_order, normalise, plan_windows, window_input)
+from .plan import Plan, Window, in_order, plan_windows
+from .windows import NORMALISED, OverlapAdd, center_trim, denormalise, normalise, window_input
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 _AUTOCAST_DTYPES = {"bf16": th.bfloat16, "fp16": th.float16}
 DEFAULT_MAX_BATCH = 32
 

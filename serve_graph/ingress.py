@@ -32,7 +32,7 @@ from .engine import (InvalidAudioError, InvalidParameterError, ModelMissingError
 from .engine.options import EXCLUSIVE_FIELDS, request_fields
 from .job_runner import JobRunner, chunks
 from .jobs import FINAL, job_store, key_id
-from .launch import keep_replica_server_on_loopback
+from .launch import keep_replica_server_on_loopback, log_replica_ready
 from . import metrics
 from .messages import SONG_LOST, ModelHandles, awaited, retrying
 from .settings import ServiceSettings
@@ -492,6 +492,7 @@ class Ingress:
         self._runner = JobRunner(self._jobs, uuid.uuid4().hex, settings.jobs_per_replica,
                                  self._run_for_job)
         configure_middleware(settings)
+        log_replica_ready(logger)
 
     async def _model_info(self, model: str, load: bool = True) -> dict:
         """Separate's word on `model`: "loaded" (cached from then on), "available" (weights

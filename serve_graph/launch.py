@@ -3,6 +3,7 @@
 Used by `python -m serve_graph serve`, by the Modal container and by the tests, so every one of
 them runs the same config through the same `build_app`.
 """
+import logging
 import os
 import re
 import signal
@@ -12,6 +13,8 @@ import typing as tp
 from pathlib import Path
 
 import yaml
+
+from .procs import age
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 
@@ -72,6 +75,16 @@ def keep_replica_server_on_loopback() -> None:
 
     bind_on_loopback.on_loopback = True  # type: ignore[attr-defined]
     replica.add_port_to_grpc_server = bind_on_loopback
+
+
+READY = "replica ready"  # the log line benchmarks/cold_start.py times each replica by
+
+
+def log_replica_ready(logger: logging.Logger) -> None:
+    """Log, at the end of a deployment's `__init__`, that this replica is ready and how long
+    after its process started (worker start, imports, model loading): the cold start by
+    replica."""
+    logger.info("%s, %.2f s after its process started", READY, age(os.getpid()))
 
 
 def ray_environment(config: tp.Union[str, Path], env: tp.Mapping[str, str]) -> dict:

@@ -37,6 +37,17 @@ def alive(pid: int) -> bool:
     return bool(stat) and stat[0] != "Z"
 
 
+def age(pid: int) -> float:
+    """Seconds since process `pid` started (its start time in `/proc/<pid>/stat`, in clock
+    ticks since boot, against `/proc/uptime`); 0 when unknown."""
+    stat = _stat(pid)
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(uptime - int(stat[19]) / os.sysconf("SC_CLK_TCK"), 0.)
+    except (OSError, IndexError, ValueError):
+        return 0.
+
+
 def descendants(pid: int) -> tp.List[int]:
     """Every process below `pid` in the parent tree, now."""
     children: tp.Dict[int, tp.List[int]] = {}

@@ -1,4 +1,5 @@
 """Start the real service as a process (`serve run <config>`) and wait for it; stop it again."""
+import os
 import signal
 import socket
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import requests
 from serve_graph.launch import deploy_failure, launch
-from serve_graph.procs import stop_tree
+from serve_graph.procs import descendants, stop_tree, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,7 @@ class ServeProcess:
                  start: tp.Callable[..., subprocess.Popen] = launch):
         """`start(config, env, **popen)` starts the process (default: `launch`)."""
         self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log
         self._log = log.open("w")
         self._proc = start(config, env, stdout=self._log, stderr=subprocess.STDOUT)
         cmd = f"{start.__name__}({config})"
@@ -51,6 +53,21 @@ class ServeProcess:
         code = stop_tree(self._proc, sig)
         self._log.close()
         return code
+
+    def kill(self) -> None:
+        """SIGKILL `serve run` and every process it started, at once, by PID: a fixture's
+        teardown, where the graceful stop (Serve removes the replicas deployment by deployment,
+        ~8 s here) tests nothing; the tests of stopping use `stop`."""
+        tree = [self._proc.pid] + descendants(self._proc.pid)
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._proc.wait()
+        left = wait_gone(tree, 10.)
+        self._log.close()
+        assert not left, f"still running after SIGKILL: {left}"
 
     @property
     def pid(self) -> int:

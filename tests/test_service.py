@@ -1,6 +1,7 @@
 """The service over real HTTP: `serve run` of serve_config.yaml, real Ray Serve, tiny model."""
 import io
 import json
+import re
 import struct
 import time
 import zipfile
@@ -16,6 +17,7 @@ from audio_files import encode, tone
 from bad_inputs import Sentinels, float_wav, playlists, raw_cases
 from bad_inputs import upload_cases as upload_cases_for
 from serve_process import ServeProcess, free_port, listening_addresses
+from serve_graph.launch import READY
 from serve_graph.procs import descendants
 from serve_graph.launch import write_config
 from serve_graph.engine import ModelRunner, decode, load_model, separate
@@ -40,7 +42,7 @@ def service_process(tmp_path_factory, tiny_repo):
     server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
                           folder / "serve.log")
     yield server
-    server.stop()
+    server.kill()
 
 
 @pytest.fixture(scope="module")
@@ -395,3 +397,13 @@ def test_object_store_returns_to_its_baseline_after_songs(service):
     while store_bytes(service) > baseline + mix_bytes // 2 and time.monotonic() < deadline:
         time.sleep(1)
     assert store_bytes(service) <= baseline + mix_bytes // 2
+
+
+def test_every_replica_logs_when_it_is_ready(service_process):
+    """The line the cold-start benchmark times each replica by (`launch.READY`), with the
+    replica's age: one per deployment."""
+    text = service_process.log_path.read_text(errors="replace")
+    for name in ("Ingress", "Decode", "Encode", "Separate"):
+        found = re.search(rf"ServeReplica:separation:{name} .*{READY}, ([0-9.]+) s after its "
+                          rf"process started", text)
+        assert found and 0 < float(found.group(1)) < 300, name

@@ -1,0 +1,191 @@
+"""The cold start by phase, as a new user meets it: `python -m serve_graph serve` from nothing
+to `GET /readyz` 200, then the first and second 30 s song.
+
+Phases, from the service's own log (timestamps of one machine's clock) and this script's clock:
+launcher (process start -> `serve run` running its config), Ray up, Serve up (controller and
+proxy), app built (Serve's build task imported `serve_graph.app`), each replica ready (its
+`__init__` done: `launch.READY`), `/readyz` 200, the first and the second 30 s song to MP3
+stems (their difference is what start-up left to the first request).
+
+    python -m benchmarks.cold_start --size tiny --repeats 3
+    python -m benchmarks.cold_start --size full --repeats 1
+    python -m benchmarks.cold_start --before /tmp/before   # a checkout of the code before a
+                                                           # change: runs alternate, one table
+    python -m benchmarks.cold_start --before . --before-python other/venv/bin/python
+"""
+import argparse
+import datetime
+import io
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import typing as tp
+from pathlib import Path
+
+import requests
+import soundfile as sf
+
+from benchmarks.common import CACHE, append_results, full_size_repo, song
+from serve_graph.engine import make_random_repo
+from serve_graph.launch import READY
+from serve_graph.procs import stop_tree
+
+STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+# (phase, what marks its end in the log): the first line containing the text
+LOG_PHASES = (("launcher", "Running config file"),
+              ("Ray up", "Started a local Ray instance"),
+              ("Serve up", "Started Serve in namespace"),
+              ("app built", "Imported and built app"))
+DEPLOYMENTS = ("Ingress", "Decode", "Encode", "Separate")
+
+
+def tiny_repo() -> Path:
+    repo = CACHE / "htdemucs_tiny"
+    if not (repo / "htdemucs.yaml").is_file():
+        make_random_repo(repo, "htdemucs", size="tiny", seed=0)
+    return repo
+
+
+def _stamp(line: str) -> tp.Optional[float]:
+    found = STAMP.search(line)
+    if not found:
+        return None
+    moment = datetime.datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f")
+    return moment.timestamp()  # Ray logs local time, as datetime reads it
+
+
+def log_phases(log: str, started: float) -> tp.Dict[str, float]:
+    """Seconds from `started` (epoch) to each phase's end in `serve run`'s log."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", log).splitlines()
+    found: tp.Dict[str, float] = {}
+    for phase, marker in LOG_PHASES:
+        moment = next((_stamp(line) for line in lines if marker in line), None)
+        if moment is not None:
+            found[phase] = moment - started
+    for name in DEPLOYMENTS:
+        tag = f"ServeReplica:separation:{name} "
+        moment = next((_stamp(line) for line in lines if tag in line and READY in line), None)
+        if moment is not None:
+            found[f"{name} ready"] = moment - started
+    return found
+
+
+def separate_once(url: str, wav: bytes) -> float:
+    start = time.perf_counter()
+    response = requests.post(url + "/separate", files={"audio_file": ("song.wav", wav)},
+                             data={"format": "mp3"}, timeout=600)
+    response.raise_for_status()
+    return time.perf_counter() - start
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_start(repo: Path, port: int, wav: bytes, timeout: float,
+              tree: Path = ROOT, python: str = sys.executable) -> tp.Dict[str, float]:
+    """One cold start of the code in `tree` (a checkout of this repository: the launcher runs
+    there, and it and every Ray process import `serve_graph` from it) with interpreter
+    `python`; phases in seconds from the launcher's process start."""
+    folder = Path(tempfile.mkdtemp(prefix="cold_start_"))
+    log_path = folder / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("w") as log:
+        started = time.time()
+        process = subprocess.Popen(
+            [python, "-m", "serve_graph", "serve", "--port", str(port),
+             "--model-repo", str(repo)], stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)})
+        try:
+            ready = _wait_ready(url, process, started + timeout)
+            figures = {**log_phases(log_path.read_text(errors="replace"), started),
+                       "/readyz 200": ready - started}
+            figures["first song"] = separate_once(url, wav)
+            figures["second song"] = separate_once(url, wav)
+        finally:
+            stopping = time.perf_counter()
+            stop_tree(process, signal.SIGINT)
+            figures_stop = time.perf_counter() - stopping
+    figures["stop"] = figures_stop
+    return figures
+
+
+def _wait_ready(url: str, process: subprocess.Popen, deadline: float) -> float:
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the service exited with {process.returncode}")
+        try:
+            if requests.get(url + "/readyz", timeout=2).status_code == 200:
+                return time.time()
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("the service was not ready in time")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", default="tiny", choices=["tiny", "full"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--port", type=int, default=8321)
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--before", type=Path,
+                        help="a checkout of the code before a change: its cold starts alternate "
+                             "with this tree's, and the table has both")
+    parser.add_argument("--before-python", default=sys.executable,
+                        help="the interpreter of the before runs (another environment)")
+    parser.add_argument("--note", default="", help="what this run measures (e.g. the change)")
+    args = parser.parse_args()
+    repo = tiny_repo() if args.size == "tiny" else full_size_repo()
+    buffer = io.BytesIO()
+    sf.write(buffer, song(30).numpy().T, 44100, format="WAV", subtype="PCM_16")
+    trees = ({"before": (args.before.resolve(), args.before_python),
+              "after": (ROOT, sys.executable)} if args.before else {"": (ROOT, sys.executable)})
+    runs: tp.Dict[str, tp.List[tp.Dict[str, float]]] = {label: [] for label in trees}
+    for _ in range(args.repeats):
+        for label, (tree, python) in trees.items():
+            runs[label].append(one_start(repo, args.port, buffer.getvalue(), args.timeout,
+                                         tree, python))
+    lines = [f"- model: {args.size} htdemucs (random weights); {args.repeats} cold starts "
+             f"of each tree, alternating; seconds from the launcher's process start (songs and "
+             f"stop: their own duration){'; ' + args.note if args.note else ''}"]
+    if args.before:
+        lines.append(f"- before: `{args.before}` at `{_commit(args.before)}` with "
+                     f"`{args.before_python}`; after: `{_commit(ROOT)}` and its working tree "
+                     f"with `{sys.executable}`")
+    lines += table(runs)
+    append_results(f"Cold start by phase ({args.size} model)", lines)
+
+
+def _commit(tree: Path) -> str:
+    found = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                           capture_output=True, text=True)
+    return found.stdout.strip() or "?"
+
+
+def table(runs: tp.Dict[str, tp.List[tp.Dict[str, float]]]) -> tp.List[str]:
+    """A row per phase: each run's seconds and the median, per tree."""
+    phases = list(dict.fromkeys(key for label in runs for run in runs[label] for key in run))
+    head, rule = ["phase"], ["---"]
+    for label, label_runs in runs.items():
+        head += [f"{label} {i + 1}".strip() for i in range(len(label_runs))]
+        head.append(f"{label} median".strip())
+        rule += ["---"] * (len(label_runs) + 1)
+    lines = ["", "| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+    for phase in phases:
+        cells = [phase]
+        for label_runs in runs.values():
+            values = [run.get(phase) for run in label_runs]
+            known = [value for value in values if value is not None]
+            cells += [f"{value:.2f}" if value is not None else "—" for value in values]
+            cells.append(f"{statistics.median(known):.2f}" if known else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+if __name__ == "__main__":
+    main()

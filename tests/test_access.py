@@ -27,7 +27,7 @@ def service(tmp_path_factory, tiny_repo):
                                          "SERVE_GRAPH_API_KEYS": ",".join(KEYS)},
                           folder / "serve.log")
     yield server.url
-    server.stop()
+    server.kill()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.serve
 def service(tmp_path_factory, tiny_repo):
     server = tiny_service(tmp_path_factory.mktemp("cancel"), tiny_repo, {"max_windows": 100_000})
     yield server.url
-    server.stop()
+    server.kill()
 
 
 def post(url, data, timeout, **fields) -> float:

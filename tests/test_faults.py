@@ -21,7 +21,7 @@ pytestmark = pytest.mark.serve
 def service(tmp_path_factory, tiny_repo):
     server = tiny_service(tmp_path_factory.mktemp("faults"), tiny_repo, {"max_windows": 100_000})
     yield server
-    server.stop()
+    server.kill()
 
 
 def replica_pid(server: ServeProcess, deployment: str) -> int:

@@ -30,7 +30,7 @@ EXAMPLES = int(os.environ.get("SERVE_GRAPH_FUZZ_EXAMPLES", "40"))
 def service(tmp_path_factory, tiny_repo):
     server = tiny_service(tmp_path_factory.mktemp("fuzz"), tiny_repo, {"max_upload_mb": 2})
     yield server.url
-    server.stop()
+    server.kill()
 
 
 # Schemathesis' positive-data check, with two statuses added to what it accepts for schema-valid

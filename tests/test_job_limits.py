@@ -36,7 +36,7 @@ def folder(tmp_path_factory):
 def service(folder, tiny_repo):
     server = tiny_service(folder, tiny_repo, settings(folder))
     yield server
-    server.stop()
+    server.kill()
 
 
 def auth(key: str) -> dict:
@@ -159,4 +159,4 @@ def test_every_accepted_job_is_found_again_after_a_restart(service, folder, tiny
                                   timeout=60)
             assert len(zipfile.ZipFile(io.BytesIO(zipped.content)).namelist()) == 4
     finally:
-        restarted.stop()
+        restarted.kill()

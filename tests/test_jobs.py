@@ -27,7 +27,7 @@ def service(tmp_path_factory, tiny_repo):
     server = tiny_service(folder, tiny_repo, {"max_windows": 100_000, "job_ttl_s": TTL,
                                               "api_keys_file": str(folder / "keys")})
     yield server
-    server.stop()
+    server.kill()
 
 
 def auth(key: str = KEYS[0]) -> dict:

@@ -174,4 +174,4 @@ def test_health_tells_liveness_from_readiness(tmp_path):
         assert stems.status_code == 200, stems.text
         assert len(zipfile.ZipFile(io.BytesIO(stems.content)).namelist()) == 4
     finally:
-        server.stop()
+        server.kill()

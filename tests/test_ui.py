@@ -31,7 +31,7 @@ def chromium_path() -> str:
 def service(tmp_path_factory, tiny_repo):
     server = tiny_service(tmp_path_factory.mktemp("ui"), tiny_repo)
     yield server.url
-    server.stop()
+    server.kill()
 
 
 @pytest.fixture(scope="module")

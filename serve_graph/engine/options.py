@@ -11,7 +11,9 @@ from .errors import InvalidParameterError
 MAX_SHIFTS = 20
 MAX_OVERLAP = 0.99  # a stride of 1 % of the segment: beyond, windows multiply without gain
 MP3_BITRATES = (128, 320)
-FORMATS = ("mp3", "wav", "flac")
+AAC_BITRATES = (64, 320)  # FFmpeg's AAC encoder, stereo: transparent from ~256
+OPUS_BITRATES = (32, 256)  # libopus, stereo: transparent from ~128-160
+FORMATS = ("mp3", "wav", "flac", "m4a", "opus")
 WAV_DEPTHS = ("int16", "int24", "float32")
 CLIP_MODES = ("rescale", "clamp", "none")
 # htdemucs' sources: the schema's choices. Other models have others (htdemucs_6s: guitar,
@@ -44,11 +46,16 @@ class SeparationOptions(BaseModel):
     overlap: float = Field(0.25, ge=0, le=MAX_OVERLAP, allow_inf_nan=False,
                            description="overlap between windows")
     format: tp.Optional[tp.Literal[FORMATS]] = Field(  # type: ignore[valid-type]
-        None, description="stem file format; leave out for mp3 (or wav when mp3=false)")
+        None, description="stem file format: mp3, wav, flac, m4a (AAC) or opus (Ogg Opus); "
+        "leave out for mp3 (or wav when mp3=false)")
     mp3: bool = Field(True, description="the original API's switch: MP3 stems (true) or "
                       "16-bit WAV (false) when format is left out")
     mp3_bitrate: int = Field(192, ge=MP3_BITRATES[0], le=MP3_BITRATES[1],
                              description="MP3 bitrate in kbps")
+    aac_bitrate: int = Field(256, ge=AAC_BITRATES[0], le=AAC_BITRATES[1],
+                             description="AAC bitrate in kbps (format m4a)")
+    opus_bitrate: int = Field(160, ge=OPUS_BITRATES[0], le=OPUS_BITRATES[1],
+                              description="Opus bitrate in kbps (format opus)")
     wav_depth: tp.Literal[WAV_DEPTHS] = Field(  # type: ignore[valid-type]
         "int16", description="WAV sample format")
     clip: tp.Literal[CLIP_MODES] = Field(  # type: ignore[valid-type]
@@ -78,6 +85,12 @@ class SeparationOptions(BaseModel):
     def output_format(self) -> str:
         """`format`, or what the original `mp3` switch asks for when it is left out."""
         return self.format or ("mp3" if self.mp3 else "wav")
+
+    @property
+    def output_bitrate(self) -> int:
+        """The bitrate (kbps) of `output_format`'s encoder; 0 for the lossless ones."""
+        return {"mp3": self.mp3_bitrate, "m4a": self.aac_bitrate,
+                "opus": self.opus_bitrate}.get(self.output_format, 0)
 
     @property
     def stem_list(self) -> tp.Optional[tp.Tuple[str, ...]]:

@@ -3,8 +3,10 @@
 A `StemFile` receives one stem's final audio stretch by stretch, in order, as float32
 planar `[C, n]` arrays, and encodes as it goes: MP3 in chunks of `mp3.CHUNK_FRAMES` frames
 handed to a thread pool (LAME releases the GIL; the task also converts, spills and measures
-its chunk) and spliced gaplessly at the end; WAV and FLAC as each stretch arrives. Demucs'
-default clip prevention ("rescale": divide the whole stem by 1.01 x its peak when the peak
+its chunk) and spliced gaplessly at the end; FLAC, AAC (M4A) and Opus (Ogg) through FFmpeg's
+encoders as each stretch arrives, one pool task at a time per stem, in order (so a song's stems
+encode in parallel; an AAC or Opus stream cannot be cut and spliced like MP3's frames); WAV
+inline. Demucs' default clip prevention ("rescale": divide the whole stem by 1.01 x its peak when the peak
 reaches 1/1.01) needs the peak of the whole stem, known only at the end: stretches are
 encoded as if it will not be needed (it rarely is: then the output is the one-shot encode's),
 kept in a spill file, and re-encoded from it, scaled, when it is.
@@ -19,6 +21,7 @@ import threading
 import time
 import typing as tp
 from concurrent.futures import Executor, Future
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -95,21 +98,47 @@ class EncodeClock:
         return 0. if self.first is None or self.last is None else self.last - self.first
 
 
-class _Flac:
-    """A FLAC (16-bit) stream fed stretch by stretch, in order."""
+# Formats FFmpeg encodes stretch by stretch: (encoder, container, frame format, encoder rate;
+# None: the stem's). FFmpeg's AAC encoder takes planar float; Opus runs at 48 kHz only, and
+# PyAV's encoder resamples the 44.1 kHz frames it is given.
+STREAMED = {"flac": ("flac", "flac", "s16", None), "m4a": ("aac", "ipod", "flt", None),
+            "opus": ("libopus", "ogg", "flt", 48000)}
+# stretches of one stem waiting for their encoding task, at most: then `write` waits
+MAX_QUEUED_STRETCHES = 8
 
-    def __init__(self, channels: int, samplerate: int):
+
+class _Streamed:
+    """One FLAC (16-bit), AAC or Opus stream, fed stretch by stretch in order; `bitrate` in
+    kbps for the lossy ones."""
+
+    def __init__(self, fmt: str, channels: int, samplerate: int, bitrate: int = 0):
+        codec, container, self._format, rate = STREAMED[fmt]
         self._buffer = io.BytesIO()
         self._layout = "mono" if channels == 1 else "stereo"
-        self._container = av.open(self._buffer, mode="w", format="flac")
-        self._stream = self._container.add_stream("flac", rate=samplerate, layout=self._layout)
-        self._stream.format = "s16"
+        # bitexact: no random Ogg serial number, no encoder version strings, so that the
+        # same stem is the same file (a rerun, a cache, a test against a one-shot encode)
+        self._container = av.open(self._buffer, mode="w", format=container,
+                                  options={"fflags": "+bitexact"})
+        self._stream = self._container.add_stream(codec, rate=rate or samplerate,
+                                                  layout=self._layout,
+                                                  options={"flags": "+bitexact"})
+        if self._format == "s16":
+            self._stream.format = "s16"
+        if fmt != "flac":
+            self._stream.bit_rate = bitrate * 1000
         self._rate = samplerate
+        self._fed = 0
 
     def write(self, audio: np.ndarray, scale: float) -> None:
-        frame = av.AudioFrame.from_ndarray(pcm_int(audio, scale, 16).reshape(1, -1),
-                                           format="s16", layout=self._layout)
+        """Float32 `[C, n]` x `scale`, next."""
+        if self._format == "s16":
+            samples = pcm_int(audio, scale, 16).reshape(1, -1)
+        else:
+            samples = (np.ascontiguousarray(audio.T) * np.float32(scale)).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(samples, format=self._format, layout=self._layout)
         frame.sample_rate = self._rate
+        frame.pts, frame.time_base = self._fed, Fraction(1, self._rate)
+        self._fed += audio.shape[1]
         for packet in self._stream.encode(frame):
             self._container.mux(packet)
 
@@ -124,10 +153,11 @@ class StemFile:
     """One output file (`vocals.mp3`, `no_vocals.wav`...) of `num_samples` samples of
     `channels` channels, written stretch by stretch with `write`, bytes from `finish`.
 
-    `fmt` is "mp3", "wav" or "flac". MP3 chunks are tasks on `pool`, at most `max_pending`
-    of them queued or running at a time; each task also keeps its part of the stem (the
-    spill file, the peak), so the caller's thread only hands stretches over. WAV and FLAC
-    are encoded in `write`. The spill file (planar: each channel's samples in a row) lives in
+    `fmt` is "mp3", "wav", "flac", "m4a" or "opus". MP3 chunks are tasks on `pool`, at most
+    `max_pending` of them queued or running at a time; each task also keeps its part of the
+    stem (the spill file, the peak), so the caller's thread only hands stretches over. FLAC,
+    AAC and Opus stretches queue for one task at a time on `pool` that encodes them in order
+    (at most `MAX_QUEUED_STRETCHES` waiting); WAV is written in `write`. The spill file (planar: each channel's samples in a row) lives in
     `spill_dir` until `close`. `clip` is Demucs' clip mode: "rescale" the whole stem when it
     would clip, "clamp" its samples to [-1, 1], or "none" (integer formats clip anyway;
     float32 WAV keeps the samples).
@@ -137,7 +167,7 @@ class StemFile:
                  pool: Executor, spill_dir: str, bitrate: int = 192, wav_depth: str = "int16",
                  clock: tp.Optional[EncodeClock] = None, clip: str = "rescale",
                  max_pending: int = MAX_PENDING_CHUNKS):
-        if fmt not in ("mp3", "wav", "flac"):
+        if fmt not in ("mp3", "wav", *STREAMED):
             raise InvalidParameterError(f"unknown format {fmt!r}")
         self.fmt, self.num_samples, self.channels = fmt, num_samples, channels
         self.max_pending = max(max_pending, 1)
@@ -150,6 +180,7 @@ class StemFile:
         self._spill_fd: tp.Optional[int]
         self._spill_fd, self.spill_path = tempfile.mkstemp(suffix=".f32", dir=spill_dir)
         self._spill_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
         self._start_encoder()
 
     def _start_encoder(self) -> None:
@@ -160,7 +191,12 @@ class StemFile:
         self._pieces: tp.Deque[tp.Tuple[int, np.ndarray]] = collections.deque()
         self._fed = 0  # samples handed to this encoder
         self._wav: tp.List[bytes] = []
-        self._flac = _Flac(self.channels, self.samplerate) if self.fmt == "flac" else None
+        self._streamed = (_Streamed(self.fmt, self.channels, self.samplerate, self.bitrate)
+                          if self.fmt in STREAMED else None)
+        # stretches `(start, audio, scale, keep)` waiting for the stem's encoding task
+        self._queued: tp.Deque[tp.Tuple[int, np.ndarray, float, bool]] = collections.deque()
+        self._draining: tp.Optional[Future] = None  # the task; submitted by `write`'s thread
+        self._drain_running = False
 
     def write(self, audio: np.ndarray) -> None:
         """The next stretch: float32 `[C, n]`, continuing where the last one ended. MP3 holds
@@ -175,19 +211,49 @@ class StemFile:
         if self.fmt == "mp3":
             self._pieces.append((start, audio))
             self._submit_chunks(scale, keep)
+        elif self._streamed is not None:
+            self._queue(start, audio, scale, keep)
         else:
-            self.clock.timed(self._encode_lossless, start, audio, scale, keep)
+            self.clock.timed(self._encode_stretch, start, audio, scale, keep)
 
-    def _encode_lossless(self, start: int, audio: np.ndarray, scale: float,
-                         keep: bool) -> None:
+    def _encode_stretch(self, start: int, audio: np.ndarray, scale: float,
+                        keep: bool) -> None:
         audio = self._clamped(audio)
         if keep:
             self._keep(start, audio)
-        if self.fmt == "wav":
-            self._wav.append(wav_samples(audio, scale, self.wav_depth))
+        if self._streamed is not None:
+            self._streamed.write(audio, scale)
         else:
-            assert self._flac is not None
-            self._flac.write(audio, scale)
+            self._wav.append(wav_samples(audio, scale, self.wav_depth))
+
+    def _queue(self, start: int, audio: np.ndarray, scale: float, keep: bool) -> None:
+        """Queue a stretch for the stem's encoding task, starting one when none runs; waits
+        while `MAX_QUEUED_STRETCHES` are queued (the encoder lags behind the model)."""
+        while len(self._queued) >= MAX_QUEUED_STRETCHES and self._drain_running:
+            assert self._draining is not None
+            self._draining.result()
+        with self._queue_lock:
+            self._queued.append((start, audio, scale, keep))
+            start_task, self._drain_running = not self._drain_running, True
+        if start_task:  # outside the lock: an inline pool runs the task right here
+            self._draining = self._pool.submit(self._drain)
+
+    def _drain(self) -> None:
+        """A pool task: encode the queued stretches in order until none is left."""
+        while True:
+            with self._queue_lock:
+                if not self._queued:
+                    self._drain_running = False
+                    return
+                stretch = self._queued.popleft()
+            self.clock.timed(self._encode_stretch, *stretch)
+
+    def _wait_drained(self) -> None:
+        """Wait for the encoding task (raising what it raised)."""
+        while self._drain_running or self._draining is not None:
+            draining, self._draining = self._draining, None
+            if draining is not None:
+                draining.result()
 
     def _submit_chunks(self, scale: float, keep: bool) -> None:
         """Hand each chunk whose samples are all in to the pool (waiting while `max_pending`
@@ -256,9 +322,11 @@ class StemFile:
             raise RuntimeError(f"{self.written} of {self.num_samples} samples written")
         for chunk in self._chunks:  # every chunk kept: the peak is the stem's
             chunk.result()
+        self._wait_drained()
         if self.scale != 1.:
             self._start_encoder()
             self.clock.timed(self._reencode, self.scale)
+            self._wait_drained()
         return self.clock.timed(self._result)
 
     def _spilled(self) -> np.ndarray:
@@ -278,9 +346,8 @@ class StemFile:
             payload = b"".join(self._wav)
             return wav_header(self.channels, self.samplerate, self.wav_depth,
                               len(payload)) + payload
-        if self.fmt == "flac":
-            assert self._flac is not None
-            return self._flac.finish()
+        if self._streamed is not None:
+            return self._streamed.finish()
         chunks = [chunk.result() for chunk in self._chunks]
         if len(chunks) == 1:
             return mp3.info_frame(chunks[0].data, self.num_samples) + chunks[0].data

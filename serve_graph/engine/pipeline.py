@@ -75,7 +75,7 @@ class SongWriter:
         pending = max(MAX_PENDING_CHUNKS, math.ceil(threads / len(names)) + 1)
         self.files = {f"{name}.{fmt}": StemFile(
             fmt, song.plan.length, song.geometry.audio_channels, song.geometry.samplerate,
-            pool, self._spill.name, options.mp3_bitrate, options.wav_depth, self.clock,
+            pool, self._spill.name, options.output_bitrate, options.wav_depth, self.clock,
             options.clip, pending) for name in names}
         self.windows_added = 0
 

@@ -21,10 +21,14 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    """`serve run <config>` until `stop()`; `url` answers once `GET /` does."""
+    """`serve run <config>` until `stop()` or `kill()`; ready once `GET <ready_path>` answers
+    200: `/readyz` (every model loaded and every deployment up) unless the test is about a
+    service that is not ready (`/`: the Ingress answers). `GET /` alone is not enough: the
+    Ingress may answer before the Separate replicas have loaded their model."""
 
     def __init__(self, config: Path, port: int, env: dict, log: Path, timeout: float = 240,
-                 start: tp.Callable[..., subprocess.Popen] = launch):
+                 start: tp.Callable[..., subprocess.Popen] = launch,
+                 ready_path: str = "/readyz"):
         """`start(config, env, **popen)` starts the process (default: `launch`)."""
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log
@@ -40,11 +44,11 @@ class ServeProcess:
                 raise RuntimeError(f"{cmd}: the application failed to deploy: "
                                    f"{deploy_failure(log)}")
             try:
-                if requests.get(self.url + "/", timeout=5).status_code == 200:
+                if requests.get(self.url + ready_path, timeout=5).status_code == 200:
                     return
             except requests.RequestException:
                 pass
-            time.sleep(1)
+            time.sleep(0.25)
         self.stop()
         raise RuntimeError(f"{cmd} did not answer in {timeout} s: {log.read_text()[-3000:]}")
 

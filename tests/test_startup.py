@@ -148,7 +148,7 @@ def test_health_tells_liveness_from_readiness(tmp_path):
     config = write_config(tmp_path / "serve_config.yaml", port=port, host="127.0.0.1",
                           args={"require_model": False})
     server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(repo)},
-                          tmp_path / "serve.log")
+                          tmp_path / "serve.log", ready_path="/")  # it is not ready: no model
     url = server.url
     try:
         health = requests.get(url + "/", timeout=30).json()

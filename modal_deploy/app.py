@@ -8,7 +8,8 @@
 Settings come from the environment when this file is imported (deploy time), so nothing needs
 editing: SEPARATION_GPU (default B200), SEPARATION_CPUS (16: Encode gets all but 3),
 SEPARATION_TIMEOUT (600 s), SEPARATION_SCALEDOWN_WINDOW (60 s), SEPARATION_MIN_CONTAINERS
-(0: scale to zero), SEPARATION_MAX_CONTAINERS (10), SEPARATION_MODEL (htdemucs),
+(0: scale to zero), SEPARATION_BUFFER_CONTAINERS (0: idle containers kept beyond those busy),
+SEPARATION_MAX_CONTAINERS (10), SEPARATION_MODEL (htdemucs),
 SEPARATION_MODELS (more models a request may name, comma-separated, e.g.
 `htdemucs_ft,htdemucs_6s`; their weights are baked into the image too), SEPARATION_PRECISION
 (fp32), SEPARATION_MAX_BATCH_SIZE (16), SEPARATION_API_KEYS_SECRET (none: open; else the name
@@ -48,6 +49,9 @@ GPU = _env("SEPARATION_GPU", "B200")
 TIMEOUT = int(_env("SEPARATION_TIMEOUT", "600"))
 SCALEDOWN_WINDOW = int(_env("SEPARATION_SCALEDOWN_WINDOW", "60"))
 MIN_CONTAINERS = int(_env("SEPARATION_MIN_CONTAINERS", "0"))
+# idle containers kept beyond those serving (started as load rises, before a request waits on
+# a cold start); each is a GPU paid while idle
+BUFFER_CONTAINERS = int(_env("SEPARATION_BUFFER_CONTAINERS", "0"))
 MAX_CONTAINERS = int(_env("SEPARATION_MAX_CONTAINERS", "10"))
 MODEL = _env("SEPARATION_MODEL", "htdemucs")
 MODELS = [name for name in _env("SEPARATION_MODELS", "").split(",") if name.strip()]
@@ -157,7 +161,8 @@ def wait_ready(process: subprocess.Popen, port: int = PORT, timeout: float = 300
 
 
 @app.cls(gpu=GPU, cpu=CPUS, timeout=TIMEOUT, scaledown_window=SCALEDOWN_WINDOW,
-         min_containers=MIN_CONTAINERS, max_containers=MAX_CONTAINERS, secrets=SECRETS)
+         min_containers=MIN_CONTAINERS, max_containers=MAX_CONTAINERS,
+         buffer_containers=BUFFER_CONTAINERS or None, secrets=SECRETS)
 @modal.concurrent(max_inputs=64)
 class Separation:
     """One GPU container: Ray + the Serve graph; Modal routes HTTP to its port."""

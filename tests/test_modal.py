@@ -47,6 +47,7 @@ print(json.dumps({
     "gpu": function["gpu"], "cpu": function["cpu"], "timeout": function["timeout"],
     "cluster": cluster,
     "scaledown_window": function["scaledown_window"], "min_containers": function["min_containers"],
+    "buffer_containers": function["buffer_containers"],
     "entrypoints": sorted(deployed.app.registered_entrypoints),
     "web_methods": sorted(function["method_definitions"]),
     "secrets": [repr(secret) for secret in function["secrets"]],
@@ -75,17 +76,18 @@ def test_defaults_read_from_the_app():
     assert spec["gpu"] == "B200" and spec["cpu"] == 16
     assert spec["timeout"] == 600 and spec["scaledown_window"] == 60
     assert spec["cluster"] is None  # cluster mode only when asked for
-    assert spec["min_containers"] == 0
+    assert spec["min_containers"] == 0 and not spec["buffer_containers"]
     assert spec["entrypoints"] == ["main"]
     assert "web" in spec["web_methods"]
 
 
 def test_environment_changes_the_endpoint():
     spec = inspect_app(SEPARATION_GPU="H100", SEPARATION_TIMEOUT="900",
-                       SEPARATION_SCALEDOWN_WINDOW="120", SEPARATION_MIN_CONTAINERS="1")
+                       SEPARATION_SCALEDOWN_WINDOW="120", SEPARATION_MIN_CONTAINERS="1",
+                       SEPARATION_BUFFER_CONTAINERS="2")
     assert spec["gpu"] == "H100"
     assert spec["timeout"] == 900 and spec["scaledown_window"] == 120
-    assert spec["min_containers"] == 1
+    assert spec["min_containers"] == 1 and spec["buffer_containers"] == 2
 
 
 def test_cluster_mode_follows_modal_cluster_rules():

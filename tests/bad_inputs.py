@@ -151,6 +151,13 @@ def upload_cases(song: bytes, max_upload_mb: float, max_seconds: float
         "low bitrate": {"mp3_bitrate": 127},
         "high bitrate": {"mp3_bitrate": 321},
         "bitrate not a number": {"mp3_bitrate": "loud"},
+        "unknown format": {"format": "aac"},
+        "format in capitals": {"format": "M4A"},
+        "low aac bitrate": {"format": "m4a", "aac_bitrate": 63},
+        "high aac bitrate": {"format": "m4a", "aac_bitrate": 321},
+        "low opus bitrate": {"format": "opus", "opus_bitrate": 31},
+        "high opus bitrate": {"format": "opus", "opus_bitrate": 257},
+        "opus bitrate not a number": {"format": "opus", "opus_bitrate": "-inf"},
         "unknown field": {"shift": 2},
     }
     return {"missing file": (None, {}), **{name: (data, {}) for name, data in files.items()},

@@ -68,6 +68,7 @@ class Separate:
                                              "multi_request_batches": 0,
                                              "max_requests_in_batch": 0,
                                              "batch_sizes": Counter()}
+        self._run_windows = engine.run_windows  # imported at start, not by the first batch
         log_replica_ready(logger)
 
     def _build(self, name: str, download: bool = True) -> ModelRunner:
@@ -160,8 +161,6 @@ class Separate:
 
     def _run(self, mixes, windows, request_ids, models,
              runners: tp.Dict[str, ModelRunner]) -> tp.List[tp.Optional[np.ndarray]]:
-        import torch as th
-        from .engine.separator import run_windows
         arrays = _fetch(mixes)
         outputs: tp.List[tp.Optional[np.ndarray]] = [None] * len(windows)
         groups: tp.Dict[tp.Tuple[str, int, int], tp.List[int]] = {}
@@ -171,9 +170,9 @@ class Separate:
                 groups.setdefault(key, []).append(index)
         for (model, _, _), indices in groups.items():
             start = time.perf_counter()
-            stems = run_windows(runners[model], [th.from_numpy(arrays[i]) for i in indices],
-                                [windows[i] for i in indices],
-                                norms=[(mixes[i].mean, mixes[i].std) for i in indices])
+            stems = self._run_windows(runners[model], [arrays[i] for i in indices],
+                                      [windows[i] for i in indices],
+                                      norms=[(mixes[i].mean, mixes[i].std) for i in indices])
             for i, out in zip(indices, stems):
                 outputs[i] = out.contiguous().numpy()
             self._count(model, len(indices), len(set(request_ids[i] for i in indices)),

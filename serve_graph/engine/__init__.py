@@ -20,7 +20,7 @@ _HOMES = {  # name: the submodule that defines it
     "Song": "plan", "SongWriter": "pipeline", "prepare": "pipeline",
     "separate_to_zip": "pipeline", "SplitDecoder": "split_decode",
     "PRECISIONS": "modes", "ModelRunner": "separator", "default_device": "separator",
-    "separate": "separator",
+    "separate": "separator", "run_windows": "separator",
     "ModelGeometry": "plan", "Plan": "plan", "Window": "plan", "plan_windows": "plan",
     "OverlapAdd": "windows",
 }

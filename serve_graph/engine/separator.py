@@ -225,18 +225,19 @@ def timed(timings: tp.Optional[tp.Dict[str, float]], stage: str):
             timings[stage] = timings.get(stage, 0.) + time.perf_counter() - start
 
 
-def run_windows(runner: ModelRunner, mixes: tp.Sequence[th.Tensor],
+def run_windows(runner: ModelRunner, mixes: tp.Sequence[tp.Any],
                 windows: tp.Sequence[Window],
                 timings: tp.Optional[tp.Dict[str, float]] = None,
                 norms: tp.Optional[tp.Sequence[tp.Tuple[float, float]]] = None
                 ) -> tp.List[th.Tensor]:
     """One forward pass over windows of one model and input length, window `i` cut from
-    `mixes[i]` (`[C, T]`, songs may differ) and normalised by `norms[i]` (mean, std; None:
+    `mixes[i]` (`[C, T]`, a tensor or a float32 array used in place; songs may differ) and
+    normalised by `norms[i]` (mean, std; None:
     the mixes are normalised). Returns the trimmed outputs `[S, C, length]` on the CPU;
     `timings` collects the seconds of the "windows" and "model" stages."""
     norms = norms or [NORMALISED] * len(windows)
     with timed(timings, "windows"):
-        inputs = th.stack([window_input(mix, window, *norm)
+        inputs = th.stack([window_input(th.as_tensor(mix), window, *norm)
                            for mix, window, norm in zip(mixes, windows, norms)])
     with timed(timings, "model"):
         outputs = runner(windows[0].model_index, inputs)

@@ -6,10 +6,10 @@ handed to a thread pool (LAME releases the GIL; the task also converts, spills a
 its chunk) and spliced gaplessly at the end; FLAC, AAC (M4A) and Opus (Ogg) through FFmpeg's
 encoders as each stretch arrives, one pool task at a time per stem, in order (so a song's stems
 encode in parallel; an AAC or Opus stream cannot be cut and spliced like MP3's frames); WAV
-inline. Demucs' default clip prevention ("rescale": divide the whole stem by 1.01 x its peak when the peak
-reaches 1/1.01) needs the peak of the whole stem, known only at the end: stretches are
-encoded as if it will not be needed (it rarely is: then the output is the one-shot encode's),
-kept in a spill file, and re-encoded from it, scaled, when it is.
+inline. Demucs' default clip prevention ("rescale": divide the whole stem by 1.01 x its peak
+when the peak reaches 1/1.01) needs the peak of the whole stem, known only at the end:
+stretches are encoded as if it will not be needed (it rarely is: then the output is the
+one-shot encode's), kept in a spill file, and re-encoded from it, scaled, when it is.
 """
 import collections
 import io
@@ -157,10 +157,10 @@ class StemFile:
     `max_pending` of them queued or running at a time; each task also keeps its part of the
     stem (the spill file, the peak), so the caller's thread only hands stretches over. FLAC,
     AAC and Opus stretches queue for one task at a time on `pool` that encodes them in order
-    (at most `MAX_QUEUED_STRETCHES` waiting); WAV is written in `write`. The spill file (planar: each channel's samples in a row) lives in
-    `spill_dir` until `close`. `clip` is Demucs' clip mode: "rescale" the whole stem when it
-    would clip, "clamp" its samples to [-1, 1], or "none" (integer formats clip anyway;
-    float32 WAV keeps the samples).
+    (at most `MAX_QUEUED_STRETCHES` waiting); WAV is written in `write`. The spill file
+    (planar: each channel's samples in a row) lives in `spill_dir` until `close`. `clip` is
+    Demucs' clip mode: "rescale" the whole stem when it would clip, "clamp" its samples to
+    [-1, 1], or "none" (integer formats clip anyway; float32 WAV keeps the samples).
     """
 
     def __init__(self, fmt: str, num_samples: int, channels: int, samplerate: int,
@@ -249,11 +249,10 @@ class StemFile:
             self.clock.timed(self._encode_stretch, *stretch)
 
     def _wait_drained(self) -> None:
-        """Wait for the encoding task (raising what it raised)."""
-        while self._drain_running or self._draining is not None:
-            draining, self._draining = self._draining, None
-            if draining is not None:
-                draining.result()
+        """Wait for the encoding task (raising what it raised). Only `write`'s thread submits
+        one, and only once the last has ended: the latest is the only one that can run."""
+        if self._draining is not None:
+            self._draining.result()
 
     def _submit_chunks(self, scale: float, keep: bool) -> None:
         """Hand each chunk whose samples are all in to the pool (waiting while `max_pending`

@@ -1,5 +1,4 @@
 """Start the real service as a process (`serve run <config>`) and wait for it; stop it again."""
-import os
 import signal
 import socket
 import subprocess
@@ -62,13 +61,8 @@ class ServeProcess:
         """SIGKILL `serve run` and every process it started, at once, by PID: a fixture's
         teardown, where the graceful stop (Serve removes the replicas deployment by deployment,
         ~8 s here) tests nothing; the tests of stopping use `stop`."""
-        tree = [self._proc.pid] + descendants(self._proc.pid)
-        for pid in tree:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self._proc.wait()
+        tree = descendants(self._proc.pid)
+        stop_tree(self._proc, signal.SIGKILL, linger=0.)  # the rest by PID, without waiting
         left = wait_gone(tree, 10.)
         self._log.close()
         assert not left, f"still running after SIGKILL: {left}"

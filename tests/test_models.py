@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import typing as tp
 
 import pytest
 from demucs.apply import BagOfModels
@@ -93,24 +94,34 @@ LIGHT_MODULES = ("serve_graph.__main__", "serve_graph.app", "serve_graph.ingress
                  "serve_graph.engine.plan")
 
 
+HEAVY = ("torch", "demucs.apply", "torch._dynamo")
+
+
+def heavy_modules_loaded(imports: tp.Dict[str, str]) -> tp.Dict[str, tp.List[str]]:
+    """`{label: the HEAVY modules loaded}` after importing `imports[label]` (comma-separated
+    modules) in a fresh interpreter of its own; all at once."""
+    code = ("import sys, importlib; [importlib.import_module(m) for m in sys.argv[1].split(',')]; "
+            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
+    checks = {label: subprocess.Popen([sys.executable, "-c", code, modules],
+                                      stdout=subprocess.PIPE, text=True)
+              for label, modules in imports.items()}
+    found = {}
+    for label, check in checks.items():
+        output = check.communicate(timeout=120)[0].strip()
+        assert check.returncode == 0, label
+        found[label] = output.split(",") if output else []
+    return found
+
+
 def test_start_up_paths_do_not_import_torch():
     """The launcher, Serve's build task (every deployment module), the Ingress replica and the
     model check import neither torch nor Demucs' model code nor torch._dynamo: each costs
-    every start ~1-2 s on this machine. One fresh interpreter per module, all at once."""
-    code = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
-            "print(sorted(m for m in ('torch', 'demucs.apply', 'torch._dynamo') "
-            "if m in sys.modules))")
-    checks = {module: subprocess.Popen([sys.executable, "-c", code, module],
-                                       stdout=subprocess.PIPE, text=True)
-              for module in LIGHT_MODULES}
-    found = {module: check.communicate(timeout=120)[0].strip()
-             for module, check in checks.items()}
-    assert found == {module: "[]" for module in LIGHT_MODULES}
+    every start ~1-2 s on this machine."""
+    found = heavy_modules_loaded({module: module for module in LIGHT_MODULES})
+    assert found == {module: [] for module in LIGHT_MODULES}
 
 
 def test_the_model_code_does_not_import_torch_dynamo():
-    code = ("import sys, serve_graph.engine.separator, serve_graph.engine.pipeline; "
-            "print('torch._dynamo' in sys.modules)")
-    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           check=True).stdout.strip()
-    assert found == "False"
+    found = heavy_modules_loaded(
+        {"model code": "serve_graph.engine.separator,serve_graph.engine.pipeline"})
+    assert "torch" in found["model code"] and "torch._dynamo" not in found["model code"]

@@ -8,6 +8,7 @@ import signal
 import sys
 import tempfile
 import time
+import typing as tp
 from pathlib import Path
 
 import yaml
@@ -19,7 +20,7 @@ from .engine.model_files import DEFAULT_MODEL
 from .engine.modes import COMPILE_MODES, PRECISIONS
 from .engine.options import SeparationOptions, request_fields
 from .launch import DEFAULT_CONFIG, launch, write_config
-from .preflight import missing_model_message, model_problem
+from .preflight import cpu_precision_problem, missing_model_message, model_problem
 from .procs import stop_tree
 from .settings import MODEL_ENV, REPO_ENV, ServiceSettings
 
@@ -69,14 +70,33 @@ def _options(args) -> SeparationOptions:
     return options.with_model(model, [model])
 
 
+def _prepare_cpu(precision: str) -> tp.Optional[dict]:
+    """This machine's CPU settings, applied before torch loads (the model runs on this
+    process's main thread); None, with the reason printed, when they are malformed."""
+    from .engine import cpu_settings
+    try:
+        chosen = cpu_settings.choose(precision)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    cpu_settings.prepare_process(chosen)
+    described = cpu_settings.describe(chosen)
+    print(cpu_settings.summary(described), file=sys.stderr)
+    return described
+
+
 def run_separate(args) -> int:
-    from .engine import ModelRunner, load_model, separate_to_zip
-    from .engine.separator import RunnerOptions, timed
     try:
         options = _options(args)
     except SeparationError as exc:
         print(f"error: {exc.detail}", file=sys.stderr)
         return 2
+    cpu = _prepare_cpu(args.precision)
+    if cpu is None:
+        return 2
+    from .engine import ModelRunner, load_model, separate_to_zip
+    from .engine.cpu_settings import apply_to_torch, choose, precision_problem
+    from .engine.separator import RunnerOptions, timed
     output = args.output or args.audio_file.with_name(args.audio_file.stem + "_stems.zip")
     timings: dict = {}
     try:
@@ -85,6 +105,11 @@ def run_separate(args) -> int:
         with timed(timings, "load_model"):
             runner = ModelRunner(load_model(options.model, args.model_repo), options=RunnerOptions(
                 args.device, args.precision, args.compile, max(args.batch_size, 1)))
+        problem = precision_problem(args.precision) if runner.device.type == "cpu" else None
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        apply_to_torch(choose(args.precision))
         archive = separate_to_zip(data, runner, options, args.batch_size,
                                   progress=not args.no_progress, timings=timings)
     except ModelNotFoundError as exc:
@@ -99,7 +124,8 @@ def run_separate(args) -> int:
     output.write_bytes(archive)
     print(f"wrote {output} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if args.profile:
-        print(json.dumps({stage: round(seconds, 3) for stage, seconds in timings.items()}))
+        print(json.dumps({stage: round(seconds, 3) for stage, seconds in timings.items()}
+                         | {"cpu_settings": cpu}))
     return 0
 
 
@@ -130,6 +156,10 @@ def run_serve(args) -> int:
                 (("model", args.model), ("model_repo", args.model_repo)) if value}
     config_args = yaml.safe_load(Path(args.config).read_text())["applications"][0]["args"]
     settings = ServiceSettings.from_args({**config_args, **app_args})
+    problem = cpu_precision_problem(settings.device, settings.precision)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if settings.require_model:
         problem = model_problem(settings.model, settings.model_repo)
         if problem is not None:

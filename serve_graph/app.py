@@ -11,7 +11,8 @@ from .decode import Decode
 from .encode import Encode
 from .engine import ModelNotFoundError
 from .ingress import Ingress
-from .preflight import local_serve_run, missing_model_message, model_problem, stop_local_serve_run
+from .preflight import (cpu_precision_problem, local_serve_run, missing_model_message,
+                        model_problem, stop_local_serve_run)
 from .separate import Separate
 from .settings import ServiceSettings
 
@@ -20,6 +21,10 @@ def build_app(args: tp.Optional[dict] = None) -> Application:
     """The application for `args` (see `ServiceSettings`): model, model_repo, device,
     precision, upload and duration limits."""
     settings = ServiceSettings.from_args(args)
+    problem = cpu_precision_problem(settings.device, settings.precision)
+    if problem is not None:  # Separate's replicas would fail to start, again and again
+        stop_local_serve_run(f"\nerror: {problem}\n")
+        raise ValueError(problem)
     if settings.require_model and local_serve_run() is not None:
         # one machine, started by this `serve run`: a missing model ends it now
         problem = model_problem(settings.model, settings.model_repo)

@@ -15,6 +15,7 @@ import time
 import typing as tp
 from pathlib import Path
 
+from .engine.cpu_settings import precision_problem
 from .engine.errors import ModelNotFoundError
 from .engine.model_files import weights_problem
 from .procs import alive, cmdline, descendants, parent, wait_gone
@@ -40,6 +41,13 @@ def model_problem(name: str, repo: tp.Optional[str]) -> tp.Optional[str]:
     except ModelNotFoundError as exc:
         return str(exc)
     return None
+
+
+def cpu_precision_problem(device: str, precision: str) -> tp.Optional[str]:
+    """Why `precision` cannot run at speed where the model runs on this machine's CPU (device
+    "cpu", or "auto" without an NVIDIA GPU here); None otherwise."""
+    on_cpu = device == "cpu" or (device == "auto" and not any(Path("/dev").glob("nvidia[0-9]*")))
+    return precision_problem(precision) if on_cpu else None
 
 
 def missing_model_message(name: str, problem: str) -> str:

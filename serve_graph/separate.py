@@ -18,6 +18,7 @@ import ray
 from ray import serve
 
 from . import engine, metrics
+from .engine import cpu_settings
 from .engine.errors import ModelMissingError, ModelNotFoundError
 from .engine.model_files import weights_problem
 from .launch import keep_replica_server_on_loopback, log_replica_ready
@@ -48,11 +49,14 @@ class Separate:
 
     def __init__(self, settings: ServiceSettings):
         keep_replica_server_on_loopback()
+        # chosen on this replica's machine; what must precede torch's import is set now
+        cpu = cpu_settings.choose(settings.precision)
+        cpu_settings.prepare_process(cpu)
+        self._cpu = cpu_settings.describe(cpu)
+        logger.info(cpu_settings.summary(self._cpu))
         import torch as th
-        if settings.threads:
-            th.set_num_threads(settings.threads)
-        elif os.cpu_count():
-            th.set_num_threads(os.cpu_count())  # Ray sets OMP threads to num_cpus otherwise
+        # Ray sets OMP threads to the replica's num_cpus otherwise
+        th.set_num_threads(settings.threads or cpu.threads or os.cpu_count() or 1)
         self._settings = settings
         self._loaded: "weakref.WeakValueDictionary[str, ModelRunner]" = (
             weakref.WeakValueDictionary())  # what the multiplexer holds, by name
@@ -84,6 +88,10 @@ class Separate:
         except ModelNotFoundError as exc:
             raise ModelMissingError(str(exc)) from None
         runner = engine.ModelRunner(model, options=self._settings.runner_options())
+        problem = (cpu_settings.precision_problem(runner.precision)
+                   if runner.device.type == "cpu" else None)
+        if problem:
+            raise ValueError(problem)
         self._loaded[name] = runner
         return runner
 
@@ -137,7 +145,8 @@ class Separate:
                 "sample_rate": geometry.samplerate, "sources": list(geometry.sources),
                 "models_in_bag": geometry.num_models,
                 "max_batch_size": self.separate_window._get_max_batch_size(),
-                "batch_wait_timeout_s": self.separate_window._get_batch_wait_timeout_s()}
+                "batch_wait_timeout_s": self.separate_window._get_batch_wait_timeout_s(),
+                **({"cpu_settings": self._cpu} if runner.device.type == "cpu" else {})}
 
     async def geometry(self, name: str):
         return (await self.runner(name)).geometry

@@ -73,6 +73,11 @@ def test_health(service):
     assert health["status"] == "ok" and health["model"] == "htdemucs"
     assert health["device"] == "cpu" and health["sample_rate"] == 44100
     assert health["sources"] == ["drums", "bass", "other", "vocals"]
+    # chosen on the replica's machine; its memory tunables arrived with its process's start
+    cpu = health["cpu_settings"]
+    assert cpu["source"] == "auto" and cpu["attention"] == "sdpa" and cpu["omp_wait"] == "passive"
+    assert cpu["memory"] == "keep" and cpu["memory_state"] == "kept from the process start"
+    assert cpu["memory_in_effect"] and cpu["threads"] >= 1
 
 
 def test_openapi_describes_every_field(service):

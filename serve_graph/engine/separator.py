@@ -5,7 +5,6 @@
 run, overlap-add. The Ray deployments call the same pieces, one step each.
 """
 import contextlib
-import os
 import threading
 import time
 import typing as tp
@@ -15,6 +14,7 @@ import torch as th
 import tqdm
 from demucs.htdemucs import HTDemucs
 
+from .cpu_settings import apply_to_torch, choose
 from .modes import COMPILE_MODES, PRECISIONS
 from .forward import (BatchLimit, CudaGraphs, HTDemucsCore, SplitForward,
                       bucket_sizes, compile_core, graph_safe, is_out_of_memory,
@@ -25,11 +25,6 @@ from .windows import NORMALISED, OverlapAdd, center_trim, denormalise, normalise
 
 _AUTOCAST_DTYPES = {"bf16": th.bfloat16, "fp16": th.float16}
 DEFAULT_MAX_BATCH = 32
-
-
-def cpu_tuning() -> bool:
-    """CPU speed settings on (default) unless SERVE_GRAPH_CPU_TUNING=0 (for A/B benchmarks)."""
-    return os.environ.get("SERVE_GRAPH_CPU_TUNING", "1") != "0"
 
 
 def default_device() -> str:
@@ -92,12 +87,10 @@ class ModelRunner:
         self.startup_seconds = time.perf_counter() - start
 
     def _set_backends(self) -> None:
-        if self.device.type == "cpu" and self.precision in ("fp32", "tf32") and cpu_tuning():
-            # PyTorch's MHA "fast path" runs self-attention as bmm + softmax on the CPU; without
-            # it, attention goes through scaled_dot_product_attention's fused kernel (as the
-            # cross-attention already does): same fp32 numerics, ~6% less time per window.
-            # bf16 keeps the fast path: SDPA in bf16 is far slower on CPUs without AVX-512.
-            th.backends.mha.set_fastpath_enabled(False)
+        if self.device.type == "cpu":
+            # the attention path chosen for this CPU and precision (`cpu_settings`); the
+            # process's threads are its owner's to set (the CLI, the Separate replica)
+            apply_to_torch(choose(self.precision), threads=False)
         if self.device.type == "cuda":
             tf32 = self.precision == "tf32"  # fp32 means fp32: cuDNN would use TF32 by default
             th.backends.cuda.matmul.allow_tf32 = tf32

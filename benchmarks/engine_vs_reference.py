@@ -15,7 +15,7 @@ from demucs.api import Separator
 
 from benchmarks.common import append_results, full_size_repo, song
 from serve_graph.engine import ModelRunner, load_model, separate
-from serve_graph.engine.separator import cpu_tuning
+from serve_graph.engine.cpu_settings import choose
 
 
 def residual_db(ours: th.Tensor, ref: th.Tensor) -> float:
@@ -46,7 +46,8 @@ def main() -> None:
         start = time.perf_counter()
         ref = th.stack(list(reference.separate_tensor(mix)[1].values()))
         ref_times.append(time.perf_counter() - start)
-        th.backends.mha.set_fastpath_enabled(not cpu_tuning())  # ours, as ModelRunner sets it
+        # ours, with the attention path ModelRunner picks for this CPU
+        th.backends.mha.set_fastpath_enabled(choose(args.precision).attention == "fast-path")
         start = time.perf_counter()
         ours = separate(runner, mix, args.shifts, args.overlap, args.seed, args.batch_size)
         our_times.append(time.perf_counter() - start)
@@ -60,8 +61,8 @@ def main() -> None:
          f"- ours `serve_graph.engine.separate`: {', '.join(f'{t:.2f}' for t in our_times)} s",
          f"- ratio (reference / ours, best of {args.repeats}): {ref_best / our_best:.2f}x",
          f"- residual vs reference: {residual_db(ours, ref):.1f} dB (worst stem)",
-         "- one process: the reference runs with PyTorch's default attention fast path; huge "
-         "pages (set when serve_graph is imported) apply to both"])
+         "- one process: the reference runs with PyTorch's default attention fast path; the "
+         "process-wide CPU settings (memory, OpenMP) are PyTorch's defaults for both"])
 
 
 if __name__ == "__main__":

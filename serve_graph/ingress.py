@@ -615,7 +615,8 @@ class Ingress:
         and the song's name."""
         check_form_fields(request, await request.form())
         options = SeparationOptions.parse(**fields).with_model(
-            self._default, self._settings.served_models)
+            self._default, self._settings.served_models).with_defaults(
+            mp3_quality=self._settings.mp3_quality)
         info = await self._ready_model(options.model)
         options.validate_for(info["sources"])
         data = await audio_file.read(self._max_bytes + 1)

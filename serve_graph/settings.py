@@ -25,11 +25,13 @@ class ServiceSettings:
     api_keys_file: tp.Optional[str] = None  # one key per line; also env SERVE_GRAPH_API_KEYS
     max_concurrent_per_client: int = 0  # separations in flight per key (or address); 0: no limit
     cors_origins: tp.Tuple[str, ...] = ()  # origins allowed to call from a browser; none: no CORS
-    threads: int = 0  # torch intra-op threads in Separate; 0: all cores
+    threads: int = 0  # torch intra-op threads in Separate; 0: as its CPU settings choose
     # windows of one song queued at Separate at a time: fairness across songs (CPU: 2; GPU:
     # enough to fill a batch, e.g. max_batch_size)
     windows_in_flight: int = 2
     encode_threads: int = 0  # MP3 encoding threads per Encode replica; 0: its num_cpus
+    # LAME's quality (0 slowest .. 9 fastest) for requests that leave mp3_quality out
+    mp3_quality: int = 2
     # helper processes per Decode replica that decode an MP3's later parts while it decodes
     # the first (0: one pass); a part each (1, 2 cores: 0.245 -> 0.19 s for a 216 s song)
     decode_helpers: int = 1
@@ -51,6 +53,12 @@ class ServiceSettings:
     # false: a local start keeps Ray's own ports (GCS, raylet, workers, dashboard) on 127.0.0.1;
     # true: Ray listens on the node's address so that other nodes can join (a real cluster)
     cluster: bool = False
+
+    def __post_init__(self):
+        from .engine.options import MP3_QUALITIES
+        if not MP3_QUALITIES[0] <= self.mp3_quality <= MP3_QUALITIES[1]:
+            raise ValueError(f"mp3_quality must be in {MP3_QUALITIES[0]}..{MP3_QUALITIES[1]}, "
+                             f"got {self.mp3_quality}")
 
     @classmethod
     def from_args(cls, args: tp.Optional[dict] = None) -> "ServiceSettings":

@@ -46,10 +46,12 @@ def rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
 
 
-@pytest.mark.parametrize("signal", ["sweep", "sweep+noise"])
-def test_mp3_chunks_splice_inaudibly(tmp_path, signal):
+@pytest.mark.parametrize("signal,quality", [("sweep", 2), ("sweep+noise", 2),
+                                            ("sweep+noise", 7)])
+def test_mp3_chunks_splice_inaudibly(tmp_path, signal, quality):
     """Around every splice the chunked encode differs from a one-shot encode by no more than
-    the one-shot encode differs from the input; lengths and alignment are exact."""
+    the one-shot encode differs from the input; lengths and alignment are exact; at LAME's
+    quality 2 (Demucs') and 7 (its fastest search)."""
     audio = sweep(40.)
     if signal == "sweep+noise":
         audio = 0.5 * audio + 0.1 * np.random.default_rng(1).standard_normal(audio.shape,
@@ -58,10 +60,10 @@ def test_mp3_chunks_splice_inaudibly(tmp_path, signal):
     bounds = mp3.chunk_bounds(samples)
     assert len(bounds) >= 5
     with ThreadPoolExecutor(2) as pool:
-        stem = StemFile("mp3", samples, 2, RATE, pool, str(tmp_path))
+        stem = StemFile("mp3", samples, 2, RATE, pool, str(tmp_path), quality=quality)
         chunked = write_in_stretches(stem, audio)
         stem.close()
-    one_shot = encode_stem(th.from_numpy(audio), RATE, "mp3")
+    one_shot = encode_stem(th.from_numpy(audio), RATE, "mp3", quality=quality)
     chunked_wav, one_wav = decode(chunked).numpy(), decode(one_shot).numpy()
     assert chunked_wav.shape == one_wav.shape == audio.shape
     assert mp3.count_frames(chunked) == mp3.count_frames(one_shot)
@@ -72,6 +74,9 @@ def test_mp3_chunks_splice_inaudibly(tmp_path, signal):
         assert rms(chunked_wav[:, around] - one_wav[:, around]) <= codec_error, k
     assert rms(chunked_wav - audio) <= 1.05 * rms(one_wav - audio)
     assert not os.listdir(tmp_path)  # the spill file is gone
+    if quality != 2:  # the setting reaches LAME: another encoder search, other bytes
+        excerpt = th.from_numpy(audio[:, :3 * RATE])
+        assert encode_stem(excerpt, RATE, "mp3", quality=quality) != encode_stem(excerpt, RATE)
 
 
 @pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "m4a", "opus"])
@@ -243,3 +248,28 @@ def test_aac_and_opus_stems_are_one_stream_without_joins(tmp_path, fmt, bitrate)
     length = min(decoded.shape[1], audio.shape[1])
     error = rms(decoded[:, :length] - audio[:, :length]) / rms(audio)
     assert error < 0.1, error  # an encoded sweep: > 20 dB SNR everywhere it is compared
+
+
+def test_mp3_quality_defaults_to_the_services_and_reaches_every_chunk(tiny_model, monkeypatch):
+    """A request's `mp3_quality`, or the service's default where it leaves it out (Demucs' 2
+    without one), is the quality every MP3 chunk of every stem is encoded at."""
+    from serve_graph.settings import ServiceSettings
+    assert SeparationOptions().encoder_quality == 2
+    assert SeparationOptions().with_defaults(mp3_quality=7).mp3_quality == 7
+    assert SeparationOptions(mp3_quality=0).with_defaults(mp3_quality=7).mp3_quality == 0
+    assert ServiceSettings.from_args({"mp3_quality": 5}).mp3_quality == 5
+    with pytest.raises(ValueError, match="mp3_quality"):
+        ServiceSettings.from_args({"mp3_quality": 10})
+    seen = []
+    original = mp3.encode_frames
+
+    def spy(pcm16, samplerate, bitrate=192, quality=mp3.DEFAULT_QUALITY):
+        seen.append(quality)
+        return original(pcm16, samplerate, bitrate, quality)
+    monkeypatch.setattr(mp3, "encode_frames", spy)
+    data = encode(tone(16., RATE, 2), RATE, "wavfloat")
+    options = SeparationOptions(two_stems="vocals").with_defaults(mp3_quality=7)
+    archive = zipfile.ZipFile(io.BytesIO(separate_to_zip(data, ModelRunner(tiny_model, "cpu"),
+                                                         options)))
+    assert archive.namelist() == ["vocals.mp3", "no_vocals.mp3"]
+    assert len(seen) == 2 * len(mp3.chunk_bounds(16 * RATE)) >= 4 and set(seen) == {7}

@@ -12,6 +12,8 @@ import typing as tp
 import lameenc
 import numpy as np
 
+from .options import DEFAULT_MP3_QUALITY as DEFAULT_QUALITY  # LAME's -q as Demucs sets it
+
 ENCODER_DELAY = 576  # samples LAME adds in front (ENCDELAY), without resampling
 _BITRATES = {  # kbps by bitrate index, MPEG-1 / MPEG-2(.5) Layer III
     1: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
@@ -97,7 +99,8 @@ def info_frame(audio: bytes, num_samples: int, delay: int = ENCODER_DELAY) -> by
     return bytes(frame)
 
 
-def encode_mp3(pcm16: np.ndarray, samplerate: int, bitrate: int = 192, quality: int = 2) -> bytes:
+def encode_mp3(pcm16: np.ndarray, samplerate: int, bitrate: int = 192,
+               quality: int = DEFAULT_QUALITY) -> bytes:
     """Encode interleaved int16 samples `[T, C]` at `samplerate` Hz as a gapless CBR MP3."""
     audio = encode_frames(pcm16, samplerate, bitrate, quality)
     return info_frame(audio, pcm16.shape[0]) + audio
@@ -235,23 +238,23 @@ def chunk_owned(num_samples: int, frame_samples: int = 1152,
 
 
 def encode_frames(pcm16: np.ndarray, samplerate: int, bitrate: int = 192,
-                  quality: int = 2) -> bytes:
+                  quality: int = DEFAULT_QUALITY) -> bytes:
     """Bare CBR MP3 frames of interleaved int16 samples `[T, C]` (LAME's 576-sample delay in
     front, its flush at the end). Releases the GIL while encoding."""
     encoder = lameenc.Encoder()
     encoder.set_bit_rate(bitrate)
     encoder.set_in_sample_rate(samplerate)
     encoder.set_channels(pcm16.shape[1])
-    encoder.set_quality(quality)  # 2: highest, 7: fastest
+    encoder.set_quality(quality)  # LAME's -q: 0 slowest .. 2 (Demucs) .. 7-9 fastest
     encoder.silence()
     return bytes(encoder.encode(np.ascontiguousarray(pcm16).tobytes()) + encoder.flush())
 
 
 def encode_chunk(pcm16: np.ndarray, start: int, samplerate: int, bitrate: int = 192,
-                 frame_samples: int = 1152) -> Frames:
+                 quality: int = DEFAULT_QUALITY, frame_samples: int = 1152) -> Frames:
     """Encode one chunk: `pcm16 [T, C]` are the stem's samples from `start` (a multiple of
     `frame_samples`, as `chunk_bounds` gives)."""
-    return Frames(encode_frames(pcm16, samplerate, bitrate), start // frame_samples)
+    return Frames(encode_frames(pcm16, samplerate, bitrate, quality), start // frame_samples)
 
 
 def join_chunks(chunks: tp.Sequence[Frames], num_samples: int,

@@ -11,6 +11,8 @@ from .errors import InvalidParameterError
 MAX_SHIFTS = 20
 MAX_OVERLAP = 0.99  # a stride of 1 % of the segment: beyond, windows multiply without gain
 MP3_BITRATES = (128, 320)
+MP3_QUALITIES = (0, 9)  # LAME's -q: 0 slowest (most careful search) .. 9 fastest
+DEFAULT_MP3_QUALITY = 2  # Demucs' setting
 AAC_BITRATES = (64, 320)  # FFmpeg's AAC encoder, stereo: transparent from ~256
 OPUS_BITRATES = (32, 256)  # libopus, stereo: transparent from ~128-160
 FORMATS = ("mp3", "wav", "flac", "m4a", "opus")
@@ -52,6 +54,11 @@ class SeparationOptions(BaseModel):
                       "16-bit WAV (false) when format is left out")
     mp3_bitrate: int = Field(192, ge=MP3_BITRATES[0], le=MP3_BITRATES[1],
                              description="MP3 bitrate in kbps")
+    mp3_quality: tp.Optional[int] = Field(
+        None, ge=MP3_QUALITIES[0], le=MP3_QUALITIES[1], description="LAME's quality setting, "
+        "0 (slowest) to 9 (fastest): same bitrate, a less careful encoder (q2, Demucs' "
+        "setting, costs ~2x the CPU of q5, ~4x that of q7); leave out for the service's "
+        "default")
     aac_bitrate: int = Field(256, ge=AAC_BITRATES[0], le=AAC_BITRATES[1],
                              description="AAC bitrate in kbps (format m4a)")
     opus_bitrate: int = Field(160, ge=OPUS_BITRATES[0], le=OPUS_BITRATES[1],
@@ -93,6 +100,11 @@ class SeparationOptions(BaseModel):
                 "opus": self.opus_bitrate}.get(self.output_format, 0)
 
     @property
+    def encoder_quality(self) -> int:
+        """LAME's quality for MP3 stems: `mp3_quality`, or Demucs' when left out."""
+        return DEFAULT_MP3_QUALITY if self.mp3_quality is None else self.mp3_quality
+
+    @property
     def stem_list(self) -> tp.Optional[tp.Tuple[str, ...]]:
         return None if self.stems is None else tuple(self.stems.split(","))
 
@@ -104,6 +116,12 @@ class SeparationOptions(BaseModel):
             raise InvalidParameterError(f"model {name!r} is not served here; choose one of "
                                         f"{', '.join(served)} (GET /models)")
         return self.model_copy(update={"model": name})
+
+    def with_defaults(self, mp3_quality: int) -> "SeparationOptions":
+        """These options with what the request left out set to the service's defaults."""
+        if self.mp3_quality is not None:
+            return self
+        return self.model_copy(update={"mp3_quality": mp3_quality})
 
     def validate_for(self, sources: tp.Sequence[str]) -> "SeparationOptions":
         """Raise `InvalidParameterError` when a stem named is not one of the model's

@@ -166,7 +166,7 @@ class StemFile:
     def __init__(self, fmt: str, num_samples: int, channels: int, samplerate: int,
                  pool: Executor, spill_dir: str, bitrate: int = 192, wav_depth: str = "int16",
                  clock: tp.Optional[EncodeClock] = None, clip: str = "rescale",
-                 max_pending: int = MAX_PENDING_CHUNKS):
+                 max_pending: int = MAX_PENDING_CHUNKS, quality: int = mp3.DEFAULT_QUALITY):
         if fmt not in ("mp3", "wav", *STREAMED):
             raise InvalidParameterError(f"unknown format {fmt!r}")
         self.fmt, self.num_samples, self.channels = fmt, num_samples, channels
@@ -174,6 +174,7 @@ class StemFile:
         self.clip = clip
         self.clock = clock or EncodeClock()
         self.samplerate, self.bitrate, self.wav_depth = samplerate, bitrate, wav_depth
+        self.quality = quality  # LAME's, for MP3
         self._pool = pool
         self.written = 0
         self._peaks: tp.List[float] = []  # of the stretches kept so far (list.append: atomic)
@@ -286,7 +287,7 @@ class StemFile:
         if keep:
             self._keep(owned[0], audio[:, owned[0] - start:owned[1] - start])
         return mp3.encode_chunk(pcm_int(audio, scale, 16), start, self.samplerate,
-                                self.bitrate)
+                                self.bitrate, self.quality)
 
     def _clamped(self, audio: np.ndarray) -> np.ndarray:
         return np.clip(audio, -1., 1.) if self.clip == "clamp" else audio
@@ -357,7 +358,7 @@ class StemFile:
 
     def _one_shot(self) -> bytes:
         return mp3.encode_mp3(pcm_int(np.asarray(self._spilled()), self.scale, 16),
-                              self.samplerate, self.bitrate)
+                              self.samplerate, self.bitrate, self.quality)
 
     def close(self) -> None:
         """Cancel what is still queued and delete the spill file."""
@@ -412,12 +413,13 @@ def prevent_clip(wav: th.Tensor) -> th.Tensor:
 
 
 def encode_stem(wav: th.Tensor, samplerate: int, fmt: str = "mp3", bitrate: int = 192,
-                wav_depth: str = "int16", pool: tp.Optional[Executor] = None) -> bytes:
+                wav_depth: str = "int16", pool: tp.Optional[Executor] = None,
+                quality: int = mp3.DEFAULT_QUALITY) -> bytes:
     """Encode a whole stem `[C, T]` in one go, with `prevent_clip`, as a `StemFile` does it
-    stretch by stretch (MP3 chunks on `pool` when given)."""
+    stretch by stretch (MP3 chunks on `pool` when given; `quality`: LAME's)."""
     with tempfile.TemporaryDirectory() as spill_dir:
         stem = StemFile(fmt, wav.shape[-1], wav.shape[0], samplerate, pool or Inline(),
-                        spill_dir, bitrate, wav_depth)
+                        spill_dir, bitrate, wav_depth, quality=quality)
         try:
             stem.write(planar(wav))
             return stem.finish()

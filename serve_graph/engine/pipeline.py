@@ -76,7 +76,7 @@ class SongWriter:
         self.files = {f"{name}.{fmt}": StemFile(
             fmt, song.plan.length, song.geometry.audio_channels, song.geometry.samplerate,
             pool, self._spill.name, options.output_bitrate, options.wav_depth, self.clock,
-            options.clip, pending) for name in names}
+            options.clip, pending, options.encoder_quality) for name in names}
         self.windows_added = 0
 
     def add(self, window: Window, output: tp.Any) -> None:

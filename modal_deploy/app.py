@@ -257,7 +257,8 @@ def with_option_arguments(entrypoint):
 def main(audio_file: str, **options) -> None:
     """Send a song to the endpoint as a job (`POST /jobs`: no web request runs past Modal's
     150 s limit, however long the song or the queue), follow its progress and write
-    `<song>_stems.zip` beside it."""
+    `<song>_stems.zip` beside it (with `--remix`: `<song>_remix.<format>`)."""
+    from serve_graph.engine.options import SeparationOptions
     song = Path(audio_file)
     url = SeparationCluster.get_url() if CLUSTER_SIZE else Separation().web.get_web_url()
     fields = {name: str(value).lower() if isinstance(value, bool) else value
@@ -266,7 +267,7 @@ def main(audio_file: str, **options) -> None:
     key = os.environ.get("SERVE_GRAPH_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     archive = run_job(url, song, fields, headers)
-    output = song.with_name(song.stem + "_stems.zip")
+    output = song.with_name(SeparationOptions.parse(**fields).result_name(song.stem))
     output.write_bytes(archive)
     print(f"wrote {output} in {time.perf_counter() - start:.1f} s")
 

@@ -29,7 +29,8 @@ def _separate_parser(sub) -> None:
     p = sub.add_parser("separate", help="separate one audio file into a ZIP of stems")
     p.add_argument("audio_file", type=Path)
     p.add_argument("-o", "--output", type=Path,
-                   help="ZIP to write (default: <audio_file stem>_stems.zip beside the input)")
+                   help="file to write (default, beside the input: <audio_file stem>_stems.zip, "
+                   "or <stem>_remix.<format> with --remix)")
     _add_option_fields(p)
     fmt = p.add_mutually_exclusive_group()  # shorthands of --format
     fmt.add_argument("--wav", dest="format", action="store_const", const="wav",
@@ -97,7 +98,7 @@ def run_separate(args) -> int:
     from .engine import ModelRunner, load_model, separate_to_zip
     from .engine.cpu_settings import apply_to_torch, choose, precision_problem
     from .engine.separator import RunnerOptions, timed
-    output = args.output or args.audio_file.with_name(args.audio_file.stem + "_stems.zip")
+    output = args.output or args.audio_file.with_name(options.result_name(args.audio_file.stem))
     timings: dict = {}
     try:
         data = args.audio_file.read_bytes()

@@ -1,6 +1,7 @@
 """The HTTP front: FastAPI on Ray Serve. `POST /separate` and `GET /`, the original API."""
 import asyncio
 import inspect
+import itertools
 import json
 import logging
 import time
@@ -29,7 +30,7 @@ from .access import ByteBudget, ConcurrencyLimit, bearer_token, load_keys, match
 from .engine import (InvalidAudioError, InvalidParameterError, ModelMissingError,
                      ModelUnavailableError, SeparationError, SeparationOptions,
                      UploadTooLargeError)
-from .engine.options import EXCLUSIVE_FIELDS, request_fields
+from .engine.options import EXCLUSIVE_FIELDS, MEDIA_TYPES, request_fields
 from .job_runner import JobRunner, chunks
 from .jobs import FINAL, job_store, key_id
 from .launch import keep_replica_server_on_loopback, log_replica_ready
@@ -163,7 +164,8 @@ def openapi_document(models: tp.Sequence[str] = ()) -> dict:
             if "model" in component.get("properties", {}) and models:
                 component["properties"]["model"]["enum"] = list(models)
             if set(EXCLUSIVE_FIELDS) <= set(component.get("properties", {})):
-                component["not"] = {"required": list(EXCLUSIVE_FIELDS)}
+                component["not"] = {"anyOf": [{"required": list(pair)} for pair in
+                                              itertools.combinations(EXCLUSIVE_FIELDS, 2)]}
     return schema
 
 
@@ -465,8 +467,16 @@ def _client(request: Request) -> str:
     return f"address:{_address(request)}"
 
 
-def _zip_headers(name: str, song, options: SeparationOptions, timing: str) -> dict:
-    return {"Content-Disposition": f'attachment; filename="{_ascii(name)}_stems.zip"',
+RESULT_RESPONSE = {"content": {"application/zip": {}, **{media: {} for media in
+                                                          dict.fromkeys(MEDIA_TYPES.values())}},
+                   "description": "ZIP of the stems; with `remix`, the mixed audio file"}
+
+
+def _result_headers(name: str, song, options: SeparationOptions, timing: str) -> dict:
+    """The answer's headers: its type and file name (a ZIP of stems, or a remix's file), the
+    song's facts and the timing."""
+    return {"Content-Type": options.result_media_type,
+            "Content-Disposition": f'attachment; filename="{options.result_name(_ascii(name))}"',
             "X-Audio-Seconds": f"{song.seconds:.3f}", "X-Windows": str(len(song.plan.windows)),
             "X-Model": options.model or "", "Server-Timing": timing}
 
@@ -594,10 +604,10 @@ class Ingress:
         stats["object_store"] = await asyncio.to_thread(object_store_usage)
         return stats
 
-    @app.post("/separate", summary="Separate a song into stems, returned as a ZIP",
+    @app.post("/separate", summary="Separate a song into stems, returned as a ZIP (with "
+              "remix: the stems mixed, as one audio file)",
               response_class=Response,
-              responses={200: {"content": {"application/zip": {}},
-                               "description": "ZIP of the stems"}, **ERROR_RESPONSES})
+              responses={200: RESULT_RESPONSE, **ERROR_RESPONSES})
     @with_option_fields
     async def separate(self, request: Request,
                        audio_file: UploadFile = File(..., description=AUDIO_FILE_HELP),
@@ -605,8 +615,8 @@ class Ingress:
         """The form's other fields are `SeparationOptions`' (`with_option_fields`)."""
         options, data, name = await self._accept(request, audio_file, fields)
         song, archive, timing = await self._separate_song(data, options)
-        return Response(archive, media_type="application/zip",
-                        headers=_zip_headers(name, song, options, timing))
+        headers = _result_headers(name, song, options, timing)
+        return Response(archive, media_type=headers.pop("Content-Type"), headers=headers)
 
     async def _accept(self, request: Request, audio_file: UploadFile, fields: dict
                       ) -> tp.Tuple[SeparationOptions, bytes, str]:
@@ -672,10 +682,9 @@ class Ingress:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    @app.get("/jobs/{job_id}/result", summary="A finished job's ZIP of stems",
+    @app.get("/jobs/{job_id}/result", summary="A finished job's ZIP of stems (or its remix)",
              response_class=Response,
-             responses={200: {"content": {"application/zip": {}},
-                              "description": "ZIP of the stems"},
+             responses={200: RESULT_RESPONSE,
                         404: _documented("no such job (or expired)"),
                         409: _documented("the job has not finished, failed or was cancelled")})
     async def job_result(self, request: Request, job_id: str) -> Response:
@@ -689,7 +698,9 @@ class Ingress:
         if found is None:
             raise JobNotFoundError(f"job {job_id} has no result any more")
         file, size, headers = found
-        return StreamingResponse(chunks(file), media_type="application/zip",
+        headers = dict(headers)
+        return StreamingResponse(chunks(file),
+                                 media_type=headers.pop("Content-Type", "application/zip"),
                                  headers={**headers, "Content-Length": str(size)})
 
     @app.delete("/jobs/{job_id}", summary="Cancel a job (its queued windows and encoding stop)",
@@ -708,7 +719,7 @@ class Ingress:
                            job_id: str) -> tp.Tuple[bytes, dict]:
         """One job's separation (`JobRunner`): its ZIP and the headers /separate would send."""
         song, archive, timing = await self._separate_song(data, options, job_id)
-        return archive, _zip_headers(name, song, options, timing)
+        return archive, _result_headers(name, song, options, timing)
 
     async def check_health(self) -> None:
         """Serve's periodic health check: also what starts the job runner of a replica that

@@ -161,6 +161,13 @@ def upload_cases(song: bytes, max_upload_mb: float, max_seconds: float
         "low opus bitrate": {"format": "opus", "opus_bitrate": 31},
         "high opus bitrate": {"format": "opus", "opus_bitrate": 257},
         "opus bitrate not a number": {"format": "opus", "opus_bitrate": "-inf"},
+        "remix gain above +12 dB": {"remix": "vocals=13"},
+        "remix gain not a number": {"remix": "vocals=loud"},
+        "remix gain nan": {"remix": "vocals=nan"},
+        "remix of an unknown stem": {"remix": "guitar=-3"},
+        "remix gain below -60 dB": {"remix": "drums=-60.5"},
+        "remix gain +inf": {"remix": "bass=inf"},
+        "remix with two_stems": {"remix": "vocals=-12", "two_stems": "vocals"},
         "unknown field": {"shift": 2},
     }
     return {"missing file": (None, {}), **{name: (data, {}) for name, data in files.items()},

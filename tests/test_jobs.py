@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from audio_files import encode, tone
+from serve_graph.engine import decode
 from serve_graph.procs import actor_pids, alive, replica_pids
 from serve_process import tiny_service
 
@@ -74,6 +75,15 @@ def test_job_runs_to_a_zip_with_progress(service, song):
     assert result.status_code == 200 and result.headers["content-type"] == "application/zip"
     assert zipfile.ZipFile(io.BytesIO(result.content)).namelist() == ["vocals.mp3",
                                                                       "no_vocals.mp3"]
+
+
+def test_a_remix_job_keeps_its_file_type(service, song):
+    done = wait_for(service.url, submit(service.url, song, remix="vocals=-inf",
+                                        format="wav").json()["id"])
+    result = requests.get(service.url + done["result_url"], headers=auth(), timeout=60)
+    assert result.status_code == 200 and result.headers["content-type"] == "audio/wav"
+    assert 'filename="song_remix.wav"' in result.headers["content-disposition"]
+    assert decode(result.content).shape[1] == decode(song).shape[1]
 
 
 def test_events_stream_the_progress_until_the_end(service, song):

@@ -93,6 +93,10 @@ def test_openapi_describes_every_field(service):
     assert properties["format"]["enum"] == ["mp3", "wav", "flac", "m4a", "opus"]
     assert properties["aac_bitrate"]["maximum"] == 320 and properties["opus_bitrate"]["minimum"] == 32
     assert properties["clip"]["enum"] == ["rescale", "clamp", "none"]
+    assert properties["mp3_quality"]["maximum"] == 9 and "vocals" in properties["remix"]["pattern"]
+    at_most_one = schema["components"]["schemas"][ref]["not"]["anyOf"]
+    assert [set(item["required"]) for item in at_most_one] == [
+        {"two_stems", "stems"}, {"two_stems", "remix"}, {"stems", "remix"}]
     assert requests.get(service + "/docs", timeout=30).status_code == 200
 
 
@@ -102,6 +106,16 @@ def test_four_stems_mp3_have_the_input_duration(service, song_mp3):
     length = decode(song_mp3).shape[1]
     for name in archive.namelist():
         assert abs(decode(archive.read(name)).shape[1] - length) <= 1152
+
+
+def test_remix_answers_one_audio_file(service, song_mp3):
+    """`remix`: the stems mixed at their gains, answered as the file itself (no ZIP)."""
+    response = post(service, song_mp3, remix="vocals=-12,drums=-inf")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "audio/mpeg"
+    assert 'filename="my song_remix.mp3"' in response.headers["content-disposition"]
+    mixed = decode(response.content)
+    assert abs(mixed.shape[1] - decode(song_mp3).shape[1]) <= 1152 and mixed.abs().max() > 0
 
 
 def test_two_stems(service, song_mp3):

@@ -14,6 +14,7 @@ import torch as th
 
 from serve_graph.engine import ModelRunner, SeparationOptions, decode, model_geometry, separate
 from serve_graph.engine import mp3, output
+from serve_graph.engine.audio import mix_stems
 from serve_graph.engine.output import StemFile, encode_stem, prevent_clip
 from serve_graph.engine.pipeline import separate_to_zip
 from serve_graph.engine.plan import in_order, plan_windows
@@ -273,3 +274,18 @@ def test_mp3_quality_defaults_to_the_services_and_reaches_every_chunk(tiny_model
                                                          options)))
     assert archive.namelist() == ["vocals.mp3", "no_vocals.mp3"]
     assert len(seen) == 2 * len(mp3.chunk_bounds(16 * RATE)) >= 4 and set(seen) == {7}
+
+
+def test_remix_is_the_stems_mixed_at_their_gains(tiny_model):
+    """A remix is one file (no ZIP): the separated stems summed in source order at their
+    gains, a stem named -inf left out, the others at 0 dB."""
+    data = encode(tone(9., RATE, 2, seed=4), RATE, "wavfloat")
+    options = SeparationOptions(remix="vocals=-12,drums=-inf", format="wav",
+                                wav_depth="float32", clip="none")
+    runner = ModelRunner(tiny_model, "cpu")
+    remix = decode(separate_to_zip(data, runner, options))
+    drums, bass, other, vocals = separate(runner, decode(data), shifts=1)
+    assert options.result_media_type == "audio/wav"
+    assert th.allclose(remix, bass + other + vocals * 10 ** (-12 / 20), atol=1e-6, rtol=0)
+    silent = mix_stems({"bass": bass, "vocals": vocals}, {"bass": -np.inf, "vocals": -np.inf})
+    assert th.equal(silent, th.zeros_like(bass))

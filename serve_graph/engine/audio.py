@@ -240,18 +240,25 @@ def _declared_seconds(container, stream, data: bytes) -> tp.Optional[float]:
 
 
 def output_names(sources: tp.Sequence[str], two_stems: tp.Optional[str] = None,
-                 subset: tp.Optional[tp.Sequence[str]] = None) -> tp.List[str]:
+                 subset: tp.Optional[tp.Sequence[str]] = None,
+                 remix: tp.Optional[tp.Mapping[str, float]] = None) -> tp.List[str]:
     """The stems returned, in `select_stems`' order: `[X, no_X]` for `two_stems=X`, the
-    `subset`'s in the model's order, or every source."""
+    `subset`'s in the model's order, `["remix"]` for a `remix`, or every source."""
+    if remix is not None:
+        return ["remix"]
     if two_stems is not None:
         return [two_stems, f"no_{two_stems}"]
     return [name for name in sources if subset is None or name in subset]
 
 
 def select_stems(stems: tp.Dict[str, th.Tensor], two_stems: tp.Optional[str] = None,
-                 subset: tp.Optional[tp.Sequence[str]] = None) -> tp.Dict[str, th.Tensor]:
-    """The stems asked for: all, the `subset`, or `{X: stems[X], no_X: sum of the others}`
-    for `two_stems=X`, summed in source order as the Demucs CLI does."""
+                 subset: tp.Optional[tp.Sequence[str]] = None,
+                 remix: tp.Optional[tp.Mapping[str, float]] = None) -> tp.Dict[str, th.Tensor]:
+    """The stems asked for: all, the `subset`, `{X: stems[X], no_X: sum of the others}`
+    for `two_stems=X`, summed in source order as the Demucs CLI does, or `{"remix": ...}`
+    (`mix_stems`)."""
+    if remix is not None:
+        return {"remix": mix_stems(stems, remix)}
     if two_stems is None:
         return {name: stems[name] for name in output_names(list(stems), None, subset)}
     if two_stems not in stems:
@@ -262,6 +269,18 @@ def select_stems(stems: tp.Dict[str, th.Tensor], two_stems: tp.Optional[str] = N
     for wav in others:
         rest += wav
     return {two_stems: stems[two_stems], f"no_{two_stems}": rest}
+
+
+def mix_stems(stems: tp.Dict[str, th.Tensor], gains_db: tp.Mapping[str, float]) -> th.Tensor:
+    """The sum of `stems` (each `[C, T]`, in source order) at `gains_db` (a stem not named:
+    0 dB, the stem itself; -inf: left out, so leaving out all is silence). The stems are not
+    changed."""
+    mixed = th.zeros_like(next(iter(stems.values())))
+    for name, wav in stems.items():
+        gain = gains_db.get(name, 0.)
+        if gain != float("-inf"):
+            mixed += wav if gain == 0 else wav * 10 ** (gain / 20)
+    return mixed
 
 
 def zip_files(files: tp.Dict[str, bytes]) -> bytes:

@@ -23,7 +23,13 @@ CLIP_MODES = ("rescale", "clamp", "none")
 DEFAULT_SOURCES = ("drums", "bass", "other", "vocals")
 _ONE_OF = f"({'|'.join(DEFAULT_SOURCES)})"
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # Demucs' names and signatures: never a path
-EXCLUSIVE_FIELDS = ("two_stems", "stems")  # at most one of them in a request
+EXCLUSIVE_FIELDS = ("two_stems", "stems", "remix")  # at most one of them in a request
+# a stem's gain in a remix, in dB: -60 to +12 with up to two decimals, or -inf (left out)
+_DECIMALS = r"(\.[0-9]{1,2})?"
+_GAIN = (rf"(-inf|-(60(\.0{{1,2}})?|[1-5]?[0-9]{_DECIMALS})|"
+         rf"\+?(12(\.0{{1,2}})?|1[01]{_DECIMALS}|[0-9]{_DECIMALS}))")
+MEDIA_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac",
+               "m4a": "audio/mp4", "opus": "audio/ogg"}
 
 
 class SeparationOptions(BaseModel):
@@ -43,6 +49,13 @@ class SeparationOptions(BaseModel):
         None, pattern=r"^[a-z_]+(,[a-z_]+)*$", description="comma-separated subset of the "
         "model's stems to return, e.g. vocals,drums; leave out for every stem",
         json_schema_extra={"pattern": f"^{_ONE_OF}(,{_ONE_OF})*$"})
+    remix: tp.Optional[str] = Field(
+        None, pattern=rf"^[a-z_]+={_GAIN}(,[a-z_]+={_GAIN})*$", max_length=200,
+        description="one audio file of the stems mixed, instead of a ZIP of them: "
+        "comma-separated stem=gain in dB, e.g. vocals=-12 (karaoke with a guide vocal) or "
+        "drums=-inf (no drums); stems not named are mixed at 0 dB (a stem named twice: its "
+        "last gain); gains from -60 to +12 dB, or -inf to leave a stem out",
+        json_schema_extra={"pattern": f"^{_ONE_OF}={_GAIN}(,{_ONE_OF}={_GAIN})*$"})
     shifts: int = Field(1, ge=0, le=MAX_SHIFTS, description="random time shifts averaged: "
                         "more is slightly better and proportionally slower")
     overlap: float = Field(0.25, ge=0, le=MAX_OVERLAP, allow_inf_nan=False,
@@ -105,6 +118,25 @@ class SeparationOptions(BaseModel):
         return DEFAULT_MP3_QUALITY if self.mp3_quality is None else self.mp3_quality
 
     @property
+    def remix_gains(self) -> tp.Optional[tp.Dict[str, float]]:
+        """`remix` as {stem: gain in dB} (-inf: left out; a stem named twice: its last
+        gain); None without a remix."""
+        if self.remix is None:
+            return None
+        pairs = (item.split("=") for item in self.remix.split(","))
+        return {name: float(gain) for name, gain in pairs}
+
+    def result_name(self, song: str) -> str:
+        """The file name of the answer for `song`: its ZIP of stems, or its remix."""
+        if self.remix is None:
+            return f"{song}_stems.zip"
+        return f"{song}_remix.{self.output_format}"
+
+    @property
+    def result_media_type(self) -> str:
+        return "application/zip" if self.remix is None else MEDIA_TYPES[self.output_format]
+
+    @property
     def stem_list(self) -> tp.Optional[tp.Tuple[str, ...]]:
         return None if self.stems is None else tuple(self.stems.split(","))
 
@@ -126,7 +158,8 @@ class SeparationOptions(BaseModel):
     def validate_for(self, sources: tp.Sequence[str]) -> "SeparationOptions":
         """Raise `InvalidParameterError` when a stem named is not one of the model's
         `sources`; returns self."""
-        named = ([self.two_stems] if self.two_stems else []) + list(self.stem_list or ())
+        named = (([self.two_stems] if self.two_stems else []) + list(self.stem_list or ())
+                 + list(self.remix_gains or ()))
         unknown = [stem for stem in named if stem not in sources]
         if unknown:
             raise InvalidParameterError(f"the model's stems are {', '.join(sources)}; got "

@@ -3,7 +3,7 @@
 1. `prepare`: bytes -> decoded mix, its normalisation + window plan (Decode);
 2. `run_windows` (separator.py): batches of windows through the model (Separate);
 3. `SongWriter`: window outputs -> overlap-add -> stems encoded as they become final -> ZIP
-   (Encode).
+   (Encode); a remix is one file, no ZIP.
 
 `separate_to_zip` runs the three in one process."""
 import math
@@ -56,7 +56,8 @@ class SongWriter:
     """Step 3 of the recipe: window outputs in (any order, best `in_order`), stem files
     encoded as their stretches become final, a ZIP out.
 
-    `add` takes one window's trimmed stems `[S, C, length]`; `finish` returns the ZIP; `close`
+    `add` takes one window's trimmed stems `[S, C, length]`; `finish` returns the ZIP (a
+    remix: its one file, `SeparationOptions.result_media_type`); `close`
     (always, also on failure) frees the spill files. MP3 chunks encode on `pool`, which has
     `threads` threads: each stem queues enough chunks to keep them all busy.
     """
@@ -70,7 +71,8 @@ class SongWriter:
         self.clock = EncodeClock()
         self.overlap_add_seconds = self.zip_seconds = 0.
         self._spill = tempfile.TemporaryDirectory(prefix="stems-", dir=spill_dir())
-        names = output_names(song.geometry.sources, options.two_stems, options.stem_list)
+        names = output_names(song.geometry.sources, options.two_stems, options.stem_list,
+                             options.remix_gains)
         fmt = options.output_format
         pending = max(MAX_PENDING_CHUNKS, math.ceil(threads / len(names)) + 1)
         self.files = {f"{name}.{fmt}": StemFile(
@@ -98,13 +100,16 @@ class SongWriter:
             return []
         stems = denormalise(stretch, self.song.mean, self.song.std, in_place=True)
         return list(select_stems(dict(zip(self.song.geometry.sources, stems)),
-                                 self.options.two_stems, self.options.stem_list).values())
+                                 self.options.two_stems, self.options.stem_list,
+                                 self.options.remix_gains).values())
 
     def finish(self) -> bytes:
         if not self._acc.done:
             raise RuntimeError(f"{self.windows_added} of {len(self.song.plan.windows)} windows "
                                f"were added")
         files = {name: file.finish() for name, file in self.files.items()}
+        if self.options.remix is not None:  # one file: the answer is the file itself
+            return next(iter(files.values()))
         start = time.perf_counter()
         archive = zip_files(files)
         self.zip_seconds = time.perf_counter() - start
@@ -128,11 +133,11 @@ def separate_to_zip(data: bytes, runner: ModelRunner, options: SeparationOptions
                     progress: bool = False,
                     timings: tp.Optional[tp.Dict[str, float]] = None,
                     threads: tp.Optional[int] = None) -> bytes:
-    """Audio file bytes -> ZIP of stems, in this process: the recipe's three steps in a loop,
-    the stems encoding on `threads` threads (default: one per core) while the model runs.
-    `timings` collects seconds per stage: decode, windows, model, overlap_add (with the
-    encoding of WAV/FLAC), finish (waiting for the last MP3 chunks, joining, ZIP), and the
-    writer's `timings()` as writer_*."""
+    """Audio file bytes -> ZIP of stems (a remix: its file), in this process: the recipe's
+    three steps in a loop, the stems encoding on `threads` threads (default: one per core)
+    while the model runs. `timings` collects seconds per stage: decode, windows, model,
+    overlap_add (with the encoding of WAV/FLAC), finish (waiting for the last MP3 chunks,
+    joining, ZIP), and the writer's `timings()` as writer_*."""
     geometry = runner.geometry
     options.validate_for(geometry.sources)
     with timed(timings, "decode"):

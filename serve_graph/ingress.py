@@ -164,9 +164,16 @@ def openapi_document(models: tp.Sequence[str] = ()) -> dict:
             if "model" in component.get("properties", {}) and models:
                 component["properties"]["model"]["enum"] = list(models)
             if set(EXCLUSIVE_FIELDS) <= set(component.get("properties", {})):
-                component["not"] = {"anyOf": [{"required": list(pair)} for pair in
-                                              itertools.combinations(EXCLUSIVE_FIELDS, 2)]}
+                component["not"] = {"anyOf": _conflicts()}
     return schema
+
+
+def _conflicts() -> tp.List[dict]:
+    """The option combinations refused (422), as schemas: two of the stem choices, or one of
+    them with `format=stems` (which holds every stem)."""
+    pairs = [{"required": list(pair)} for pair in itertools.combinations(EXCLUSIVE_FIELDS, 2)]
+    return pairs + [{"required": ["format", name], "properties": {"format": {"const": "stems"}}}
+                    for name in EXCLUSIVE_FIELDS]
 
 
 def _openapi_with_closed_forms() -> dict:

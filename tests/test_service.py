@@ -7,6 +7,7 @@ import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
+import av
 import numpy as np
 import pytest
 import requests
@@ -90,13 +91,15 @@ def test_openapi_describes_every_field(service):
     for name, field in properties.items():
         assert field.get("description"), name
     assert properties["shifts"]["maximum"] == 20 and properties["mp3_bitrate"]["minimum"] == 128
-    assert properties["format"]["enum"] == ["mp3", "wav", "flac", "m4a", "opus"]
+    assert properties["format"]["enum"] == ["mp3", "wav", "flac", "m4a", "opus", "stems"]
     assert properties["aac_bitrate"]["maximum"] == 320 and properties["opus_bitrate"]["minimum"] == 32
     assert properties["clip"]["enum"] == ["rescale", "clamp", "none"]
     assert properties["mp3_quality"]["maximum"] == 9 and "vocals" in properties["remix"]["pattern"]
     at_most_one = schema["components"]["schemas"][ref]["not"]["anyOf"]
     assert [set(item["required"]) for item in at_most_one] == [
-        {"two_stems", "stems"}, {"two_stems", "remix"}, {"stems", "remix"}]
+        {"two_stems", "stems"}, {"two_stems", "remix"}, {"stems", "remix"},
+        {"format", "two_stems"}, {"format", "stems"}, {"format", "remix"}]
+    assert all(item["properties"]["format"] == {"const": "stems"} for item in at_most_one[3:])
     assert requests.get(service + "/docs", timeout=30).status_code == 200
 
 
@@ -116,6 +119,18 @@ def test_remix_answers_one_audio_file(service, song_mp3):
     assert 'filename="my song_remix.mp3"' in response.headers["content-disposition"]
     mixed = decode(response.content)
     assert abs(mixed.shape[1] - decode(song_mp3).shape[1]) <= 1152 and mixed.abs().max() > 0
+
+
+def test_stems_format_answers_one_ni_stems_file(service, song_mp3):
+    from serve_graph.engine import ni_stems
+    response = post(service, song_mp3, format="stems")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "audio/mp4"
+    assert 'filename="my song.stem.mp4"' in response.headers["content-disposition"]
+    assert len(av.open(io.BytesIO(response.content)).streams.audio) == 5
+    assert ni_stems.stem_box(response.content)["stems"][3]["name"] == "Vocals"
+    six = post(service, song_mp3, format="stems", model="tiny6s")
+    assert six.status_code == 422 and "four stems" in six.json()["detail"], six.text
 
 
 def test_two_stems(service, song_mp3):

@@ -289,3 +289,42 @@ def test_remix_is_the_stems_mixed_at_their_gains(tiny_model):
     assert th.allclose(remix, bass + other + vocals * 10 ** (-12 / 20), atol=1e-6, rtol=0)
     silent = mix_stems({"bass": bass, "vocals": vocals}, {"bass": -np.inf, "vocals": -np.inf})
     assert th.equal(silent, th.zeros_like(bass))
+
+
+def test_stems_file_holds_the_master_and_the_four_stems_for_dj_software(tiny_model):
+    """format=stems: one NI STEMS file, five AAC tracks as long as the song (the master, the
+    sum of the stems, enabled; drums, bass, other, vocals after it) and the `stem` box."""
+    from serve_graph.engine import ni_stems
+    data = encode(tone(7., RATE, 2, seed=6), RATE, "wavfloat")
+    options = SeparationOptions(format="stems")
+    runner = ModelRunner(tiny_model, "cpu")
+    stems_file = separate_to_zip(data, runner, options)
+    container = av.open(io.BytesIO(stems_file))
+    tracks = container.streams.audio
+    assert [t.codec_context.name for t in tracks] == ["aac"] * 5
+    assert [bool(t.disposition & av.stream.Disposition.default) for t in tracks] == [
+        True, False, False, False, False]
+    assert all(abs(float(t.duration * t.time_base) - 7.) < 0.002 for t in tracks)
+    assert ni_stems.stem_box(stems_file) == ni_stems.metadata()
+    assert [s["name"] for s in ni_stems.stem_box(stems_file)["stems"]] == [
+        "Drums", "Bass", "Other", "Vocals"]
+    decoded = [np.concatenate([f.to_ndarray() for f in av.open(io.BytesIO(stems_file)).decode(
+        audio=index)], axis=1) for index in range(5)]
+    stems = prevent_clip(separate(runner, decode(data), shifts=1).sum(0)).numpy()
+    length = min(d.shape[1] for d in decoded)
+    assert rms(decoded[0][:, :length] - sum(decoded[1:])[:, :length]) < 0.05 * rms(stems)
+
+
+def test_stem_box_joins_an_existing_udta_and_needs_moov_last():
+    from serve_graph.engine import ni_stems
+    track = encode_stem(th.from_numpy(sweep(1.)), RATE, "m4a", 128)
+    once = ni_stems.add_stem_box(ni_stems.mux([track] * 2), {"first": 1})
+    twice = ni_stems.add_stem_box(once, {"second": 2})
+    udta = list(ni_stems._find(twice, (b"moov", b"udta")))
+    assert len(udta) == 1 and ni_stems.stem_box(twice) == {"first": 1}
+    inner = [kind for kind, *_ in ni_stems.boxes(twice, udta[0][0] + 8, sum(udta[0][::2]))]
+    assert inner.count(b"stem") == 2 and len(av.open(io.BytesIO(twice)).streams.audio) == 2
+    top = {kind: (offset, size) for kind, offset, _, size in ni_stems.boxes(once)}
+    moov, mdat = (once[o:o + n] for o, n in (top[b"moov"], top[b"mdat"]))
+    with pytest.raises(ValueError, match="moov box after"):
+        ni_stems.add_stem_box(once[:top[b"mdat"][0]] + moov + mdat, {})

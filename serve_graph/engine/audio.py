@@ -241,11 +241,15 @@ def _declared_seconds(container, stream, data: bytes) -> tp.Optional[float]:
 
 def output_names(sources: tp.Sequence[str], two_stems: tp.Optional[str] = None,
                  subset: tp.Optional[tp.Sequence[str]] = None,
-                 remix: tp.Optional[tp.Mapping[str, float]] = None) -> tp.List[str]:
+                 remix: tp.Optional[tp.Mapping[str, float]] = None,
+                 master: bool = False) -> tp.List[str]:
     """The stems returned, in `select_stems`' order: `[X, no_X]` for `two_stems=X`, the
-    `subset`'s in the model's order, `["remix"]` for a `remix`, or every source."""
+    `subset`'s in the model's order, `["remix"]` for a `remix`, or every source (after
+    "master", their sum, with `master`)."""
     if remix is not None:
         return ["remix"]
+    if master:
+        return ["master", *sources]
     if two_stems is not None:
         return [two_stems, f"no_{two_stems}"]
     return [name for name in sources if subset is None or name in subset]
@@ -253,12 +257,15 @@ def output_names(sources: tp.Sequence[str], two_stems: tp.Optional[str] = None,
 
 def select_stems(stems: tp.Dict[str, th.Tensor], two_stems: tp.Optional[str] = None,
                  subset: tp.Optional[tp.Sequence[str]] = None,
-                 remix: tp.Optional[tp.Mapping[str, float]] = None) -> tp.Dict[str, th.Tensor]:
-    """The stems asked for: all, the `subset`, `{X: stems[X], no_X: sum of the others}`
-    for `two_stems=X`, summed in source order as the Demucs CLI does, or `{"remix": ...}`
-    (`mix_stems`)."""
+                 remix: tp.Optional[tp.Mapping[str, float]] = None,
+                 master: bool = False) -> tp.Dict[str, th.Tensor]:
+    """The stems asked for: all (after their sum as "master", with `master`), the `subset`,
+    `{X: stems[X], no_X: sum of the others}` for `two_stems=X`, summed in source order as the
+    Demucs CLI does, or `{"remix": ...}` (`mix_stems`)."""
     if remix is not None:
         return {"remix": mix_stems(stems, remix)}
+    if master:
+        return {"master": mix_stems(stems, {}), **stems}
     if two_stems is None:
         return {name: stems[name] for name in output_names(list(stems), None, subset)}
     if two_stems not in stems:

@@ -15,7 +15,8 @@ MP3_QUALITIES = (0, 9)  # LAME's -q: 0 slowest (most careful search) .. 9 fastes
 DEFAULT_MP3_QUALITY = 2  # Demucs' setting
 AAC_BITRATES = (64, 320)  # FFmpeg's AAC encoder, stereo: transparent from ~256
 OPUS_BITRATES = (32, 256)  # libopus, stereo: transparent from ~128-160
-FORMATS = ("mp3", "wav", "flac", "m4a", "opus")
+FORMATS = ("mp3", "wav", "flac", "m4a", "opus", "stems")
+STEMS_ORDER = ("drums", "bass", "other", "vocals")  # an NI STEMS file's tracks after the master
 WAV_DEPTHS = ("int16", "int24", "float32")
 CLIP_MODES = ("rescale", "clamp", "none")
 # htdemucs' sources: the schema's choices. Other models have others (htdemucs_6s: guitar,
@@ -29,7 +30,7 @@ _DECIMALS = r"(\.[0-9]{1,2})?"
 _GAIN = (rf"(-inf|-(60(\.0{{1,2}})?|[1-5]?[0-9]{_DECIMALS})|"
          rf"\+?(12(\.0{{1,2}})?|1[01]{_DECIMALS}|[0-9]{_DECIMALS}))")
 MEDIA_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac",
-               "m4a": "audio/mp4", "opus": "audio/ogg"}
+               "m4a": "audio/mp4", "opus": "audio/ogg", "stems": "audio/mp4"}
 
 
 class SeparationOptions(BaseModel):
@@ -62,6 +63,8 @@ class SeparationOptions(BaseModel):
                            description="overlap between windows")
     format: tp.Optional[tp.Literal[FORMATS]] = Field(  # type: ignore[valid-type]
         None, description="stem file format: mp3, wav, flac, m4a (AAC) or opus (Ogg Opus); "
+        "stems: one Native Instruments STEMS file (.stem.mp4: the master and the four stems "
+        "as AAC tracks, for Traktor and other DJ software; four-stem models, every stem); "
         "leave out for mp3 (or wav when mp3=false)")
     mp3: bool = Field(True, description="the original API's switch: MP3 stems (true) or "
                       "16-bit WAV (false) when format is left out")
@@ -99,6 +102,8 @@ class SeparationOptions(BaseModel):
         given = [name for name in EXCLUSIVE_FIELDS if getattr(self, name) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of {' or '.join(given)}, not both")
+        if given and self.format == "stems":
+            raise ValueError(f"format stems holds every stem: not with {given[0]}")
         return self
 
     @property
@@ -109,7 +114,7 @@ class SeparationOptions(BaseModel):
     @property
     def output_bitrate(self) -> int:
         """The bitrate (kbps) of `output_format`'s encoder; 0 for the lossless ones."""
-        return {"mp3": self.mp3_bitrate, "m4a": self.aac_bitrate,
+        return {"mp3": self.mp3_bitrate, "m4a": self.aac_bitrate, "stems": self.aac_bitrate,
                 "opus": self.opus_bitrate}.get(self.output_format, 0)
 
     @property
@@ -126,15 +131,22 @@ class SeparationOptions(BaseModel):
         pairs = (item.split("=") for item in self.remix.split(","))
         return {name: float(gain) for name, gain in pairs}
 
+    @property
+    def one_file(self) -> bool:
+        """Whether the answer is one audio file (a remix, a STEMS file), not a ZIP."""
+        return self.remix is not None or self.output_format == "stems"
+
     def result_name(self, song: str) -> str:
-        """The file name of the answer for `song`: its ZIP of stems, or its remix."""
-        if self.remix is None:
-            return f"{song}_stems.zip"
-        return f"{song}_remix.{self.output_format}"
+        """The file name of the answer for `song`: its ZIP of stems, remix or STEMS file."""
+        if self.output_format == "stems":
+            return f"{song}.stem.mp4"
+        if self.remix is not None:
+            return f"{song}_remix.{self.output_format}"
+        return f"{song}_stems.zip"
 
     @property
     def result_media_type(self) -> str:
-        return "application/zip" if self.remix is None else MEDIA_TYPES[self.output_format]
+        return MEDIA_TYPES[self.output_format] if self.one_file else "application/zip"
 
     @property
     def stem_list(self) -> tp.Optional[tp.Tuple[str, ...]]:
@@ -164,6 +176,11 @@ class SeparationOptions(BaseModel):
         if unknown:
             raise InvalidParameterError(f"the model's stems are {', '.join(sources)}; got "
                                         f"{', '.join(map(repr, unknown))}")
+        if self.output_format == "stems" and tuple(sources) != STEMS_ORDER:
+            raise InvalidParameterError(
+                f"format stems holds four stems, {', '.join(STEMS_ORDER)}; model "
+                f"{self.model or ''!r} has {', '.join(sources)}: choose a four-stem model or "
+                f"another format")
         return self
 
     @classmethod

@@ -15,6 +15,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 import torch as th
 
+from . import ni_stems
 from .audio import decode, output_names, select_stems, zip_files
 from .errors import OverBudgetError
 from .options import SeparationOptions
@@ -71,9 +72,10 @@ class SongWriter:
         self.clock = EncodeClock()
         self.overlap_add_seconds = self.zip_seconds = 0.
         self._spill = tempfile.TemporaryDirectory(prefix="stems-", dir=spill_dir())
+        self._stems_file = options.output_format == "stems"  # NI STEMS: AAC tracks, muxed
         names = output_names(song.geometry.sources, options.two_stems, options.stem_list,
-                             options.remix_gains)
-        fmt = options.output_format
+                             options.remix_gains, self._stems_file)
+        fmt = "m4a" if self._stems_file else options.output_format
         pending = max(MAX_PENDING_CHUNKS, math.ceil(threads / len(names)) + 1)
         self.files = {f"{name}.{fmt}": StemFile(
             fmt, song.plan.length, song.geometry.audio_channels, song.geometry.samplerate,
@@ -101,13 +103,15 @@ class SongWriter:
         stems = denormalise(stretch, self.song.mean, self.song.std, in_place=True)
         return list(select_stems(dict(zip(self.song.geometry.sources, stems)),
                                  self.options.two_stems, self.options.stem_list,
-                                 self.options.remix_gains).values())
+                                 self.options.remix_gains, self._stems_file).values())
 
     def finish(self) -> bytes:
         if not self._acc.done:
             raise RuntimeError(f"{self.windows_added} of {len(self.song.plan.windows)} windows "
                                f"were added")
         files = {name: file.finish() for name, file in self.files.items()}
+        if self._stems_file:
+            return ni_stems.container(list(files.values()), self.song.geometry.sources)
         if self.options.remix is not None:  # one file: the answer is the file itself
             return next(iter(files.values()))
         start = time.perf_counter()

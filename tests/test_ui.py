@@ -1,5 +1,7 @@
 """The web page at /ui in a real browser (Debian's chromium driven by Playwright) against the
-real service: upload a song, follow the job to 100 %, play a stem. Also /docs, offline.
+real service: upload a song, follow the job to 100 %, play the stems together with mute, solo
+and gain (checked in the page's Web Audio graph), download the mix as heard (a remix job).
+Also /docs, offline.
 Screenshots go to `test-artifacts/` (or $SERVE_GRAPH_TEST_ARTIFACTS)."""
 import os
 import shutil
@@ -57,7 +59,7 @@ def page(browser):
     page.close()
 
 
-def test_upload_follow_progress_and_play_a_stem(service, page, tmp_path):
+def test_upload_follow_progress_and_play_the_stems_together(service, page, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     song = tmp_path / "my song.mp3"
     song.write_bytes(encode(tone(SONG_SECONDS, 44100, 2, seed=8), 44100, "mp3"))
@@ -71,22 +73,72 @@ def test_upload_follow_progress_and_play_a_stem(service, page, tmp_path):
     page.wait_for_function("document.getElementById('progress').value > 0", timeout=120_000)
     page.screenshot(path=str(ARTIFACTS / "ui_progress.png"))
     page.wait_for_function("document.getElementById('progress').value === 1", timeout=120_000)
-    page.wait_for_selector(".stem audio")
+    page.wait_for_selector("#transport #play")
     assert page.locator("#error").text_content() == ""
     names = page.locator(".stem strong").all_text_contents()
     assert names == ["drums.mp3", "bass.mp3", "vocals.mp3"]
-    duration = page.evaluate("""async () => {
-        const audio = document.querySelector('.stem audio');
-        await audio.play();
-        await new Promise((done) => setTimeout(done, 500));
-        return {duration: audio.duration, time: audio.currentTime, paused: audio.paused};
-    }""")
-    assert abs(duration["duration"] - SONG_SECONDS) < 0.1, duration
-    assert duration["time"] > 0 and not duration["paused"], duration  # it plays
+    play_mix_with_mute_solo_and_gain(page)
+    download_the_mix(page)
     page.wait_for_function("[...document.querySelectorAll('.stem canvas')].every("
                            "(c) => c.width > 0)")
     page.screenshot(path=str(ARTIFACTS / "ui_done.png"), full_page=True)
     assert page.hosts == {"127.0.0.1"}  # nothing from elsewhere
+
+
+def mixer_state(page) -> dict:
+    return page.evaluate("({gains: mixer.gains(), playing: mixer.playing, "
+                         "position: mixer.position(), duration: mixer.duration})")
+
+
+def set_gain(page, stem: str, db: int) -> None:
+    page.evaluate("""([stem, db]) => {
+        const row = [...document.querySelectorAll('.stem')].find(
+            (r) => r.querySelector('strong').textContent === stem);
+        const range = row.querySelector('.gain');
+        range.value = db;
+        range.dispatchEvent(new Event('input'));
+    }""", [stem, db])
+
+
+def stem_control(page, stem: str, control: str):
+    return page.locator(".stem", has=page.locator(f"strong:text-is('{stem}')")).locator(
+        f".{control}")
+
+
+def play_mix_with_mute_solo_and_gain(page) -> None:
+    """One transport plays every stem; mute, solo and gain set each stem's GainNode."""
+    state = mixer_state(page)
+    assert abs(state["duration"] - SONG_SECONDS) < 0.1 and not state["playing"], state
+    assert state["gains"] == {"drums.mp3": 1, "bass.mp3": 1, "vocals.mp3": 1}
+    page.click("#play")
+    page.wait_for_function("mixer.playing && mixer.position() > 0.3", timeout=10_000)
+    assert page.locator("#play").text_content() == "Pause"
+    stem_control(page, "drums.mp3", "mute").check()
+    assert mixer_state(page)["gains"] == {"drums.mp3": 0, "bass.mp3": 1, "vocals.mp3": 1}
+    stem_control(page, "vocals.mp3", "solo").check()
+    set_gain(page, "vocals.mp3", -6)
+    gains = mixer_state(page)["gains"]
+    assert gains["drums.mp3"] == gains["bass.mp3"] == 0
+    assert abs(gains["vocals.mp3"] - 10 ** (-6 / 20)) < 1e-3, gains
+    page.click("#play")
+    state = mixer_state(page)
+    assert not state["playing"] and 0.3 < state["position"] <= SONG_SECONDS, state
+
+
+def download_the_mix(page) -> None:
+    """"Download this mix" asks the service for the remix of what is audible: the vocals at
+    -6 dB, every other source of the model (other was not separated) left out."""
+    page.click("#mixdown")
+    page.wait_for_selector("#mixfile", timeout=120_000)
+    link = page.locator("#mixfile")
+    assert link.get_attribute("download") == "my song_remix.mp3"
+    assert link.get_attribute("data-remix") == "drums=-inf,bass=-inf,other=-inf,vocals=-6"
+    seconds = page.evaluate("""async () => {
+        const data = await (await fetch(document.getElementById('mixfile').href)).arrayBuffer();
+        return (await new AudioContext().decodeAudioData(data)).duration;
+    }""")
+    assert abs(seconds - SONG_SECONDS) < 0.1, seconds
+    assert page.locator("#error").text_content() == ""
 
 
 def test_docs_render_offline(service, page):

@@ -217,6 +217,16 @@ def check_form_fields(request: Request, form) -> None:
     if repeated:
         raise InvalidParameterError(f"field(s) {', '.join(map(repr, repeated))} sent more "
                                     f"than once")
+    # FastAPI reads an empty form value as the field left out: for a field with a default
+    # (shifts, wav_depth...) that would take the default in silence, against the schema
+    blank = sorted(name for name, value in form.multi_items()
+                   if value == "" and name in _DEFAULTED_FIELDS)
+    if blank:
+        raise InvalidParameterError(f"field(s) {', '.join(map(repr, blank))} sent empty: give "
+                                    f"a value or leave the field out")
+
+
+_DEFAULTED_FIELDS = {field.name for field in request_fields() if field.default is not None}
 
 
 @app.exception_handler(SeparationError)

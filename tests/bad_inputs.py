@@ -170,6 +170,8 @@ def upload_cases(song: bytes, max_upload_mb: float, max_seconds: float
         "remix with two_stems": {"remix": "vocals=-12", "two_stems": "vocals"},
         "stems format with two_stems": {"format": "stems", "two_stems": "vocals"},
         "stems format with a remix": {"format": "stems", "remix": "drums=-inf"},
+        "empty shifts": {"shifts": ""},
+        "empty wav_depth": {"format": "wav", "wav_depth": ""},
         "unknown field": {"shift": 2},
     }
     return {"missing file": (None, {}), **{name: (data, {}) for name, data in files.items()},

@@ -8,7 +8,6 @@ import signal
 import sys
 import tempfile
 import time
-import typing as tp
 from pathlib import Path
 
 import yaml
@@ -71,9 +70,10 @@ def _options(args) -> SeparationOptions:
     return options.with_model(model, [model])
 
 
-def _prepare_cpu(precision: str) -> tp.Optional[dict]:
+def _prepare_cpu(precision: str):
     """This machine's CPU settings, applied before torch loads (the model runs on this
-    process's main thread); None, with the reason printed, when they are malformed."""
+    process's main thread), and their description; None, with the reason printed, when they
+    are malformed."""
     from .engine import cpu_settings
     try:
         chosen = cpu_settings.choose(precision)
@@ -83,7 +83,7 @@ def _prepare_cpu(precision: str) -> tp.Optional[dict]:
     cpu_settings.prepare_process(chosen)
     described = cpu_settings.describe(chosen)
     print(cpu_settings.summary(described), file=sys.stderr)
-    return described
+    return chosen, described
 
 
 def run_separate(args) -> int:
@@ -92,11 +92,12 @@ def run_separate(args) -> int:
     except SeparationError as exc:
         print(f"error: {exc.detail}", file=sys.stderr)
         return 2
-    cpu = _prepare_cpu(args.precision)
-    if cpu is None:
+    prepared = _prepare_cpu(args.precision)
+    if prepared is None:
         return 2
+    chosen, cpu = prepared
     from .engine import ModelRunner, load_model, separate_to_zip
-    from .engine.cpu_settings import apply_to_torch, choose, precision_problem
+    from .engine.cpu_settings import apply_to_torch, precision_problem
     from .engine.separator import RunnerOptions, timed
     output = args.output or args.audio_file.with_name(options.result_name(args.audio_file.stem))
     timings: dict = {}
@@ -110,7 +111,7 @@ def run_separate(args) -> int:
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
-        apply_to_torch(choose(args.precision))
+        apply_to_torch(chosen)
         archive = separate_to_zip(data, runner, options, args.batch_size,
                                   progress=not args.no_progress, timings=timings)
     except ModelNotFoundError as exc:

@@ -486,12 +486,13 @@ def _client(request: Request) -> str:
 
 RESULT_RESPONSE = {"content": {"application/zip": {}, **{media: {} for media in
                                                           dict.fromkeys(MEDIA_TYPES.values())}},
-                   "description": "ZIP of the stems; with `remix`, the mixed audio file"}
+                   "description": "ZIP of the stems; with `remix`, the mixed audio file; "
+                                  "with `format=stems`, the NI STEMS file"}
 
 
 def _result_headers(name: str, song, options: SeparationOptions, timing: str) -> dict:
-    """The answer's headers: its type and file name (a ZIP of stems, or a remix's file), the
-    song's facts and the timing."""
+    """The answer's headers: its type and file name (a ZIP of stems, a remix's file or a STEMS
+    file), the song's facts and the timing."""
     return {"Content-Type": options.result_media_type,
             "Content-Disposition": f'attachment; filename="{options.result_name(_ascii(name))}"',
             "X-Audio-Seconds": f"{song.seconds:.3f}", "X-Windows": str(len(song.plan.windows)),

@@ -4,6 +4,8 @@ import os
 import typing as tp
 from dataclasses import dataclass, fields
 
+from .engine.options import DEFAULT_MP3_QUALITY, MP3_QUALITIES
+
 MODEL_ENV, REPO_ENV = "SERVE_GRAPH_MODEL", "SERVE_GRAPH_MODEL_REPO"
 
 
@@ -31,7 +33,7 @@ class ServiceSettings:
     windows_in_flight: int = 2
     encode_threads: int = 0  # MP3 encoding threads per Encode replica; 0: its num_cpus
     # LAME's quality (0 slowest .. 9 fastest) for requests that leave mp3_quality out
-    mp3_quality: int = 2
+    mp3_quality: int = DEFAULT_MP3_QUALITY
     # helper processes per Decode replica that decode an MP3's later parts while it decodes
     # the first (0: one pass); a part each (1, 2 cores: 0.245 -> 0.19 s for a 216 s song)
     decode_helpers: int = 1
@@ -55,7 +57,6 @@ class ServiceSettings:
     cluster: bool = False
 
     def __post_init__(self):
-        from .engine.options import MP3_QUALITIES
         if not MP3_QUALITIES[0] <= self.mp3_quality <= MP3_QUALITIES[1]:
             raise ValueError(f"mp3_quality must be in {MP3_QUALITIES[0]}..{MP3_QUALITIES[1]}, "
                              f"got {self.mp3_quality}")

@@ -31,6 +31,7 @@ allocation of a thread that runs the model on the main arena (the CLI); `omp_wai
 (`apply_to_torch`).
 """
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -61,7 +62,10 @@ class Machine:
     cores: int  # physical cores in this process's CPU affinity
 
     @classmethod
+    @functools.lru_cache(maxsize=1)
     def read(cls) -> "Machine":
+        """This machine, read once per process (the CLI, a replica and each model runner
+        ask for it)."""
         import platform
         return cls(frozenset(_cpu_flags()), platform.libc_ver()[0], _thp_mode("enabled"),
                    _thp_mode("defrag"), _physical_cores())

@@ -3,7 +3,7 @@
 1. `prepare`: bytes -> decoded mix, its normalisation + window plan (Decode);
 2. `run_windows` (separator.py): batches of windows through the model (Separate);
 3. `SongWriter`: window outputs -> overlap-add -> stems encoded as they become final -> ZIP
-   (Encode); a remix is one file, no ZIP.
+   (Encode); a remix or a STEMS file is one file, no ZIP.
 
 `separate_to_zip` runs the three in one process."""
 import math
@@ -58,7 +58,7 @@ class SongWriter:
     encoded as their stretches become final, a ZIP out.
 
     `add` takes one window's trimmed stems `[S, C, length]`; `finish` returns the ZIP (a
-    remix: its one file, `SeparationOptions.result_media_type`); `close`
+    remix or STEMS file: that one file, `SeparationOptions.result_media_type`); `close`
     (always, also on failure) frees the spill files. MP3 chunks encode on `pool`, which has
     `threads` threads: each stem queues enough chunks to keep them all busy.
     """
@@ -73,8 +73,9 @@ class SongWriter:
         self.overlap_add_seconds = self.zip_seconds = 0.
         self._spill = tempfile.TemporaryDirectory(prefix="stems-", dir=spill_dir())
         self._stems_file = options.output_format == "stems"  # NI STEMS: AAC tracks, muxed
+        self._remix = options.remix_gains  # parsed once, not per stretch
         names = output_names(song.geometry.sources, options.two_stems, options.stem_list,
-                             options.remix_gains, self._stems_file)
+                             self._remix, self._stems_file)
         fmt = "m4a" if self._stems_file else options.output_format
         pending = max(MAX_PENDING_CHUNKS, math.ceil(threads / len(names)) + 1)
         self.files = {f"{name}.{fmt}": StemFile(
@@ -103,7 +104,7 @@ class SongWriter:
         stems = denormalise(stretch, self.song.mean, self.song.std, in_place=True)
         return list(select_stems(dict(zip(self.song.geometry.sources, stems)),
                                  self.options.two_stems, self.options.stem_list,
-                                 self.options.remix_gains, self._stems_file).values())
+                                 self._remix, self._stems_file).values())
 
     def finish(self) -> bytes:
         if not self._acc.done:
@@ -137,11 +138,11 @@ def separate_to_zip(data: bytes, runner: ModelRunner, options: SeparationOptions
                     progress: bool = False,
                     timings: tp.Optional[tp.Dict[str, float]] = None,
                     threads: tp.Optional[int] = None) -> bytes:
-    """Audio file bytes -> ZIP of stems (a remix: its file), in this process: the recipe's
-    three steps in a loop, the stems encoding on `threads` threads (default: one per core)
-    while the model runs. `timings` collects seconds per stage: decode, windows, model,
-    overlap_add (with the encoding of WAV/FLAC), finish (waiting for the last MP3 chunks,
-    joining, ZIP), and the writer's `timings()` as writer_*."""
+    """Audio file bytes -> ZIP of stems (a remix or STEMS file: that file), in this process:
+    the recipe's three steps in a loop, the stems encoding on `threads` threads (default: one
+    per core) while the model runs. `timings` collects seconds per stage: decode, windows,
+    model, overlap_add (with the encoding of WAV/FLAC), finish (waiting for the last MP3
+    chunks, joining, ZIP), and the writer's `timings()` as writer_*."""
     geometry = runner.geometry
     options.validate_for(geometry.sources)
     with timed(timings, "decode"):

@@ -10,27 +10,43 @@ version) no longer has: `AttributeError: 'Function' object has no attribute '_no
 
 CI runs a bounded number of examples per operation; `SERVE_GRAPH_FUZZ_EXAMPLES=500 pytest
 tests/test_fuzz.py` runs a long one."""
+import base64
+import copy
 import os
 
 import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
+from standardwebhooks import Webhook
 
-from serve_graph.ingress import openapi_document
+from audio_files import encode, tone
+from serve_graph.api.openapi import openapi_document
+from serve_graph.ingress import app
 from serve_graph.launch import configured
 from serve_graph.settings import ServiceSettings
 from serve_process import tiny_service
+from web_servers import Receiver, song_server
 
 pytestmark = pytest.mark.serve
 EXAMPLES = int(os.environ.get("SERVE_GRAPH_FUZZ_EXAMPLES", "40"))
 
 
+# A song server and a webhook receiver on 127.0.0.1, started now: their URLs go into the
+# fuzzed schema, which is made at collection time
+SONGS = song_server({"song.wav": encode(tone(1.0, 44100, 2, seed=5), 44100, "wav16")})
+HOOKS = Receiver()
+SECRET = "whsec_" + base64.b64encode(b"fuzzing webhook secret, 32 bytes").decode()
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_repo):
-    server = tiny_service(tmp_path_factory.mktemp("fuzz"), tiny_repo, {"max_upload_mb": 2})
+    server = tiny_service(tmp_path_factory.mktemp("fuzz"), tiny_repo, {
+        "max_upload_mb": 2, "url_allow_networks": ["127.0.0.1/32"], "webhook_secret": SECRET})
     yield server.url
     server.kill()
+    SONGS.close()
+    HOOKS.close()
 
 
 # Schemathesis' positive-data check, with two statuses added to what it accepts for schema-valid
@@ -41,8 +57,24 @@ CONFIG = """
 expected-statuses = ["2xx", "3xx", "401", "403", "404", "409", "413", "415", "429", "5xx"]
 """
 SERVED_MODELS = ServiceSettings.from_args(configured()["applications"][0]["args"]).served_models
-DOCUMENT = openapi_document(SERVED_MODELS)
-schema = schemathesis.openapi.from_dict(DOCUMENT, config=schemathesis.Config.from_str(CONFIG))
+DOCUMENT = openapi_document(app, SERVED_MODELS)
+
+
+def narrowed(document: dict) -> dict:
+    """`document` with `audio_url` and `callback_url` narrowed to the servers above: no schema
+    can say "a URL that serves a song" (a generated URL of a host that does not resolve is
+    refused, 422), so the fuzzer sends valid values that are real, and invalid ones freely."""
+    document = copy.deepcopy(document)
+    urls = {"audio_url": f"{SONGS.url}/song.wav", "callback_url": f"{HOOKS.url}/fuzz"}
+    for name, component in document["components"]["schemas"].items():
+        for field, url in urls.items():
+            if name.startswith("Body_") and field in component["properties"]:
+                component["properties"][field] = {"type": "string", "enum": [url]}
+    return document
+
+
+schema = schemathesis.openapi.from_dict(narrowed(DOCUMENT),
+                                        config=schemathesis.Config.from_str(CONFIG))
 
 
 def test_the_fuzzed_schema_is_the_one_served(service):
@@ -61,3 +93,14 @@ def test_every_generated_request_gets_a_documented_answer(case, service):
         assert set(body) >= {"error", "detail"}, body
     if (case.method.upper(), case.path) == ("POST", "/separate") and response.status_code >= 400:
         assert response.status_code in (400, 404, 413, 415, 422), response.text
+
+
+def test_a_job_without_a_key_calls_back_signed_with_the_configured_secret(service):
+    """Without API keys, callbacks are signed with `webhook_secret`."""
+    answer = requests.post(service + "/jobs", timeout=60,
+                           data={"audio_url": f"{SONGS.url}/song.wav",
+                                 "callback_url": f"{HOOKS.url}/configured"})
+    assert answer.status_code == 202, answer.text
+    (_, _, headers, body), = HOOKS.wait_for("/configured", 1)
+    payload = Webhook(SECRET).verify(body, headers)
+    assert payload["id"] == answer.json()["id"] and payload["status"] == "done"

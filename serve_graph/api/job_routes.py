@@ -1,0 +1,192 @@
+"""`/jobs`: start a separation and answer at once, then its status, Server-Sent Events,
+result and cancellation (`router`, and `JobMethods`, a mixin of `Ingress`; the queue and the
+runs are `jobs.JobStore`'s and `job_runner.JobRunner`'s)."""
+import asyncio
+import json
+import time
+import typing as tp
+
+from fastapi import APIRouter, Depends, Request, UploadFile
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from .. import url_fetch
+from ..engine import InvalidParameterError, SeparationOptions
+from ..job_runner import chunks
+from ..jobs import FINAL, with_links
+from ..webhooks import key_secret
+from .errors import ERROR_RESPONSES, JobNotFoundError, documented, error
+from .forms import AUDIO_FILE, AUDIO_URL, CALLBACK_URL, with_option_fields
+from .middleware import client_address
+from .replica import this_replica
+from .separation import RESULT_RESPONSE, Song, request_key
+
+router = APIRouter()
+
+SSE_POLL_S, SSE_KEEPALIVE_S = 0.25, 15.
+NO_JOB = documented("no such job (or expired)")
+
+
+class JobLinks(BaseModel):
+    """A job: its state (`serve_graph.jobs.public`) and where to follow it."""
+    id: str
+    status: str = Field(description="queued, running, done, failed or cancelled")
+    stage: str = Field(description="queued, decoding, separating, encoding, or the status")
+    progress: dict = Field(description="windows_done, windows_total, fraction (0-1)")
+    eta_seconds: tp.Optional[float] = Field(description="seconds left at the pace so far")
+    model: tp.Optional[str]
+    audio_seconds: tp.Optional[float]
+    created_at: float
+    updated_at: float
+    expires_at: tp.Optional[float] = Field(description="when a finished job is forgotten")
+    error: tp.Optional[dict] = Field(description="a failed job's {status, error, detail}")
+    callback: tp.Optional[dict] = Field(description="with a callback_url: {url, state (null "
+                                        "until the job ends, then pending, delivered or "
+                                        "failed), attempts: [{at, attempt, status or error, "
+                                        "seconds}]}")
+    status_url: str
+    events_url: str
+    result_url: str
+
+
+job_links = with_links
+
+
+def found(job: tp.Optional[dict], job_id: str) -> dict:
+    """The store's answer about `job_id`, or 404 when it had none for this client."""
+    if job is None:
+        raise JobNotFoundError(f"no job {job_id} (unknown, expired or not yours)")
+    return job
+
+
+def request_client(request: Request) -> str:
+    """Who the job limits count a request against: its key, or its address without keys."""
+    key = request_key(request)
+    if key is not None:
+        return f"key:{key}"
+    return f"address:{client_address(request)}"
+
+
+class JobMethods:
+    """What the job routes ask of an Ingress replica (a mixin of `Ingress`). Needs `_jobs`
+    (the store's handle), `_runner` (`JobRunner`), `_settings`, `_decode`, and `song_in`,
+    `separated` (`separation.Separations`) and `ready_model` (`health.ModelStates`)."""
+
+    async def job(self, request: Request, job_id: str) -> dict:
+        """The store's record of `job_id` for this request's key, or `JobNotFoundError`."""
+        self._runner.watch()
+        return found(await self._jobs.get.remote(job_id, request_key(request)), job_id)
+
+    async def events(self, job: dict, key: tp.Optional[str]):
+        """One `status` event per change of `job`, comments to keep the line open while it
+        does not change, until it ends (or is forgotten)."""
+        last, quiet_since = None, time.monotonic()
+        current: tp.Optional[dict] = job
+        while current is not None:
+            view = job_links(current)
+            if view != last:
+                yield f"event: status\ndata: {json.dumps(view)}\n\n"
+                last, quiet_since = view, time.monotonic()
+                if current["status"] in FINAL:
+                    return
+            elif time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                quiet_since = time.monotonic()
+            await asyncio.sleep(SSE_POLL_S)
+            current = await self._jobs.get.remote(job["id"], key)
+
+    async def run_for_job(self, data: bytes, options: SeparationOptions, name: str,
+                          job_id: str, scope: tp.Optional[str]) -> tp.Tuple[bytes, dict]:
+        """One job's separation (`JobRunner`): its ZIP and the headers /separate would send
+        (from the result cache, for `scope`, when it holds them)."""
+        song = Song(options, data, name, await self.ready_model(options.model))
+        return await self.separated(song, scope, job_id)
+
+    async def callback_for(self, request: Request, url: tp.Optional[str]
+                           ) -> tp.Optional[dict]:
+        """The job's callback, `{"url", "secret"}` (None: the configured secret), its URL
+        checked now like a song's; None without a URL."""
+        if url is None:
+            return None
+        await asyncio.to_thread(url_fetch.checked_addresses, url,
+                                url_fetch.networks(self._settings.url_allow_networks))
+        api_key = getattr(request.state, "api_key", None)
+        if api_key is not None:
+            return {"url": url, "secret": key_secret(api_key)}
+        if self._settings.webhook_secret is None:
+            raise InvalidParameterError("callbacks are signed, and this service has no secret "
+                                        "to sign them with: its operator sets webhook_secret, "
+                                        "or API keys")
+        return {"url": url, "secret": None}
+
+
+
+@router.post("/jobs", summary="Start a separation job: 202 at once, then poll status_url, "
+             "follow events_url (Server-Sent Events) and fetch result_url",
+             status_code=202, response_model=JobLinks, responses=ERROR_RESPONSES)
+@with_option_fields
+async def create_job(request: Request, audio_file: tp.Optional[UploadFile] = AUDIO_FILE,
+                     audio_url: tp.Optional[str] = AUDIO_URL,
+                     callback_url: tp.Optional[str] = CALLBACK_URL,
+                     ingress: JobMethods = Depends(this_replica), **fields) -> JSONResponse:
+    """The same fields as `POST /separate`, checked the same way before the 202, and a
+    `callback_url`. The song's headers are read before the 202 too (`engine.probe`): a file
+    that is not audio, or states a length over the limit, is refused at once; what only its
+    decoding shows (a truncated file) fails the job."""
+    callback = await ingress.callback_for(request, callback_url)
+    async with ingress.song_in(request, audio_file, audio_url, fields) as song:
+        await ingress._decode.probe.remote(song.data)  # not audio, or too long: refused now
+        job = await ingress._runner.submit(request_key(request), request_client(request),
+                                           song.data, song.options, song.name, callback)
+    links = job_links(job)
+    return JSONResponse(links, status_code=202, headers={"Location": links["status_url"]})
+
+
+@router.get("/jobs/{job_id}", summary="A job's status, stage, progress and ETA",
+            response_model=JobLinks, responses={404: NO_JOB})
+async def job_status(request: Request, job_id: str,
+                     ingress: JobMethods = Depends(this_replica)) -> dict:
+    return job_links(await ingress.job(request, job_id))
+
+
+@router.get("/jobs/{job_id}/events", summary="A job's status as Server-Sent Events, one "
+            "`status` event per change, until it ends",
+            response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}, 404: NO_JOB})
+async def job_events(request: Request, job_id: str,
+                     ingress: JobMethods = Depends(this_replica)) -> StreamingResponse:
+    job = await ingress.job(request, job_id)
+    return StreamingResponse(ingress.events(job, request_key(request)),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/jobs/{job_id}/result", summary="A finished job's ZIP of stems (or its remix)",
+            response_class=Response,
+            responses={200: RESULT_RESPONSE, 404: NO_JOB,
+                       409: documented("the job has not finished, failed or was cancelled")})
+async def job_result(request: Request, job_id: str,
+                     ingress: JobMethods = Depends(this_replica)) -> Response:
+    job = await ingress.job(request, job_id)
+    if job["status"] != "done":
+        detail = f"the job is {job['status']}"
+        if job["error"]:
+            detail += f": {job['error']['detail']}"
+        return error(409, "job_not_done", detail, job_status=job["status"])
+    stored = await ingress._runner.result(job_id, request_key(request))
+    if stored is None:
+        raise JobNotFoundError(f"job {job_id} has no result any more")
+    file, size, headers = stored
+    headers = dict(headers)
+    return StreamingResponse(chunks(file),
+                             media_type=headers.pop("Content-Type", "application/zip"),
+                             headers={**headers, "Content-Length": str(size)})
+
+
+@router.delete("/jobs/{job_id}", summary="Cancel a job (its queued windows and encoding stop)",
+               response_model=JobLinks, responses={404: NO_JOB})
+async def cancel_job(request: Request, job_id: str,
+                     ingress: JobMethods = Depends(this_replica)) -> dict:
+    job = found(await ingress._jobs.cancel.remote(job_id, request_key(request)), job_id)
+    ingress._runner.cancel(job_id)
+    return job_links(job)

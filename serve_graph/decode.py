@@ -41,6 +41,11 @@ class Decode:
         finally:
             await asyncio.to_thread(release_memory)
 
+    async def probe(self, data: bytes) -> tp.Optional[float]:
+        """`engine.probe` under this service's duration limit: a job's upload checked from
+        its headers before the job is queued."""
+        return await asyncio.to_thread(engine.probe, data, self._settings.max_audio_seconds)
+
     def _prepare(self, data: bytes, geometry: ModelGeometry, options: SeparationOptions) -> Song:
         song = self._prepare_song(data, geometry, options, self._settings.max_audio_seconds,
                                   self._settings.max_windows, self._split)

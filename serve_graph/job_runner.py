@@ -17,8 +17,9 @@ from .job_files import CHUNK, JobFiles
 logger = logging.getLogger("ray.serve")
 WATCH_S = 1.  # how often a replica reports to the store and claims queued jobs
 
-# `run(data, options, name, job_id) -> (zip bytes, response headers)`: one separation
-Run = tp.Callable[[bytes, SeparationOptions, str, str], tp.Awaitable[tp.Tuple[bytes, dict]]]
+# `run(data, options, name, job_id, key) -> (zip bytes, response headers)`: one separation
+Run = tp.Callable[[bytes, SeparationOptions, str, str, tp.Optional[str]],
+                  tp.Awaitable[tp.Tuple[bytes, dict]]]
 
 
 class JobRefusedError(SeparationError):
@@ -60,9 +61,11 @@ class JobRunner:
         return self._files
 
     async def submit(self, key: tp.Optional[str], client: str, data: bytes,
-                     options: SeparationOptions, name: str) -> dict:
-        """Queue a job: its upload written to the storage, then its record; the public view.
-        Over a limit: `JobRefusedError`, and nothing is kept."""
+                     options: SeparationOptions, name: str,
+                     callback: tp.Optional[dict] = None) -> dict:
+        """Queue a job: its upload written to the storage, then its record (with its
+        `callback`, `JobStore.create`); the public view. Over a limit: `JobRefusedError`,
+        and nothing is kept."""
         refused = await self.store.admission.remote(client, len(data))
         if refused is not None:
             raise JobRefusedError(refused)
@@ -70,7 +73,7 @@ class JobRunner:
         job_id = uuid.uuid4().hex
         await asyncio.to_thread(files.write, "uploads", job_id, data)
         answer = await self.store.create.remote(job_id, key, client, len(data),
-                                                options.model_dump(), name)
+                                                options.model_dump(), name, callback)
         if "refused" in answer:
             await asyncio.to_thread(files.delete, "uploads", job_id)
             raise JobRefusedError(answer["refused"])
@@ -117,10 +120,13 @@ class JobRunner:
         free = self.slots - len(self.running)
         if free > 0:
             for job in await self.store.claim.remote(self.owner, free):
-                self._start(job["id"], SeparationOptions(**job["options"]), job["filename"])
+                self._start(job["id"], SeparationOptions(**job["options"]), job["filename"],
+                            job.get("key"))
 
-    def _start(self, job_id: str, options: SeparationOptions, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._run_job(job_id, options, name))
+    def _start(self, job_id: str, options: SeparationOptions, name: str,
+               key: tp.Optional[str]) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._run_job(job_id, options, name, key))
         self.running[job_id] = task
 
         def ended(_) -> None:
@@ -128,7 +134,8 @@ class JobRunner:
             self._poke.set()  # a slot is free
         task.add_done_callback(ended)
 
-    async def _run_job(self, job_id: str, options: SeparationOptions, name: str) -> None:
+    async def _run_job(self, job_id: str, options: SeparationOptions, name: str,
+                       key: tp.Optional[str]) -> None:
         """Run a job to its end and record it: the ZIP on the storage, or the error a client
         would have got from `POST /separate`."""
         try:
@@ -136,7 +143,7 @@ class JobRunner:
             data = await asyncio.to_thread(files.read, "uploads", job_id)
             if data is None:  # ended meanwhile (cancelled), its upload deleted
                 return
-            archive, headers = await self._run(data, options, name, job_id)
+            archive, headers = await self._run(data, options, name, job_id, key)
             result = f"{job_id}-{uuid.uuid4().hex[:8]}"  # each run its own file
             size = await asyncio.to_thread(files.write, "results", result, archive)
             await self.store.finish.remote(job_id, result, size, headers)

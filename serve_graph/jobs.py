@@ -16,8 +16,13 @@ held on the storage: 507.
 
 A job record's public view (`public`):
 `{id, status, stage, progress: {windows_done, windows_total, fraction}, eta_seconds, model,
-audio_seconds, created_at, updated_at, expires_at, error}`; status is queued, running, done,
-failed or cancelled; stage is queued, decoding, separating, encoding or the final status.
+audio_seconds, created_at, updated_at, expires_at, error, callback}`; status is queued,
+running, done, failed or cancelled; stage is queued, decoding, separating, encoding or the
+final status.
+
+Callbacks (`webhooks`): a job created with a `callback_url` has its status JSON POSTed there,
+signed, when it ends; the store's thread makes the attempts, and each is kept in the record
+(`callback: {url, state, attempts}`), so a restarted store resumes the pending ones.
 """
 import hashlib
 import time
@@ -29,6 +34,7 @@ from dataclasses import asdict, dataclass
 import ray
 
 from .job_files import JobFiles
+from .webhooks import Delivery, Sender, body_of
 
 NAME, NAMESPACE = "serve_graph_jobs", "serve_graph"
 ORPHAN_AFTER_S = 6.  # a running job whose owner has not been heard of for this long is re-run
@@ -63,13 +69,18 @@ class JobStore:
     reports windows done."""
 
     def __init__(self, ttl_seconds: float, storage: tp.Optional[str] = None,
-                 limits: tp.Optional[dict] = None):
+                 limits: tp.Optional[dict] = None, webhooks: tp.Optional[dict] = None):
         self.ttl = ttl_seconds
         self.limits = JobLimits(**(limits or {}))
         self.files = JobFiles(storage or default_storage())
         self.id = uuid.uuid4().hex
         self.files.claim_root(self.id)
+        self.webhooks = webhooks or {}
+        self._sender: tp.Optional[Sender] = None
         self.jobs: tp.Dict[str, dict] = self._load()
+        for job in self.jobs.values():  # callbacks a killed store left to make
+            if job["status"] in FINAL and (job.get("callback") or {}).get("state") == "pending":
+                self._call_back(job)
 
     def _load(self) -> tp.Dict[str, dict]:
         """The records on the storage; those that were running are heard of now (their
@@ -119,9 +130,11 @@ class JobStore:
         return None
 
     def create(self, job_id: str, key: tp.Optional[str], client: str, nbytes: int,
-               options: dict, filename: str) -> dict:
+               options: dict, filename: str, callback: tp.Optional[dict] = None) -> dict:
         """Queue job `job_id`, whose upload of `nbytes` is on the storage: `{"job": view}`,
-        or `{"refused": refusal}` over a limit (the caller then deletes the upload)."""
+        or `{"refused": refusal}` over a limit (the caller then deletes the upload).
+        `callback`: `{"url", "secret"}` (secret None: the configured one), called when the
+        job ends."""
         if job_id in self.jobs:
             return {"job": public(self.jobs[job_id], self.ttl)}
         refused = self.admission(client, nbytes)
@@ -134,14 +147,15 @@ class JobStore:
                "audio_seconds": None, "created_at": now, "updated_at": now,
                "started_at": None, "separating_since": None, "finished_at": None,
                "error": None, "owner": None, "heard_at": now, "attempts": 0,
-               "upload_bytes": nbytes, "result_bytes": 0, "result": None, "headers": None}
+               "upload_bytes": nbytes, "result_bytes": 0, "result": None, "headers": None,
+               "callback": callback and {**callback, "state": None, "attempts": []}}
         self.jobs[job_id] = job
         self._save(job)
         return {"job": public(job, self.ttl)}
 
     def claim(self, owner: str, count: int) -> tp.List[dict]:
         """Up to `count` queued jobs for replica `owner` to run now (`{id, options,
-        filename}`), taken round-robin across clients: the client with the fewest jobs
+        filename, key}`), taken round-robin across clients: the client with the fewest jobs
         running, then the one whose last job started longest ago, then the oldest job."""
         queued = sorted((job for job in self.jobs.values() if job["status"] == "queued"),
                         key=lambda job: job["created_at"])
@@ -166,15 +180,14 @@ class JobStore:
             job.update(status="running", stage="decoding", owner=owner, heard_at=now,
                        updated_at=now, started_at=now, attempts=job["attempts"] + 1)
             self._save(job)
-            taken.append({key: job[key] for key in ("id", "options", "filename")})
+            taken.append({key: job[key] for key in ("id", "options", "filename", "key")})
         return taken
 
     def _fail_exhausted(self, job: dict) -> None:
-        if self._end(job["id"], "failed"):
-            job["error"] = {"status": 500, "error": "internal_error",
-                            "detail": f"the job's replica was lost {job['attempts']} times "
-                                      f"while running it; the error is logged"}
-            self._save(job)
+        self._end(job["id"], "failed", error={
+            "status": 500, "error": "internal_error",
+            "detail": f"the job's replica was lost {job['attempts']} times while running it; "
+                      f"the error is logged"})
 
     def _owned(self, job_id: str, key: tp.Optional[str]) -> tp.Optional[dict]:
         """The record of `job_id`, None when unknown or another key's."""
@@ -200,18 +213,13 @@ class JobStore:
     def finish(self, job_id: str, result: str, nbytes: int, headers: dict) -> bool:
         """The job's ZIP is on the storage as `results/<result>`; false (and the file
         deleted) when the job had already ended, cancelled or finished by another run."""
-        if not self._end(job_id, "done", save=False):
+        if not self._end(job_id, "done", result=result, result_bytes=nbytes, headers=headers):
             self.files.delete("results", result)
             return False
-        job = self.jobs[job_id]
-        job.update(result=result, result_bytes=nbytes, headers=headers)
-        self._save(job)
         return True
 
     def fail(self, job_id: str, error: dict) -> None:
-        if self._end(job_id, "failed", save=False):
-            self.jobs[job_id]["error"] = error
-            self._save(self.jobs[job_id])
+        self._end(job_id, "failed", error=error)
 
     def cancel(self, job_id: str, key: tp.Optional[str]) -> tp.Optional[dict]:
         """Cancel a queued or running job (its runner sees it on its next heartbeat and stops
@@ -250,17 +258,45 @@ class JobStore:
         self._expire()
         return {"stop": stop}
 
-    def _end(self, job_id: str, status: str, save: bool = True) -> bool:
+    def _end(self, job_id: str, status: str, **fields) -> bool:
+        """End `job_id` (its record updated with `fields`, saved, its callback queued); false
+        when it had already ended."""
         job = self.jobs.get(job_id)
         if job is None or job["status"] in FINAL:
             return False
         now = time.time()
         job.update(status=status, stage=status, updated_at=now, finished_at=now,
-                   upload_bytes=0)
+                   upload_bytes=0, **fields)
         self.files.delete("uploads", job_id)
-        if save:
-            self._save(job)
+        if job.get("callback"):
+            job["callback"]["state"] = "pending"
+        self._save(job)
+        if job.get("callback"):
+            self._call_back(job)
         return True
+
+    def _call_back(self, job: dict) -> None:
+        """Queue the delivery of `job`'s status to its callback URL (`webhooks.Sender`)."""
+        callback = job["callback"]
+        if self._sender is None:
+            me = ray.get_runtime_context().current_actor
+            self._sender = Sender(lambda *report: me.delivered.remote(*report),
+                                  self.webhooks.get("timeout_s", 10.),
+                                  self.webhooks.get("allow", ()))
+        delivery = Delivery(job["id"], f"{job['id']}-{job['status']}", callback["url"],
+                            callback["secret"] or self.webhooks.get("secret") or "",
+                            body_of(with_links(public(job, self.ttl))),
+                            job["finished_at"] + self.webhooks.get("retry_s", 3600.))
+        self._sender.queue(delivery, len(callback["attempts"]))
+
+    def delivered(self, job_id: str, attempt: dict, state: str) -> None:
+        """An attempt at `job_id`'s callback (`webhooks.Sender`): kept in its record."""
+        job = self.jobs.get(job_id)
+        if job is None or not job.get("callback"):
+            return
+        job["callback"]["attempts"].append(attempt)
+        job["callback"]["state"] = state
+        self._save(job)
 
     def _expire(self) -> None:
         now = time.time()
@@ -289,7 +325,23 @@ def public(job: dict, ttl: float) -> dict:
             "audio_seconds": job["audio_seconds"], "created_at": job["created_at"],
             "updated_at": job["updated_at"],
             "expires_at": job["finished_at"] + ttl if job["finished_at"] else None,
-            "error": job["error"]}
+            "error": job["error"], "callback": _callback_view(job.get("callback"))}
+
+
+def _callback_view(callback: tp.Optional[dict]) -> tp.Optional[dict]:
+    """What a client sees of a job's callback: its URL, state (None until the job ends, then
+    pending, delivered or failed) and attempts; never its secret."""
+    if not callback:
+        return None
+    return {"url": callback["url"], "state": callback["state"],
+            "attempts": callback["attempts"]}
+
+
+def with_links(job: dict) -> dict:
+    """A job's public view with the URLs to follow it (relative to the service)."""
+    base = f"/jobs/{job['id']}"
+    return {**job, "status_url": base, "events_url": f"{base}/events",
+            "result_url": f"{base}/result"}
 
 
 def _eta(job: dict) -> tp.Optional[float]:
@@ -303,7 +355,7 @@ def _eta(job: dict) -> tp.Optional[float]:
 
 
 def job_store(ttl_seconds: float = 3600., storage: tp.Optional[str] = None,
-              limits: JobLimits = JobLimits()):
+              limits: JobLimits = JobLimits(), webhooks: tp.Optional[dict] = None):
     """The service's `JobStore`: the running one, or a new detached one. Without a configured
     `storage` its folder is on its own node's disk, so it is placed on the node of the
     (Ingress) replica that creates it: on a cluster, the one Ingress replica sees it."""
@@ -314,7 +366,7 @@ def job_store(ttl_seconds: float = 3600., storage: tp.Optional[str] = None,
             ray.get_runtime_context().get_node_id(), soft=True)
     return JobStore.options(name=NAME, namespace=NAMESPACE, lifetime="detached",
                             get_if_exists=True, **placement).remote(
-        ttl_seconds, storage, asdict(limits))
+        ttl_seconds, storage, asdict(limits), webhooks)
 
 
 class Progress:

@@ -44,6 +44,13 @@ def song_done(model: str, audio_seconds: float, stages: tp.Dict[str, float]) -> 
         histogram.observe(seconds, {"stage": stage})
 
 
+def cache_answer(outcome: str) -> None:
+    """A separation request looked up in the result cache: "hit" or "miss"."""
+    _metric(metrics.Counter, "serve_graph_result_cache", "separation requests answered from "
+            "the result cache (hit) or separated (miss)", ("outcome",)).inc(
+        1, {"outcome": outcome})
+
+
 def batch_run(model: str, size: int, seconds: float) -> None:
     """Separate ran one forward pass of `size` windows."""
     _metric(metrics.Histogram, "serve_graph_batch_size", "windows per forward pass",

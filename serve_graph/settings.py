@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from .engine.options import DEFAULT_MP3_QUALITY, MP3_QUALITIES
 
 MODEL_ENV, REPO_ENV = "SERVE_GRAPH_MODEL", "SERVE_GRAPH_MODEL_REPO"
+WEBHOOK_SECRET_ENV = "SERVE_GRAPH_WEBHOOK_SECRET"
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,21 @@ class ServiceSettings:
     # bytes of uploads an Ingress replica takes in at once (POST /separate and /jobs being
     # received or separated, by their Content-Length): over it, 429 (0: no limit)
     max_upload_memory_mb: float = 1024.
+    # songs by URL (`audio_url`) and job callbacks (`callback_url`) reach public addresses
+    # only; these networks too (e.g. 10.0.0.0/8, 127.0.0.1/32): the only way to a private host
+    url_allow_networks: tp.Tuple[str, ...] = ()
+    url_timeout_s: float = 120.  # a song by URL is downloaded within this, or refused (422)
+    # the secret webhooks are signed with (Standard Webhooks: `whsec_<base64>`); also env
+    # SERVE_GRAPH_WEBHOOK_SECRET. Jobs created with an API key are signed with a secret
+    # derived from that key instead (`webhooks.key_secret`)
+    webhook_secret: tp.Optional[str] = None
+    webhook_timeout_s: float = 10.  # one delivery attempt
+    webhook_retry_s: float = 3600.  # a callback is retried, with backoff, for this long
+    # results kept on this node's disk and answered again for the same audio bytes, model and
+    # options (`X-Cache: hit`), least recently used evicted past this size; 0: no cache
+    result_cache_mb: float = 2048.
+    result_cache_dir: tp.Optional[str] = None  # None: a folder in Ray's session directory
+    result_cache_shared: bool = False  # true: one key's cached result answers another key
     # A missing model stops a local `serve run` at start with one clear message; false: the
     # service starts anyway and reports the model missing at GET / and /readyz (as on a cluster)
     require_model: bool = True
@@ -57,6 +73,11 @@ class ServiceSettings:
     cluster: bool = False
 
     def __post_init__(self):
+        from .url_fetch import networks
+        from .webhooks import secret_bytes
+        networks(self.url_allow_networks)  # ValueError naming a malformed network
+        if self.webhook_secret is not None:
+            secret_bytes(self.webhook_secret)
         if not MP3_QUALITIES[0] <= self.mp3_quality <= MP3_QUALITIES[1]:
             raise ValueError(f"mp3_quality must be in {MP3_QUALITIES[0]}..{MP3_QUALITIES[1]}, "
                              f"got {self.mp3_quality}")
@@ -72,7 +93,9 @@ class ServiceSettings:
             args["model"] = os.environ[MODEL_ENV]
         if os.environ.get(REPO_ENV) and not args.get("model_repo"):
             args["model_repo"] = os.environ[REPO_ENV]
-        for name in ("cors_origins", "models"):  # YAML lists
+        if os.environ.get(WEBHOOK_SECRET_ENV) and not args.get("webhook_secret"):
+            args["webhook_secret"] = os.environ[WEBHOOK_SECRET_ENV]
+        for name in ("cors_origins", "models", "url_allow_networks"):  # YAML lists
             if name in args:
                 args[name] = tuple(args[name] or ())
         return cls(**args)
@@ -92,6 +115,12 @@ class ServiceSettings:
         from .jobs import JobLimits
         return JobLimits(self.max_jobs, self.max_jobs_per_client,
                          int(self.max_job_storage_mb * 2**20))
+
+    @property
+    def webhooks(self) -> dict:
+        """What the job store needs to deliver callbacks (`webhooks.Sender`)."""
+        return {"secret": self.webhook_secret, "timeout_s": self.webhook_timeout_s,
+                "retry_s": self.webhook_retry_s, "allow": list(self.url_allow_networks)}
 
     def runner_options(self):
         """The `RunnerOptions` of the Separate replicas."""

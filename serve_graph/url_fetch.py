@@ -1,5 +1,5 @@
-"""Fetching a URL a client gave (a song by `audio_url`, later a webhook's address) without
-letting it reach inside the cluster (SSRF).
+"""Fetching a URL a client gave (a song by `audio_url`) and posting to one (a job's
+`callback_url`) without letting either reach inside the cluster (SSRF).
 
 Every hop is checked before it is connected to: the scheme (http or https only), the host
 resolved and *every* address it resolves to refused when it is loopback, private, link-local
@@ -69,7 +69,11 @@ def checked_addresses(url: str, allow: tp.Sequence[Network] = ()
                       ) -> tp.Tuple[tp.Any, tp.List[Address]]:
     """`url` split, and the addresses its host resolves to, every one allowed; raises
     `UrlRefusedError` naming what is refused, `UrlFetchError` when the host does not resolve."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise UrlRefusedError(f"not a URL: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise UrlRefusedError(f"only http and https URLs are fetched, not {parts.scheme!r}")
     if not parts.hostname:
@@ -113,7 +117,26 @@ def fetch(url: str, max_bytes: int, timeout_s: float, allow: tp.Sequence[Network
     raise UrlFetchError(f"more than {MAX_REDIRECTS} redirects")
 
 
-def _request(parts, address: Address, deadline: float):
+def post(url: str, body: bytes, headers: tp.Dict[str, str], timeout_s: float,
+         allow: tp.Sequence[Network] = ()) -> int:
+    """POST `body` to `url` (checked like `fetch`'s; redirects are not followed) within
+    `timeout_s`: the answer's HTTP status. Raises `UrlRefusedError` or `UrlFetchError`."""
+    deadline = time.monotonic() + timeout_s
+    parts, addresses = checked_addresses(url, allow)
+    response, connection = _request(parts, addresses[0], deadline, "POST", body,
+                                    {"Content-Type": "application/json",
+                                     "User-Agent": "serve_graph", **headers})
+    try:
+        response.read(READ_CHUNK)  # the receiver's answer is not kept
+        return response.status
+    except (OSError, http.client.HTTPException):
+        return response.status
+    finally:
+        connection.close()
+
+
+def _request(parts, address: Address, deadline: float, method: str = "GET",
+             body: tp.Optional[bytes] = None, headers: tp.Optional[dict] = None):
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise UrlFetchError("the URL took too long")
@@ -122,8 +145,9 @@ def _request(parts, address: Address, deadline: float):
                                    remaining)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
-        connection.request("GET", path, headers={"User-Agent": "serve_graph",
-                                                 "Accept": "audio/*, */*"})
+        connection.request(method, path, body=body,
+                           headers=headers or {"User-Agent": "serve_graph",
+                                               "Accept": "audio/*, */*"})
         return connection.getresponse(), connection
     except (OSError, http.client.HTTPException) as exc:
         connection.close()

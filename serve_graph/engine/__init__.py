@@ -8,7 +8,7 @@ import importlib
 import typing as tp
 
 _HOMES = {  # name: the submodule that defines it
-    "decode": "audio", "select_stems": "audio", "zip_files": "audio",
+    "decode": "audio", "probe": "audio", "select_stems": "audio", "zip_files": "audio",
     "AudioTooLongError": "errors", "InvalidAudioError": "errors",
     "InvalidParameterError": "errors", "ModelMissingError": "errors",
     "ModelNotFoundError": "errors", "ModelUnavailableError": "errors",

@@ -75,15 +75,31 @@ def _check_samples(wav: np.ndarray, rate: int) -> None:
                                 f"(corrupt float audio)")
 
 
-def _decode_at(data: bytes, samplerate: int, max_seconds: tp.Optional[float],
-               split: tp.Optional["SplitDecoder"]) -> np.ndarray:
-    """The first audio stream, `[1 or 2, T]` float32 at `samplerate`, its samples checked."""
+def probe(data: bytes, max_seconds: tp.Optional[float] = None) -> tp.Optional[float]:
+    """What `decode` can tell of `data` from its headers alone, reading no audio frames (a
+    few milliseconds): `InvalidAudioError` when it is empty, not in a container this service
+    reads, or holds no audio stream at a sane rate; `AudioTooLongError` when its header states
+    more than `max_seconds`. Returns the seconds the header states (None: not stated)."""
+    if not data:
+        raise InvalidAudioError("the file is empty")
+    with _open(data) as container:
+        return _audio_stream(container, data, max_seconds)[1]
+
+
+def _open(data: bytes):
+    """`data` opened by PyAV, only with the demuxers of `DEMUXERS`."""
     try:
-        container = av.open(io.BytesIO(data), mode="r",
-                            options={"format_whitelist": ",".join(DEMUXERS)})
+        return av.open(io.BytesIO(data), mode="r",
+                       options={"format_whitelist": ",".join(DEMUXERS)})
     except (av.FFmpegError, ValueError, UnicodeDecodeError) as exc:
         raise InvalidAudioError(f"not an audio file in a container this service reads "
                                 f"({exc}); supported: {', '.join(DEMUXERS)}") from None
+
+
+def _decode_at(data: bytes, samplerate: int, max_seconds: tp.Optional[float],
+               split: tp.Optional["SplitDecoder"]) -> np.ndarray:
+    """The first audio stream, `[1 or 2, T]` float32 at `samplerate`, its samples checked."""
+    container = _open(data)
     with container:
         format_name = container.format.name
         stream, declared = _audio_stream(container, data, max_seconds)

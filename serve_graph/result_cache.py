@@ -1,0 +1,113 @@
+"""Results kept and answered again: the same audio bytes, model and options give the same
+stems, so a request that matches a kept result is answered from this node's disk without
+running the model (`X-Cache: hit`).
+
+One file per result in a folder shared by the Ingress replicas of a node: `<key[:2]>/<key>`,
+holding an 8-byte length, the answer's headers as JSON, then its body; written to a temporary
+name and renamed, so a reader sees a whole entry or none. A hit touches its file, and a write
+past `max_bytes` removes the least recently used files first. The key is a SHA-256 of the
+audio's own hash, the options, the model's facts (name, precision, device kind) and a scope:
+the API key's id unless results are shared across keys. A model's weights replaced under the
+same name are not seen: clear the folder then.
+"""
+import hashlib
+import json
+import os
+import struct
+import time
+import typing as tp
+import uuid
+from pathlib import Path
+
+HEADER = struct.Struct("<Q")
+MODEL_FACTS = ("model", "precision", "sources", "models_in_bag")
+
+
+def cache_key(data: bytes, options: dict, model: dict, scope: str = "") -> str:
+    """The key of a result: `data`'s SHA-256 with the options, the model's facts (`info` of
+    Separate: name, precision, device kind, sources) and `scope`, never the file's name."""
+    facts = {name: model.get(name) for name in MODEL_FACTS}
+    facts["device"] = str(model.get("device", "")).split(":")[0]
+    described = json.dumps({"options": options, "model": facts, "scope": scope},
+                           sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(hashlib.sha256(data).digest() + described.encode()).hexdigest()
+
+
+class ResultCache:
+    """Results in `folder`, at most `max_bytes` of them; an entry over half of that is not
+    kept."""
+
+    def __init__(self, folder: tp.Union[str, Path], max_bytes: int):
+        self.folder, self.max_bytes = Path(folder), max_bytes
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+            raise ValueError(f"not a cache key: {key!r}")
+        return self.folder / key[:2] / key
+
+    def get(self, key: str) -> tp.Optional[tp.Tuple[bytes, dict]]:
+        """The body and headers kept under `key` (now the most recently used), or None."""
+        path = self._path(key)
+        try:
+            with open(path, "rb") as file:
+                size, = HEADER.unpack(file.read(HEADER.size))
+                headers = json.loads(file.read(size))
+                body = file.read()
+            os.utime(path)
+        except (OSError, ValueError, struct.error):
+            return None  # absent, evicted meanwhile, or not a whole entry
+        return body, headers
+
+    def put(self, key: str, body: bytes, headers: dict) -> bool:
+        """Keep `body` and `headers` under `key`, then evict down to `max_bytes`; false when
+        the entry is too large to keep."""
+        meta = json.dumps(headers).encode()
+        if HEADER.size + len(meta) + len(body) > self.max_bytes // 2:
+            return False
+        path = self._path(key)
+        path.parent.mkdir(exist_ok=True)
+        temporary = path.with_name(f".{key}.{uuid.uuid4().hex}.partial")
+        with open(temporary, "wb") as file:
+            file.write(HEADER.pack(len(meta)) + meta)
+            file.write(body)
+        os.replace(temporary, path)
+        self.evict()
+        return True
+
+    def entries(self) -> tp.List[tp.Tuple[float, int, Path]]:
+        """`(last used, bytes, path)` of every whole entry."""
+        found = []
+        for path in self.folder.glob("??/*"):
+            if path.name.startswith("."):
+                continue
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            found.append((stat.st_mtime, stat.st_size, path))
+        return found
+
+    def evict(self) -> int:
+        """Remove the least recently used entries until the rest fit `max_bytes` (and
+        temporary files a dead writer left over an hour ago); the bytes removed."""
+        for stale in self.folder.glob("??/.*.partial"):
+            try:
+                if time.time() - stale.stat().st_mtime > 3600:
+                    stale.unlink()
+            except OSError:
+                pass
+        entries = sorted(self.entries())
+        total, removed = sum(size for _, size, _ in entries), 0
+        for _, size, path in entries:
+            if total - removed <= self.max_bytes:
+                break
+            try:
+                path.unlink()
+                removed += size
+            except OSError:
+                pass  # another replica evicted it
+        return removed
+
+    def bytes_used(self) -> int:
+        return sum(size for _, size, _ in self.entries())

@@ -144,7 +144,8 @@ def main() -> None:
     make_random_repo(repo, "htdemucs", size="tiny")
     config = write_config(folder / "serve_config.yaml", port=args.port, host="127.0.0.1",
                           args={"model_repo": str(repo), "api_keys_file": str(folder / "keys"),
-                                "job_storage": str(folder / "job_storage")})
+                                "job_storage": str(folder / "job_storage"),
+                                "result_cache_mb": 0})  # every job runs the model
     data = encode_stem(song(args.seconds), 44100, "wav")
     url, process = start_service(args, config)
     try:

@@ -114,7 +114,8 @@ def main() -> None:
     songs = [encode_stem(song(args.seconds, seed=i), 44100, "mp3", 192) for i in range(8)]
     folder = Path(tempfile.mkdtemp(prefix="load_"))
     config = write_config(folder / "serve_config.yaml", port=args.port, host="127.0.0.1",
-                          args={"model_repo": str(standin_repo())})
+                          args={"model_repo": str(standin_repo()),
+                                "result_cache_mb": 0})  # every request runs the model
     spill_before = spill_files()
     url, process = start_service(args, config)
     try:

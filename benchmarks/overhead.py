@@ -43,7 +43,8 @@ def config(args, folder: Path, encode_cpus: int) -> Path:
         folder / "serve_config.yaml", port=args.port, host="127.0.0.1",
         args={"model_repo": str(full_size_repo() if args.full else standin_repo()),
               "max_windows": 100_000, "windows_in_flight": args.windows_in_flight,
-              "encode_threads": encode_cpus},  # serve_config.yaml's own is 2
+              "encode_threads": encode_cpus,
+              "result_cache_mb": 0},  # every request runs the model  # serve_config.yaml's own is 2
         deployments={"Ingress": none, "Decode": none, "Separate": none,
                      "Encode": {"ray_actor_options": {"num_cpus": encode_cpus}}})
 

@@ -31,7 +31,8 @@ def service_config(args, folder: Path) -> Path:
     """serve_config.yaml with this run's model, precision, replicas and batching."""
     cpus = {"num_cpus": args.cpus_per_replica}
     service_args = {"model_repo": args.model_repo or str(full_size_repo()),
-                    "precision": args.precision, "compile": args.compile}
+                    "precision": args.precision, "compile": args.compile,
+                    "result_cache_mb": 0}  # repeated songs: every request runs the model
     for name in ("windows_in_flight", "encode_threads"):
         if getattr(args, name) is not None:
             service_args[name] = getattr(args, name)

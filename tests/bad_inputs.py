@@ -4,7 +4,9 @@ audio, playlists that point elsewhere, parameters out of range and malformed mul
 
 `upload_cases(...)` → `{name: (file bytes or None, form fields)}`, sent as a normal multipart
 upload; `raw_cases()` → `{name: requests.post keyword arguments}` for what a normal upload
-cannot express. Every case must be answered with a 4xx `{"error", "detail"}`.
+cannot express; `url_cases()` and `callback_cases()` → URLs inside the network, as a song's
+`audio_url` and a job's `callback_url`. Every case must be answered with a 4xx
+`{"error", "detail"}`.
 """
 import io
 import os
@@ -206,6 +208,47 @@ def raw_cases() -> tp.Dict[str, dict]:
         "shifts sent twice": dict(files={"audio_file": ("a.wav", audio_file("wav16"))},
                                   data=[("shifts", "1"), ("shifts", "2")]),
     }
+
+
+# Addresses inside the network, in every form a URL can write them: each refused (422) as a
+# song's `audio_url` and as a job's `callback_url` on a service with no allow-list.
+INSIDE = {
+    "loopback": "http://127.0.0.1:8000/song.mp3",
+    "loopback by name": "http://localhost/song.mp3",
+    "loopback, short form": "http://127.1/song.mp3",
+    "loopback, decimal": "http://2130706433/song.mp3",
+    "loopback, hexadecimal": "http://0x7f000001/song.mp3",
+    "IPv6 loopback": "http://[::1]/song.mp3",
+    "IPv4-mapped IPv6 loopback": "http://[::ffff:127.0.0.1]/song.mp3",
+    "IPv4-compatible IPv6 private": "http://[::10.0.0.1]/song.mp3",
+    "6to4 of a private address": "http://[2002:a00:1::1]/song.mp3",
+    "unspecified": "http://0.0.0.0/song.mp3",
+    "cloud metadata": "http://169.254.169.254/latest/meta-data/",
+    "IPv4-mapped cloud metadata": "http://[::ffff:169.254.169.254]/latest/",
+    "private 10/8": "http://10.0.0.1/song.mp3",
+    "private 172.16/12": "http://172.16.5.4/song.mp3",
+    "private 192.168/16": "http://192.168.1.1/song.mp3",
+    "shared 100.64/10": "http://100.64.0.1/song.mp3",
+    "IPv6 link-local": "http://[fe80::1]/song.mp3",
+    "IPv6 unique local": "http://[fd00::1]/song.mp3",
+    "multicast": "http://224.0.0.1/song.mp3",
+    "file scheme": "file:///etc/passwd",
+    "ftp scheme": "ftp://example.com/song.mp3",
+    "gopher scheme": "gopher://127.0.0.1:6379/_INFO",
+    "credentials in the URL": "http://user:secret@example.com/song.mp3",
+    "no host": "http:///song.mp3",
+}
+
+
+def url_cases() -> tp.Dict[str, str]:
+    """`{name: audio_url}`: songs by URL that must be refused (422 url_refused)."""
+    return {f"audio_url: {name}": url for name, url in INSIDE.items()}
+
+
+def callback_cases() -> tp.Dict[str, str]:
+    """`{name: callback_url}`: job callbacks that must be refused (422 url_refused)."""
+    return {f"callback_url: {name}": url.replace("/song.mp3", "/hook")
+            for name, url in INSIDE.items()}
 
 
 def playlists(path: str, port: int) -> tp.Dict[str, str]:

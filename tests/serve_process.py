@@ -72,14 +72,19 @@ class ServeProcess:
         return self._proc.pid
 
 
+# The result cache off: the tests send the same song again and again, and what they test (faults,
+# batching, limits, cancellation) needs the model to run each time. Tests of the cache turn it on.
+UNCACHED = {"result_cache_mb": 0}
+
+
 def tiny_service(folder: Path, tiny_repo: Path, args: tp.Optional[dict] = None,
                  deployments: tp.Optional[dict] = None) -> ServeProcess:
-    """The shipped serve_config.yaml with the tiny model, `args` and `deployments` overridden,
-    on a free port of 127.0.0.1; logs to `folder/serve.log`."""
+    """The shipped serve_config.yaml with the tiny model, `args` (over `UNCACHED`) and
+    `deployments` overridden, on a free port of 127.0.0.1; logs to `folder/serve.log`."""
     from serve_graph.launch import write_config
     port = free_port()
     config = write_config(folder / "serve_config.yaml", port=port, host="127.0.0.1",
-                          args=args or {}, deployments=deployments or {})
+                          args={**UNCACHED, **(args or {})}, deployments=deployments or {})
     return ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
                         folder / "serve.log")
 

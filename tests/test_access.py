@@ -10,7 +10,7 @@ import requests
 from audio_files import encode, tone
 from serve_graph.access import ConcurrencyLimit, bearer_token, matching_key
 from serve_graph.launch import write_config
-from serve_process import ServeProcess, free_port
+from serve_process import UNCACHED, ServeProcess, free_port
 
 pytestmark = pytest.mark.serve
 KEYS = ("key-one", "key-two")
@@ -22,7 +22,8 @@ def service(tmp_path_factory, tiny_repo):
     folder = tmp_path_factory.mktemp("access")
     port = free_port()
     config = write_config(folder / "serve_config.yaml", port=port, host="127.0.0.1",
-                          args={"max_concurrent_per_client": 1, "cors_origins": [ORIGIN]})
+                          args={"max_concurrent_per_client": 1, "cors_origins": [ORIGIN],
+                                **UNCACHED})
     server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo),
                                          "SERVE_GRAPH_API_KEYS": ",".join(KEYS)},
                           folder / "serve.log")

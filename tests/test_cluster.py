@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from audio_files import encode, tone
-from serve_process import ServeProcess, free_port
+from serve_process import UNCACHED, ServeProcess, free_port
 
 pytestmark = pytest.mark.serve
 
@@ -92,7 +92,8 @@ def serve_on(cluster, tiny_repo, folder, args: dict, deployments: dict) -> Serve
     from serve_graph.launch import LOOPBACK_RAY, launch, write_config
     port = free_port()
     config = write_config(folder / "serve_config.yaml", port=port, host="127.0.0.1",
-                          args={"cluster": True, "model_repo": str(tiny_repo), **args},
+                          args={"cluster": True, "model_repo": str(tiny_repo), **UNCACHED,
+                                **args},
                           deployments=deployments)
     env = {**LOOPBACK_RAY, "RAY_ADDRESS": cluster.address}
     return ServeProcess(config, port, env, folder / "serve.log", start=launch)

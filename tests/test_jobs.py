@@ -122,9 +122,14 @@ def test_cancel_stops_the_work(service, song):
 
 
 def test_bad_request_is_refused_before_a_job_and_bad_audio_fails_the_job(service, song):
+    """Bad fields and files that are not audio are refused before the 202; audio that only
+    its decoding shows to be broken (a WAV cut in half) fails the job."""
     refused = submit(service.url, song, shifts=99)
     assert refused.status_code == 422 and refused.json()["error"] == "invalid_parameter"
-    job = submit(service.url, b"not audio at all" * 100).json()
+    not_audio = submit(service.url, b"not audio at all" * 100)
+    assert not_audio.status_code == 415 and not_audio.json()["error"] == "invalid_audio"
+    wav = encode(tone(3.0, 44100, 2, seed=4), 44100, "wav16")
+    job = submit(service.url, wav[:len(wav) // 2]).json()
     failed = wait_for(service.url, job["id"])
     assert failed["status"] == "failed"
     assert failed["error"]["status"] == 415 and failed["error"]["error"] == "invalid_audio"

@@ -15,9 +15,10 @@ import soundfile
 import torch as th
 
 from audio_files import encode, tone
-from bad_inputs import Sentinels, float_wav, playlists, raw_cases
+from bad_inputs import (Sentinels, callback_cases, float_wav, playlists, raw_cases,
+                        url_cases)
 from bad_inputs import upload_cases as upload_cases_for
-from serve_process import ServeProcess, free_port, listening_addresses
+from serve_process import UNCACHED, ServeProcess, free_port, listening_addresses
 from serve_graph.launch import READY
 from serve_graph.procs import descendants
 from serve_graph.launch import write_config
@@ -37,7 +38,7 @@ def service_process(tmp_path_factory, tiny_repo):
     config = write_config(
         folder / "serve_config.yaml", port=port, host="127.0.0.1",
         args={"max_upload_mb": MAX_UPLOAD_MB, "max_audio_seconds": MAX_SECONDS,
-              "max_windows": MAX_WINDOWS, "models": list(OTHER_MODELS)},
+              "max_windows": MAX_WINDOWS, "models": list(OTHER_MODELS), **UNCACHED},
         deployments={"Separate": {"user_config": {"max_batch_size": 8,
                                                   "batch_wait_timeout_s": 0.05}}})
     server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
@@ -298,9 +299,25 @@ def test_malformed_requests_get_4xx_json(service, song_mp3, case):
         "bass.mp3", "no_bass.mp3"]
 
 
+@pytest.mark.parametrize("case", list(url_cases()))
+def test_songs_by_url_inside_the_network_are_refused(service, case):
+    response = requests.post(service + "/separate", data={"audio_url": url_cases()[case]},
+                             timeout=60)
+    assert_refused(response, case)
+    assert response.status_code == 422 and response.json()["error"] == "url_refused", case
+
+
+@pytest.mark.parametrize("case", list(callback_cases()))
+def test_callbacks_inside_the_network_are_refused(service, song_mp3, case):
+    response = requests.post(service + "/jobs", files={"audio_file": ("a.mp3", song_mp3)},
+                             data={"callback_url": callback_cases()[case]}, timeout=60)
+    assert_refused(response, case)
+    assert response.status_code == 422 and response.json()["error"] == "url_refused", case
+
+
 def test_bad_input_corpus_has_sixty_kinds():
     kinds = (len(upload_cases_for(b"", MAX_UPLOAD_MB, MAX_SECONDS)) + len(raw_cases()) +
-             len(playlists("/x", 1)))
+             len(playlists("/x", 1)) + len(url_cases()) + len(callback_cases()))
     assert kinds >= 60, kinds
 
 

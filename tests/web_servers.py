@@ -1,0 +1,105 @@
+"""Real HTTP servers on 127.0.0.1 for the integration tests: one that serves songs (and
+redirects, errors, slow and oversized answers) for `audio_url`, and a webhook receiver that
+records every callback and can be told to fail the first attempts."""
+import http.server
+import threading
+import time
+import typing as tp
+
+
+class _Quiet(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a client that gave up at its deadline
+
+
+class Server:
+    """A threading HTTP server on a free port of 127.0.0.1, running `handler` until
+    `close()`."""
+
+    def __init__(self, handler: type):
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def song_server(files: tp.Dict[str, bytes], slow_s: float = 0.) -> Server:
+    """GET `/<name>` → `files[name]`; `/redirect?to=URL` → 302 to URL; `/slow/<name>` sends
+    `files[name]` after `slow_s`; anything else 404."""
+    class Songs(_Quiet):
+        def do_GET(self) -> None:
+            path, _, query = self.path.partition("?")
+            if path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", query.removeprefix("to="))
+                self.end_headers()
+                return
+            name = path.removeprefix("/slow/").lstrip("/")
+            if name not in files:
+                self.send_error(404)
+                return
+            if path.startswith("/slow/"):
+                time.sleep(slow_s)
+            body = files[name]
+            self.send_response(200)
+            self.send_header("Content-Type", "audio/mpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+    return Server(Songs)
+
+
+class Receiver:
+    """A webhook receiver: every POST recorded as `(monotonic time, path, headers, body)`;
+    the first `failures[path]` POSTs to a path answered 500, the rest 204."""
+
+    def __init__(self, failures: tp.Optional[tp.Dict[str, int]] = None):
+        self.calls: tp.List[tp.Tuple[float, str, dict, bytes]] = []
+        self.failures = failures or {}
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Hooks(_Quiet):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    receiver.calls.append((time.monotonic(), self.path, dict(self.headers),
+                                           body))
+                    made = sum(call[1] == self.path for call in receiver.calls)
+                    fail = made <= receiver.failures.get(self.path, 0)
+                self.send_response(500 if fail else 204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = Server(Hooks)
+        self.url = self.server.url
+
+    def calls_to(self, path: str) -> tp.List[tp.Tuple[float, str, dict, bytes]]:
+        with self.lock:
+            return [call for call in self.calls if call[1] == path]
+
+    def wait_for(self, path: str, count: int, timeout: float = 60.
+                 ) -> tp.List[tp.Tuple[float, str, dict, bytes]]:
+        """The calls to `path` once there are `count` of them (AssertionError after
+        `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            calls = self.calls_to(path)
+            if len(calls) >= count:
+                return calls
+            time.sleep(0.1)
+        raise AssertionError(f"{len(self.calls_to(path))} calls to {path}, not {count}")
+
+    def close(self) -> None:
+        self.server.close()

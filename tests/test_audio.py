@@ -13,7 +13,8 @@ import soundfile
 
 from audio_files import FORMATS, encode, tone
 from bad_inputs import Sentinels, audio_file, playlists
-from serve_graph.engine import InvalidAudioError, AudioTooLongError, decode, zip_files
+from serve_graph.engine import (AudioTooLongError, InvalidAudioError, decode, probe,
+                                zip_files)
 from serve_graph.engine.audio import _Samples, select_stems
 from serve_graph.engine.output import encode_stem
 from serve_graph.engine.mp3 import count_frames, parse_header
@@ -84,6 +85,22 @@ def test_resampling_agrees_with_demucs_fallback_resampler(rate):
 def test_non_audio_raises_typed_error(data):
     with pytest.raises(InvalidAudioError):
         decode(data)
+
+
+@pytest.mark.parametrize("data", [b"", b"hello, this is a text file\n" * 50,
+                                  bytes(range(256)) * 40, b"{}"],
+                         ids=["empty", "text", "binary", "json"])
+def test_probe_refuses_what_is_not_audio_from_its_headers(data):
+    with pytest.raises(InvalidAudioError):
+        probe(data)
+
+
+def test_probe_passes_audio_and_refuses_a_stated_length_over_the_limit():
+    flac = audio_file("flac", 3.0)
+    assert probe(flac) == pytest.approx(3.0, abs=0.05)
+    assert probe(flac[:len(flac) // 2], max_seconds=10) is not None  # decoding shows the cut
+    with pytest.raises(AudioTooLongError):
+        probe(flac, max_seconds=1)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))

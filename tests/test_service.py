@@ -315,6 +315,15 @@ def test_callbacks_inside_the_network_are_refused(service, song_mp3, case):
     assert response.status_code == 422 and response.json()["error"] == "url_refused", case
 
 
+def test_the_result_cache_is_off_with_one_setting(service, song_mp3):
+    """This service runs with `result_cache_mb: 0`: the same request runs the model again."""
+    before = requests.get(service + "/stats", timeout=30).json()["windows"]
+    for _ in range(2):
+        answer = post(service, song_mp3, two_stems="bass")
+        assert answer.status_code == 200 and "x-cache" not in answer.headers
+    assert requests.get(service + "/stats", timeout=30).json()["windows"] >= before + 2
+
+
 def test_bad_input_corpus_has_sixty_kinds():
     kinds = (len(upload_cases_for(b"", MAX_UPLOAD_MB, MAX_SECONDS)) + len(raw_cases()) +
              len(playlists("/x", 1)) + len(url_cases()) + len(callback_cases()))

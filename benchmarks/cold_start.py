@@ -86,11 +86,12 @@ def separate_once(url: str, wav: bytes) -> float:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one_start(repo: Path, port: int, wav: bytes, timeout: float,
+def one_start(repo: Path, port: int, wavs: tp.Sequence[bytes], timeout: float,
               tree: Path = ROOT, python: str = sys.executable) -> tp.Dict[str, float]:
     """One cold start of the code in `tree` (a checkout of this repository: the launcher runs
     there, and it and every Ray process import `serve_graph` from it) with interpreter
-    `python`; phases in seconds from the launcher's process start."""
+    `python`; phases in seconds from the launcher's process start. The two songs `wavs` are
+    different songs of one length: the second is not answered from the result cache."""
     folder = Path(tempfile.mkdtemp(prefix="cold_start_"))
     log_path = folder / "serve.log"
     url = f"http://127.0.0.1:{port}"
@@ -104,8 +105,8 @@ def one_start(repo: Path, port: int, wav: bytes, timeout: float,
             ready = _wait_ready(url, process, started + timeout)
             figures = {**log_phases(log_path.read_text(errors="replace"), started),
                        "/readyz 200": ready - started}
-            figures["first song"] = separate_once(url, wav)
-            figures["second song"] = separate_once(url, wav)
+            figures["first song"] = separate_once(url, wavs[0])
+            figures["second song"] = separate_once(url, wavs[1])
         finally:
             stopping = time.perf_counter()
             stop_tree(process, signal.SIGINT)
@@ -140,15 +141,17 @@ def main() -> None:
     parser.add_argument("--note", default="", help="what this run measures (e.g. the change)")
     args = parser.parse_args()
     repo = tiny_repo() if args.size == "tiny" else full_size_repo()
-    buffer = io.BytesIO()
-    sf.write(buffer, song(30).numpy().T, 44100, format="WAV", subtype="PCM_16")
+    wavs = []
+    for seed in (0, 1):
+        buffer = io.BytesIO()
+        sf.write(buffer, song(30, seed=seed).numpy().T, 44100, format="WAV", subtype="PCM_16")
+        wavs.append(buffer.getvalue())
     trees = ({"before": (args.before.resolve(), args.before_python),
               "after": (ROOT, sys.executable)} if args.before else {"": (ROOT, sys.executable)})
     runs: tp.Dict[str, tp.List[tp.Dict[str, float]]] = {label: [] for label in trees}
     for _ in range(args.repeats):
         for label, (tree, python) in trees.items():
-            runs[label].append(one_start(repo, args.port, buffer.getvalue(), args.timeout,
-                                         tree, python))
+            runs[label].append(one_start(repo, args.port, wavs, args.timeout, tree, python))
     lines = [f"- model: {args.size} htdemucs (random weights); {args.repeats} cold starts "
              f"of each tree, alternating; seconds from the launcher's process start (songs and "
              f"stop: their own duration){'; ' + args.note if args.note else ''}"]

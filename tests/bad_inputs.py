@@ -5,8 +5,8 @@ audio, playlists that point elsewhere, parameters out of range and malformed mul
 `upload_cases(...)` → `{name: (file bytes or None, form fields)}`, sent as a normal multipart
 upload; `raw_cases()` → `{name: requests.post keyword arguments}` for what a normal upload
 cannot express; `url_cases()` and `callback_cases()` → URLs inside the network, as a song's
-`audio_url` and a job's `callback_url`. Every case must be answered with a 4xx
-`{"error", "detail"}`.
+`audio_url` and a job's `callback_url`, and `REDIRECTS_INSIDE`, where a redirect may not lead.
+Every case must be answered with a 4xx `{"error", "detail"}`.
 """
 import io
 import os
@@ -237,6 +237,18 @@ INSIDE = {
     "gopher scheme": "gopher://127.0.0.1:6379/_INFO",
     "credentials in the URL": "http://user:secret@example.com/song.mp3",
     "no host": "http:///song.mp3",
+}
+
+
+# Where a redirect from an allowed host may not lead (the tests' allowed host is 127.0.0.1):
+# each hop is checked like the first.
+REDIRECTS_INSIDE = {
+    "redirect to cloud metadata": "http://169.254.169.254/latest/meta-data/",
+    "redirect to a private address": "http://10.0.0.1/song.mp3",
+    "redirect to IPv4-mapped metadata": "http://[::ffff:169.254.169.254]/",
+    "redirect to IPv6 loopback": "http://[::1]/song.mp3",
+    "redirect to a file": "file:///etc/passwd",
+    "redirect to gopher": "gopher://127.0.0.1:6379/_INFO",
 }
 
 

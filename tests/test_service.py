@@ -88,7 +88,11 @@ def test_openapi_describes_every_field(service):
     ref = body["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]
     properties = schema["components"]["schemas"][ref]["properties"]
     from serve_graph.engine.options import request_fields
-    assert set(properties) == {"audio_file"} | {field.name for field in request_fields()}
+    assert set(properties) == {"audio_file", "audio_url"} | {
+        field.name for field in request_fields()}
+    assert schema["components"]["schemas"][ref]["oneOf"] == [{"required": ["audio_file"]},
+                                                             {"required": ["audio_url"]}]
+    assert properties["audio_url"]["pattern"] == "^https?://"
     for name, field in properties.items():
         assert field.get("description"), name
     assert properties["shifts"]["maximum"] == 20 and properties["mp3_bitrate"]["minimum"] == 128

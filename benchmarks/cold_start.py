@@ -100,7 +100,8 @@ def one_start(repo: Path, port: int, wavs: tp.Sequence[bytes], timeout: float,
         process = subprocess.Popen(
             [python, "-m", "serve_graph", "serve", "--port", str(port),
              "--model-repo", str(repo)], stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)})
+            start_new_session=True, cwd=tree,
+            env={**os.environ, "PYTHONPATH": str(tree), "RAY_DEDUP_LOGS": "0"})  # every line
         try:
             ready = _wait_ready(url, process, started + timeout)
             figures = {**log_phases(log_path.read_text(errors="replace"), started),

@@ -49,8 +49,9 @@ def configured(source: tp.Union[str, Path] = DEFAULT_CONFIG, port: tp.Optional[i
 
 
 def serve_command(config: tp.Union[str, Path]) -> tp.List[str]:
-    """`serve run <config>` with this interpreter's Ray."""
-    return [sys.executable, "-m", "ray.serve.scripts", "run", str(config)]
+    """`serve run <config>` with this interpreter's Ray, its local Ray without the dashboard
+    (`serve_graph.serve_run`)."""
+    return [sys.executable, "-m", "serve_graph.serve_run", str(config)]
 
 
 # Ray takes 127.0.0.1 as the node's address with this (as it does on macOS), and then binds its

@@ -56,13 +56,15 @@ def missing_model_message(name: str, problem: str) -> str:
 
 
 def local_serve_run() -> tp.Optional[int]:
-    """The PID of the `serve run` process that started the Ray cluster this worker belongs to,
-    or None (a cluster started otherwise, or not Linux)."""
+    """The PID of the `serve run` process (Ray's, or `serve_graph.serve_run`) that started the
+    Ray cluster this worker belongs to, or None (a cluster started otherwise, or not Linux)."""
     raylet = parent(os.getpid())
     if not any(part.endswith("raylet") for part in cmdline(raylet)[:1]):
         return None
     driver = parent(raylet)
     args = cmdline(driver)
+    if "serve_graph.serve_run" in args[:3]:
+        return driver
     is_serve = any(Path(a).name == "serve" or a == "ray.serve.scripts" for a in args[:3])
     return driver if is_serve and "run" in args else None
 

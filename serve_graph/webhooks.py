@@ -113,9 +113,12 @@ class Sender:
         started = time.time()
         record = {"at": round(started, 3), "attempt": made + 1}
         try:
-            status = post(delivery.url, delivery.body,
-                          signed_headers(delivery.secret, delivery.message_id, delivery.body),
-                          self.timeout_s, self.allow)
+            headers = signed_headers(delivery.secret, delivery.message_id, delivery.body)
+        except ValueError as exc:  # no secret any more (the configuration changed): stop
+            record["error"] = f"cannot sign: {exc}"
+            return self.report(delivery.job_id, record, "failed")
+        try:
+            status = post(delivery.url, delivery.body, headers, self.timeout_s, self.allow)
             record["status"] = status
         except UrlRefusedError as exc:  # the host now resolves somewhere refused: stop
             record["error"] = exc.detail

@@ -72,7 +72,7 @@ def test_the_sender_retries_until_a_2xx_and_reports_every_attempt():
     assert all(Webhook(SECRET).verify(body, headers) for _, _, headers, body in calls)
 
 
-def test_the_sender_gives_up_at_its_deadline_and_at_a_refused_address():
+def test_the_sender_gives_up_at_its_deadline_a_refused_address_or_no_secret():
     reports = []
     sender = Sender(lambda *report: reports.append(report), timeout_s=1)
     body = body_of({"id": "j3"})
@@ -80,10 +80,13 @@ def test_the_sender_gives_up_at_its_deadline_and_at_a_refused_address():
                           time.time() + 30))  # loopback, not allow-listed: refused
     sender.queue(Delivery("j4", "j4-done", "http://unresolvable.invalid/hook", SECRET, body,
                           time.time() + 0.5))  # an error, and no time for a second attempt
+    sender.queue(Delivery("j5", "j5-done", "http://example.com/hook", "", body,
+                          time.time() + 30))  # no secret to sign with (configuration changed)
     deadline = time.monotonic() + 10
-    while len(reports) < 2 and time.monotonic() < deadline:
+    while len(reports) < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     states = {job: (state, attempt) for job, attempt, state in reports}
     assert states["j3"][0] == "failed" and "loopback" in states["j3"][1]["error"]
     assert states["j4"][0] == "failed" and "resolve" in states["j4"][1]["error"]
-    assert len(reports) == 2
+    assert states["j5"][0] == "failed" and "cannot sign" in states["j5"][1]["error"]
+    assert len(reports) == 3

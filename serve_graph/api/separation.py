@@ -103,12 +103,7 @@ class Separations:
         """A separation request checked before any work: its fields, its model (loaded) and
         the model's stems, then the song, uploaded or downloaded (under the upload limits and
         the replica's budget of upload bytes, held until the block ends)."""
-        check_form_fields(request, await request.form())
-        options = SeparationOptions.parse(**fields).with_model(
-            self._default, self._settings.served_models).with_defaults(
-            mp3_quality=self._settings.mp3_quality)
-        info = await self.ready_model(options.model)
-        options.validate_for(info["sources"])
+        options, info = await self._checked_options(request, fields)
         if (audio_file is None) == (audio_url is None):
             raise InvalidParameterError("send the song as audio_file (an upload) or as "
                                         "audio_url, one of them")
@@ -130,11 +125,23 @@ class Separations:
         finally:
             replica.upload_budget.give_back(self._max_bytes)
 
+    async def _checked_options(self, request: Request, fields: dict
+                               ) -> tp.Tuple[SeparationOptions, dict]:
+        """The request's options (model and defaults set), checked against the form and the
+        model's stems, and the model's facts (it is loaded now if it was not)."""
+        check_form_fields(request, await request.form())
+        options = SeparationOptions.parse(**fields).with_model(
+            self._default, self._settings.served_models).with_defaults(
+            mp3_quality=self._settings.mp3_quality)
+        info = await self.ready_model(options.model)
+        options.validate_for(info["sources"])
+        return options, info
+
     async def separated(self, song: Song, scope: tp.Optional[str],
                         job_id: tp.Optional[str] = None) -> tp.Tuple[bytes, dict]:
         """`song`'s answer and its headers: from the result cache when it holds them (for
         `scope`, the key's id), else separated now (and kept)."""
-        key = self._cache_key(song, scope)
+        key = await asyncio.to_thread(self._cache_key, song, scope)  # hashes the whole song
         if key is not None:
             start = time.perf_counter()
             kept = await asyncio.to_thread(self._cache.get, key)

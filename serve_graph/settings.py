@@ -1,5 +1,6 @@
 """Service settings: the `args` of the application in serve_config.yaml, with environment
 overrides for the model, so one config serves any model repo."""
+import functools
 import os
 import typing as tp
 from dataclasses import dataclass, fields
@@ -73,9 +74,8 @@ class ServiceSettings:
     cluster: bool = False
 
     def __post_init__(self):
-        from .url_fetch import networks
         from .webhooks import secret_bytes
-        networks(self.url_allow_networks)  # ValueError naming a malformed network
+        self.allowed_networks  # noqa: B018 - ValueError naming a malformed network
         if self.webhook_secret is not None:
             secret_bytes(self.webhook_secret)
         if not MP3_QUALITIES[0] <= self.mp3_quality <= MP3_QUALITIES[1]:
@@ -115,6 +115,12 @@ class ServiceSettings:
         from .jobs import JobLimits
         return JobLimits(self.max_jobs, self.max_jobs_per_client,
                          int(self.max_job_storage_mb * 2**20))
+
+    @functools.cached_property
+    def allowed_networks(self):
+        """`url_allow_networks` parsed (`url_fetch.networks`), once."""
+        from .url_fetch import networks
+        return networks(self.url_allow_networks)
 
     @property
     def webhooks(self) -> dict:

@@ -109,7 +109,7 @@ class JobMethods:
         if url is None:
             return None
         await asyncio.to_thread(url_fetch.checked_addresses, url,
-                                url_fetch.networks(self._settings.url_allow_networks))
+                                self._settings.allowed_networks)
         api_key = getattr(request.state, "api_key", None)
         if api_key is not None:
             return {"url": url, "secret": key_secret(api_key)}

@@ -119,7 +119,7 @@ class Separations:
         try:
             data = await asyncio.to_thread(
                 url_fetch.fetch, audio_url, self._max_bytes, self._settings.url_timeout_s,
-                url_fetch.networks(self._settings.url_allow_networks))
+                self._settings.allowed_networks)
             yield Song(options, _checked(data, self._max_bytes),
                        _stem(urlsplit(audio_url).path), info)
         finally:

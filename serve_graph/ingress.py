@@ -60,7 +60,7 @@ class Ingress(ModelStates, Separations, JobMethods):
                                settings.webhooks)
         self._cache = result_cache(settings)
         self._runner = JobRunner(self._jobs, uuid.uuid4().hex, settings.jobs_per_replica,
-                                 self.run_for_job)
+                                 self.run_for_job, self.can_start_jobs)
         configure(settings)
         log_replica_ready(logger)
 

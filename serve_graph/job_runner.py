@@ -20,6 +20,8 @@ WATCH_S = 1.  # how often a replica reports to the store and claims queued jobs
 # `run(data, options, name, job_id, key) -> (zip bytes, response headers)`: one separation
 Run = tp.Callable[[bytes, SeparationOptions, str, str, tp.Optional[str]],
                   tp.Awaitable[tp.Tuple[bytes, dict]]]
+# `ready() -> bool`: whether jobs can start now (false while the model's replica starts)
+Ready = tp.Callable[[], tp.Awaitable[bool]]
 
 
 class JobRefusedError(SeparationError):
@@ -39,10 +41,13 @@ class JobStorageError(SeparationError):
 
 
 class JobRunner:
-    """Jobs for one Ingress replica (`owner`), run with `run`, at most `slots` at once."""
+    """Jobs for one Ingress replica (`owner`), run with `run`, at most `slots` at once, none
+    claimed while `ready` says no: a service restarted on a storage with queued jobs leaves
+    them queued until its model is up, instead of failing them with the 503 of a request."""
 
-    def __init__(self, store, owner: str, slots: int, run: Run):
+    def __init__(self, store, owner: str, slots: int, run: Run, ready: Ready):
         self.store, self.owner, self.slots, self._run = store, owner, max(1, slots), run
+        self._ready = ready
         self.running: tp.Dict[str, asyncio.Task] = {}
         self._files: tp.Optional[JobFiles] = None
         self._watcher: tp.Optional[asyncio.Task] = None
@@ -118,7 +123,7 @@ class JobRunner:
         for job_id in answer["stop"]:
             self.cancel(job_id)
         free = self.slots - len(self.running)
-        if free > 0:
+        if free > 0 and await self._ready():
             for job in await self.store.claim.remote(self.owner, free):
                 self._start(job["id"], SeparationOptions(**job["options"]), job["filename"],
                             job.get("key"))

@@ -78,15 +78,17 @@ UNCACHED = {"result_cache_mb": 0}
 
 
 def tiny_service(folder: Path, tiny_repo: Path, args: tp.Optional[dict] = None,
-                 deployments: tp.Optional[dict] = None) -> ServeProcess:
+                 deployments: tp.Optional[dict] = None, ready_path: str = "/readyz"
+                 ) -> ServeProcess:
     """The shipped serve_config.yaml with the tiny model, `args` (over `UNCACHED`) and
-    `deployments` overridden, on a free port of 127.0.0.1; logs to `folder/serve.log`."""
+    `deployments` overridden, on a free port of 127.0.0.1, started once `ready_path` answers
+    (`ServeProcess`); logs to `folder/serve.log`."""
     from serve_graph.launch import write_config
     port = free_port()
     config = write_config(folder / "serve_config.yaml", port=port, host="127.0.0.1",
                           args={**UNCACHED, **(args or {})}, deployments=deployments or {})
     return ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
-                        folder / "serve.log")
+                        folder / "serve.log", ready_path=ready_path)
 
 
 def listening_addresses(pids: tp.Iterable[int]) -> tp.List[tp.Tuple[int, str, int]]:

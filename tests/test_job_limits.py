@@ -12,6 +12,8 @@ import pytest
 import requests
 
 from audio_files import encode, tone
+from serve_graph.job_runner import WATCH_S
+from serve_graph.jobs import ORPHAN_AFTER_S
 from serve_process import tiny_service
 
 pytestmark = pytest.mark.serve
@@ -132,8 +134,10 @@ def test_uploads_in_flight_are_capped_for_separate_too(service):
 
 
 def test_every_accepted_job_is_found_again_after_a_restart(service, folder, tiny_repo):
-    """The service stopped with a finished, a running and a queued job on its storage; a new
-    service on the same storage answers the first from its stored ZIP and runs the others."""
+    """The service stopped with a finished, a running and a queued job on its storage. A new
+    service on the same storage whose model is not up (its Separate replica cannot be placed)
+    answers the first from its stored ZIP and keeps the others queued, not failed; one whose
+    model is up runs them."""
     song = encode(tone(10.0, 44100, 2, seed=6), 44100, "mp3")
     finished = post(service.url, "/jobs", song, KEYS[1]).json()
     wait_for_key(service.url, finished, KEYS[1])
@@ -147,14 +151,24 @@ def test_every_accepted_job_is_found_again_after_a_restart(service, folder, tiny
         time.sleep(0.1)
     service.kill()  # as a crash would: every record is written through, none waits for a stop
 
-    restarted = tiny_service(folder, tiny_repo, settings(folder))
+    no_model = tiny_service(folder, tiny_repo, settings(folder), ready_path="/healthz",
+                            deployments={"Separate": {"ray_actor_options": {"num_cpus": 64}}})
     try:
-        after = requests.get(restarted.url + finished["result_url"], headers=auth(KEYS[1]),
+        after = requests.get(no_model.url + finished["result_url"], headers=auth(KEYS[1]),
                              timeout=60)
         assert after.status_code == 200 and after.content == before
+        time.sleep(ORPHAN_AFTER_S + 3 * WATCH_S)  # the running one is back in the queue
+        assert requests.get(no_model.url + "/readyz", timeout=30).status_code == 503
+        for job in (running, queued):
+            assert status(no_model.url, job, KEYS[0])["status"] == "queued"
+    finally:
+        no_model.kill()
+
+    restarted = tiny_service(folder, tiny_repo, settings(folder))
+    try:
         for job in (running, queued):
             done = wait_for_key(restarted.url, job, KEYS[0])
-            assert done["status"] == "done", done
+            assert done["status"] == "done", done["error"]
             zipped = requests.get(restarted.url + done["result_url"], headers=auth(KEYS[0]),
                                   timeout=60)
             assert len(zipfile.ZipFile(io.BytesIO(zipped.content)).namelist()) == 4

@@ -70,7 +70,8 @@ def request_client(request: Request) -> str:
 class JobMethods:
     """What the job routes ask of an Ingress replica (a mixin of `Ingress`). Needs `_jobs`
     (the store's handle), `_runner` (`JobRunner`), `_settings`, `_decode`, and `song_in`,
-    `separated` (`separation.Separations`) and `ready_model` (`health.ModelStates`)."""
+    `separated` (`separation.Separations`), `ready_model` and `model_info`
+    (`health.ModelStates`)."""
 
     async def job(self, request: Request, job_id: str) -> dict:
         """The store's record of `job_id` for this request's key, or `JobNotFoundError`."""
@@ -101,6 +102,11 @@ class JobMethods:
         (from the result cache, for `scope`, when it holds them)."""
         song = Song(options, data, name, await self.ready_model(options.model))
         return await self.separated(song, scope, job_id)
+
+    async def can_start_jobs(self) -> bool:
+        """Whether this replica's runner may claim queued jobs: once Separate answers for the
+        default model (loaded, or missing, which fails the job with its reason)."""
+        return (await self.model_info(self._default))["state"] != "loading"
 
     async def callback_for(self, request: Request, url: tp.Optional[str]
                            ) -> tp.Optional[dict]:

@@ -1,5 +1,6 @@
 """Command line: `python -m serve_graph separate song.mp3 -o stems.zip` (the local twin of
-`POST /separate`) and `python -m serve_graph serve` (the Ray Serve graph)."""
+`POST /separate`), `python -m serve_graph batch INPUT OUTPUT` (many songs on Ray Data) and
+`python -m serve_graph serve` (the Ray Serve graph)."""
 import argparse
 import dataclasses
 import json
@@ -8,6 +9,7 @@ import signal
 import sys
 import tempfile
 import time
+import typing as tp
 from pathlib import Path
 
 import yaml
@@ -131,6 +133,73 @@ def run_separate(args) -> int:
     return 0
 
 
+def _batch_parser(sub) -> None:
+    from .batch.pipeline import MAX_FILE_MB, MAX_SECONDS
+    p = sub.add_parser("batch", help="separate every song of a folder, glob, list or manifest "
+                       "into OUTPUT/<song_id>/<stem>.<format> on Ray Data; resumable")
+    p.add_argument("input", help="a folder (recursive), a glob, a .txt list, or a .csv/.parquet "
+                   "manifest with song_id and uri; local, or s3:// gs:// ... (fsspec)")
+    p.add_argument("output", help="folder (or fsspec URL) for the stems and manifest.parquet")
+    _add_option_fields(p)
+    p.add_argument("--model-repo", default=os.environ.get(REPO_ENV),
+                   help=f"local model repo folder (env {REPO_ENV})")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if this machine has one)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--songs-per-call", type=int, default=4,
+                   help="songs each model actor takes at once; their windows share forwards")
+    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
+    p.add_argument("--decoders", type=int, help="decode tasks at once (default: Ray Data's)")
+    p.add_argument("--encode-threads", type=int, default=2,
+                   help="encoding threads beside each model actor")
+    p.add_argument("--max-audio-seconds", type=float, default=MAX_SECONDS,
+                   help="longer songs fail with audio_too_long")
+    p.add_argument("--max-file-mb", type=float, default=MAX_FILE_MB,
+                   help="larger files fail with unreadable")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="run again the songs an earlier run recorded as failed")
+
+
+def run_batch(args) -> int:
+    """Exit 0 when every song is done, 1 when some failed (their rows say why), 2 when the
+    batch cannot start (bad INPUT, options, model or OUTPUT)."""
+    from .batch.pipeline import BatchJob, run
+    try:
+        options = _options(args)
+    except SeparationError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 2
+    try:
+        geometry = _model_geometry(options, args.model_repo)
+        job = BatchJob(args.input, args.output, options, args.model_repo,
+                       args.device or _default_device(), args.precision,
+                       max(1, args.batch_size), max(1, args.songs_per_call), args.actors,
+                       args.decoders, max(1, args.encode_threads), args.max_audio_seconds,
+                       args.max_file_mb, args.retry_failed)
+        progress, manifest, rows = run(job, geometry)
+    except ModelNotFoundError as exc:
+        print(missing_model_message(options.model, str(exc)), file=sys.stderr)
+        return 2
+    except SeparationError as exc:
+        print(f"error: {exc.detail}", file=sys.stderr)
+        return 2
+    print(progress.summary(manifest), file=sys.stderr)
+    return 0 if all(row["status"] == "done" for row in rows) else 1
+
+
+def _model_geometry(options: SeparationOptions, repo: tp.Optional[str]) -> tp.Tuple[int, int]:
+    """The model's sample rate and channels, the options checked against its stems."""
+    from .engine import load_model, model_geometry
+    geometry = model_geometry(load_model(options.model, repo))
+    options.validate_for(geometry.sources)
+    return geometry.samplerate, geometry.audio_channels
+
+
+def _default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the Ray Serve graph (`serve run serve_config.yaml`)")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -227,11 +296,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve_graph", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _separate_parser(sub)
+    _batch_parser(sub)
     _serve_parser(sub)
     _make_repo_parser(sub)
     _kuberay_parser(sub)
     args = parser.parse_args(argv)
-    commands = {"serve": run_serve, "separate": run_separate, "make-repo": run_make_repo,
+    commands = {"serve": run_serve, "separate": run_separate, "batch": run_batch,
+                "make-repo": run_make_repo,
                 "kuberay": run_kuberay}
     return commands[args.command](args)
 

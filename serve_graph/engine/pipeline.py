@@ -41,11 +41,18 @@ def prepare(data: bytes, geometry: ModelGeometry, options: SeparationOptions,
             max_seconds: tp.Optional[float] = None, max_windows: tp.Optional[int] = None,
             split: tp.Optional[SplitDecoder] = None) -> Song:
     """Step 1 of the recipe: audio file bytes -> decoded mix, its normalisation and window
-    plan (within the duration limit and the window budget). The mix is normalised window by
-    window, where each is cut (`window_input`): one pass over the song less here. A stem
-    subset plans only the bag's sub-models that weigh on those stems
-    (`ModelGeometry.models_for`). `split` decodes an MP3 in parts at once."""
+    plan (within the duration limit and the window budget; `plan_song`). `split` decodes an
+    MP3 in parts at once."""
     wav = decode(data, geometry.samplerate, geometry.audio_channels, max_seconds, split)
+    return plan_song(wav, geometry, options, max_windows)
+
+
+def plan_song(wav: th.Tensor, geometry: ModelGeometry, options: SeparationOptions,
+              max_windows: tp.Optional[int] = None) -> Song:
+    """A decoded mix `[C, T]` (model rate) -> its normalisation and window plan, within the
+    window budget. The mix is normalised window by window, where each is cut
+    (`window_input`): one pass over the song less here. A stem subset plans only the bag's
+    sub-models that weigh on those stems (`ModelGeometry.models_for`)."""
     mean, std = normalisation(wav)
     plan = plan_windows(wav.shape[-1], geometry, options.shifts, options.overlap, options.seed,
                         models=geometry.models_for(options.stem_list))
@@ -107,18 +114,27 @@ class SongWriter:
                                  self._remix, self._stems_file).values())
 
     def finish(self) -> bytes:
-        if not self._acc.done:
-            raise RuntimeError(f"{self.windows_added} of {len(self.song.plan.windows)} windows "
-                               f"were added")
-        files = {name: file.finish() for name, file in self.files.items()}
-        if self._stems_file:
-            return ni_stems.container(list(files.values()), self.song.geometry.sources)
-        if self.options.remix is not None:  # one file: the answer is the file itself
+        """The answer: a ZIP of the stem files, or the one file of a remix or STEMS."""
+        files = self.finish_files()
+        if self.options.one_file:
             return next(iter(files.values()))
         start = time.perf_counter()
         archive = zip_files(files)
         self.zip_seconds = time.perf_counter() - start
         return archive
+
+    def finish_files(self) -> tp.Dict[str, bytes]:
+        """The finished files by name: the stems (`vocals.mp3`...), or the one file of a
+        remix (`remix.<format>`) or STEMS (`song.stem.mp4`). Raises when windows are
+        missing."""
+        if not self._acc.done:
+            raise RuntimeError(f"{self.windows_added} of {len(self.song.plan.windows)} windows "
+                               f"were added")
+        files = {name: file.finish() for name, file in self.files.items()}
+        if self._stems_file:
+            return {"song.stem.mp4": ni_stems.container(list(files.values()),
+                                                        self.song.geometry.sources)}
+        return files
 
     def timings(self) -> tp.Dict[str, float]:
         """Seconds by stage: overlap_add (wall, adding windows and taking stems), encode (wall

@@ -1,0 +1,123 @@
+"""A batch run: INPUT's songs not yet done, through a streaming Ray Data pipeline, into OUTPUT.
+
+```
+from_items(songs to run)             one small row per song {song_id, uri}
+  .map(decode_song, TaskPoolStrategy)  CPU tasks: read + decode, float32 PCM (or the error)
+  .map_batches(SeparateSongs,         the model actors: `songs_per_call` songs a call, windows
+     ActorPoolStrategy)               batched across them, stems encoded and written beside
+  .iter_rows()                        the driver: progress, then the manifest
+```
+Rows stay one per song from end to end (no `groupby` of windows: Ray Data would shuffle the
+whole dataset before the first group came out), so memory is bounded by the songs in flight,
+not by the catalogue. A song's record is committed by its actor after its files: a run that is
+killed and started again runs only what has no record (`--retry-failed`: and what failed).
+"""
+import os
+import typing as tp
+from dataclasses import dataclass
+
+from ..engine.options import SeparationOptions
+from .output import BatchOutput
+from .progress import Progress
+from .songs import SongRef, list_songs
+from .stages import BatchSettings, SeparateSongs, decode_song
+
+MAX_FILE_MB = 1024.
+MAX_SECONDS = 3600.  # an hour of stereo float32 PCM is 1.3 GB, within one Arrow binary value
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One `python -m serve_graph batch` command.
+
+    - `source`, `output`: INPUT (`songs.list_songs`) and OUTPUT (`output.BatchOutput`) URLs;
+    - `options`: the separation's, as for `POST /separate` (model set);
+    - `actors`: model actors (default: one per GPU on CUDA, else 1); `songs_per_call`: decoded
+      songs each actor call takes (their windows share forwards); `batch_size`: windows per
+      forward; `decoders`: decode tasks at once (None: Ray Data's choice);
+    - `retry_failed`: run again the songs whose record says failed.
+    """
+    source: str
+    output: str
+    options: SeparationOptions
+    model_repo: tp.Optional[str] = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    batch_size: int = 8
+    songs_per_call: int = 4
+    actors: tp.Optional[int] = None
+    decoders: tp.Optional[int] = None
+    encode_threads: int = 2
+    max_seconds: float = MAX_SECONDS
+    max_file_mb: float = MAX_FILE_MB
+    retry_failed: bool = False
+
+    @property
+    def record(self) -> dict:
+        """What a rerun on the same OUTPUT must match: the options (model included)."""
+        return {"options": self.options.model_dump()}
+
+
+def to_run(songs: tp.Sequence[SongRef], records: tp.Dict[str, dict],
+           retry_failed: bool) -> tp.List[SongRef]:
+    """The songs without a record (and, with `retry_failed`, those recorded failed)."""
+    return [song for song in songs if song.song_id not in records or
+            (retry_failed and records[song.song_id]["status"] != "done")]
+
+
+def settings_for(job: BatchJob, samplerate: int, channels: int) -> BatchSettings:
+    return BatchSettings(job.output, job.options.model, job.model_repo, samplerate, channels,
+                         job.max_seconds, int(job.max_file_mb * 2**20), job.device,
+                         job.precision, job.batch_size, job.encode_threads)
+
+
+def build(songs: tp.Sequence[SongRef], job: BatchJob, settings: BatchSettings):
+    """The Ray Data dataset of the songs' rows (lazy: iterating it runs the pipeline)."""
+    import ray.data
+    gpu = job.device.startswith("cuda")
+    actors = job.actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
+    rows = ray.data.from_items([song._asdict() for song in songs],
+                               override_num_blocks=min(len(songs), 1000))
+    # decoding SPREAD over every node, the actors placed by DEFAULT: remote arguments that
+    # differ, so that Ray Data does not fuse decoding into the model actors (it would wait
+    # there for the model, and the model for it)
+    decoded = rows.map(decode_song, fn_kwargs={"settings": settings}, num_cpus=1,
+                       scheduling_strategy="SPREAD",
+                       compute=ray.data.TaskPoolStrategy(size=job.decoders)
+                       if job.decoders else None)
+    return decoded.map_batches(
+        SeparateSongs, fn_constructor_args=(settings, job.options.model_dump()),
+        batch_size=job.songs_per_call, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+        num_gpus=1 if gpu else 0, num_cpus=1, scheduling_strategy="DEFAULT")
+
+
+def run(job: BatchJob, geometry: tp.Tuple[int, int],
+        progress_every_s: float = 2.) -> tp.Tuple[Progress, str, tp.List[dict]]:
+    """Run `job` (`geometry`: the model's sample rate and channels): its progress, the
+    manifest's URL and the manifest's rows (every song of INPUT once, from the records)."""
+    songs = list_songs(job.source)
+    output = BatchOutput(job.output)
+    output.start(job.record)
+    pending = to_run(songs, output.records(), job.retry_failed)
+    progress = Progress(len(songs), len(songs) - len(pending), every_s=progress_every_s)
+    if pending:
+        start_ray()
+        for row in build(pending, job, settings_for(job, *geometry)).iter_rows():
+            progress.song(row)
+    records = output.records()
+    rows = [records[song.song_id] for song in songs if song.song_id in records]
+    return progress, output.write_manifest(rows), rows
+
+
+def start_ray() -> None:
+    """This process's Ray: the cluster at RAY_ADDRESS (`ray job submit` sets it), else a local
+    one without the dashboard; Ray Data's own progress bars off (the batch prints its own)."""
+    import ray
+    import ray.data
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                 logging_level="WARNING")
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False

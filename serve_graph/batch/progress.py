@@ -1,0 +1,66 @@
+"""A batch's progress, as a person reads it: one line at most every few seconds, and a summary.
+
+    songs 12/20 (1 failed) | 412 s of audio in 35 s: 11.8x real time | ETA 23 s
+"""
+import sys
+import time
+import typing as tp
+
+
+def duration(seconds: float) -> str:
+    """`seconds` as 42 s, 3 min 05 s or 2 h 07 min."""
+    seconds = max(0., seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min {seconds % 60:02.0f} s"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:02.0f} min"
+
+
+class Progress:
+    """Counts the songs of one run as their rows arrive (`song`); `line` and `summary` say
+    where it stands. `total`: songs in INPUT; `skipped`: those done before this run."""
+
+    def __init__(self, total: int, skipped: int, out: tp.TextIO = sys.stderr,
+                 every_s: float = 2.):
+        self.total, self.skipped, self.out, self.every_s = total, skipped, out, every_s
+        self.done = self.failed = 0
+        self.audio_seconds = 0.
+        self.start = time.monotonic()
+        self._printed = 0.
+
+    @property
+    def to_run(self) -> int:
+        return self.total - self.skipped
+
+    def song(self, row: dict) -> None:
+        """One song's row came back; prints a line when `every_s` has passed since the last."""
+        if row["status"] == "done":
+            self.done += 1
+            self.audio_seconds += float(row["audio_seconds"] or 0.)
+        else:
+            self.failed += 1
+        now = time.monotonic()
+        if now - self._printed >= self.every_s or self.done + self.failed == self.to_run:
+            self._printed = now
+            print(self.line(), file=self.out, flush=True)
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        finished = self.done + self.failed
+        parts = [f"songs {self.skipped + finished}/{self.total}"
+                 + (f" ({self.failed} failed)" if self.failed else "")]
+        if elapsed > 0 and self.audio_seconds:
+            parts.append(f"{self.audio_seconds:.0f} s of audio in {duration(elapsed)}: "
+                         f"{self.audio_seconds / elapsed:.1f}x real time")
+        if finished and finished < self.to_run:
+            parts.append(f"ETA {duration(elapsed / finished * (self.to_run - finished))}")
+        return " | ".join(parts)
+
+    def summary(self, manifest: str) -> str:
+        elapsed = time.monotonic() - self.start
+        speed = (f", {self.audio_seconds / elapsed:.1f}x real time"
+                 if elapsed > 0 and self.audio_seconds else "")
+        return (f"batch: {self.done} separated, {self.failed} failed, {self.skipped} done "
+                f"before; {self.audio_seconds:.0f} s of audio in {duration(elapsed)}{speed}; "
+                f"manifest: {manifest}")

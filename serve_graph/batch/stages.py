@@ -1,0 +1,167 @@
+"""The steps of the batch pipeline, as Ray Data runs them (`pipeline.build`), one row per song:
+
+1. `decode_song` (CPU tasks): a row `{song_id, uri}` -> the song decoded to float32 PCM at the
+   model's rate (`pcm`: bytes of `[C, T]`), or its error;
+2. `SeparateSongs` (an actor pool, one model per actor): several decoded songs per call, their
+   windows batched across songs (`engine.song_batches`), the stems encoded on threads beside the
+   model and written to OUTPUT (`output.BatchOutput`); out comes each song's small row, also
+   committed as its record.
+
+A song's error (unreadable, not audio, too long...) becomes its row, with the code and detail
+`POST /separate` would answer; the batch goes on.
+"""
+import logging
+import time
+import typing as tp
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..engine.errors import SeparationError
+from ..engine.options import SeparationOptions
+from .output import BatchOutput
+
+logger = logging.getLogger(__name__)
+
+
+class UnreadableError(SeparationError):
+    """The song's URI cannot be read (missing, no permission, over the size limit)."""
+    status_code = 400
+    error = "unreadable"
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What the pipeline's steps need besides the options (frozen: sent to every worker)."""
+    output: str  # OUTPUT's URL
+    model: str
+    model_repo: tp.Optional[str]
+    samplerate: int
+    channels: int
+    max_seconds: float
+    max_file_bytes: int
+    device: str = "cpu"
+    precision: str = "fp32"
+    batch_size: int = 8  # windows per forward
+    encode_threads: int = 2
+
+
+def error_fields(exc: Exception, uri: str) -> dict:
+    """A song's error as its row holds it: the API's code, status and detail."""
+    if isinstance(exc, SeparationError):
+        return {"error": exc.error, "status_code": exc.status_code, "detail": exc.detail}
+    logger.error("song %s failed", uri, exc_info=exc)
+    return {"error": "internal_error", "status_code": 500,
+            "detail": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def decode_song(row: dict, settings: BatchSettings) -> dict:
+    """Step 1: a row `{song_id, uri}` -> `{song_id, uri, pcm, channels, decode_seconds}`
+    (`pcm` empty and the error fields set when it cannot be read or decoded)."""
+    from ..engine.audio import decode
+    start = time.perf_counter()
+    out = {"song_id": row["song_id"], "uri": row["uri"], "pcm": b"",
+           "channels": settings.channels, "error": None, "status_code": None, "detail": None}
+    try:
+        wav = decode(read_song(row["uri"], settings.max_file_bytes), settings.samplerate,
+                     settings.channels, settings.max_seconds)
+        out["pcm"] = wav.numpy().tobytes()
+    except Exception as exc:  # noqa: BLE001 - the song's row says why; the batch goes on
+        out.update(error_fields(exc, row["uri"]))
+    out["decode_seconds"] = time.perf_counter() - start
+    return out
+
+
+def read_song(uri: str, max_bytes: int) -> bytes:
+    """The file's bytes (`UnreadableError` when missing, unreadable or over `max_bytes`)."""
+    import fsspec
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        size = fs.size(path)
+        if size is not None and size > max_bytes:
+            raise UnreadableError(f"the file is {size / 2**20:.0f} MB, over the limit of "
+                                  f"{max_bytes / 2**20:.0f} MB (--max-file-mb)")
+        return fs.cat_file(path)
+    except OSError as exc:
+        raise UnreadableError(f"cannot read {uri}: {exc.strerror or exc}") from None
+
+
+class SeparateSongs:
+    """Step 2, one model per actor: a batch of decoded rows (numpy columns) -> their rows, each
+    song's files written and its record committed as it finishes."""
+
+    def __init__(self, settings: BatchSettings, options: dict):
+        from ..engine import ModelRunner, cpu_settings, load_model
+        from ..engine.separator import RunnerOptions
+        self.settings = settings
+        self.options = SeparationOptions(**options)
+        if settings.device == "cpu":
+            chosen = cpu_settings.choose(settings.precision)
+            cpu_settings.apply_to_torch(chosen)
+        self.runner = ModelRunner(load_model(settings.model, settings.model_repo),
+                                  options=RunnerOptions(settings.device, settings.precision,
+                                                        max_batch=settings.batch_size))
+        self.pool = ThreadPoolExecutor(settings.encode_threads)
+        self.output = BatchOutput(settings.output)
+
+    def __call__(self, batch: tp.Dict[str, np.ndarray]):
+        rows = [{key: batch[key][i] for key in batch} for i in range(len(batch["song_id"]))]
+        results = [self._row(row) for row in rows]
+        songs, started = self._songs(rows, results), time.perf_counter()
+        if songs:
+            self._separate(songs, results, started)
+        for result in results:
+            self.output.record(result)
+        import pandas as pd
+        return pd.DataFrame(results)
+
+    def _row(self, decoded: dict) -> dict:
+        """The row a song will have; its error set already when it did not decode."""
+        failed = isinstance(decoded["error"], str)  # numpy columns hold None, or NaN
+        return {"song_id": str(decoded["song_id"]), "uri": str(decoded["uri"]),
+                "status": "failed" if failed else "done",
+                "error": decoded["error"] if failed else None,
+                "status_code": int(decoded["status_code"]) if failed else None,
+                "detail": decoded["detail"] if failed else None, "model": self.settings.model,
+                "audio_seconds": None, "stems": [],
+                "decode_seconds": float(decoded["decode_seconds"]),
+                "separate_seconds": None, "finished_at": None}
+
+    def _songs(self, rows: tp.List[dict], results: tp.List[dict]) -> tp.Dict[int, tp.Any]:
+        """The decoded songs of the batch, planned, by their index in it."""
+        import torch as th
+
+        from ..engine.pipeline import plan_song
+        songs = {}
+        for index, (row, result) in enumerate(zip(rows, results)):
+            if result["status"] == "failed":
+                continue
+            pcm = np.frombuffer(row["pcm"], dtype=np.float32)
+            wav = th.from_numpy(pcm.reshape(int(row["channels"]), -1).copy())
+            try:
+                songs[index] = plan_song(wav, self.runner.geometry, self.options)
+            except SeparationError as exc:
+                result.update(status="failed", **error_fields(exc, result["uri"]))
+                continue
+            result["audio_seconds"] = songs[index].seconds
+        return songs
+
+    def _separate(self, songs: tp.Dict[int, tp.Any], results: tp.List[dict],
+                  started: float) -> None:
+        """The songs through the model together; each one's files written as it ends."""
+        from ..engine.song_batches import separate_songs
+        indices = list(songs)
+        try:
+            for position, files in separate_songs(
+                    self.runner, [songs[i] for i in indices], self.options, self.pool,
+                    self.settings.encode_threads, self.settings.batch_size):
+                result = results[indices[position]]
+                result["stems"] = self.output.write_song(result["song_id"], files)
+                result.update(separate_seconds=time.perf_counter() - started,
+                              finished_at=time.time())
+        except Exception as exc:  # noqa: BLE001 - the songs not finished fail, the batch goes on
+            for index in indices:
+                if results[index]["finished_at"] is None:
+                    results[index].update(status="failed",
+                                          **error_fields(exc, results[index]["uri"]))

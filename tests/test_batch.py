@@ -1,0 +1,188 @@
+"""Batch mode, end to end: `python -m serve_graph batch` as a process on a real Ray Data pipeline
+(its own local Ray) with the tiny model. Its stems equal `POST /separate`'s for the same options
+and seed; bad files get their error rows and the batch goes on; a SIGKILLed run started again
+runs only the unfinished songs and rewrites nothing; `--retry-failed` reruns only the failed."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import requests
+import soundfile
+
+from audio_files import encode, tone
+from serve_graph.procs import descendants, wait_gone
+from serve_process import tiny_service
+
+pytestmark = pytest.mark.serve
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONS = {"format": "wav", "wav_depth": "float32", "shifts": 2, "seed": 7}
+GOOD = {"album/one": ("mp3", 6.0), "two": ("flac", 4.0), "deep/er/three": ("wav16", 3.0)}
+SUFFIX = {"mp3": "mp3", "flac": "flac", "wav16": "wav"}
+
+
+def flags(options: dict) -> list:
+    return [item for key, value in options.items()
+            for item in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def batch(source: Path, output: Path, repo: Path, *extra: str, wait: bool = True,
+          timeout: float = 240):
+    """`python -m serve_graph batch` (its exit code and stderr), or the process itself."""
+    command = [sys.executable, "-m", "serve_graph", "batch", str(source), str(output),
+               "--model-repo", str(repo), *flags(OPTIONS), *extra]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    if not wait:
+        return process
+    _, err = process.communicate(timeout=timeout)
+    return process.returncode, err
+
+
+def manifest(output: Path) -> dict:
+    rows = pq.read_table(output / "manifest.parquet").to_pylist()
+    assert len({row["song_id"] for row in rows}) == len(rows), "a song listed twice"
+    return {row["song_id"]: row for row in rows}
+
+
+def write_song(folder: Path, song_id: str, fmt: str, seconds: float, seed: int) -> Path:
+    path = folder / f"{song_id}.{SUFFIX[fmt]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode(tone(seconds, 44100, 2, seed=seed), 44100, fmt))
+    return path
+
+
+def file_states(output: Path, song_ids) -> dict:
+    """(inode, mtime_ns) of every file of the songs: a file rewritten changes them."""
+    return {str(path): (path.stat().st_ino, path.stat().st_mtime_ns)
+            for song_id in song_ids for path in sorted((output / song_id).iterdir())}
+
+
+@pytest.fixture(scope="module")
+def songs(tmp_path_factory) -> Path:
+    """Three songs in folders, and four bad files: corrupt, empty, truncated, too long."""
+    folder = tmp_path_factory.mktemp("batch_songs")
+    for seed, (song_id, (fmt, seconds)) in enumerate(GOOD.items()):
+        write_song(folder, song_id, fmt, seconds, seed)
+    (folder / "corrupt.mp3").write_bytes(b"ID3 but no audio at all " * 40)
+    (folder / "empty.wav").write_bytes(b"")
+    whole = encode(tone(4.0, 44100, 2, seed=9), 44100, "flac")
+    (folder / "truncated.flac").write_bytes(whole[:len(whole) // 8])
+    write_song(folder, "long", "wav16", 12.0, 10)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first_run(songs, tmp_path_factory, tiny_repo):
+    output = tmp_path_factory.mktemp("batch_out") / "stems"
+    code, err = batch(songs, output, tiny_repo, "--max-audio-seconds", "10")
+    return code, err, output
+
+
+def test_stems_equal_those_of_separate(first_run, songs, tiny_repo, tmp_path):
+    """Each song's WAV stems from `batch` are `POST /separate`'s for the same options and
+    seed, to -120 dB (float32 WAV; shifts seeded, so a rerun writes the same files)."""
+    code, err, output = first_run
+    server = tiny_service(tmp_path, tiny_repo)
+    try:
+        for song_id, (fmt, _) in GOOD.items():
+            path = songs / f"{song_id}.{SUFFIX[fmt]}"
+            answer = requests.post(server.url + "/separate", files={"audio_file": path.open("rb")},
+                                   data={key: str(value) for key, value in OPTIONS.items()},
+                                   timeout=120)
+            assert answer.status_code == 200, answer.text
+            served = zipfile.ZipFile(io.BytesIO(answer.content))
+            assert sorted(served.namelist()) == sorted(p.name for p in (output / song_id).iterdir())
+            for name in served.namelist():
+                expected, _ = soundfile.read(io.BytesIO(served.read(name)), dtype="float32")
+                got, _ = soundfile.read(output / song_id / name, dtype="float32")
+                assert got.shape == expected.shape
+                error = np.sum((got - expected) ** 2) / np.sum(expected ** 2)
+                assert 10 * np.log10(max(error, 1e-30)) <= -120, (song_id, name)
+    finally:
+        server.kill()
+
+
+def test_bad_files_get_their_error_rows_and_the_batch_goes_on(first_run):
+    code, err, output = first_run
+    assert code == 1, err  # some songs failed: their rows say why
+    rows = manifest(output)
+    assert set(rows) == set(GOOD) | {"corrupt", "empty", "truncated", "long"}
+    for song_id, (_, seconds) in GOOD.items():
+        row = rows[song_id]
+        assert row["status"] == "done" and row["error"] is None, row
+        assert row["audio_seconds"] == pytest.approx(seconds, abs=0.05)
+        assert sorted(row["stems"]) == ["bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+        assert row["model"] == "htdemucs" and row["separate_seconds"] > 0
+    for song_id in ("corrupt", "empty", "truncated"):
+        assert rows[song_id]["status"] == "failed"
+        assert (rows[song_id]["error"], rows[song_id]["status_code"]) == ("invalid_audio", 415)
+        assert rows[song_id]["stems"] == [] and not (output / song_id).exists()
+    assert (rows["long"]["error"], rows["long"]["status_code"]) == ("audio_too_long", 413)
+    assert "songs 7/7 (4 failed)" in err and "3 separated, 4 failed" in err, err
+    assert not list((output / "_batch" / "tmp").iterdir())
+
+
+def test_retry_failed_reruns_only_the_failed(first_run, songs, tiny_repo):
+    code, err, output = first_run
+    done_before = file_states(output, GOOD)
+    write_song(songs, "truncated", "flac", 3.0, 11)  # the file fixed in place
+    code, err = batch(songs, output, tiny_repo, "--max-audio-seconds", "10")
+    assert code == 1 and "0 separated, 0 failed, 7 done before" in err, err
+    assert manifest(output)["truncated"]["status"] == "failed"  # not retried without the flag
+
+    code, err = batch(songs, output, tiny_repo, "--max-audio-seconds", "10", "--retry-failed")
+    assert code == 1 and "1 separated, 3 failed, 3 done before" in err, err
+    rows = manifest(output)
+    assert rows["truncated"]["status"] == "done" and len(rows["truncated"]["stems"]) == 4
+    assert rows["long"]["error"] == "audio_too_long"
+    assert file_states(output, GOOD) == done_before  # the done songs were not rewritten
+
+
+def test_other_options_on_the_same_output_are_refused(first_run, songs, tiny_repo):
+    _, _, output = first_run
+    command = [sys.executable, "-m", "serve_graph", "batch", str(songs), str(output),
+               "--model-repo", str(tiny_repo), "--format", "flac"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "other settings (options" in done.stderr, done.stderr
+    assert "resume" in done.stderr
+
+
+def test_a_killed_run_started_again_runs_only_the_unfinished(tmp_path, tiny_repo):
+    """SIGKILL the driver once some songs are recorded; the same command again runs the rest,
+    leaves the finished files as they were, and the manifest lists every song once."""
+    folder, output = tmp_path / "songs", tmp_path / "out"
+    ids = [f"song{index}" for index in range(6)]
+    for index, song_id in enumerate(ids):
+        write_song(folder, song_id, "wav16", 10.0, index)
+    process = batch(folder, output, tiny_repo, "--songs-per-call", "1", wait=False)
+    rows_folder = output / "_batch" / "rows"
+    deadline = time.monotonic() + 180
+    while not (rows_folder.exists() and any(rows_folder.iterdir())):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    started = descendants(process.pid)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate()
+    for pid in wait_gone(started, 20.):  # its Ray, should any of it outlive the driver
+        os.kill(pid, signal.SIGKILL)
+    committed = [json.loads(path.read_text())["song_id"] for path in rows_folder.iterdir()]
+    assert 0 < len(committed) < len(ids), "the run was not killed midway"
+    before = file_states(output, committed)
+
+    code, err = batch(folder, output, tiny_repo, "--songs-per-call", "1")
+    assert code == 0, err
+    assert f"{len(ids) - len(committed)} separated, 0 failed, {len(committed)} done before" in err
+    rows = manifest(output)
+    assert sorted(rows) == ids and all(row["status"] == "done" for row in rows.values())
+    assert file_states(output, committed) == before
+    assert all(len(list((output / song_id).iterdir())) == 4 for song_id in ids)
+    assert not list((output / "_batch" / "tmp").iterdir())

@@ -1,0 +1,141 @@
+"""The batch mode's parts without Ray: INPUT resolved to songs (folder, glob, list, manifest),
+windows batched across songs, and several songs separated at once equal to each one alone."""
+import io
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile
+
+from audio_files import encode, tone
+from serve_graph.batch.songs import BatchInputError, list_songs
+from serve_graph.engine import ModelRunner, SeparationOptions, separate_to_zip
+from serve_graph.engine.pipeline import prepare
+from serve_graph.engine.song_batches import batches_across, separate_songs
+
+
+def touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def ids(songs):
+    return [song.song_id for song in songs]
+
+
+def test_a_folder_gives_every_audio_file_under_it_by_its_relative_path(tmp_path):
+    for name in ("b/one.mp3", "a/two.FLAC", "three.wav", "notes.txt", "cover.jpg"):
+        touch(tmp_path / name)
+    songs = list_songs(str(tmp_path))
+    assert ids(songs) == ["a/two", "b/one", "three"]
+    assert songs[1].uri == f"file://{tmp_path}/b/one.mp3"
+
+
+def test_two_files_of_one_name_keep_their_extensions(tmp_path):
+    touch(tmp_path / "song.mp3")
+    touch(tmp_path / "song.wav")
+    touch(tmp_path / "other.wav")
+    assert ids(list_songs(str(tmp_path))) == ["other", "song.mp3", "song.wav"]
+
+
+def test_a_glob_a_list_and_manifests(tmp_path):
+    for name in ("music/x/one.flac", "music/y/two.flac", "music/y/three.mp3"):
+        touch(tmp_path / name)
+    assert ids(list_songs(f"{tmp_path}/music/**/*.flac")) == ["x/one", "y/two"]
+    listing = touch(tmp_path / "list.txt", "\n".join(
+        ["# my songs", str(tmp_path / "music/x/one.flac"), "",
+         str(tmp_path / "music/y/three.mp3")]).encode())
+    assert ids(list_songs(str(listing))) == ["x/one", "y/three"]
+    rows = {"song_id": ["first", "second"], "uri": ["s3://bucket/a.mp3", "/data/b.wav"]}
+    touch(tmp_path / "songs.csv", b"song_id,uri\nfirst,s3://bucket/a.mp3\nsecond,/data/b.wav\n")
+    pq.write_table(pa.table(rows), tmp_path / "songs.parquet")
+    for name in ("songs.csv", "songs.parquet"):
+        songs = list_songs(str(tmp_path / name))
+        assert [tuple(song) for song in songs] == list(zip(rows["song_id"], rows["uri"]))
+
+
+@pytest.mark.parametrize("rows, message", [
+    ({"id": ["a"], "uri": ["a.mp3"]}, "lacks the column(s) song_id"),
+    ({"song_id": ["a", "a"], "uri": ["a.mp3", "b.mp3"]}, "names both"),
+    ({"song_id": ["../escape"], "uri": ["a.mp3"]}, "is not a relative path"),
+    ({"song_id": ["/abs"], "uri": ["a.mp3"]}, "is not a relative path"),
+    ({"song_id": ["_batch/x"], "uri": ["a.mp3"]}, "is not a relative path"),
+])
+def test_a_bad_manifest_is_refused_with_the_reason(tmp_path, rows, message):
+    pq.write_table(pa.table(rows), tmp_path / "songs.parquet")
+    with pytest.raises(BatchInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        list_songs(str(tmp_path / "songs.parquet"))
+
+
+def test_nothing_to_separate_is_refused(tmp_path):
+    touch(tmp_path / "notes.txt")
+    with pytest.raises(BatchInputError, match="names no audio files"):
+        list_songs(str(tmp_path / "empty_folder_glob*.mp3"))
+    with pytest.raises(BatchInputError, match="is not a folder"):
+        list_songs(str(tmp_path / "missing"))
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model):
+    return ModelRunner(tiny_model)
+
+
+def planned(runner, options, lengths):
+    return [prepare(encode(tone(seconds, 44100, 2, seed=i), 44100, "wav16"), runner.geometry,
+                    options) for i, seconds in enumerate(lengths)]
+
+
+def test_windows_are_batched_across_songs_in_full_batches(runner):
+    songs = planned(runner, SeparationOptions(shifts=2), [3.0, 7.5, 1.0])
+    batches = list(batches_across(songs, 5))
+    taken = [(index, window.index) for batch in batches for index, window in batch]
+    assert sorted(taken) == sorted((index, window.index) for index, song in enumerate(songs)
+                                   for window in song.plan.windows)
+    assert all(len(batch) == 5 for batch in batches[:-1]) and 0 < len(batches[-1]) <= 5
+    assert any(len({index for index, _ in batch}) > 1 for batch in batches)  # across songs
+    assert [index for index, _ in (pair for batch in batches for pair in batch)] == sorted(
+        index for batch in batches for index, _ in batch)  # song after song
+
+
+@pytest.mark.parametrize("fields", [{"format": "wav", "wav_depth": "float32", "shifts": 2},
+                                    {"format": "flac", "stems": "vocals,bass"},
+                                    {"format": "wav", "remix": "vocals=-inf"}])
+def test_songs_separated_together_equal_each_alone(runner, fields):
+    """`separate_songs` (the model actor's loop) writes each song's files as the one-song
+    recipe (`separate_to_zip`, the CLI's) does: float32 WAV to -120 dB, 16-bit files to one
+    step of 16 bits (batches of other sizes round float32's last bits otherwise)."""
+    options = SeparationOptions(model="htdemucs", **fields)
+    lengths = [3.0, 5.5, 2.0]
+    songs = planned(runner, options, lengths)
+    with ThreadPoolExecutor(2) as pool:
+        together = dict(separate_songs(runner, songs, options, pool, 2, batch_size=4))
+    assert sorted(together) == [0, 1, 2]
+    for index, seconds in enumerate(lengths):
+        alone = separate_to_zip(encode(tone(seconds, 44100, 2, seed=index), 44100, "wav16"),
+                                runner, options, batch_size=1, threads=2)
+        if options.one_file:
+            expected = {"remix.wav": alone}
+        else:
+            archive = zipfile.ZipFile(io.BytesIO(alone))
+            expected = {name: archive.read(name) for name in archive.namelist()}
+        assert sorted(together[index]) == sorted(expected)
+        for name, data in expected.items():
+            got, want = samples(together[index][name]), samples(data)
+            assert got.shape == want.shape
+            if soundfile.info(io.BytesIO(data)).subtype == "FLOAT":
+                assert relative_db(got, want) <= -120, name
+            else:
+                assert np.max(np.abs(got - want)) <= 1 / 2**15, name
+
+
+def samples(data: bytes) -> np.ndarray:
+    return soundfile.read(io.BytesIO(data), dtype="float64")[0]
+
+
+def relative_db(got: np.ndarray, expected: np.ndarray) -> float:
+    error = np.sum((got - expected) ** 2) / max(np.sum(expected ** 2), 1e-30)
+    return 10 * np.log10(max(error, 1e-30))

@@ -149,6 +149,9 @@ def _batch_parser(sub) -> None:
     p.add_argument("--songs-per-call", type=int, default=4,
                    help="songs each model actor takes at once; their windows share forwards")
     p.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
+    p.add_argument("--calls-per-actor", type=int, default=2,
+                   help="calls a model actor runs at once: one's overlap-add and encoding "
+                   "beside the other's forwards")
     p.add_argument("--decoders", type=int, help="decode tasks at once (default: Ray Data's)")
     p.add_argument("--encode-threads", type=int, default=2,
                    help="encoding threads beside each model actor")
@@ -174,8 +177,9 @@ def run_batch(args) -> int:
         job = BatchJob(args.input, args.output, options, args.model_repo,
                        args.device or _default_device(), args.precision,
                        max(1, args.batch_size), max(1, args.songs_per_call), args.actors,
-                       args.decoders, max(1, args.encode_threads), args.max_audio_seconds,
-                       args.max_file_mb, args.retry_failed)
+                       max(1, args.calls_per_actor), args.decoders,
+                       max(1, args.encode_threads), args.max_audio_seconds, args.max_file_mb,
+                       args.retry_failed)
         progress, manifest, rows = run(job, geometry)
     except ModelNotFoundError as exc:
         print(missing_model_message(options.model, str(exc)), file=sys.stderr)

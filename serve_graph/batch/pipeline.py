@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..engine.options import SeparationOptions
 from .output import BatchOutput
 from .progress import Progress
-from .songs import SongRef, list_songs
+from .songs import BatchInputError, SongRef, list_songs
 from .stages import BatchSettings, SeparateSongs, decode_song
 
 MAX_FILE_MB = 1024.
@@ -33,8 +33,9 @@ class BatchJob:
     - `source`, `output`: INPUT (`songs.list_songs`) and OUTPUT (`output.BatchOutput`) URLs;
     - `options`: the separation's, as for `POST /separate` (model set);
     - `actors`: model actors (default: one per GPU on CUDA, else 1); `songs_per_call`: decoded
-      songs each actor call takes (their windows share forwards); `batch_size`: windows per
-      forward; `decoders`: decode tasks at once (None: Ray Data's choice);
+      songs each actor call takes (their windows share forwards); `calls_per_actor`: calls
+      an actor runs at once (one's overlap-add and encoding beside the other's forwards);
+      `batch_size`: windows per forward; `decoders`: decode tasks at once (None: Ray Data's choice);
     - `retry_failed`: run again the songs whose record says failed.
     """
     source: str
@@ -46,6 +47,7 @@ class BatchJob:
     batch_size: int = 8
     songs_per_call: int = 4
     actors: tp.Optional[int] = None
+    calls_per_actor: int = 2
     decoders: tp.Optional[int] = None
     encode_threads: int = 2
     max_seconds: float = MAX_SECONDS
@@ -76,6 +78,10 @@ def build(songs: tp.Sequence[SongRef], job: BatchJob, settings: BatchSettings):
     import ray.data
     gpu = job.device.startswith("cuda")
     actors = job.actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if actors + 1 > cpus:  # decoding would wait forever for a CPU the actors hold
+        raise BatchInputError(f"{actors} model actor(s) take a CPU each and decoding needs one "
+                              f"more; this Ray cluster has {cpus:g} CPUs: use fewer --actors")
     rows = ray.data.from_items([song._asdict() for song in songs],
                                override_num_blocks=min(len(songs), 1000))
     # decoding SPREAD over every node, the actors placed by DEFAULT: remote arguments that
@@ -88,7 +94,8 @@ def build(songs: tp.Sequence[SongRef], job: BatchJob, settings: BatchSettings):
     return decoded.map_batches(
         SeparateSongs, fn_constructor_args=(settings, job.options.model_dump()),
         batch_size=job.songs_per_call, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2,
+                                           max_concurrent_calls_per_actor=job.calls_per_actor),
         num_gpus=1 if gpu else 0, num_cpus=1, scheduling_strategy="DEFAULT")
 
 

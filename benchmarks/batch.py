@@ -1,0 +1,126 @@
+"""Batch mode against the HTTP service on the same songs and model: `python -m serve_graph batch`
+on a folder of songs of mixed length, and the same songs POSTed to `/separate` by `--clients`
+clients (the service started beforehand, not timed). Songs/hour, x real time, and the peak RSS
+of the batch's driver and of its largest worker (sampled from /proc).
+
+    python -m benchmarks.batch --songs 20 --format wav
+"""
+import argparse
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import typing as tp
+from pathlib import Path
+
+from benchmarks.common import append_results, song
+from benchmarks.overhead import standin_repo
+from benchmarks.throughput import run_requests, start_service, stop_service
+from serve_graph.engine.output import encode_stem
+from serve_graph.launch import write_config
+from serve_graph.procs import descendants
+
+LENGTHS = (30., 60., 120., 180., 240.)  # seconds, cycled over the songs
+
+
+def write_songs(folder: Path, count: int) -> tp.Tuple[tp.List[bytes], float]:
+    """`count` MP3s of LENGTHS in `folder`; their bytes and their total seconds."""
+    songs, total = [], 0.
+    for index in range(count):
+        seconds = LENGTHS[index % len(LENGTHS)]
+        data = encode_stem(song(seconds, seed=index), 44100, "mp3", 192)
+        (folder / f"song{index:03d}.mp3").write_bytes(data)
+        songs.append(data)
+        total += seconds
+    return songs, total
+
+
+def peak_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler(threading.Thread):
+    """The peak RSS (VmHWM) of a process and, apart, of the largest of its descendants."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.driver, self.worker, self.done = pid, 0, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            self.driver = max(self.driver, peak_kib(self.pid))
+            for child in descendants(self.pid):
+                self.worker = max(self.worker, peak_kib(child))
+
+
+def run_batch(folder: Path, output: Path, repo: Path, args) -> tp.Tuple[float, RssSampler]:
+    command = [sys.executable, "-m", "serve_graph", "batch", str(folder), str(output),
+               "--model-repo", str(repo), "--format", args.format,
+               "--songs-per-call", str(args.songs_per_call), "--batch-size",
+               str(args.batch_size), "--calls-per-actor", str(args.calls_per_actor)]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    sampler = RssSampler(process.pid)
+    sampler.start()
+    _, err = process.communicate()
+    sampler.done.set()
+    if process.returncode != 0:
+        raise RuntimeError(f"batch failed ({process.returncode}): {err[-3000:]}")
+    print(err.strip().splitlines()[-1], flush=True)
+    return time.perf_counter() - start, sampler
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--songs", type=int, default=20)
+    parser.add_argument("--format", default="wav")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--songs-per-call", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--calls-per-actor", type=int, default=2)
+    parser.add_argument("--port", type=int, default=8771)
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="batch_bench_"))
+    (folder / "songs").mkdir()
+    songs, audio = write_songs(folder / "songs", args.songs)
+    repo = standin_repo()
+
+    batch_wall, sampler = run_batch(folder / "songs", folder / "out", repo, args)
+    config = write_config(folder / "serve_config.yaml", port=args.port, host="127.0.0.1",
+                          args={"model_repo": str(repo), "result_cache_mb": 0})
+    url, process = start_service(args, config)
+    try:
+        http_wall, latencies, _, _ = run_requests(url, songs, args.clients,
+                                                  {"format": args.format})
+    finally:
+        stop_service(process)
+
+    def row(name: str, wall: float, note: str) -> str:
+        return (f"| {name} | {wall:.1f} | {args.songs / wall * 3600:.0f} | "
+                f"{audio / wall:.1f} | {note} |")
+    cycle = "/".join(f"{seconds:.0f}" for seconds in LENGTHS)
+    lines = [f"- {args.songs} songs, MP3 in, {audio:.0f} s of audio ({cycle} s cycled), "
+             f"{args.format} stems out; stand-in model (htdemucs geometry, a forward that costs "
+             f"nothing): everything but the model", "",
+             "| path | wall s | songs/hour | x real time | notes |", "|---|---|---|---|---|",
+             row("batch (whole command: Ray start included)", batch_wall,
+                 f"songs/call {args.songs_per_call}, calls/actor {args.calls_per_actor}, "
+                 f"windows/forward {args.batch_size}; peak "
+                 f"RSS driver {sampler.driver / 2**10:.0f} MB, largest worker "
+                 f"{sampler.worker / 2**10:.0f} MB"),
+             row(f"HTTP service, {args.clients} clients (started beforehand)", http_wall,
+                 f"shipped serve_config.yaml; p50 latency {latencies[len(latencies) // 2]:.1f} s"),
+             "", f"- batch / HTTP throughput: {http_wall / batch_wall:.2f}x"]
+    print("\n".join(lines), flush=True)
+    append_results(f"Batch mode vs the HTTP service, {args.songs} songs", lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -88,6 +88,19 @@ def _prepare_cpu(precision: str):
     return chosen, described
 
 
+def _refusal(exc: Exception, model: tp.Optional[str]) -> str:
+    """The one line a command prints before exiting 2 on `exc`: a missing model, a bad file
+    or folder, or a refused request."""
+    if isinstance(exc, ModelNotFoundError):
+        return missing_model_message(model, str(exc))
+    if isinstance(exc, SeparationError):
+        return f"error: {exc.detail}"
+    return f"error: {exc}"
+
+
+REFUSED = (ModelNotFoundError, SeparationError, OSError)  # what `_refusal` says
+
+
 def run_separate(args) -> int:
     try:
         options = _options(args)
@@ -116,14 +129,8 @@ def run_separate(args) -> int:
         apply_to_torch(chosen)
         archive = separate_to_zip(data, runner, options, args.batch_size,
                                   progress=not args.no_progress, timings=timings)
-    except ModelNotFoundError as exc:
-        print(missing_model_message(options.model, str(exc)), file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SeparationError as exc:
-        print(f"error: {exc.detail}", file=sys.stderr)
+    except REFUSED as exc:
+        print(_refusal(exc, options.model), file=sys.stderr)
         return 2
     output.write_bytes(archive)
     print(f"wrote {output} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -167,6 +174,7 @@ def run_batch(args) -> int:
     """Exit 0 when every song is done, 1 when some failed (their rows say why), 2 when the
     batch cannot start (bad INPUT, options, model or OUTPUT)."""
     from .batch.pipeline import BatchJob, run
+    from .engine import default_device
     try:
         options = _options(args)
     except SeparationError as exc:
@@ -175,17 +183,14 @@ def run_batch(args) -> int:
     try:
         geometry = _model_geometry(options, args.model_repo)
         job = BatchJob(args.input, args.output, options, args.model_repo,
-                       args.device or _default_device(), args.precision,
+                       args.device or default_device(), args.precision,
                        max(1, args.batch_size), max(1, args.songs_per_call), args.actors,
                        max(1, args.calls_per_actor), args.decoders,
                        max(1, args.encode_threads), args.max_audio_seconds, args.max_file_mb,
                        args.retry_failed)
         progress, manifest, rows = run(job, geometry)
-    except ModelNotFoundError as exc:
-        print(missing_model_message(options.model, str(exc)), file=sys.stderr)
-        return 2
-    except SeparationError as exc:
-        print(f"error: {exc.detail}", file=sys.stderr)
+    except REFUSED as exc:
+        print(_refusal(exc, options.model), file=sys.stderr)
         return 2
     print(progress.summary(manifest), file=sys.stderr)
     return 0 if all(row["status"] == "done" for row in rows) else 1
@@ -197,11 +202,6 @@ def _model_geometry(options: SeparationOptions, repo: tp.Optional[str]) -> tp.Tu
     geometry = model_geometry(load_model(options.model, repo))
     options.validate_for(geometry.sources)
     return geometry.samplerate, geometry.audio_channels
-
-
-def _default_device() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _serve_parser(sub) -> None:

@@ -149,11 +149,9 @@ def test_retry_failed_reruns_only_the_failed(first_run, songs, tiny_repo):
 
 def test_other_options_on_the_same_output_are_refused(first_run, songs, tiny_repo):
     _, _, output = first_run
-    command = [sys.executable, "-m", "serve_graph", "batch", str(songs), str(output),
-               "--model-repo", str(tiny_repo), "--format", "flac"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "other settings (options" in done.stderr, done.stderr
-    assert "resume" in done.stderr
+    code, err = batch(songs, output, tiny_repo, "--format", "flac")  # the last --format counts
+    assert code == 2 and "other settings (options" in err and "'format': 'wav'" in err, err
+    assert "resume" in err
 
 
 def test_a_killed_run_started_again_runs_only_the_unfinished(tmp_path, tiny_repo):

@@ -77,8 +77,9 @@ def build(songs: tp.Sequence[SongRef], job: BatchJob, settings: BatchSettings):
     """The Ray Data dataset of the songs' rows (lazy: iterating it runs the pipeline)."""
     import ray.data
     gpu = job.device.startswith("cuda")
-    actors = job.actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1)
-    cpus = ray.cluster_resources().get("CPU", 0)
+    resources = ray.cluster_resources()
+    actors = job.actors or (max(1, int(resources.get("GPU", 0))) if gpu else 1)
+    cpus = resources.get("CPU", 0)
     if actors + 1 > cpus:  # decoding would wait forever for a CPU the actors hold
         raise BatchInputError(f"{actors} model actor(s) take a CPU each and decoding needs one "
                               f"more; this Ray cluster has {cpus:g} CPUs: use fewer --actors")

@@ -10,6 +10,7 @@ deployment formed (from its /stats counters), and appends them to RESULTS.md.
 """
 import argparse
 import contextlib
+import io
 import os
 import signal
 import statistics
@@ -17,6 +18,7 @@ import subprocess
 import tempfile
 import time
 import typing as tp
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -86,13 +88,17 @@ def stop_service(process) -> None:
         process.wait()
 
 
-def run_requests(url: str, songs: tp.List[bytes], concurrency: int, fields: dict) -> tuple:
+def run_requests(url: str, songs: tp.List[bytes], concurrency: int, fields: dict,
+                 save_to: tp.Optional[Path] = None) -> tuple:
     """POST every song with `concurrency` clients: (wall seconds, sorted latencies, the
-    stats of Separate before and after)."""
+    stats of Separate before and after). `save_to`: each answer's stems are saved as a user
+    would, in `save_to/<song's index>/` (the ZIP extracted)."""
     before = requests.get(url + "/stats", timeout=30).json()
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        latencies = sorted(pool.map(lambda data: _post(url, data, fields), songs))
+        latencies = sorted(pool.map(
+            lambda item: _post(url, item[1], fields,
+                               save_to and save_to / f"{item[0]:03d}"), enumerate(songs)))
     wall = time.perf_counter() - start
     after = requests.get(url + "/stats", timeout=30).json()
     return wall, latencies, before, after
@@ -174,11 +180,15 @@ def main() -> None:
          *([cold_start] if cold_start else [])])
 
 
-def _post(url: str, data: bytes, fields: dict) -> float:
+def _post(url: str, data: bytes, fields: dict, save_to: tp.Optional[Path] = None) -> float:
+    """One song separated: its latency (with `save_to`: its stems extracted there)."""
     start = time.perf_counter()
     response = requests.post(url + "/separate", files={"audio_file": ("song.mp3", data)},
                              data=fields, timeout=3600)
     response.raise_for_status()
+    if save_to is not None:
+        with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+            archive.extractall(save_to)
     return time.perf_counter() - start
 
 

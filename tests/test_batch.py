@@ -19,6 +19,7 @@ import requests
 import soundfile
 
 from audio_files import encode, tone
+from serve_graph.batch.output import BatchOutput
 from serve_graph.procs import descendants, wait_gone
 from serve_process import tiny_service
 
@@ -145,6 +146,11 @@ def test_retry_failed_reruns_only_the_failed(first_run, songs, tiny_repo):
     assert rows["truncated"]["status"] == "done" and len(rows["truncated"]["stems"]) == 4
     assert rows["long"]["error"] == "audio_too_long"
     assert file_states(output, GOOD) == done_before  # the done songs were not rewritten
+    runs = BatchOutput(str(output)).runs()  # the first run, the one that ran nothing, this one
+    assert [(run["separated"], run["failed"], run["done_before"]) for run in runs] == [
+        (3, 4, 0), (0, 0, 7), (1, 3, 3)]
+    assert runs[1]["setup_seconds"] is None  # nothing to run: Ray was not started
+    assert 0 < runs[2]["setup_seconds"] < runs[2]["seconds"]
 
 
 def test_other_options_on_the_same_output_are_refused(first_run, songs, tiny_repo):

@@ -139,3 +139,31 @@ def samples(data: bytes) -> np.ndarray:
 def relative_db(got: np.ndarray, expected: np.ndarray) -> float:
     error = np.sum((got - expected) ** 2) / max(np.sum(expected ** 2), 1e-30)
     return 10 * np.log10(max(error, 1e-30))
+
+
+def test_the_actor_yields_each_song_once_written_and_a_song_it_cannot_write_fails(
+        tmp_path, tiny_repo):
+    """`SeparateSongs` (called here without Ray): a song's row comes once its files and record
+    are on OUTPUT; a song whose folder cannot be made gets `storage_full` (507) and its record,
+    and the call goes on."""
+    from serve_graph.batch.output import BatchOutput
+    from serve_graph.batch.stages import BatchSettings, SeparateSongs, decode_song
+    for name in ("good", "blocked"):
+        touch(tmp_path / "in" / f"{name}.wav", encode(tone(3.0, 44100, 2, seed=1), 44100, "wav16"))
+    touch(tmp_path / "out" / "blocked", b"a file where the song's folder would go")
+    settings = BatchSettings(str(tmp_path / "out"), "htdemucs", str(tiny_repo), 44100, 2,
+                             60., 2**30)
+    decoded = [decode_song({"song_id": name, "uri": str(tmp_path / "in" / f"{name}.wav")},
+                           settings) for name in ("good", "blocked")]
+    actor = SeparateSongs(settings, SeparationOptions(model="htdemucs", format="wav").model_dump())
+    frames = list(actor({key: np.array([row[key] for row in decoded], dtype=object)
+                         for key in decoded[0]}))
+    rows = {frame.iloc[0]["song_id"]: frame.iloc[0] for frame in frames}
+    assert len(frames) == 2 and rows["good"]["status"] == "done"
+    assert sorted(p.name for p in (tmp_path / "out" / "good").iterdir()) == [
+        "bass.wav", "drums.wav", "other.wav", "vocals.wav"]
+    assert (rows["blocked"]["status"], rows["blocked"]["error"],
+            rows["blocked"]["status_code"]) == ("failed", "storage_full", 507)
+    assert "cannot write its stems" in rows["blocked"]["detail"]
+    records = BatchOutput(str(tmp_path / "out")).records()
+    assert records["blocked"]["error"] == "storage_full" and records["good"]["status"] == "done"

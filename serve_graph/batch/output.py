@@ -6,6 +6,8 @@ OUTPUT/manifest.parquet            one row per song of INPUT (rewritten at the e
 OUTPUT/_batch/job.json             the options and model the batch runs with
 OUTPUT/_batch/rows/<key>.json      one song's record: written after its files, so it is the
                                    song's commit; a rerun skips the songs recorded done
+OUTPUT/_batch/runs/<start>.json    one record per run of the command: when it started, how
+                                   long Ray's start and the whole run took, songs done
 OUTPUT/_batch/tmp/                 files being written (cleared when a run starts)
 ```
 Any fsspec URL works as OUTPUT (`s3://bucket/stems`); a local folder by default.
@@ -87,6 +89,17 @@ class BatchOutput:
                 continue  # not a record of ours
             rows[row["song_id"]] = row
         return rows
+
+    def record_run(self, run: dict) -> None:
+        """One run's record (`Progress.record`), by its start time."""
+        self.write(f"{STATE_FOLDER}/runs/{run['started_at']:.3f}.json",
+                   json.dumps(run).encode())
+
+    def runs(self) -> tp.List[dict]:
+        """Every run's record, the first run's first."""
+        folder = f"{self.state}/runs"
+        paths = sorted(self.fs.find(folder)) if self.fs.exists(folder) else []
+        return [json.loads(self.fs.cat_file(path)) for path in paths]
 
     def write_manifest(self, rows: tp.Sequence[dict]) -> str:
         """`OUTPUT/manifest.parquet` from `rows` (sorted by song id); its URL."""

@@ -111,11 +111,14 @@ def run(job: BatchJob, geometry: tp.Tuple[int, int],
     progress = Progress(len(songs), len(songs) - len(pending), every_s=progress_every_s)
     if pending:
         start_ray()
+        progress.pipeline_started()
         for row in build(pending, job, settings_for(job, *geometry)).iter_rows():
             progress.song(row)
     records = output.records()
     rows = [records[song.song_id] for song in songs if song.song_id in records]
-    return progress, output.write_manifest(rows), rows
+    manifest = output.write_manifest(rows)
+    output.record_run(progress.record())
+    return progress, manifest, rows
 
 
 def start_ray() -> None:

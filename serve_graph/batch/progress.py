@@ -26,12 +26,17 @@ class Progress:
         self.total, self.skipped, self.out, self.every_s = total, skipped, out, every_s
         self.done = self.failed = 0
         self.audio_seconds = 0.
-        self.start = time.monotonic()
+        self.start, self.started_at = time.monotonic(), time.time()
+        self.setup_seconds: tp.Optional[float] = None  # until the pipeline could start
         self._printed = 0.
 
     @property
     def to_run(self) -> int:
         return self.total - self.skipped
+
+    def pipeline_started(self) -> None:
+        """Ray is up: what follows is the pipeline's."""
+        self.setup_seconds = time.monotonic() - self.start
 
     def song(self, row: dict) -> None:
         """One song's row came back; prints a line when `every_s` has passed since the last."""
@@ -61,6 +66,16 @@ class Progress:
         elapsed = time.monotonic() - self.start
         speed = (f", {self.audio_seconds / elapsed:.1f}x real time"
                  if elapsed > 0 and self.audio_seconds else "")
+        setup = (f" (Ray's start: {duration(self.setup_seconds)})"
+                 if self.setup_seconds is not None else "")
         return (f"batch: {self.done} separated, {self.failed} failed, {self.skipped} done "
-                f"before; {self.audio_seconds:.0f} s of audio in {duration(elapsed)}{speed}; "
-                f"manifest: {manifest}")
+                f"before; {self.audio_seconds:.0f} s of audio in {duration(elapsed)}{setup}"
+                f"{speed}; manifest: {manifest}")
+
+    def record(self) -> dict:
+        """This run as `_batch/runs/` keeps it: seconds from its start, of which Ray's start
+        and what came before it (`setup_seconds`: None when nothing was left to run)."""
+        return {"started_at": self.started_at, "seconds": time.monotonic() - self.start,
+                "setup_seconds": self.setup_seconds, "songs": self.total,
+                "done_before": self.skipped, "separated": self.done, "failed": self.failed,
+                "audio_seconds": self.audio_seconds}

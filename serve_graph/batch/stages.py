@@ -12,8 +12,10 @@ A song's error (unreadable, not audio, too long...) becomes its row, with the co
 """
 import logging
 import time
+import warnings
 import typing as tp
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +31,12 @@ class UnreadableError(SeparationError):
     """The song's URI cannot be read (missing, no permission, over the size limit)."""
     status_code = 400
     error = "unreadable"
+
+
+class UnwritableError(SeparationError):
+    """The song's stems cannot be written to OUTPUT (full, no permission)."""
+    status_code = 507
+    error = "storage_full"
 
 
 @dataclass(frozen=True)
@@ -103,18 +111,36 @@ class SeparateSongs:
                                   options=RunnerOptions(settings.device, settings.precision,
                                                         max_batch=settings.batch_size))
         self.pool = ThreadPoolExecutor(settings.encode_threads)
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="write")  # files, then record
         self.output = BatchOutput(settings.output)
 
-    def __call__(self, batch: tp.Dict[str, np.ndarray]):
+    def __call__(self, batch: tp.Dict[str, np.ndarray]) -> tp.Iterator[tp.Any]:
+        """Yields each song's row (a one-row frame) once its files and record are written,
+        in the batch's order of finishing: the writing runs on a thread of its own, beside
+        the next songs' windows."""
         rows = [{key: batch[key][i] for key in batch} for i in range(len(batch["song_id"]))]
         results = [self._row(row) for row in rows]
         songs, started = self._songs(rows, results), time.perf_counter()
-        if songs:
-            self._separate(songs, results, started)
-        for result in results:
-            self.output.record(result)
-        import pandas as pd
-        return pd.DataFrame(results)
+        commits = deque(self.writer.submit(self._commit, result, {})
+                        for result in results if result["status"] == "failed")
+        for commit in self._separate(songs, results, started):
+            commits.append(commit)
+            while commits and commits[0].done():
+                yield frame(commits.popleft().result())
+        while commits:
+            yield frame(commits.popleft().result())
+
+    def _commit(self, result: dict, files: tp.Dict[str, bytes]) -> dict:
+        """A song's files written, then its record (the song's commit); its row."""
+        if files:
+            try:
+                result["stems"] = self.output.write_song(result["song_id"], files)
+            except OSError as exc:
+                result.update(status="failed", stems=[], **error_fields(UnwritableError(
+                                  f"cannot write its stems: {exc.strerror or exc}"),
+                                  result["uri"]))
+        self.output.record(result)
+        return result
 
     def _row(self, decoded: dict) -> dict:
         """The row a song will have; its error set already when it did not decode."""
@@ -137,8 +163,10 @@ class SeparateSongs:
         for index, (row, result) in enumerate(zip(rows, results)):
             if result["status"] == "failed":
                 continue
-            pcm = np.frombuffer(row["pcm"], dtype=np.float32)
-            wav = th.from_numpy(pcm.reshape(int(row["channels"]), -1).copy())
+            pcm = np.frombuffer(row["pcm"], dtype=np.float32)  # read-only, never written:
+            with warnings.catch_warnings():  # the mix is only read (windows are cut from it)
+                warnings.simplefilter("ignore", UserWarning)
+                wav = th.from_numpy(pcm.reshape(int(row["channels"]), -1))
             try:
                 songs[index] = plan_song(wav, self.runner.geometry, self.options)
             except SeparationError as exc:
@@ -148,20 +176,30 @@ class SeparateSongs:
         return songs
 
     def _separate(self, songs: tp.Dict[int, tp.Any], results: tp.List[dict],
-                  started: float) -> None:
-        """The songs through the model together; each one's files written as it ends."""
+                  started: float) -> tp.Iterator[Future]:
+        """The songs through the model together; yields each one's commit (`_commit`), queued
+        on the writer as the song ends (or fails)."""
         from ..engine.song_batches import separate_songs
+        if not songs:
+            return
         indices = list(songs)
         try:
             for position, files in separate_songs(
                     self.runner, [songs[i] for i in indices], self.options, self.pool,
                     self.settings.encode_threads, self.settings.batch_size):
                 result = results[indices[position]]
-                result["stems"] = self.output.write_song(result["song_id"], files)
                 result.update(separate_seconds=time.perf_counter() - started,
                               finished_at=time.time())
+                yield self.writer.submit(self._commit, result, files)
         except Exception as exc:  # noqa: BLE001 - the songs not finished fail, the batch goes on
             for index in indices:
                 if results[index]["finished_at"] is None:
                     results[index].update(status="failed",
                                           **error_fields(exc, results[index]["uri"]))
+                    yield self.writer.submit(self._commit, results[index], {})
+
+
+def frame(row: dict) -> tp.Any:
+    """One song's row as the one-row frame a call yields."""
+    import pandas as pd
+    return pd.DataFrame([row])

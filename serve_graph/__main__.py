@@ -168,11 +168,18 @@ def _batch_parser(sub) -> None:
                    help="larger files fail with unreadable")
     p.add_argument("--retry-failed", action="store_true",
                    help="run again the songs an earlier run recorded as failed")
+    p.add_argument("--failed-songs-ok", action="store_true",
+                   help="exit 0 also when some songs failed (the manifest says which): for job "
+                   "runners that retry failed jobs, such as a KubeRay RayJob")
+    p.add_argument("--actor-resource", help="a custom Ray resource: the model actors run only "
+                   "on the nodes that have it (default: any; on CUDA, where the GPUs are)")
+    p.add_argument("--decode-resource", help="a custom Ray resource: decoding runs only on the "
+                   "nodes that have it (default: spread over every node)")
 
 
 def run_batch(args) -> int:
-    """Exit 0 when every song is done, 1 when some failed (their rows say why), 2 when the
-    batch cannot start (bad INPUT, options, model or OUTPUT)."""
+    """Exit 0 when every song is done, 1 when some failed (their rows say why; 0 with
+    --failed-songs-ok), 2 when the batch cannot start (bad INPUT, options, model or OUTPUT)."""
     from .batch.pipeline import BatchJob, run
     from .engine import default_device
     try:
@@ -187,13 +194,13 @@ def run_batch(args) -> int:
                        max(1, args.batch_size), max(1, args.songs_per_call), args.actors,
                        max(1, args.calls_per_actor), args.decoders,
                        max(1, args.encode_threads), args.max_audio_seconds, args.max_file_mb,
-                       args.retry_failed)
+                       args.retry_failed, args.actor_resource, args.decode_resource)
         progress, manifest, rows = run(job, geometry)
     except REFUSED as exc:
         print(_refusal(exc, options.model), file=sys.stderr)
         return 2
     print(progress.summary(manifest), file=sys.stderr)
-    return 0 if all(row["status"] == "done" for row in rows) else 1
+    return 0 if args.failed_songs_ok or all(row["status"] == "done" for row in rows) else 1
 
 
 def _model_geometry(options: SeparationOptions, repo: tp.Optional[str]) -> tp.Tuple[int, int]:
@@ -276,8 +283,13 @@ def run_make_repo(args) -> int:
 
 def _kuberay_parser(sub) -> None:
     from .kuberay import ClusterSpec
-    p = sub.add_parser("kuberay", help="write a KubeRay RayService manifest embedding the config")
+    p = sub.add_parser("kuberay", help="write a KubeRay RayService manifest embedding the config "
+                       "(or, with --job, a RayJob of the batch command)")
     p.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    p.add_argument("--job", nargs=2, metavar=("INPUT", "OUTPUT"),
+                   help="a RayJob that runs `batch INPUT OUTPUT` on the cluster instead")
+    p.add_argument("--job-args", default="", help='more of the batch\'s options, as typed: '
+                   '"--format flac --shifts 2"')
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     for field in dataclasses.fields(ClusterSpec):  # one option per field of the spec
         p.add_argument("--" + field.name.replace("_", "-"), type=type(field.default),
@@ -285,10 +297,11 @@ def _kuberay_parser(sub) -> None:
 
 
 def run_kuberay(args) -> int:
-    from .kuberay import ClusterSpec, manifest_text
+    from .kuberay import ClusterSpec, job_text, manifest_text
     spec = ClusterSpec(**{field.name: getattr(args, field.name)
                           for field in dataclasses.fields(ClusterSpec)})
-    text = manifest_text(spec, args.config)
+    text = (job_text(spec, (*args.job, args.job_args)) if args.job
+            else manifest_text(spec, args.config))
     if args.output:
         args.output.write_text(text)
     else:
@@ -296,7 +309,8 @@ def run_kuberay(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser, every command's."""
     parser = argparse.ArgumentParser(prog="python -m serve_graph", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _separate_parser(sub)
@@ -304,7 +318,11 @@ def main(argv=None) -> int:
     _serve_parser(sub)
     _make_repo_parser(sub)
     _kuberay_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     commands = {"serve": run_serve, "separate": run_separate, "batch": run_batch,
                 "make-repo": run_make_repo,
                 "kuberay": run_kuberay}

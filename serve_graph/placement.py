@@ -1,5 +1,6 @@
 """Where the deployments go on N identical nodes: the overrides of serve_config.yaml for one
-GPU box, for a Modal cluster and for a KubeRay worker group, written once.
+GPU box, for a Modal cluster and for a KubeRay worker group, and the batch command's placement
+options for the same nodes (a KubeRay RayJob), written once.
 
 The arithmetic (benchmarks/RESULTS.md): the model needs well under a GPU-second per song, the
 MP3 encoder ~15-20 CPU-seconds. So a GPU node gets one Separate replica per GPU (with one CPU
@@ -60,3 +61,13 @@ def application_args(shape: NodeShape, max_batch_size: int = 16) -> dict:
     if not shape.gpus:  # serve_config.yaml's CPU settings as they are
         return cluster
     return {"encode_threads": 0, "windows_in_flight": max_batch_size, **cluster}
+
+
+def batch_arguments(shape: NodeShape) -> tp.List[str]:
+    """`python -m serve_graph batch`'s options for `shape`, by the service's rules: one model
+    actor per GPU (CPU nodes: one per node), each with as many encoding threads as its share
+    of the CPUs Encode would have; decoding takes the CPUs (Ray Data's tasks, every node)."""
+    actors = shape.nodes * max(shape.gpus, 1)
+    threads = max(1, shape.encode_cpus // max(shape.gpus, 1))
+    return ["--device", "cuda" if shape.gpus else "cpu", "--actors", str(actors),
+            "--encode-threads", str(threads)]

@@ -1,7 +1,8 @@
 """The graph on a real multi-node Ray cluster: three Ray nodes on this machine (a head with the
 Ingress and Serve's proxy, a "codec" node with Decode and Encode, a "model" node with Separate),
 placed through serve_config.yaml's `resources`, a song separated over HTTP, and Ray's own
-accounting showing where the audio went.
+accounting showing where the audio went; and the batch command joined to the same cluster, its
+model actor and decode tasks placed by the nodes' resources.
 
 
 The audio's path is read from each node's object store (`GetNodeStats` of its raylet: bytes
@@ -166,3 +167,53 @@ def test_modal_cluster_head_waits_for_every_node(cluster):
                               env=env, cwd=Path(__file__).resolve().parents[1])
         assert done.returncode == code, done.stderr[-2000:]
     assert f"only {len(NODES)} of {len(NODES) + 1} nodes joined" in done.stderr
+
+
+# Run as a Ray driver after a batch: which node each of its model actors and decode tasks ran
+# on (the state API keeps finished tasks and dead actors), by node resource.
+BATCH_PROBE = r"""
+import json, sys, ray
+from ray.util.state import list_actors, list_tasks
+ray.init(address=sys.argv[1], logging_level="warning")
+name = {node["NodeID"]: next(key for key in node["Resources"] if key.endswith("_node"))
+        for node in ray.nodes() if node["Alive"]}
+actors = sorted({name[actor.node_id] for actor in list_actors(detail=True, limit=10000)
+                 if "SeparateSongs" in actor.class_name})
+decoders = sorted({name[task.node_id] for task in list_tasks(detail=True, limit=10000)
+                   if "decode_song" in task.name and task.node_id})
+print(json.dumps({"actors": actors, "decoders": decoders}))
+"""
+
+
+def test_a_batch_runs_its_model_on_one_node_and_decodes_on_another(cluster, tiny_repo,
+                                                                     tmp_path):
+    """`python -m serve_graph batch` joined to the cluster (RAY_ADDRESS, as `ray job submit`
+    runs it): the model actor on the model node, decoding on the codec node, every song done,
+    and an unknown resource refused before anything runs."""
+    from serve_graph.launch import LOOPBACK_RAY
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    for index in range(4):
+        (songs / f"song{index}.mp3").write_bytes(encode(tone(4., 44100, 2, seed=index), 44100,
+                                                        "mp3"))
+    env = {**os.environ, **LOOPBACK_RAY, "RAY_ADDRESS": cluster.address}
+    command = [sys.executable, "-m", "serve_graph", "batch", str(songs), str(tmp_path / "out"),
+               "--model-repo", str(tiny_repo), "--format", "flac", "--songs-per-call", "2",
+               "--actor-resource", "model_node"]
+    done = subprocess.run(command + ["--decode-resource", "codec_node"], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 separated, 0 failed" in done.stderr
+    assert all(len(list((tmp_path / "out" / f"song{index}").iterdir())) == 4
+               for index in range(4))
+    probed = subprocess.run([sys.executable, "-c", BATCH_PROBE, cluster.address],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert probed.returncode == 0, probed.stderr[-3000:]
+    placed = json.loads(probed.stdout.strip().splitlines()[-1])
+    assert placed == {"actors": ["model_node"], "decoders": ["codec_node"]}, placed
+
+    command[5] = str(tmp_path / "elsewhere")  # an OUTPUT with every song still to run
+    refused = subprocess.run(command + ["--decode-resource", "gpu_node"], capture_output=True,
+                             text=True, timeout=300, env=env)
+    assert refused.returncode == 2 and "no node of this Ray cluster has the resource 'gpu_node'" \
+        in refused.stderr, refused.stderr[-3000:]

@@ -1,9 +1,11 @@
 """The KubeRay RayService manifest, checked offline: against KubeRay's own CRD schema, against
-Ray Serve's config schema, and against serve_config.yaml (it must embed the current one).
+Ray Serve's config schema, and against serve_config.yaml (it must embed the current one). And
+the RayJob of the batch command: against KubeRay's RayJob CRD, its entrypoint against the
+batch command's own parser.
 
-`data/ray.io_rayservices.v1.schema.json.gz` is the `v1` openAPIV3Schema of KubeRay's CRD
-`ray-operator/config/crd/bases/ray.io_rayservices.yaml` at commit feeaf72f (v1.7.0-rc.0+5),
-stored as JSON.
+`data/ray.io_rayservices.v1.schema.json.gz` and `data/ray.io_rayjobs.v1.schema.json.gz` are
+the `v1` openAPIV3Schemas of KubeRay's CRDs `ray-operator/config/crd/bases/ray.io_rayservices.yaml`
+and `ray.io_rayjobs.yaml` at commit feeaf72f (v1.7.0-rc.0+5), stored as JSON.
 """
 import copy
 import gzip
@@ -14,9 +16,11 @@ import jsonschema
 import pytest
 import yaml
 
-from serve_graph.kuberay import SHIPPED, ClusterSpec, manifest_text, rayservice, serve_config
+from serve_graph.kuberay import (EXAMPLE_JOB, SHIPPED, SHIPPED_JOB, ClusterSpec, job_text,
+                                 manifest_text, rayjob, rayservice, serve_config)
 
 CRD_SCHEMA = Path(__file__).parent / "data" / "ray.io_rayservices.v1.schema.json.gz"
+JOB_CRD_SCHEMA = CRD_SCHEMA.with_name("ray.io_rayjobs.v1.schema.json.gz")
 
 
 def strict(schema):
@@ -33,10 +37,18 @@ def strict(schema):
     return schema
 
 
+def crd_validator(path: Path) -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(strict(json.loads(gzip.decompress(path.read_bytes()))))
+
+
 @pytest.fixture(scope="module")
 def validator():
-    schema = strict(json.loads(gzip.decompress(CRD_SCHEMA.read_bytes())))
-    return jsonschema.Draft7Validator(schema)
+    return crd_validator(CRD_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def job_validator():
+    return crd_validator(JOB_CRD_SCHEMA)
 
 
 def errors(validator, manifest) -> list:
@@ -137,3 +149,33 @@ def test_image_ray_lock_and_manifest_agree():
     args = yaml.safe_load(DEFAULT_CONFIG.read_text())["applications"][0]["args"]
     baked = re.search(r'^ARG MODELS="([^"]+)"$', dockerfile, re.M).group(1).split()
     assert baked == [args["model"], *args["models"]]
+
+
+def test_shipped_rayjob_is_generated_and_valid_against_kuberays_crd(job_validator):
+    assert SHIPPED_JOB.read_text() == job_text(), (
+        "deploy/kuberay/rayjob.yaml is stale: run `python -m serve_graph kuberay --job "
+        f"{EXAMPLE_JOB[0]} {EXAMPLE_JOB[1]} --job-args '{EXAMPLE_JOB[2]}' -o {SHIPPED_JOB}`")
+    assert errors(job_validator, yaml.safe_load(SHIPPED_JOB.read_text())) == []
+    misspelt = rayjob(ClusterSpec(), "in", "out")
+    misspelt["spec"]["shutdownAfterJobFinish"] = misspelt["spec"].pop("shutdownAfterJobFinishes")
+    assert any("shutdownAfterJobFinish" in e for e in errors(job_validator, misspelt))
+
+
+def test_rayjob_runs_the_batch_on_the_rayservices_cluster_placed_by_its_rules():
+    """The RayJob's cluster is the RayService's (same head and worker groups); its entrypoint
+    is a batch command the CLI's own parser takes, one model actor per GPU, the encoding
+    threads of Encode's CPUs shared out, the user's options kept."""
+    import shlex
+
+    from serve_graph.__main__ import build_parser
+    spec = ClusterSpec(workers=3, gpus=4, cpus=48)
+    job = rayjob(spec, "s3://b/in", "s3://b/out", "--format flac --shifts 2")
+    cluster = rayservice(spec)["spec"]["rayClusterConfig"]
+    assert job["spec"]["rayClusterSpec"] == cluster
+    assert job["spec"]["shutdownAfterJobFinishes"] and job["spec"]["backoffLimit"] > 0
+    command = shlex.split(job["spec"]["entrypoint"])
+    assert command[:3] == ["python", "-m", "serve_graph"]
+    args = build_parser().parse_args(command[3:])
+    assert (args.command, args.input, args.output) == ("batch", "s3://b/in", "s3://b/out")
+    assert (args.device, args.actors, args.encode_threads) == ("cuda", 12, (48 - 4 - 2) // 4)
+    assert (args.format, args.shifts, args.failed_songs_ok) == ("flac", 2, True)

@@ -36,7 +36,10 @@ class BatchJob:
       songs each actor call takes (their windows share forwards); `calls_per_actor`: calls
       an actor runs at once (one's overlap-add and encoding beside the other's forwards);
       `batch_size`: windows per forward; `decoders`: decode tasks at once (None: Ray Data's choice);
-    - `retry_failed`: run again the songs whose record says failed.
+    - `retry_failed`: run again the songs whose record says failed;
+    - `actor_resource`, `decode_resource`: custom Ray resources (of the nodes that have them:
+      `ray start --resources`) that place the model actors and the decode tasks (None: any
+      node; the actors go where the GPUs are).
     """
     source: str
     output: str
@@ -53,6 +56,8 @@ class BatchJob:
     max_seconds: float = MAX_SECONDS
     max_file_mb: float = MAX_FILE_MB
     retry_failed: bool = False
+    actor_resource: tp.Optional[str] = None
+    decode_resource: tp.Optional[str] = None
 
     @property
     def record(self) -> dict:
@@ -83,13 +88,17 @@ def build(songs: tp.Sequence[SongRef], job: BatchJob, settings: BatchSettings):
     if actors + 1 > cpus:  # decoding would wait forever for a CPU the actors hold
         raise BatchInputError(f"{actors} model actor(s) take a CPU each and decoding needs one "
                               f"more; this Ray cluster has {cpus:g} CPUs: use fewer --actors")
+    for resource in filter(None, (job.actor_resource, job.decode_resource)):
+        if resource not in resources:  # nothing would ever run
+            raise BatchInputError(f"no node of this Ray cluster has the resource {resource!r}; "
+                                  f"it has {sorted(resources)}")
     rows = ray.data.from_items([song._asdict() for song in songs],
                                override_num_blocks=min(len(songs), 1000))
     # decoding SPREAD over every node, the actors placed by DEFAULT: remote arguments that
     # differ, so that Ray Data does not fuse decoding into the model actors (it would wait
     # there for the model, and the model for it)
     decoded = rows.map(decode_song, fn_kwargs={"settings": settings}, num_cpus=1,
-                       scheduling_strategy="SPREAD",
+                       scheduling_strategy="SPREAD", **on_nodes_with(job.decode_resource),
                        compute=ray.data.TaskPoolStrategy(size=job.decoders)
                        if job.decoders else None)
     return decoded.map_batches(
@@ -97,7 +106,14 @@ def build(songs: tp.Sequence[SongRef], job: BatchJob, settings: BatchSettings):
         batch_size=job.songs_per_call, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2,
                                            max_concurrent_calls_per_actor=job.calls_per_actor),
-        num_gpus=1 if gpu else 0, num_cpus=1, scheduling_strategy="DEFAULT")
+        num_gpus=1 if gpu else 0, num_cpus=1, scheduling_strategy="DEFAULT",
+        **on_nodes_with(job.actor_resource))
+
+
+def on_nodes_with(resource: tp.Optional[str]) -> dict:
+    """Ray's remote arguments that keep a task or actor on the nodes with `resource` (a
+    sliver of it, so that the resource never limits how many run there)."""
+    return {"resources": {resource: 0.001}} if resource else {}
 
 
 def run(job: BatchJob, geometry: tp.Tuple[int, int],

@@ -152,7 +152,9 @@ def _batch_parser(sub) -> None:
                    help=f"local model repo folder (env {REPO_ENV})")
     p.add_argument("--device", help="cpu or cuda (default: cuda if this machine has one)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--batch-size", type=int, help="windows per forward pass (default: "
+                   f"{BATCH_WINDOWS['cuda']} on CUDA, {BATCH_WINDOWS['cpu']} on CPU, as "
+                   "`separate`: larger CPU batches only cost memory)")
     p.add_argument("--songs-per-call", type=int, default=4,
                    help="songs each model actor takes at once; their windows share forwards")
     p.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
@@ -177,6 +179,9 @@ def _batch_parser(sub) -> None:
                    "nodes that have it (default: spread over every node)")
 
 
+BATCH_WINDOWS = {"cuda": 8, "cpu": 1}  # the batch's windows per forward, by device
+
+
 def run_batch(args) -> int:
     """Exit 0 when every song is done, 1 when some failed (their rows say why; 0 with
     --failed-songs-ok), 2 when the batch cannot start (bad INPUT, options, model or OUTPUT)."""
@@ -189,10 +194,12 @@ def run_batch(args) -> int:
         return 2
     try:
         geometry = _model_geometry(options, args.model_repo)
-        job = BatchJob(args.input, args.output, options, args.model_repo,
-                       args.device or default_device(), args.precision,
-                       max(1, args.batch_size), max(1, args.songs_per_call), args.actors,
-                       max(1, args.calls_per_actor), args.decoders,
+        device = args.device or default_device()
+        batch_size = args.batch_size or BATCH_WINDOWS["cuda" if device.startswith("cuda")
+                                                      else "cpu"]
+        job = BatchJob(args.input, args.output, options, args.model_repo, device,
+                       args.precision, max(1, batch_size), max(1, args.songs_per_call),
+                       args.actors, max(1, args.calls_per_actor), args.decoders,
                        max(1, args.encode_threads), args.max_audio_seconds, args.max_file_mb,
                        args.retry_failed, args.actor_resource, args.decode_resource)
         progress, manifest, rows = run(job, geometry)

@@ -151,6 +151,10 @@ def test_retry_failed_reruns_only_the_failed(first_run, songs, tiny_repo):
         (3, 4, 0), (0, 0, 7), (1, 3, 3)]
     assert runs[1]["setup_seconds"] is None  # nothing to run: Ray was not started
     assert 0 < runs[2]["setup_seconds"] < runs[2]["seconds"]
+    assert runs[0]["actors"] == 1 and 0 < runs[0]["model_busy"] < 1
+    recorded = BatchOutput(str(output)).records()
+    assert runs[0]["model_seconds"] == pytest.approx(  # the songs' shares sum to the whole
+        sum(recorded[song_id]["model_seconds"] or 0 for song_id in GOOD))
 
 
 def test_other_options_on_the_same_output_are_refused(first_run, songs, tiny_repo):

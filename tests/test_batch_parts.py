@@ -167,3 +167,21 @@ def test_the_actor_yields_each_song_once_written_and_a_song_it_cannot_write_fail
     assert "cannot write its stems" in rows["blocked"]["detail"]
     records = BatchOutput(str(tmp_path / "out")).records()
     assert records["blocked"]["error"] == "storage_full" and records["good"]["status"] == "done"
+
+
+def test_model_actors_start_with_the_cpu_settings_of_separates_replicas():
+    """On the CPU the actor's process gets what serve_config.yaml gives Separate (glibc keeps
+    freed memory, one arena: the model runs on one of the actor's threads); on CUDA nothing."""
+    import yaml
+
+    from serve_graph.batch.pipeline import BatchJob, actor_env
+    from serve_graph.engine.cpu_settings import KEEP_TUNABLES
+    from serve_graph.launch import DEFAULT_CONFIG
+    options = SeparationOptions(model="htdemucs")
+    env = actor_env(BatchJob("in", "out", options, device="cpu"))
+    assert set(KEEP_TUNABLES) <= set(env["GLIBC_TUNABLES"].split(":"))
+    deployments = yaml.safe_load(DEFAULT_CONFIG.read_text())["applications"][0]["deployments"]
+    separate = next(d for d in deployments if d["name"] == "Separate")
+    assert separate["ray_actor_options"]["runtime_env"]["env_vars"]["GLIBC_TUNABLES"] == \
+        env["GLIBC_TUNABLES"]
+    assert actor_env(BatchJob("in", "out", options, device="cuda")) == {}

@@ -24,7 +24,8 @@ from .songs import STATE_FOLDER, BatchInputError
 MANIFEST = "manifest.parquet"
 # the manifest's columns, in order: what a row of a song holds (`BatchOutput.record`)
 COLUMNS = ("song_id", "uri", "status", "error", "status_code", "detail", "model",
-           "audio_seconds", "stems", "decode_seconds", "separate_seconds", "finished_at")
+           "audio_seconds", "stems", "decode_seconds", "separate_seconds", "model_seconds",
+           "finished_at")
 
 
 class BatchOutput:
@@ -123,7 +124,7 @@ def manifest_schema():
                       ("detail", pa.string()), ("model", pa.string()),
                       ("audio_seconds", pa.float64()), ("stems", pa.list_(pa.string())),
                       ("decode_seconds", pa.float64()), ("separate_seconds", pa.float64()),
-                      ("finished_at", pa.float64())])
+                      ("model_seconds", pa.float64()), ("finished_at", pa.float64())])
 
 
 def row_key(song_id: str) -> str:

@@ -78,12 +78,19 @@ def settings_for(job: BatchJob, samplerate: int, channels: int) -> BatchSettings
                          job.precision, job.batch_size, job.encode_threads)
 
 
-def build(songs: tp.Sequence[SongRef], job: BatchJob, settings: BatchSettings):
-    """The Ray Data dataset of the songs' rows (lazy: iterating it runs the pipeline)."""
+def actor_count(job: BatchJob, resources: tp.Dict[str, float]) -> int:
+    """The model actors: `job.actors`, else one per GPU of the cluster on CUDA, else 1."""
+    gpu = job.device.startswith("cuda")
+    return job.actors or (max(1, int(resources.get("GPU", 0))) if gpu else 1)
+
+
+def build(songs: tp.Sequence[SongRef], job: BatchJob, settings: BatchSettings,
+          resources: tp.Dict[str, float]):
+    """The Ray Data dataset of the songs' rows (lazy: iterating it runs the pipeline) on a
+    cluster of `resources` (`ray.cluster_resources()`)."""
     import ray.data
     gpu = job.device.startswith("cuda")
-    resources = ray.cluster_resources()
-    actors = job.actors or (max(1, int(resources.get("GPU", 0))) if gpu else 1)
+    actors = actor_count(job, resources)
     cpus = resources.get("CPU", 0)
     if actors + 1 > cpus:  # decoding would wait forever for a CPU the actors hold
         raise BatchInputError(f"{actors} model actor(s) take a CPU each and decoding needs one "
@@ -107,7 +114,17 @@ def build(songs: tp.Sequence[SongRef], job: BatchJob, settings: BatchSettings):
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2,
                                            max_concurrent_calls_per_actor=job.calls_per_actor),
         num_gpus=1 if gpu else 0, num_cpus=1, scheduling_strategy="DEFAULT",
-        **on_nodes_with(job.actor_resource))
+        runtime_env={"env_vars": actor_env(job)}, **on_nodes_with(job.actor_resource))
+
+
+def actor_env(job: BatchJob) -> tp.Dict[str, str]:
+    """What a model actor's process must start with: on the CPU, the CPU settings' glibc
+    tunables (memory kept, one arena: `engine.cpu_settings`; the model runs on one of the
+    actor's threads) and wait policy, as serve_config.yaml gives Separate's replicas."""
+    if job.device.startswith("cuda"):
+        return {}
+    from ..engine import cpu_settings
+    return cpu_settings.choose(job.precision).process_env()
 
 
 def on_nodes_with(resource: tp.Optional[str]) -> dict:
@@ -126,9 +143,11 @@ def run(job: BatchJob, geometry: tp.Tuple[int, int],
     pending = to_run(songs, output.records(), job.retry_failed)
     progress = Progress(len(songs), len(songs) - len(pending), every_s=progress_every_s)
     if pending:
+        import ray
         start_ray()
-        progress.pipeline_started()
-        for row in build(pending, job, settings_for(job, *geometry)).iter_rows():
+        resources = ray.cluster_resources()
+        progress.pipeline_started(actor_count(job, resources))
+        for row in build(pending, job, settings_for(job, *geometry), resources).iter_rows():
             progress.song(row)
     records = output.records()
     rows = [records[song.song_id] for song in songs if song.song_id in records]

@@ -28,18 +28,30 @@ class Progress:
         self.audio_seconds = 0.
         self.start, self.started_at = time.monotonic(), time.time()
         self.setup_seconds: tp.Optional[float] = None  # until the pipeline could start
+        self.actors = 0
+        self.model_seconds = 0.  # the model actors' forwards, all songs
         self._printed = 0.
 
     @property
     def to_run(self) -> int:
         return self.total - self.skipped
 
-    def pipeline_started(self) -> None:
-        """Ray is up: what follows is the pipeline's."""
+    def pipeline_started(self, actors: int) -> None:
+        """Ray is up: what follows is the pipeline's, with `actors` model actors."""
         self.setup_seconds = time.monotonic() - self.start
+        self.actors = actors
+
+    @property
+    def model_busy(self) -> tp.Optional[float]:
+        """The share of the pipeline's time the model actors spent in forwards (0-1)."""
+        if self.setup_seconds is None or not self.actors:
+            return None
+        seconds = time.monotonic() - self.start - self.setup_seconds
+        return self.model_seconds / (self.actors * seconds) if seconds > 0 else None
 
     def song(self, row: dict) -> None:
         """One song's row came back; prints a line when `every_s` has passed since the last."""
+        self.model_seconds += float(row.get("model_seconds") or 0.)
         if row["status"] == "done":
             self.done += 1
             self.audio_seconds += float(row["audio_seconds"] or 0.)
@@ -68,14 +80,19 @@ class Progress:
                  if elapsed > 0 and self.audio_seconds else "")
         setup = (f" (Ray's start: {duration(self.setup_seconds)})"
                  if self.setup_seconds is not None else "")
+        busy = self.model_busy
+        speed += f", model busy {busy:.0%}" if busy is not None else ""
         return (f"batch: {self.done} separated, {self.failed} failed, {self.skipped} done "
                 f"before; {self.audio_seconds:.0f} s of audio in {duration(elapsed)}{setup}"
                 f"{speed}; manifest: {manifest}")
 
     def record(self) -> dict:
         """This run as `_batch/runs/` keeps it: seconds from its start, of which Ray's start
-        and what came before it (`setup_seconds`: None when nothing was left to run)."""
+        and what came before it (`setup_seconds`: None when nothing was left to run), the
+        model's forward seconds and its busy share of the pipeline's time per actor."""
         return {"started_at": self.started_at, "seconds": time.monotonic() - self.start,
-                "setup_seconds": self.setup_seconds, "songs": self.total,
+                "setup_seconds": self.setup_seconds, "actors": self.actors,
+                "model_seconds": self.model_seconds, "model_busy": self.model_busy,
+                "songs": self.total,
                 "done_before": self.skipped, "separated": self.done, "failed": self.failed,
                 "audio_seconds": self.audio_seconds}

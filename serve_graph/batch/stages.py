@@ -11,6 +11,7 @@ A song's error (unreadable, not audio, too long...) becomes its row, with the co
 `POST /separate` would answer; the batch goes on.
 """
 import logging
+import threading
 import time
 import warnings
 import typing as tp
@@ -100,18 +101,23 @@ class SeparateSongs:
     song's files written and its record committed as it finishes."""
 
     def __init__(self, settings: BatchSettings, options: dict):
-        from ..engine import ModelRunner, cpu_settings, load_model
+        from ..engine import cpu_settings
+        if settings.device == "cpu":  # chosen on this actor's machine, as Separate does; the
+            chosen = cpu_settings.choose(settings.precision)  # glibc tunables came with the
+            cpu_settings.prepare_process(chosen)  # process (`pipeline.actor_env`)
+            logger.info(cpu_settings.summary(cpu_settings.describe(chosen)))
+        from ..engine import ModelRunner, load_model
         from ..engine.separator import RunnerOptions
+        if settings.device == "cpu":
+            cpu_settings.apply_to_torch(chosen)
         self.settings = settings
         self.options = SeparationOptions(**options)
-        if settings.device == "cpu":
-            chosen = cpu_settings.choose(settings.precision)
-            cpu_settings.apply_to_torch(chosen)
         self.runner = ModelRunner(load_model(settings.model, settings.model_repo),
                                   options=RunnerOptions(settings.device, settings.precision,
                                                         max_batch=settings.batch_size))
         self.pool = ThreadPoolExecutor(settings.encode_threads)
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="write")  # files, then record
+        self._counting, self._counted = threading.Lock(), 0.  # `_model_seconds`
         self.output = BatchOutput(settings.output)
 
     def __call__(self, batch: tp.Dict[str, np.ndarray]) -> tp.Iterator[tp.Any]:
@@ -142,6 +148,14 @@ class SeparateSongs:
         self.output.record(result)
         return result
 
+    def _model_seconds(self) -> float:
+        """The model's forward seconds since the last song of this actor (any call) ended:
+        what a song's row counts, so that the rows sum to the actor's time in forwards."""
+        with self._counting:
+            seconds, self._counted = (self.runner.busy_seconds - self._counted,
+                                      self.runner.busy_seconds)
+        return seconds
+
     def _row(self, decoded: dict) -> dict:
         """The row a song will have; its error set already when it did not decode."""
         failed = isinstance(decoded["error"], str)  # numpy columns hold None, or NaN
@@ -152,7 +166,7 @@ class SeparateSongs:
                 "detail": decoded["detail"] if failed else None, "model": self.settings.model,
                 "audio_seconds": None, "stems": [],
                 "decode_seconds": float(decoded["decode_seconds"]),
-                "separate_seconds": None, "finished_at": None}
+                "separate_seconds": None, "model_seconds": None, "finished_at": None}
 
     def _songs(self, rows: tp.List[dict], results: tp.List[dict]) -> tp.Dict[int, tp.Any]:
         """The decoded songs of the batch, planned, by their index in it."""
@@ -189,7 +203,7 @@ class SeparateSongs:
                     self.settings.encode_threads, self.settings.batch_size):
                 result = results[indices[position]]
                 result.update(separate_seconds=time.perf_counter() - started,
-                              finished_at=time.time())
+                              model_seconds=self._model_seconds(), finished_at=time.time())
                 yield self.writer.submit(self._commit, result, files)
         except Exception as exc:  # noqa: BLE001 - the songs not finished fail, the batch goes on
             for index in indices:

@@ -77,6 +77,7 @@ class ModelRunner:
         self.geometry = model_geometry(model)
         self.models = [m.to(self.device).eval() for m in sub_models(model)]
         self._lock = threading.Lock()
+        self.busy_seconds = 0.  # in forwards (their copies to and from the device included)
         self._set_backends()
         self._forwards = [self._make_forward(m) for m in self.models]
         self.limits = [BatchLimit(options.max_batch) for _ in self.models]
@@ -169,8 +170,10 @@ class ModelRunner:
     def __call__(self, model_index: int, inputs: th.Tensor) -> th.Tensor:
         """Stems `[B, S, C, L]` (float32, CPU) of windows `[B, C, L]` (CPU or device)."""
         with self._lock, th.inference_mode():
+            start = time.perf_counter()
             pieces = run_with_backoff(lambda batch: self._run(model_index, batch), inputs,
                                       self.limits[model_index], self._free_cache)
+            self.busy_seconds += time.perf_counter() - start
         return pieces[0] if len(pieces) == 1 else th.cat(pieces)
 
     def _run(self, model_index: int, inputs: th.Tensor) -> th.Tensor:

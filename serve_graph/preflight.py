@@ -20,6 +20,9 @@ from .engine.errors import ModelNotFoundError
 from .engine.model_files import weights_problem
 from .procs import alive, cmdline, descendants, parent, wait_gone
 
+if tp.TYPE_CHECKING:
+    from .settings import ServiceSettings
+
 TRY_WITHOUT_WEIGHTS = (
     "To try the service without the real weights, make a model repo with random weights and "
     "point the service at it:\n"
@@ -94,3 +97,24 @@ def stop_local_serve_run(message: str, wait: float = 60.) -> bool:
     wait_gone([driver], wait)
     time.sleep(wait)  # the raylet's end ends this worker: no retry, no traceback
     return True
+
+
+def settings_problem(args: tp.Optional[dict]) -> tp.Optional[str]:
+    """What stops a start on this machine before anything deploys, as the message to print:
+    a precision this CPU lacks, or (with `require_model`) a missing model; None when there is
+    none. Raises ValueError for args the service does not know (`ServiceSettings`)."""
+    from .settings import ServiceSettings
+    settings = ServiceSettings.from_args(args)
+    return precision_message(settings) or model_message(settings)
+
+
+def precision_message(settings: "ServiceSettings") -> tp.Optional[str]:
+    problem = cpu_precision_problem(settings.device, settings.precision)
+    return None if problem is None else f"\nerror: {problem}\n"
+
+
+def model_message(settings: "ServiceSettings") -> tp.Optional[str]:
+    if not settings.require_model:
+        return None
+    problem = model_problem(settings.model, settings.model_repo)
+    return None if problem is None else missing_model_message(settings.model, problem)

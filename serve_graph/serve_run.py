@@ -1,18 +1,35 @@
-"""`serve run <config>` as `launch` starts it: Ray's own `serve run`, with the local Ray it
-starts lighter. Ray's dashboard (its web server and the nine module processes behind it) is
-left out: this service does not use it, and on a 2-core machine those processes take CPU from
-the replicas starting beside them. Each node's agent, which serves the metrics `GET /metrics`
-relays, still runs. `SERVE_GRAPH_RAY_DASHBOARD=1` keeps the dashboard; a Ray to join
-(`RAY_ADDRESS`, a cluster) is joined as `serve run` joins it.
+"""`serve run <config>` as `launch` starts it, lighter on the local machine:
+
+- Ray's dashboard (its web server and the nine module processes behind it) is left out: this
+  service does not use it, and on a 2-core machine those processes take CPU from the replicas
+  starting beside them. Each node's agent, which serves the metrics `GET /metrics` relays,
+  still runs. `SERVE_GRAPH_RAY_DASHBOARD=1` keeps the dashboard.
+- The application is built here, in this process, from the config (its `args`, and its
+  `deployments` as `.options()` of each deployment), while Ray starts: Serve's own `serve run`
+  of a config file instead hands the build to a task in a new Ray worker, which imports the
+  graph (Ray Serve, FastAPI, this package) once more after Serve is up (~1.5 s of the cold
+  start on 2 cores; benchmarks/RESULTS.md). The checks that a missing model or a precision the
+  CPU lacks stop the start with one message happen here too, before Ray starts.
+
+A Ray to join (`RAY_ADDRESS`, a cluster), a config of other applications, or an application
+with its own `runtime_env` goes through Ray's `serve run` unchanged.
 
     python -m serve_graph.serve_run serve_config.yaml
 """
 import os
+import signal
 import sys
+import threading
 import time
 import typing as tp
 
+import yaml
+
 DASHBOARD_ENV = "SERVE_GRAPH_RAY_DASHBOARD"
+IMPORT_PATH = "serve_graph.app:build_app"  # the application built in this process
+# Serve's controller says this when an application cannot be deployed; said here too, so that
+# `launch.deploy_failure` reads both the same way
+DEPLOY_FAILED = "Deploying app '{}' failed with exception:\n{}"
 
 
 def start_local_ray() -> None:
@@ -22,12 +39,95 @@ def start_local_ray() -> None:
     ray.init(namespace=SERVE_NAMESPACE, include_dashboard=os.environ.get(DASHBOARD_ENV) == "1")
 
 
-def main(argv: tp.Sequence[str]) -> None:
+def main(argv: tp.Sequence[str]) -> int:
+    config = _built_here(argv)
+    if config is None:
+        return _ray_serve_run(argv)
+    _log(f"Running config file: {argv[0]!r}, building the application in this process")
+    application = config["applications"][0]
+    try:
+        from .preflight import settings_problem  # light: the graph's modules load beside Ray
+        problem = settings_problem(application.get("args"))
+    except ValueError as exc:  # an arg the service does not know, or a bad value
+        _log(DEPLOY_FAILED.format(application["name"], exc))
+        return 1
+    if problem is not None:
+        print(problem, file=sys.stderr, flush=True)
+        return 2
+    return _serve_here(config)
+
+
+def _built_here(argv: tp.Sequence[str]) -> tp.Optional[dict]:
+    """The config, when this process builds its application: a local Ray, one application of
+    this package's graph, no runtime_env of its own; else None."""
+    if os.environ.get("RAY_ADDRESS") or len(argv) != 1 or not os.path.isfile(argv[0]):
+        return None
+    with open(argv[0]) as file:
+        config = yaml.safe_load(file)
+    applications = config.get("applications") or []
+    if len(applications) != 1 or applications[0].get("import_path") != IMPORT_PATH or \
+            applications[0].get("runtime_env"):
+        return None
+    return config
+
+
+def _ray_serve_run(argv: tp.Sequence[str]) -> int:
+    """Ray's own `serve run` (its build task), on a local Ray without the dashboard when no
+    cluster is given."""
     if not os.environ.get("RAY_ADDRESS"):
         _log(f"Running config file: {argv[0]!r}, starting a local Ray without its dashboard")
         start_local_ray()  # `serve run` then uses this Ray instead of starting its own
     from ray.serve.scripts import cli
     cli.main(["run", *argv], prog_name="serve")
+    return 0
+
+
+def _serve_here(config: dict) -> int:
+    """Start Ray (the graph's modules imported meanwhile), Serve with the config's HTTP options,
+    the application built here; then serve until SIGINT or SIGTERM, and shut Serve down."""
+    import ray  # whole, before a second thread imports what depends on it
+    import ray.serve  # noqa: F401
+    importing = threading.Thread(target=_import_graph, name="import-graph")
+    importing.start()
+    start_local_ray()
+    importing.join()
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    from .app import graph
+    schema = ServeDeploySchema.model_validate(config)  # Ray Serve's own check of the file
+    serve.start(http_options=schema.http_options.model_dump(),
+                proxy_location=schema.proxy_location)
+    application = schema.applications[0]
+    overrides = {deployment.name: deployment.model_dump(exclude_unset=True, exclude={"name"})
+                 for deployment in application.deployments}
+    app = graph(application.args, overrides)
+    _log(f"Imported and built app '{application.name}' successfully.")
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, _stop)
+    try:
+        serve.run(app, name=application.name, route_prefix=application.route_prefix)
+        _log(f"Deployed app '{application.name}' successfully.")
+        while True:
+            time.sleep(10)
+    except RuntimeError as exc:  # Serve gave the deployment up (replicas failing to start)
+        _log(DEPLOY_FAILED.format(application.name, exc))
+        return 1
+    except KeyboardInterrupt:
+        _log("Got KeyboardInterrupt, shutting down...")
+        return 0
+    finally:
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop_signal, signal.SIG_IGN)  # the stop is not cut short
+        serve.shutdown()
+
+
+def _import_graph() -> None:
+    import serve_graph.app  # noqa: F401  (torch-free: the replicas import what they need)
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _log(message: str) -> None:
@@ -39,4 +139,4 @@ def _log(message: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

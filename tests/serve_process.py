@@ -36,12 +36,12 @@ class ServeProcess:
         cmd = f"{start.__name__}({config})"
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"{cmd} exited: {log.read_text()[-3000:]}")
-            if deploy_failure(log):
+            if deploy_failure(log):  # (the launcher may have exited after saying so)
                 self.stop()  # and the log has the whole of Serve's message
                 raise RuntimeError(f"{cmd}: the application failed to deploy: "
                                    f"{deploy_failure(log)}")
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"{cmd} exited: {log.read_text()[-3000:]}")
             try:
                 if requests.get(self.url + ready_path, timeout=5).status_code == 200:
                     return

@@ -175,3 +175,38 @@ def test_health_tells_liveness_from_readiness(tmp_path):
         assert len(zipfile.ZipFile(io.BytesIO(stems.content)).namelist()) == 4
     finally:
         server.kill()
+
+
+def test_the_launcher_builds_the_application_itself_without_serves_build_task(tmp_path,
+                                                                                tiny_repo):
+    """`serve_graph.serve_run` (what `launch` and `python -m serve_graph serve` run) builds
+    the graph in its own process, the config's deployment options applied (here: Separate's
+    runtime_env reaches its replica), and no build task imports it again."""
+    port = free_port()
+    config = write_config(tmp_path / "serve_config.yaml", port=port, host="127.0.0.1",
+                          deployments={"Separate": {"ray_actor_options": {"runtime_env": {
+                              "env_vars": {"SERVE_GRAPH_THREADS_PROBE": "seen"}}}}})
+    server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
+                          tmp_path / "serve.log", start=launch)
+    try:
+        log = (tmp_path / "serve.log").read_text(errors="replace")
+        assert "building the application in this process" in log
+        assert "Importing and building app" not in log  # Serve's build task never ran
+        separate = [pid for pid in descendants(server.pid)
+                    if "ServeReplica:separation:Separate" in " ".join(cmdline(pid))]
+        assert separate, "no Separate replica"
+        environ = open(f"/proc/{separate[0]}/environ", "rb").read().split(b"\0")
+        assert b"SERVE_GRAPH_THREADS_PROBE=seen" in environ
+    finally:
+        server.stop()
+
+
+def test_the_launcher_without_the_model_exits_before_starting_ray(tmp_path):
+    config = write_config(tmp_path / "serve_config.yaml", port=free_port(), host="127.0.0.1")
+    missing = str(tmp_path / "absent")
+    code, output, seconds, seen = run_watching(
+        [sys.executable, "-m", "serve_graph.serve_run", str(config)], tmp_path,
+        {"SERVE_GRAPH_MODEL_REPO": missing})
+    assert code == 2 and seconds < 30, output
+    assert_clear_message(output, missing)
+    assert not any("raylet" in " ".join(cmdline(pid)) for pid in seen if alive(pid))

@@ -117,14 +117,20 @@ def build(songs: tp.Sequence[SongRef], job: BatchJob, settings: BatchSettings,
         runtime_env={"env_vars": actor_env(job)}, **on_nodes_with(job.actor_resource))
 
 
+# OpenMP's threads sleep between parallel regions instead of spinning on the cores where
+# decoding and the actor's own overlap-add and encoding run (serve_config.yaml's Separate too)
+SHARED_CORES_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def actor_env(job: BatchJob) -> tp.Dict[str, str]:
     """What a model actor's process must start with: on the CPU, the CPU settings' glibc
     tunables (memory kept, one arena: `engine.cpu_settings`; the model runs on one of the
-    actor's threads) and wait policy, as serve_config.yaml gives Separate's replicas."""
+    actor's threads) and OpenMP's passive wait (unless forced otherwise), as
+    serve_config.yaml gives Separate's replicas."""
     if job.device.startswith("cuda"):
         return {}
     from ..engine import cpu_settings
-    return cpu_settings.choose(job.precision).process_env()
+    return {**SHARED_CORES_ENV, **cpu_settings.choose(job.precision).process_env()}
 
 
 def on_nodes_with(resource: tp.Optional[str]) -> dict:

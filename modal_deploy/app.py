@@ -23,8 +23,9 @@ clustered Modal Server of SEPARATION_CLUSTER_SIZE containers, each taking every 
 Ray cluster whose head (rank 0) serves HTTP; SEPARATION_CLUSTER_MIN/MAX_CONTAINERS (0 and the
 size) must be multiples of the size.
 
-Every container runs `serve_graph.launch` on the same serve_config.yaml and `build_app` as
-`serve run serve_config.yaml` does locally, placed on its GPUs and CPUs by
+Every container runs `serve_graph.launch` on the same serve_config.yaml and graph as
+`python -m serve_graph serve` does locally (one container: the graph built in the launcher;
+the cluster's head: Serve's build task, as on any cluster), placed on its GPUs and CPUs by
 `serve_graph.placement`.
 """
 import os
@@ -126,7 +127,7 @@ def start_service(port: int = PORT, gpus: tp.Optional[int] = None, cpus: int = C
                   env: tp.Optional[dict] = None, **popen) -> subprocess.Popen:
     """What a container runs: serve_config.yaml placed on `nodes` nodes of `gpus` GPUs
     (default: this container's) and `cpus` CPUs (`serve_graph.placement`), through the same
-    launcher and `build_app` as `serve run serve_config.yaml`. Returns the `serve run` process."""
+    launcher and graph as `python -m serve_graph serve`. Returns the launcher's process."""
     from serve_graph.launch import launch, write_config
     from serve_graph.placement import NodeShape, application_args, deployment_overrides
     if gpus is None:

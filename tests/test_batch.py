@@ -168,9 +168,9 @@ def test_a_killed_run_started_again_runs_only_the_unfinished(tmp_path, tiny_repo
     """SIGKILL the driver once some songs are recorded; the same command again runs the rest,
     leaves the finished files as they were, and the manifest lists every song once."""
     folder, output = tmp_path / "songs", tmp_path / "out"
-    ids = [f"song{index}" for index in range(6)]
+    ids = [f"song{index}" for index in range(5)]
     for index, song_id in enumerate(ids):
-        write_song(folder, song_id, "wav16", 10.0, index)
+        write_song(folder, song_id, "wav16", 6.0, index)
     process = batch(folder, output, tiny_repo, "--songs-per-call", "1", wait=False)
     rows_folder = output / "_batch" / "rows"
     deadline = time.monotonic() + 180

@@ -86,8 +86,13 @@ def test_cli_serve_without_the_model_exits_before_starting_ray(tmp_path):
                                          ("python -m serve_graph serve", signal.SIGINT)],
                          ids=["serve-run-sigterm", "cli-ctrl-c"])  # cli SIGTERM: below
 def test_stopping_leaves_no_process_behind(tmp_path, tiny_repo, command, sig):
+    """And, started by `launch` (`serve_graph.serve_run`): the graph is built in the
+    launcher's own process, the config's deployment options applied (Separate's runtime_env
+    reaches its replica), and no build task of Serve's imports it again."""
     port = free_port()
-    config = write_config(tmp_path / "serve_config.yaml", port=port, host="127.0.0.1")
+    config = write_config(tmp_path / "serve_config.yaml", port=port, host="127.0.0.1",
+                          deployments={"Separate": {"ray_actor_options": {"runtime_env": {
+                              "env_vars": {"SERVE_GRAPH_PROBE": "seen"}}}}})
 
     def start(config_path, env, **popen):
         if command == "serve run":
@@ -99,11 +104,24 @@ def test_stopping_leaves_no_process_behind(tmp_path, tiny_repo, command, sig):
                           tmp_path / "serve.log", start=start)
     started = descendants(server.pid)
     assert any("raylet" in arg for pid in started for arg in cmdline(pid))
+    if command == "serve run":
+        assert_built_in_the_launcher(tmp_path / "serve.log", started)
     process = server._proc
     process.send_signal(sig)
     process.wait(90)
     assert_all_gone(started + [process.pid])
     server.stop()
+
+
+def assert_built_in_the_launcher(log, started) -> None:
+    text = log.read_text(errors="replace")
+    assert "building the application in this process" in text
+    assert "Importing and building app" not in text  # Serve's build task never ran
+    separate = [pid for pid in started if "ServeReplica:separation:Separate" in
+                " ".join(cmdline(pid))]
+    assert separate, "no Separate replica"
+    with open(f"/proc/{separate[0]}/environ", "rb") as environ:
+        assert b"SERVE_GRAPH_PROBE=seen" in environ.read().split(b"\0")
 
 
 def start_in_background_of_a_script(config_path, env, **popen) -> subprocess.Popen:
@@ -175,30 +193,6 @@ def test_health_tells_liveness_from_readiness(tmp_path):
         assert len(zipfile.ZipFile(io.BytesIO(stems.content)).namelist()) == 4
     finally:
         server.kill()
-
-
-def test_the_launcher_builds_the_application_itself_without_serves_build_task(tmp_path,
-                                                                                tiny_repo):
-    """`serve_graph.serve_run` (what `launch` and `python -m serve_graph serve` run) builds
-    the graph in its own process, the config's deployment options applied (here: Separate's
-    runtime_env reaches its replica), and no build task imports it again."""
-    port = free_port()
-    config = write_config(tmp_path / "serve_config.yaml", port=port, host="127.0.0.1",
-                          deployments={"Separate": {"ray_actor_options": {"runtime_env": {
-                              "env_vars": {"SERVE_GRAPH_THREADS_PROBE": "seen"}}}}})
-    server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
-                          tmp_path / "serve.log", start=launch)
-    try:
-        log = (tmp_path / "serve.log").read_text(errors="replace")
-        assert "building the application in this process" in log
-        assert "Importing and building app" not in log  # Serve's build task never ran
-        separate = [pid for pid in descendants(server.pid)
-                    if "ServeReplica:separation:Separate" in " ".join(cmdline(pid))]
-        assert separate, "no Separate replica"
-        environ = open(f"/proc/{separate[0]}/environ", "rb").read().split(b"\0")
-        assert b"SERVE_GRAPH_THREADS_PROBE=seen" in environ
-    finally:
-        server.stop()
 
 
 def test_the_launcher_without_the_model_exits_before_starting_ray(tmp_path):

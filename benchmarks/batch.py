@@ -26,7 +26,7 @@ from benchmarks.throughput import run_requests, start_service, stop_service
 from serve_graph.batch.output import BatchOutput
 from serve_graph.engine.output import encode_stem
 from serve_graph.launch import write_config
-from serve_graph.procs import descendants
+from serve_graph.procs import descendants, memory_mb
 
 LENGTHS = (30., 60., 120., 180., 240.)  # seconds, cycled over the songs
 
@@ -44,28 +44,18 @@ def write_songs(folder: Path, count: int, lengths: tp.Sequence[float] = LENGTHS
     return songs, total
 
 
-def peak_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 class RssSampler(threading.Thread):
-    """The peak RSS (VmHWM) of a process and, apart, of the largest of its descendants."""
+    """The peak RSS (VmHWM, MB) of a process and, apart, of the largest of its descendants."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
-        self.pid, self.driver, self.worker, self.done = pid, 0, 0, threading.Event()
+        self.pid, self.driver, self.worker, self.done = pid, 0., 0., threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(0.5):
-            self.driver = max(self.driver, peak_kib(self.pid))
+            self.driver = max(self.driver, memory_mb(self.pid).get("VmHWM", 0.))
             for child in descendants(self.pid):
-                self.worker = max(self.worker, peak_kib(child))
+                self.worker = max(self.worker, memory_mb(child).get("VmHWM", 0.))
 
 
 def timed_process(command: tp.List[str]) -> tp.Tuple[float, RssSampler, str]:
@@ -83,9 +73,9 @@ def timed_process(command: tp.List[str]) -> tp.Tuple[float, RssSampler, str]:
 
 
 def run_batch(folder: Path, output: Path, repo: Path, args
-              ) -> tp.Tuple[float, float, RssSampler]:
-    """The batch command on `folder`: its wall seconds, its pipeline's (from its run record),
-    the RSS sampler."""
+              ) -> tp.Tuple[float, dict, RssSampler]:
+    """The batch command on `folder`: its wall seconds, its run record (`_batch/runs/`), the
+    RSS sampler."""
     wall, sampler, err = timed_process(
         [sys.executable, "-m", "serve_graph", "batch", str(folder), str(output),
          "--model-repo", str(repo), "--format", args.format,
@@ -93,8 +83,7 @@ def run_batch(folder: Path, output: Path, repo: Path, args
          "--calls-per-actor", str(args.calls_per_actor)])
     print(err.strip().splitlines()[-1], flush=True)
     run, = BatchOutput(str(output)).runs()
-    args.model_busy = run["model_busy"]
-    return wall, run["seconds"] - run["setup_seconds"], sampler
+    return wall, run, sampler
 
 
 def run_demucs(folder: Path, output: Path, repo: Path) -> tp.Tuple[float, RssSampler]:
@@ -106,8 +95,7 @@ def run_demucs(folder: Path, output: Path, repo: Path) -> tp.Tuple[float, RssSam
 
 
 def rss(sampler: RssSampler) -> str:
-    return (f"peak RSS driver {sampler.driver / 2**10:.0f} MB, largest worker "
-            f"{sampler.worker / 2**10:.0f} MB")
+    return f"peak RSS driver {sampler.driver:.0f} MB, largest worker {sampler.worker:.0f} MB"
 
 
 def main() -> None:
@@ -131,7 +119,8 @@ def main() -> None:
     repo = full_size_repo() if full else standin_repo()
     args.batch_size = args.batch_size or (1 if full else 8)
 
-    batch_wall, pipeline, sampler = run_batch(folder / "songs", folder / "out", repo, args)
+    batch_wall, run, sampler = run_batch(folder / "songs", folder / "out", repo, args)
+    pipeline = run["seconds"] - run["setup_seconds"]
     config = write_config(folder / "serve_config.yaml", port=args.port, host="127.0.0.1",
                           args={"model_repo": str(repo), "result_cache_mb": 0})
     url, process = start_service(args, config)
@@ -156,7 +145,7 @@ def main() -> None:
                  f"songs/call {args.songs_per_call}, calls/actor {args.calls_per_actor}, "
                  f"windows/forward {args.batch_size}; {rss(sampler)}"),
              row("batch, its pipeline (from Ray up)", pipeline,
-                 f"the same run; model busy {args.model_busy:.0%} of it"),
+                 f"the same run; model busy {run['model_busy']:.0%} of it"),
              row(f"HTTP service, {args.clients} clients (started beforehand)", http_wall,
                  f"shipped serve_config.yaml; stems saved to disk; p50 latency "
                  f"{latencies[len(latencies) // 2]:.1f} s"),

@@ -78,12 +78,10 @@ def _prepare_cpu(precision: str):
     are malformed."""
     from .engine import cpu_settings
     try:
-        chosen = cpu_settings.choose(precision)
+        chosen, described = cpu_settings.prepare(precision)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
-    cpu_settings.prepare_process(chosen)
-    described = cpu_settings.describe(chosen)
     print(cpu_settings.summary(described), file=sys.stderr)
     return chosen, described
 

@@ -93,9 +93,13 @@ def rayservice(spec: ClusterSpec = ClusterSpec(), source: Path = DEFAULT_CONFIG)
             "metadata": {"name": spec.name},
             "spec": {"serveConfigV2": yaml.safe_dump(serve_config(spec, source),
                                                      sort_keys=False),
-                     "rayClusterConfig": {"rayVersion": spec.ray_version,
-                                          "headGroupSpec": _head_group(spec),
-                                          "workerGroupSpecs": [_worker_group(spec)]}}}
+                     "rayClusterConfig": _cluster(spec)}}
+
+
+def _cluster(spec: ClusterSpec) -> dict:
+    """The Ray cluster both manifests ask for: the head group and the GPU worker group."""
+    return {"rayVersion": spec.ray_version, "headGroupSpec": _head_group(spec),
+            "workerGroupSpecs": [_worker_group(spec)]}
 
 
 def batch_entrypoint(spec: ClusterSpec, source: str, output: str, job_args: str = "") -> str:
@@ -116,10 +120,7 @@ def rayjob(spec: ClusterSpec, source: str, output: str, job_args: str = "") -> d
             "metadata": {"name": f"{spec.name}-batch"},
             "spec": {"entrypoint": batch_entrypoint(spec, source, output, job_args),
                      "shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": 600,
-                     "backoffLimit": JOB_RETRIES,
-                     "rayClusterSpec": {"rayVersion": spec.ray_version,
-                                        "headGroupSpec": _head_group(spec),
-                                        "workerGroupSpecs": [_worker_group(spec)]}}}
+                     "backoffLimit": JOB_RETRIES, "rayClusterSpec": _cluster(spec)}}
 
 
 class _ManifestDumper(yaml.SafeDumper):

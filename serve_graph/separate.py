@@ -50,9 +50,7 @@ class Separate:
     def __init__(self, settings: ServiceSettings):
         keep_replica_server_on_loopback()
         # chosen on this replica's machine; what must precede torch's import is set now
-        cpu = cpu_settings.choose(settings.precision)
-        cpu_settings.prepare_process(cpu)
-        self._cpu = cpu_settings.describe(cpu)
+        cpu, self._cpu = cpu_settings.prepare(settings.precision)
         logger.info(cpu_settings.summary(self._cpu))
         import torch as th
         # Ray sets OMP threads to the replica's num_cpus otherwise

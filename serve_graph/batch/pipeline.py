@@ -60,6 +60,10 @@ class BatchJob:
     decode_resource: tp.Optional[str] = None
 
     @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
     def record(self) -> dict:
         """What a rerun on the same OUTPUT must match: the options (model included)."""
         return {"options": self.options.model_dump()}
@@ -80,8 +84,7 @@ def settings_for(job: BatchJob, samplerate: int, channels: int) -> BatchSettings
 
 def actor_count(job: BatchJob, resources: tp.Dict[str, float]) -> int:
     """The model actors: `job.actors`, else one per GPU of the cluster on CUDA, else 1."""
-    gpu = job.device.startswith("cuda")
-    return job.actors or (max(1, int(resources.get("GPU", 0))) if gpu else 1)
+    return job.actors or (max(1, int(resources.get("GPU", 0))) if job.cuda else 1)
 
 
 def build(songs: tp.Sequence[SongRef], job: BatchJob, settings: BatchSettings,
@@ -89,7 +92,6 @@ def build(songs: tp.Sequence[SongRef], job: BatchJob, settings: BatchSettings,
     """The Ray Data dataset of the songs' rows (lazy: iterating it runs the pipeline) on a
     cluster of `resources` (`ray.cluster_resources()`)."""
     import ray.data
-    gpu = job.device.startswith("cuda")
     actors = actor_count(job, resources)
     cpus = resources.get("CPU", 0)
     if actors + 1 > cpus:  # decoding would wait forever for a CPU the actors hold
@@ -113,7 +115,7 @@ def build(songs: tp.Sequence[SongRef], job: BatchJob, settings: BatchSettings,
         batch_size=job.songs_per_call, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2,
                                            max_concurrent_calls_per_actor=job.calls_per_actor),
-        num_gpus=1 if gpu else 0, num_cpus=1, scheduling_strategy="DEFAULT",
+        num_gpus=1 if job.cuda else 0, num_cpus=1, scheduling_strategy="DEFAULT",
         runtime_env={"env_vars": actor_env(job)}, **on_nodes_with(job.actor_resource))
 
 
@@ -127,7 +129,7 @@ def actor_env(job: BatchJob) -> tp.Dict[str, str]:
     tunables (memory kept, one arena: `engine.cpu_settings`; the model runs on one of the
     actor's threads) and OpenMP's passive wait (unless forced otherwise), as
     serve_config.yaml gives Separate's replicas."""
-    if job.device.startswith("cuda"):
+    if job.cuda:
         return {}
     from ..engine import cpu_settings
     return {**SHARED_CORES_ENV, **cpu_settings.choose(job.precision).process_env()}

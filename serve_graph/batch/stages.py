@@ -103,9 +103,9 @@ class SeparateSongs:
     def __init__(self, settings: BatchSettings, options: dict):
         from ..engine import cpu_settings
         if settings.device == "cpu":  # chosen on this actor's machine, as Separate does; the
-            chosen = cpu_settings.choose(settings.precision)  # glibc tunables came with the
-            cpu_settings.prepare_process(chosen)  # process (`pipeline.actor_env`)
-            logger.info(cpu_settings.summary(cpu_settings.describe(chosen)))
+            # glibc tunables came with the process (`pipeline.actor_env`)
+            chosen, described = cpu_settings.prepare(settings.precision)
+            logger.info(cpu_settings.summary(described))
         from ..engine import ModelRunner, load_model
         from ..engine.separator import RunnerOptions
         if settings.device == "cpu":

@@ -182,6 +182,16 @@ def prepare_process(settings: CpuSettings) -> None:
         _MALLOPT.append("given back (PyTorch's default)")
 
 
+def prepare(precision: str) -> tp.Tuple[CpuSettings, dict]:
+    """This machine's settings for `precision`, what must precede torch's import applied now
+    (`prepare_process`), and their description (`describe`): what a process that runs the
+    model does first (the CLI, a Separate replica, a batch model actor). Raises ValueError
+    for a malformed `SERVE_GRAPH_CPU_TUNING`."""
+    chosen = choose(precision)
+    prepare_process(chosen)
+    return chosen, describe(chosen)
+
+
 def apply_to_torch(settings: CpuSettings, threads: bool = True) -> None:
     """The attention path and (with `threads`) the intra-op thread count, on torch."""
     import torch as th

@@ -110,10 +110,13 @@ def _config(path: Path, raw: dict) -> RoformerConfig:
     target = training.get("target_instrument")
     config = RoformerConfig(
         family=family, dim=_integer(path, model, "dim"), architecture=architecture,
-        chunk_size=_integer(path, audio, "chunk_size"),
+        # MSST's demix: the inference section's chunk_size, else the audio section's
+        chunk_size=_integer(path, inference if "chunk_size" in inference else audio,
+                            "chunk_size"),
         samplerate=int(audio.get("sample_rate", 44100)),
         channels=2 if architecture["stereo"] else 1, instruments=instruments, target=target,
         num_overlap=int(inference.get("num_overlap", 4)))
+    _check_inference(path, config, inference)
     _check(path, config, audio)
     return config
 
@@ -172,6 +175,33 @@ def _check(path: Path, config: RoformerConfig, audio: dict) -> None:
     if config.num_overlap < 1 or config.chunk_size < 1:
         raise RoformerConfigError(f"{path}: inference.num_overlap and audio.chunk_size must "
                                   f"be positive")
+
+
+SERVICE_RATE = 44100  # what Decode gives every model: 44.1 kHz stereo
+
+
+def _check_inference(path: Path, config: RoformerConfig, inference: dict) -> None:
+    """What this service runs differently from MSST's `inference.py` is refused: another
+    sample rate or mono (Decode gives 44.1 kHz stereo), the mix normalised (no RoFormer config
+    of MSST's asks for it), a Mel-Band RoFormer window that its iSTFT would shorten (MSST's
+    `demix` fails on it), and a multi-stem model naming one target (MSST's `demix` then
+    keeps one stem of several)."""
+    arch = config.architecture
+    if config.samplerate != SERVICE_RATE or arch.get("sample_rate", SERVICE_RATE) != SERVICE_RATE:
+        raise RoformerConfigError(f"{path}: the sample rate must be {SERVICE_RATE} Hz "
+                                  f"(audio.sample_rate {config.samplerate})")
+    if not arch["stereo"]:
+        raise RoformerConfigError(f"{path}: `model: stereo: False` is not supported (the "
+                                  f"service separates stereo audio)")
+    if inference.get("normalize", False):
+        raise RoformerConfigError(f"{path}: `inference: normalize: True` is not supported")
+    hop = arch["stft_hop_length"]
+    if config.family == "mel_band_roformer" and config.chunk_size % hop:
+        raise RoformerConfigError(f"{path}: chunk_size {config.chunk_size} is not a multiple "
+                                  f"of stft_hop_length {hop}")
+    if arch["num_stems"] > 1 and config.target:
+        raise RoformerConfigError(f"{path}: num_stems {arch['num_stems']} with "
+                                  f"training.target_instrument {config.target!r}: give one")
 
 
 def _integer(path: Path, section: dict, key: str) -> int:

@@ -11,10 +11,16 @@ import librosa
 import numpy as np
 import pytest
 import torch as th
+import torch.nn.functional as F
 from bs_roformer import BSRoformer, MelBandRoformer
 
 from serve_graph.engine import roformer_files
-from serve_graph.engine.errors import ModelNotFoundError
+from serve_graph.engine.errors import InvalidParameterError, ModelNotFoundError
+from serve_graph.engine.models import load_model, model_geometry
+from serve_graph.engine.options import SeparationOptions
+from serve_graph.engine.pipeline import plan_song
+from serve_graph.engine.plan import plan_windows
+from serve_graph.engine.separator import ModelRunner, separate
 from serve_graph.engine.roformer import Roformer, mel_band_support
 from serve_graph.engine.roformer_config import read_config
 
@@ -122,3 +128,71 @@ def test_checkpoint_problems_name_the_file(tmp_path):
     th.save({"state_dict": saved.state_dict(), "hook": print}, tmp_path / "viperx.ckpt")
     with pytest.raises(ModelNotFoundError, match="weights_only=True"):
         roformer_files.load("viperx", tmp_path)
+
+
+def msst_demix(model: Roformer, mix: th.Tensor, chunk: int, num_overlap: int) -> th.Tensor:
+    """MSST's `demix` (utils/model_utils.py, generic mode) at batch size 1, written from its
+    published algorithm: `mix [C, T]` -> the model's stems `[N, C, T]`."""
+    fade, step = chunk // 10, chunk // num_overlap
+    border, length = chunk - step, mix.shape[-1]
+    padded = length > 2 * border and border > 0
+    if padded:
+        mix = F.pad(mix[None], (border, border), mode="reflect")[0]
+    window = th.ones(chunk)
+    window[-fade:], window[:fade] = th.linspace(1, 0, fade), th.linspace(0, 1, fade)
+    result = th.zeros(model.config.architecture["num_stems"], *mix.shape)
+    counter = th.zeros_like(result)
+    i = 0
+    while i < mix.shape[1]:
+        part = mix[:, i:i + chunk]
+        inside = part.shape[-1]
+        mode = "reflect" if inside > chunk // 2 else "constant"
+        part = F.pad(part[None], (0, chunk - inside), mode=mode)[0]
+        start = i
+        i += step
+        weights = window.clone()
+        if i - step == 0:
+            weights[:fade] = 1
+        elif i >= mix.shape[1]:
+            weights[-fade:] = 1
+        with th.inference_mode():
+            out = model(part[None])[0]
+        result[..., start:start + inside] += out[..., :inside] * weights[:inside]
+        counter[..., start:start + inside] += weights[:inside]
+    estimate = th.nan_to_num(result / counter, nan=0.)
+    return estimate[..., border:-border] if padded else estimate
+
+
+@pytest.mark.parametrize("family", ["bs_roformer", "mel_band_roformer"])
+@pytest.mark.parametrize("seconds,num_overlap", [(0.3, 2), (0.8, 2), (3.3, 2), (2.45, 4)])
+def test_a_song_is_msst_demix_at_batch_size_one(tmp_path, family, seconds, num_overlap):
+    """Songs shorter than half a window (zeros after it), shorter than the borders (no
+    reflection of the mix), and longer (reflected, trimmed); windows of 1 s here, batched
+    4 at a time by the engine while the reference runs one by one."""
+    raw = roformer_files.scaled(family, **REDUCED)
+    raw["audio"] = {**raw["audio"], "chunk_size": 44100}
+    raw["inference"] = {"num_overlap": num_overlap}
+    roformer_files.make_random(tmp_path, "model", raw, seed=2)
+    model = load_model("model", tmp_path)
+    mix = th.randn(2, int(seconds * 44100), generator=th.Generator().manual_seed(5)) * 0.3
+    reference = msst_demix(model.roformer, mix, 44100, num_overlap)
+    runner = ModelRunner(model, "cpu")
+    assert runner.geometry.sources == ("vocals", "instrumental")
+    stems = separate(runner, mix, shifts=1, batch_size=4)
+    assert stems.shape == (2, *mix.shape)
+    assert residual_db(stems[0], reference[0]) <= -80
+    assert residual_db(stems[1], mix - reference[0]) <= -80
+
+
+def test_overlap_maps_to_num_overlap_and_shifts_are_refused(tmp_path):
+    raw = roformer_files.scaled("bs_roformer", **REDUCED)
+    roformer_files.make_random(tmp_path, "model", raw)
+    geometry = model_geometry(load_model("model", tmp_path))
+    assert geometry.family == "roformer" and geometry.num_overlap == 2
+    chunk = 352800
+    for overlap, step in [(None, chunk // 2), (0.75, chunk // 4), (0.25, chunk)]:
+        plan = plan_windows(10 * chunk, geometry, overlap=overlap)
+        assert plan.windows[1].offset - plan.windows[0].offset == step
+    options = SeparationOptions(shifts=2)
+    with pytest.raises(InvalidParameterError, match="a RoFormer model takes shifts 0 or 1"):
+        plan_song(th.zeros(2, 44100), geometry, options)

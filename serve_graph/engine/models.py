@@ -20,9 +20,11 @@ from demucs.htdemucs import HTDemucs
 from demucs.pretrained import get_model
 from demucs.repo import ModelLoadingError
 
+from . import roformer_files
 from .errors import ModelNotFoundError
 from .model_files import DEFAULT_MODEL, check_local_repo, remote_hint
 from .plan import LengthRule, ModelGeometry
+from .roformer import RoformerSeparator
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 
@@ -76,12 +78,15 @@ class StandInModel(th.nn.Module):
         return mix[:, None] * self.gains[None, :, None, None]
 
 
-Model = tp.Union[th.nn.Module, BagOfModels]
+Model = tp.Union[th.nn.Module, BagOfModels]  # a RoFormer: a `RoformerSeparator`
 
 
 def load_model(name: str = DEFAULT_MODEL, repo: tp.Optional[tp.Union[str, Path]] = None) -> Model:
     """Load `name` (pretrained name, bag name or signature) the way `demucs.separate -n name
-    [--repo repo]` does. Raises `ModelNotFoundError` saying which file is missing and where."""
+    [--repo repo]` does; a RoFormer when `repo` holds `<name>.ckpt` (`roformer_files`).
+    Raises `ModelNotFoundError` saying which file is missing and where."""
+    if roformer_files.is_roformer(name, repo):
+        return RoformerSeparator(roformer_files.load(name, repo))
     if repo is not None:
         repo = Path(repo)
         check_local_repo(name, repo)
@@ -105,6 +110,8 @@ def sub_models(model: Model) -> tp.List[th.nn.Module]:
 
 def model_geometry(model: Model) -> ModelGeometry:
     """Segment and input lengths (samples) of each sub-model, sources and bag weights."""
+    if isinstance(model, RoformerSeparator):
+        return roformer_geometry(model)
     models = sub_models(model)
     segment_lengths = tuple(int(m.samplerate * m.segment) for m in models)
     input_lengths = tuple(_input_length_rule(m, length)
@@ -116,6 +123,15 @@ def model_geometry(model: Model) -> ModelGeometry:
     return ModelGeometry(model.samplerate, model.audio_channels, tuple(model.sources),
                          segment_lengths, input_lengths, weights, isinstance(model, BagOfModels),
                          tuple(_forward_draw_bound(m) for m in models))
+
+
+def roformer_geometry(model: RoformerSeparator) -> ModelGeometry:
+    """One model on fixed windows of its chunk, MSST's windowing (`plan.plan_demix`)."""
+    config = model.config
+    return ModelGeometry(config.samplerate, config.channels, tuple(model.sources),
+                         (config.chunk_size,), (config.chunk_size,),
+                         (tuple(1. for _ in model.sources),), False, (0,),
+                         family="roformer", num_overlap=config.num_overlap)
 
 
 def _forward_draw_bound(model: th.nn.Module) -> int:

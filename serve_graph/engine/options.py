@@ -59,8 +59,11 @@ class SeparationOptions(BaseModel):
         json_schema_extra={"pattern": f"^{_ONE_OF}={_GAIN}(,{_ONE_OF}={_GAIN})*$"})
     shifts: int = Field(1, ge=0, le=MAX_SHIFTS, description="random time shifts averaged: "
                         "more is slightly better and proportionally slower")
-    overlap: float = Field(0.25, ge=0, le=MAX_OVERLAP, allow_inf_nan=False,
-                           description="overlap between windows")
+    overlap: tp.Optional[float] = Field(
+        None, ge=0, le=MAX_OVERLAP, allow_inf_nan=False, description="the share of a window "
+        "that overlaps the next: Demucs models 0.25 when left out; a RoFormer model its "
+        "config's num_overlap windows over each sample when left out, else "
+        "round(1 / (1 - overlap)) of them (0.5: 2, 0.75: 4)")
     format: tp.Optional[tp.Literal[FORMATS]] = Field(  # type: ignore[valid-type]
         None, description="stem file format: mp3, wav, flac, m4a (AAC) or opus (Ogg Opus); "
         "stems: one Native Instruments STEMS file (.stem.mp4: the master and the four stems "

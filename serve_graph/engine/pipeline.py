@@ -17,13 +17,13 @@ import torch as th
 
 from . import ni_stems
 from .audio import decode, output_names, select_stems, zip_files
-from .errors import OverBudgetError
+from .errors import InvalidParameterError, OverBudgetError
 from .options import SeparationOptions
 from .output import MAX_PENDING_CHUNKS, EncodeClock, StemFile, planar, spill_dir
 from .separator import ModelRunner, run_plan, timed
 from .split_decode import SplitDecoder
 from .plan import ModelGeometry, Plan, Song, Window, plan_windows
-from .windows import OverlapAdd, denormalise, normalisation
+from .windows import NORMALISED, OverlapAdd, denormalise, normalisation
 
 def check_budget(plan: Plan, max_windows: tp.Optional[int], samplerate: int) -> None:
     """Raise `OverBudgetError`, stating the limit, when `plan` needs more than `max_windows`
@@ -53,7 +53,10 @@ def plan_song(wav: th.Tensor, geometry: ModelGeometry, options: SeparationOption
     window budget. The mix is normalised window by window, where each is cut
     (`window_input`): one pass over the song less here. A stem subset plans only the bag's
     sub-models that weigh on those stems (`ModelGeometry.models_for`)."""
-    mean, std = normalisation(wav)
+    if geometry.family == "roformer" and options.shifts > 1:
+        raise InvalidParameterError("shifts is Demucs' option: a RoFormer model takes shifts "
+                                    "0 or 1 (none), as MSST's inference does")
+    mean, std = normalisation(wav) if geometry.normalises else NORMALISED
     plan = plan_windows(wav.shape[-1], geometry, options.shifts, options.overlap, options.seed,
                         models=geometry.models_for(options.stem_list))
     check_budget(plan, max_windows, geometry.samplerate)

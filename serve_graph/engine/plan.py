@@ -37,6 +37,18 @@ class ModelGeometry:
     weights: tp.Tuple[tp.Tuple[float, ...], ...]
     is_bag: bool = False
     forward_draws: tp.Tuple[int, ...] = ()
+    # the family's conventions: "demucs" (`apply_model`'s windows and triangle weights, the
+    # mix normalised) or "roformer" (MSST's `demix`: windows of `num_overlap` per sample by
+    # default, linear fades, the mix reflected at its ends, not normalised)
+    family: str = "demucs"
+    num_overlap: int = 0
+    # what one window costs, in windows of htdemucs (the request budget counts these)
+    window_cost: float = 1.
+
+    @property
+    def normalises(self) -> bool:
+        """Whether each window's input is the mix normalised by its mean and std (Demucs)."""
+        return self.family == "demucs"
 
     @property
     def num_models(self) -> int:
@@ -93,6 +105,10 @@ class Window:
     length: int
     input_start: int
     input_length: int
+    # MSST's input (RoFormer): outside the mix, its reflection (the whole mix padded so), and
+    # the input past the window's `length` samples its own reflection (`tail_mirror`) or zeros
+    mirror: bool = False
+    tail_mirror: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,6 +120,7 @@ class Plan:
     transition_power: float
     passes: tp.Tuple[Pass, ...]
     windows: tp.Tuple[Window, ...]
+    fade: int = 0  # MSST's linear fades of this many samples; 0: Demucs' triangle weights
 
     def windows_of_pass(self, pass_index: int) -> tp.List[Window]:
         return [w for w in self.windows if w.pass_index == pass_index]
@@ -136,12 +153,20 @@ class Song:
         return self.plan.length / self.geometry.samplerate
 
 
-def plan_windows(length: int, geometry: ModelGeometry, shifts: int = 1, overlap: float = 0.25,
+DEMUCS_OVERLAP = 0.25  # `apply_model`'s default
+
+
+def plan_windows(length: int, geometry: ModelGeometry, shifts: int = 1,
+                 overlap: tp.Optional[float] = None,
                  seed: tp.Optional[int] = 0, offsets: tp.Optional[tp.List[tp.List[int]]] = None,
                  transition_power: float = 1.,
                  models: tp.Optional[tp.Sequence[int]] = None) -> Plan:
     """Plan the windows of a separation of `length` samples by the sub-models `models` of the
     bag (None: all; `ModelGeometry.models_for` picks those a stem subset needs).
+
+    `overlap` (None: the family's default) is the fraction of a window shared with the next.
+    A RoFormer's plan is MSST's `demix` (`plan_demix`): no shifts, `num_overlap_for(overlap)`
+    windows over each sample.
 
     Shift offsets are `offsets[model][shift]` when given, else drawn from `random.Random(seed)`
     (seed None: the global `random`) in `apply_model`'s order: model by model, shift by shift,
@@ -151,6 +176,9 @@ def plan_windows(length: int, geometry: ModelGeometry, shifts: int = 1, overlap:
     """
     if length <= 0:
         raise ValueError("cannot separate an empty signal")
+    if geometry.family == "roformer":
+        return plan_demix(length, geometry, num_overlap_for(overlap, geometry))
+    overlap = DEMUCS_OVERLAP if overlap is None else overlap
     if not 0 <= overlap < 1:
         raise ValueError("overlap must be in [0, 1)")
     if transition_power < 1:
@@ -177,6 +205,38 @@ def plan_windows(length: int, geometry: ModelGeometry, shifts: int = 1, overlap:
                 for _ in pass_windows:
                     rng.randrange(draw_bound)  # type: ignore
     return Plan(length, shifts, max_shift, transition_power, tuple(passes), tuple(windows))
+
+
+def num_overlap_for(overlap: tp.Optional[float], geometry: ModelGeometry) -> int:
+    """MSST's `num_overlap` (windows covering each sample; step = chunk // num_overlap) for
+    the request's `overlap` fraction: the config's own when left out, else
+    round(1 / (1 - overlap)), at least 1 (0.5 -> 2, 0.75 -> 4, 0.25 -> 1)."""
+    if overlap is None:
+        return geometry.num_overlap
+    if not 0 <= overlap < 1:
+        raise ValueError("overlap must be in [0, 1)")
+    return max(1, round(1 / (1 - overlap)))
+
+
+def plan_demix(length: int, geometry: ModelGeometry, num_overlap: int) -> Plan:
+    """MSST's `demix` (utils/model_utils.py, generic mode) as a plan: windows of `chunk`
+    samples every `chunk // num_overlap`; when the mix is longer than twice the `border`
+    (chunk - step), it is reflected by `border` at both ends first (the pass's view starts
+    at -border) and trimmed after. The last windows reach past the view: their input is
+    padded by reflection when more than half of it is inside, else by zeros. Weights:
+    `demix_weight` (fades of chunk // 10)."""
+    chunk = geometry.segment_lengths[0]
+    step = chunk // num_overlap
+    border = chunk - step
+    pad = border if length > 2 * border and border > 0 else 0
+    view_length = length + 2 * pad
+    pass_ = Pass(0, None, -pad, view_length, chunk)
+    windows = []
+    for offset in range(0, view_length, step):
+        inside = min(chunk, view_length - offset)
+        windows.append(Window(len(windows), 0, 0, offset, inside, offset - pad, chunk,
+                              mirror=True, tail_mirror=inside > chunk // 2))
+    return Plan(length, 0, 0, 1., (pass_,), tuple(windows), fade=chunk // 10)
 
 
 def _split(pass_: Pass, pass_index: int, first_index: int, overlap: float,

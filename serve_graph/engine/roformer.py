@@ -23,6 +23,7 @@ Inference only: the dropouts are identities (kept in place so that the indices o
 """
 import math
 import typing as tp
+from fractions import Fraction
 
 import numpy as np
 import torch as th
@@ -291,3 +292,29 @@ class Roformer(nn.Module):
         summed.scatter_add_(2, index, masks)
         per_row = self.bands_per_bin.repeat_interleave(self.channels).clamp(min=1)
         return summed / per_row[:, None]
+
+
+class RoformerSeparator(nn.Module):
+    """A `Roformer` as the engine runs models (Demucs' interface): windows `[B, C, L]` ->
+    stems `[B, S, C, L]` in the order of `sources` (`RoformerConfig.sources`). A one-target
+    model's second stem is the rest, `instrumental` = window - target, as MSST's
+    `--extract_instrumental` gives mix - target; overlap-added with the same weights, it is
+    the mix minus the target's estimate."""
+
+    def __init__(self, roformer: Roformer):
+        super().__init__()
+        config = roformer.config
+        self.roformer = roformer
+        self.sources = list(config.sources)
+        self.samplerate, self.audio_channels = config.samplerate, config.channels
+        self.segment = Fraction(config.chunk_size, config.samplerate)
+
+    @property
+    def config(self) -> RoformerConfig:
+        return self.roformer.config
+
+    def forward(self, mix: th.Tensor) -> th.Tensor:
+        stems = self.roformer(mix)
+        if stems.shape[1] < len(self.sources):
+            stems = th.cat([stems, mix[:, None].to(stems.dtype) - stems], dim=1)
+        return stems

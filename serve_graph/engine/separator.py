@@ -21,7 +21,8 @@ from .forward import (BatchLimit, CudaGraphs, HTDemucsCore, SplitForward,
                       memory_limit, run_with_backoff, split_into_buckets, window_memory)
 from .models import Model, model_geometry, sub_models
 from .plan import Plan, Window, in_order, plan_windows
-from .windows import NORMALISED, OverlapAdd, center_trim, denormalise, normalise, window_input
+from .windows import (NORMALISED, OverlapAdd, denormalise, normalise, window_input,
+                      window_output)
 
 _AUTOCAST_DTYPES = {"bf16": th.bfloat16, "fp16": th.float16}
 DEFAULT_MAX_BATCH = 32
@@ -237,7 +238,7 @@ def run_windows(runner: ModelRunner, mixes: tp.Sequence[tp.Any],
                            for mix, window, norm in zip(mixes, windows, norms)])
     with timed(timings, "model"):
         outputs = runner(windows[0].model_index, inputs)
-    return [center_trim(out, window.length) for out, window in zip(outputs, windows)]
+    return [window_output(out, window) for out, window in zip(outputs, windows)]
 
 
 def run_plan(runner: ModelRunner, mix: th.Tensor, plan: Plan, batch_size: int = 1,
@@ -258,18 +259,20 @@ def run_plan(runner: ModelRunner, mix: th.Tensor, plan: Plan, batch_size: int = 
         bar.close()
 
 
-def separate(runner: ModelRunner, wav: th.Tensor, shifts: int = 1, overlap: float = 0.25,
+def separate(runner: ModelRunner, wav: th.Tensor, shifts: int = 1,
+             overlap: tp.Optional[float] = None,
              seed: tp.Optional[int] = 0, batch_size: int = 1, progress: bool = False,
              plan: tp.Optional[Plan] = None,
              timings: tp.Optional[tp.Dict[str, float]] = None) -> th.Tensor:
     """Separate a mix `[C, T]` (model rate) into stems `[S, C, T]`, like
     `demucs.api.Separator.separate_tensor` with the same model, shifts and overlap.
 
+    `overlap` None is the family's default (`plan.plan_windows`); a RoFormer takes no shifts.
     Shift offsets come from `random.Random(seed)` in `apply_model`'s order (seed None: the global
     `random`); `plan` overrides all of that. `timings` collects seconds per stage.
     """
     with timed(timings, "plan"):
-        mix, mean, std = normalise(wav)
+        mix, mean, std = normalise(wav) if runner.geometry.normalises else (wav, *NORMALISED)
         if plan is None:
             plan = plan_windows(mix.shape[-1], runner.geometry, shifts, overlap, seed)
         acc = OverlapAdd(plan, runner.geometry)

@@ -42,10 +42,29 @@ def window_input(mix: th.Tensor, window: Window, mean: float = NORMALISED[0],
     (`TensorChunk.padded`)."""
     total = mix.shape[-1]
     start, end = window.input_start, window.input_start + window.input_length
-    inside = mix[..., max(0, start):min(total, end)]
+    if window.mirror and (start < 0 or end > total or window.length < window.input_length):
+        inside = mix[..., _mirrored(window, total)]
+        if not window.tail_mirror:
+            inside[..., window.length:] = 0
+    else:
+        inside = mix[..., max(0, start):min(total, end)]
     if (mean, std) != NORMALISED:
         inside = (inside - mean) / std
+    if window.mirror:
+        return inside
     return F.pad(inside, (max(0, start) - start, end - min(total, end)))
+
+
+def _mirrored(window: Window, total: int) -> th.Tensor:
+    """The mix positions `[input_length]` of an MSST window's input: its view is the mix
+    reflected at both ends (`F.pad(mode="reflect")`, the edge sample not repeated), and the
+    samples past the window's `length` reflect its own last one."""
+    positions = th.arange(window.input_start, window.input_start + window.input_length)
+    last = window.input_start + window.length - 1
+    positions = th.where(positions > last, 2 * last - positions, positions)
+    positions = positions.abs()  # reflected at the start
+    positions = th.where(positions >= total, 2 * (total - 1) - positions, positions)
+    return positions.clamp_(0, total - 1)  # (only samples zeroed after reach past it)
 
 
 def center_trim(output: th.Tensor, length: int) -> th.Tensor:
@@ -56,12 +75,33 @@ def center_trim(output: th.Tensor, length: int) -> th.Tensor:
     return output[..., delta // 2:output.shape[-1] - (delta - delta // 2)]
 
 
+def window_output(output: th.Tensor, window: Window) -> th.Tensor:
+    """The `window.length` samples of a model's output `[..., input_length]` that overlap-add
+    uses: the centre (Demucs pads a window's input on both sides), or the first (MSST's
+    windows start where their input does)."""
+    return output[..., :window.length] if window.mirror else center_trim(output, window.length)
+
+
 def transition_weight(segment_length: int, power: float = 1.,
                       device: tp.Union[str, th.device] = 'cpu') -> th.Tensor:
     """Triangle weight `[segment_length]`, maximal in the middle of a window, as in `apply_model`."""
     weight = th.cat([th.arange(1, segment_length // 2 + 1, device=device),
                      th.arange(segment_length - segment_length // 2, 0, -1, device=device)])
     return (weight / weight.max())**power
+
+
+def demix_weight(chunk: int, fade: int, first: bool, last: bool) -> th.Tensor:
+    """MSST's `_getWindowingArray` `[chunk]`: linear fades of `fade` samples (0 to 1 in, 1 to
+    0 out) around ones, as `demix` applies it at batch size 1: the first window without its
+    fade-in, else the last without its fade-out (a lone window keeps its fade-out)."""
+    weight = th.ones(chunk)
+    weight[-fade:] = th.linspace(1, 0, fade)
+    weight[:fade] = th.linspace(0, 1, fade)
+    if first:
+        weight[:fade] = 1
+    elif last:
+        weight[-fade:] = 1
+    return weight
 
 
 BLOCK = 1 << 16  # samples per block of a pass's accumulators
@@ -97,7 +137,7 @@ class OverlapAdd:
             self._offsets[window.pass_index].append(window.offset)
         self._done = [[False] * len(offsets) for offsets in self._offsets]
         self._first_pending = [0] * len(plan.passes)
-        self._weights: tp.Dict[int, th.Tensor] = {}
+        self._weights: tp.Dict[tp.Tuple[int, bool, bool], th.Tensor] = {}
         self.taken = 0  # mix samples handed out so far
 
     @property
@@ -105,15 +145,15 @@ class OverlapAdd:
         return self.taken == self.plan.length
 
     def _delay(self, pass_index: int) -> int:
-        """View position of mix sample 0 in pass `pass_index`."""
-        shift = self.plan.passes[pass_index].shift
-        return 0 if shift is None else self.plan.max_shift - shift
+        """View position of mix sample 0 in pass `pass_index` (a shift's, or MSST's
+        reflected border)."""
+        return -self.plan.passes[pass_index].view_start
 
     def add(self, window: Window, output: th.Tensor) -> None:
         """Add the trimmed output `[S, C, window.length]` of `window`."""
         pass_ = self.plan.passes[window.pass_index]
         blocks = self._blocks[window.pass_index]
-        weight = self._transition(pass_.segment_length)[:window.length]
+        weight = self._weight(window, pass_.segment_length)[:window.length]
         for block, span, part in _block_spans(window.offset, window.length):
             if block not in blocks:
                 blocks[block] = self._new_block(output)
@@ -180,6 +220,8 @@ class OverlapAdd:
             # divided straight into the output: one pass, where joining then dividing took two
             th.div(total[..., span], weight[span], out=out[..., part])
         assert out is not None
+        if self.plan.fade:  # where every weight is 0 (MSST: nan_to_num)
+            th.nan_to_num_(out, nan=0.)
         for block in [b for b in blocks if (b + 1) * BLOCK <= end + delay]:
             self._spare.append(blocks.pop(block))
         del self._spare[self.SPARE_BLOCKS:]
@@ -213,11 +255,19 @@ class OverlapAdd:
         a zero), in three passes over the stems that are skipped."""
         return self.geometry.weights == (tuple(1. for _ in self.geometry.sources),)
 
-    def _transition(self, segment_length: int) -> th.Tensor:
-        if segment_length not in self._weights:
-            self._weights[segment_length] = transition_weight(segment_length,
-                                                              self.plan.transition_power)
-        return self._weights[segment_length]
+    def _weight(self, window: Window, segment_length: int) -> th.Tensor:
+        """`apply_model`'s triangle, or MSST's fades (`demix_weight`) for a plan with fades:
+        none in at the first window, none out at the last."""
+        if self.plan.fade:
+            rank = self._rank[window.index]
+            key = (segment_length, rank == 0, rank == len(self._done[window.pass_index]) - 1)
+        else:
+            key = (segment_length, False, False)
+        if key not in self._weights:
+            self._weights[key] = (
+                demix_weight(segment_length, self.plan.fade, *key[1:]) if self.plan.fade
+                else transition_weight(segment_length, self.plan.transition_power))
+        return self._weights[key]
 
     def result(self) -> th.Tensor:
         """All stems `[S, C, T]` (normalised domain), once every window was added and none

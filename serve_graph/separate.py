@@ -132,7 +132,8 @@ class Separate:
 
     def _read_sources(self, name: str) -> dict:
         geometry = engine.model_geometry(engine.load_model(name, self._settings.model_repo))
-        return {"sources": list(geometry.sources), "models_in_bag": geometry.num_models}
+        return {"sources": list(geometry.sources), "models_in_bag": geometry.num_models,
+                "family": geometry.family}
 
     def _facts(self, name: str, runner: ModelRunner) -> dict:
         geometry = runner.geometry
@@ -141,7 +142,7 @@ class Separate:
                 "batch_limit": runner.batch_limit(),
                 "startup_seconds": round(runner.startup_seconds, 2),
                 "sample_rate": geometry.samplerate, "sources": list(geometry.sources),
-                "models_in_bag": geometry.num_models,
+                "models_in_bag": geometry.num_models, "family": geometry.family,
                 "max_batch_size": self.separate_window._get_max_batch_size(),
                 "batch_wait_timeout_s": self.separate_window._get_batch_wait_timeout_s(),
                 **({"cpu_settings": self._cpu} if runner.device.type == "cpu" else {})}

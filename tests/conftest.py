@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from serve_graph.engine import load_model, make_random_repo  # noqa: E402
+from serve_graph.engine import load_model, make_random_repo, roformer_files  # noqa: E402
 
 BAG_WEIGHTS = [[1., 2., 0.5, 1.], [1., 1., 1., 3.]]
 SIX_SOURCES = ["drums", "bass", "other", "vocals", "guitar", "piano"]  # htdemucs_6s' order
@@ -20,7 +20,9 @@ def make_tiny_repo(repo: Path) -> Path:
     """Tiny random models in the shapes of those Demucs ships: `htdemucs`, `tinybag` (two
     HTDemucs, per-stem weights), `tiny6s` (six sources, as htdemucs_6s), `tinyft` (one
     specialist per stem, as htdemucs_ft), `tinymmi` (HDemucs, segment set by its bag file, as
-    hdemucs_mmi) and `tinymdx` (a Demucs v2 and an HDemucs, as the mdx bags)."""
+    hdemucs_mmi), `tinymdx` (a Demucs v2 and an HDemucs, as the mdx bags) and
+    `tinyroformer` (viperx's BS-RoFormer vocals config, narrow and shallow, 1 s windows:
+    MSST's `.yaml` + `.ckpt`)."""
     make_random_repo(repo, "htdemucs", size="tiny", seed=0)
     make_random_repo(repo, "tiny6s", size="tiny", seed=20, sources=SIX_SOURCES)
     make_random_repo(repo, "tinybag", size="tiny", num_models=2, weights=BAG_WEIGHTS, seed=10)
@@ -28,7 +30,14 @@ def make_tiny_repo(repo: Path) -> Path:
     make_random_repo(repo, "tinymmi", size="tiny", arch="hdemucs", seed=40, segment=2)
     make_random_repo(repo, "tinymdx", size="tiny", num_models=2, arch=["demucs", "hdemucs"],
                      weights=MDX_WEIGHTS, seed=50, segment=3)
+    roformer_files.make_random(repo, "tinyroformer", tiny_roformer_config(), seed=60)
     return repo
+
+
+def tiny_roformer_config() -> dict:
+    raw = roformer_files.scaled("bs_roformer", dim=16, depth=1, heads=2, dim_head=8)
+    raw["audio"] = {**raw["audio"], "chunk_size": 44100}
+    return raw
 
 
 @pytest.fixture(scope="session")

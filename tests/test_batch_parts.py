@@ -12,7 +12,7 @@ import soundfile
 
 from audio_files import encode, tone
 from serve_graph.batch.songs import BatchInputError, list_songs
-from serve_graph.engine import ModelRunner, SeparationOptions, separate_to_zip
+from serve_graph.engine import ModelRunner, SeparationOptions, load_model, separate_to_zip
 from serve_graph.engine.pipeline import prepare
 from serve_graph.engine.song_batches import batches_across, separate_songs
 
@@ -108,8 +108,19 @@ def test_songs_separated_together_equal_each_alone(runner, fields):
     """`separate_songs` (the model actor's loop) writes each song's files as the one-song
     recipe (`separate_to_zip`, the CLI's) does: float32 WAV to -120 dB, 16-bit files to one
     step of 16 bits (batches of other sizes round float32's last bits otherwise)."""
-    options = SeparationOptions(model="htdemucs", **fields)
-    lengths = [3.0, 5.5, 2.0]
+    assert_together_equals_alone(runner, SeparationOptions(model="htdemucs", **fields),
+                                 [3.0, 5.5, 2.0])
+
+
+def test_roformer_songs_separated_together_equal_each_alone(tiny_repo):
+    """A RoFormer's windows batched across songs (MSST's windowing, the reflected borders of
+    each song) write what each song alone does."""
+    runner = ModelRunner(load_model("tinyroformer", tiny_repo))
+    options = SeparationOptions(model="tinyroformer", format="wav", wav_depth="float32")
+    assert_together_equals_alone(runner, options, [2.5, 0.7, 4.0])
+
+
+def assert_together_equals_alone(runner, options, lengths):
     songs = planned(runner, options, lengths)
     with ThreadPoolExecutor(2) as pool:
         together = dict(separate_songs(runner, songs, options, pool, 2, batch_size=4))

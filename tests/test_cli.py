@@ -74,3 +74,18 @@ def test_six_source_model_stem_subset(tmp_path, tiny_repo):
                            rtol=0), name
     refused = run_cli(song, "--model-repo", tiny_repo, "--stems", "guitar", "-o", out)
     assert refused.returncode == 2 and "guitar" in refused.stderr
+
+
+def test_a_roformer_karaoke_remix_is_the_engines_instrumental(tmp_path, tiny_repo):
+    """A RoFormer checkpoint by name from the model repo: the remix without its target is the
+    instrumental (mix - vocals), as the engine makes it."""
+    song = tmp_path / "song.wav"
+    song.write_bytes(encode(tone(2.2, 44100, 2, seed=4), 44100, "wav16"))
+    out = tmp_path / "karaoke.wav"
+    proc = run_cli(song, "--model", "tinyroformer", "--model-repo", tiny_repo, "--remix",
+                   "vocals=-inf", "--format", "wav", "--wav-depth", "float32", "--clip", "none",
+                   "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    stems = separate(ModelRunner(load_model("tinyroformer", tiny_repo), "cpu"),
+                     decode(song.read_bytes()))
+    assert th.allclose(decode(out.read_bytes()), stems[1], atol=1e-6, rtol=0)

@@ -13,15 +13,17 @@ import pytest
 import torch as th
 import torch.nn.functional as F
 from bs_roformer import BSRoformer, MelBandRoformer
+from torch.utils.flop_counter import FlopCounterMode
 
 from serve_graph.engine import roformer_files
-from serve_graph.engine.errors import InvalidParameterError, ModelNotFoundError
+from serve_graph.engine.errors import (InvalidParameterError, ModelNotFoundError,
+                                      OverBudgetError)
 from serve_graph.engine.models import load_model, model_geometry
 from serve_graph.engine.options import SeparationOptions
 from serve_graph.engine.pipeline import plan_song
 from serve_graph.engine.plan import plan_windows
 from serve_graph.engine.separator import ModelRunner, separate
-from serve_graph.engine.roformer import Roformer, mel_band_support
+from serve_graph.engine.roformer import Roformer, RoformerSeparator, mel_band_support
 from serve_graph.engine.roformer_config import read_config
 
 REDUCED = dict(dim=32, depth=2, heads=2, dim_head=16)  # the published configs, narrower
@@ -196,3 +198,36 @@ def test_overlap_maps_to_num_overlap_and_shifts_are_refused(tmp_path):
     options = SeparationOptions(shifts=2)
     with pytest.raises(InvalidParameterError, match="a RoFormer model takes shifts 0 or 1"):
         plan_song(th.zeros(2, 44100), geometry, options)
+
+
+@pytest.mark.parametrize("family", ["bs_roformer", "mel_band_roformer"])
+def test_window_gflop_is_what_torch_counts(tmp_path, family):
+    """The shapes-only count (the budget's cost) equals torch's flop counter on a forward
+    (meta tensors: no arithmetic), with deeper transformers and mask estimators."""
+    with th.device("meta"):
+        model = Roformer(config(tmp_path, family, time_transformer_depth=2,
+                                mask_estimator_depth=3))
+    model.to("meta")
+    for length in (model.config.chunk_size, 44100):
+        counter = FlopCounterMode(display=False)
+        with counter, th.inference_mode():
+            model(th.zeros(1, 2, length, device="meta"))
+        assert model.window_gflop(length) == pytest.approx(counter.get_total_flops() / 1e9,
+                                                           rel=1e-9)
+
+
+def test_the_budget_counts_a_roformer_window_by_its_cost(tmp_path):
+    """viperx's BS-RoFormer at full size: a window costs ~39 of htdemucs' (8.7 TFLOP), so the
+    budget of 600 htdemucs windows takes a 30 s song, not a 60 s one."""
+    path = roformer_files.write_config(tmp_path / "viperx.yaml",
+                                       roformer_files.TEMPLATES["bs_roformer"])
+    with th.device("meta"):
+        model = RoformerSeparator(Roformer(read_config(path)))
+    model.to("meta")
+    geometry = model_geometry(model)
+    assert geometry.window_cost == pytest.approx(8696.18 / 224.47, rel=1e-4)
+    options = SeparationOptions()
+    assert len(plan_song(th.zeros(2, 30 * 44100), geometry, options, 600).plan.windows) == 10
+    with pytest.raises(OverBudgetError, match=r"17 windows of a model that costs 38.7 "
+                                              r"htdemucs windows each, 659 in all"):
+        plan_song(th.zeros(2, 60 * 44100), geometry, options, 600)

@@ -27,8 +27,9 @@ from serve_graph.engine.output import prevent_clip
 
 pytestmark = pytest.mark.serve
 MAX_UPLOAD_MB, MAX_SECONDS, MAX_WINDOWS = 2, 20, 300
-# served beside the default (tiny htdemucs): six sources, a bag of specialists, no weights
-OTHER_MODELS = ("tiny6s", "tinyft", "nothere")
+# served beside the default (tiny htdemucs): six sources, a bag of specialists, no weights,
+# a BS-RoFormer
+OTHER_MODELS = ("tiny6s", "tinyft", "nothere", "tinyroformer")
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +187,31 @@ def test_model_chosen_per_request_equals_the_engine(service, song_mp3, tiny_repo
         assert th.allclose(got, prevent_clip(stem), atol=2 / 2**15, rtol=0), name
     assert len(stems_of(post(service, song_mp3, model="tiny6s")).namelist()) == 6
     assert stems_of(post(service, song_mp3)).namelist()[-1] == "vocals.mp3"
+
+
+def test_a_roformer_per_request_beside_demucs_equals_the_engine(service, song_mp3, tiny_repo):
+    """A BS-RoFormer checkpoint (MSST's files) served per request: its target and the
+    instrumental, as the engine's MSST windowing makes them, while Demucs requests run beside
+    it (each model's windows batched apart)."""
+    listing = {entry["name"]: entry for entry in
+               requests.get(service + "/models", timeout=60).json()["models"]}
+    assert listing["tinyroformer"]["sources"] == ["vocals", "instrumental"]
+    assert listing["tinyroformer"]["family"] == "roformer"
+    with ThreadPoolExecutor(2) as pool:
+        roformer = pool.submit(post, service, song_mp3, model="tinyroformer", format="wav")
+        demucs = pool.submit(post, service, song_mp3, format="wav")
+        response = roformer.result()
+        assert stems_of(demucs.result()).namelist()[-1] == "vocals.wav"
+    archive = stems_of(response)
+    assert archive.namelist() == ["vocals.wav", "instrumental.wav"]
+    assert response.headers["x-model"] == "tinyroformer"
+    runner = ModelRunner(load_model("tinyroformer", tiny_repo), "cpu")
+    expected = separate(runner, decode(song_mp3), shifts=1, seed=0)
+    for name, stem in zip(archive.namelist(), expected):
+        got = decode(archive.read(name))
+        assert th.allclose(got, prevent_clip(stem), atol=2 / 2**15, rtol=0), name
+    refused = post(service, song_mp3, model="tinyroformer", shifts=2)
+    assert refused.status_code == 422 and "RoFormer" in refused.json()["detail"]
 
 
 def test_stem_subset_of_a_bag_runs_only_its_specialists(service, song_mp3, tiny_repo):

@@ -122,12 +122,14 @@ def _in_torch_cache(name: str) -> bool:
 
 
 def check_local_repo(name: str, repo: Path) -> None:
-    """Raise `ModelNotFoundError` naming the file that model `name` (a checkpoint signature or
-    a bag) lacks in the local model `repo`."""
+    """Raise `ModelNotFoundError` naming the file that model `name` (a checkpoint signature,
+    a bag or a RoFormer) lacks in the local model `repo`."""
     if not repo.is_dir():
         raise ModelNotFoundError(
             f"model repo {repo} is not a directory: create it and put the model's "
             f"checkpoint(s) <signature>-<checksum>.th and bag file {name}.yaml in it")
+    if _check_roformer(name, repo):
+        return
     checkpoints = local_checkpoints(repo)
     if name in checkpoints:
         return
@@ -144,6 +146,27 @@ def check_local_repo(name: str, repo: Path) -> None:
             raise ModelNotFoundError(
                 f"model {name!r} needs checkpoint {sig}-<checksum>.th, missing from "
                 f"{repo}{source}: put the file in {repo}")
+
+
+def _check_roformer(name: str, repo: Path) -> bool:
+    """True when `repo` holds RoFormer `name` whole (`<name>.ckpt` and a config this project
+    runs: `roformer_config.read_config`); False when it holds no RoFormer of that name;
+    `ModelNotFoundError` naming the missing file, or what the config gets wrong."""
+    from .roformer_config import RoformerConfigError, is_roformer_config, read_config
+    weights, config = repo / f"{name}.ckpt", repo / f"{name}.yaml"
+    if not weights.is_file():
+        if config.is_file() and is_roformer_config(config):
+            raise ModelNotFoundError(f"RoFormer {name!r} needs its weights {weights} beside "
+                                     f"its config {config}: put the .ckpt file there")
+        return False
+    if not config.is_file():
+        raise ModelNotFoundError(f"RoFormer {name!r} needs its config {config} beside "
+                                 f"{weights}: put MSST's YAML of that checkpoint there")
+    try:
+        read_config(config)
+    except RoformerConfigError as exc:
+        raise ModelNotFoundError(str(exc)) from None
+    return True
 
 
 def remote_hint(name: str, exc: BaseException) -> str:

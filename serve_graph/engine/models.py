@@ -125,13 +125,21 @@ def model_geometry(model: Model) -> ModelGeometry:
                          tuple(_forward_draw_bound(m) for m in models))
 
 
+# GFLOP of one window of the full-size htdemucs (343,980 samples), as torch.utils.flop_counter
+# counts them (benchmarks/roformer_windows.py measures it again): the unit of the budget
+HTDEMUCS_WINDOW_GFLOP = 224.47
+
+
 def roformer_geometry(model: RoformerSeparator) -> ModelGeometry:
-    """One model on fixed windows of its chunk, MSST's windowing (`plan.plan_demix`)."""
+    """One model on fixed windows of its chunk, MSST's windowing (`plan.plan_demix`); a
+    window costs its GFLOP over an htdemucs window's (viperx's BS-RoFormer: 38.7)."""
     config = model.config
     return ModelGeometry(config.samplerate, config.channels, tuple(model.sources),
                          (config.chunk_size,), (config.chunk_size,),
                          (tuple(1. for _ in model.sources),), False, (0,),
-                         family="roformer", num_overlap=config.num_overlap)
+                         family="roformer", num_overlap=config.num_overlap,
+                         window_cost=model.roformer.window_gflop(config.chunk_size)
+                         / HTDEMUCS_WINDOW_GFLOP)
 
 
 def _forward_draw_bound(model: th.nn.Module) -> int:

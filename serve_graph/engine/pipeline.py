@@ -25,14 +25,19 @@ from .split_decode import SplitDecoder
 from .plan import ModelGeometry, Plan, Song, Window, plan_windows
 from .windows import NORMALISED, OverlapAdd, denormalise, normalisation
 
-def check_budget(plan: Plan, max_windows: tp.Optional[int], samplerate: int) -> None:
-    """Raise `OverBudgetError`, stating the limit, when `plan` needs more than `max_windows`
-    model windows (duration x passes / stride; None: no limit)."""
-    if max_windows is None or len(plan.windows) <= max_windows:
+def check_budget(plan: Plan, max_windows: tp.Optional[int], geometry: ModelGeometry) -> None:
+    """Raise `OverBudgetError`, stating the limit, when `plan` costs more than `max_windows`
+    model windows of htdemucs (duration x passes / stride; a RoFormer window counts as its
+    `window_cost` of them; None: no limit)."""
+    cost = len(plan.windows) * geometry.window_cost
+    if max_windows is None or cost <= max_windows:
         return
-    seconds = plan.length / samplerate
+    seconds = plan.length / geometry.samplerate
+    counted = (f"{len(plan.windows)} model windows" if geometry.window_cost == 1 else
+               f"{len(plan.windows)} windows of a model that costs {geometry.window_cost:.1f} "
+               f"htdemucs windows each, {cost:.0f} in all")
     raise OverBudgetError(
-        f"this request needs {len(plan.windows)} model windows ({seconds:.1f} s of audio, "
+        f"this request needs {counted} ({seconds:.1f} s of audio, "
         f"{len(plan.passes)} pass(es) of shifts and models, at this overlap); one request may "
         f"take at most {max_windows}: use fewer shifts, less overlap or a shorter song")
 
@@ -59,7 +64,7 @@ def plan_song(wav: th.Tensor, geometry: ModelGeometry, options: SeparationOption
     mean, std = normalisation(wav) if geometry.normalises else NORMALISED
     plan = plan_windows(wav.shape[-1], geometry, options.shifts, options.overlap, options.seed,
                         models=geometry.models_for(options.stem_list))
-    check_budget(plan, max_windows, geometry.samplerate)
+    check_budget(plan, max_windows, geometry)
     return Song(wav, plan, mean, std, geometry, options.model)
 
 

@@ -245,6 +245,28 @@ class Roformer(nn.Module):
         self.register_buffer("bands_per_bin", support.sum(0), persistent=False)
         return [2 * int(count) * self.channels for count in support.sum(1)]
 
+    def window_gflop(self, length: int) -> float:
+        """GFLOP of the matrix products of one forward on a window of `length` samples (what
+        `torch.utils.flop_counter` counts: 2 per multiply-add; the STFTs, norms and
+        element-wise work left out), from the shapes alone."""
+        arch, dim = self.config.architecture, self.config.dim
+        frames = length // arch["stft_hop_length"] + 1
+        widths = self.band_split.widths
+        bands, inner = len(widths), arch["heads"] * arch["dim_head"]
+        tokens = bands * frames  # both transformers see every (band, frame) once
+        layers = {key: arch["depth"] * arch[key]
+                  for key in ("time_transformer_depth", "freq_transformer_depth")}
+        per_token = dim * (3 * inner + arch["heads"]) + inner * dim + 8 * dim * dim
+        macs = sum(layers.values()) * tokens * per_token
+        macs += 2 * tokens * inner * (layers["time_transformer_depth"] * frames
+                                      + layers["freq_transformer_depth"] * bands)
+        macs += frames * dim * sum(widths)  # band split
+        for estimator in self.mask_estimators:
+            macs += frames * sum(layer.in_features * layer.out_features
+                                 for band in estimator.to_freqs for layer in band[0]
+                                 if isinstance(layer, nn.Linear))
+        return 2 * macs / 1e9
+
     def forward(self, audio: th.Tensor) -> th.Tensor:
         batch, channels, length = audio.shape
         spec = th.stft(audio.reshape(batch * channels, length), **self.stft,

@@ -101,6 +101,16 @@ def read_config(path: tp.Union[str, Path]) -> RoformerConfig:
     return _config(path, raw)
 
 
+def is_roformer_config(path: Path) -> bool:
+    """Whether the YAML at `path` is a model config (a `model:` section), not a Demucs bag
+    (`models:`); False when it does not read."""
+    try:
+        raw = yaml.load(path.read_text(), Loader=_ConfigLoader)  # noqa: S506 - a safe loader
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and isinstance(raw.get("model"), dict)
+
+
 def _config(path: Path, raw: dict) -> RoformerConfig:
     model, audio = raw["model"], raw.get("audio") or {}
     family = _family(path, model)

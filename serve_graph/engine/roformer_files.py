@@ -16,7 +16,7 @@ import yaml
 
 from .errors import ModelNotFoundError
 from .roformer import Roformer
-from .roformer_config import RoformerConfig, read_config
+from .roformer_config import RoformerConfig, RoformerConfigError, read_config
 
 CONFIG_SUFFIX, WEIGHTS_SUFFIX = ".yaml", ".ckpt"
 # where a checkpoint keeps its state dict: MSST's `load_start_checkpoint` looks in these
@@ -67,7 +67,11 @@ def load(name: str, repo: tp.Union[str, Path]) -> Roformer:
         if not path.is_file():
             raise ModelNotFoundError(f"RoFormer {name!r} needs {path}: put MSST's "
                                      f"{name}{CONFIG_SUFFIX} and {name}{WEIGHTS_SUFFIX} in {repo}")
-    model = Roformer(read_config(config_path))
+    try:
+        config = read_config(config_path)
+    except RoformerConfigError as exc:
+        raise ModelNotFoundError(str(exc)) from None
+    model = Roformer(config)
     state = _state_dict(weights_path)
     missing, unexpected = _mismatch(model, state)
     if missing or unexpected:

@@ -31,7 +31,8 @@ def chromium_path() -> str:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_repo):
-    server = tiny_service(tmp_path_factory.mktemp("ui"), tiny_repo)
+    server = tiny_service(tmp_path_factory.mktemp("ui"), tiny_repo,
+                          args={"models": ["tinyroformer"]})
     yield server.url
     server.kill()
 
@@ -83,6 +84,24 @@ def test_upload_follow_progress_and_play_the_stems_together(service, page, tmp_p
                            "(c) => c.width > 0)")
     page.screenshot(path=str(ARTIFACTS / "ui_done.png"), full_page=True)
     assert page.hosts == {"127.0.0.1"}  # nothing from elsewhere
+
+
+def test_a_roformer_model_offers_its_own_stems(service, page, tmp_path):
+    """Picking a RoFormer shows its stems (the target and the instrumental) and separates
+    with it."""
+    song = tmp_path / "song.wav"
+    song.write_bytes(encode(tone(2.0, 44100, 2, seed=9), 44100, "wav16"))
+    page.goto(service + "/ui")
+    page.wait_for_selector("#model option[value=tinyroformer]", state="attached")
+    page.select_option("#model", "tinyroformer")
+    assert [box.get_attribute("value") for box in page.locator("#stems input").all()] == [
+        "vocals", "instrumental"]
+    page.set_input_files("#file", str(song))
+    page.click("#go")
+    page.wait_for_selector("#transport #play", timeout=120_000)
+    assert page.locator("#error").text_content() == ""
+    assert page.locator(".stem strong").all_text_contents() == ["vocals.mp3",
+                                                                "instrumental.mp3"]
 
 
 def mixer_state(page) -> dict:

@@ -8,8 +8,10 @@ end to end over HTTP and 16 concurrent songs; appends everything to RESULTS.md.
 Parts: `model` (precision x forward mode x batch size on a 216 s song, residuals against the
 fp32 CPU engine, then torch.compile of the fastest precision and a fresh process loading the
 compiled kernels from the cache), `http` (the real service: one 216 s song warm, MP3 and WAV,
-then 16 concurrent songs, WAV and MP3, and the MP3 codec's CPU ceiling). The `http` part takes
-the precision and mode that `model` found fastest, unless given.
+then 16 concurrent songs, WAV and MP3, and the MP3 codec's CPU ceiling), `roformer` (one batch
+of full-size BS-RoFormer and Mel-Band RoFormer windows beside htdemucs', bf16:
+`benchmarks/roformer_windows.py`). The `http` part takes the precision and mode that `model`
+found fastest, unless given.
 """
 import argparse
 import json
@@ -26,6 +28,7 @@ from pathlib import Path
 import requests
 import torch as th
 
+from benchmarks import roformer_windows
 from benchmarks.common import append_results, full_size_repo, song
 from benchmarks.model_sweep import EXCERPT_SECONDS, Sweep, run_sweep
 from benchmarks.throughput import (_post, add_service_arguments, percentile, run_requests,
@@ -164,8 +167,8 @@ def timed_post(url: str, data: bytes, fields: dict) -> tp.Tuple[float, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["model", "http"],
-                        choices=["model", "http"])
+    parser.add_argument("--parts", nargs="+", default=["model", "http", "roformer"],
+                        choices=["model", "http", "roformer"])
     parser.add_argument("--song-seconds", type=float, default=216.)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "tf32", "bf16", "fp16"])
     parser.add_argument("--modes", nargs="+", default=list(COMPILE_MODES), choices=COMPILE_MODES)
@@ -190,6 +193,9 @@ def main() -> None:
         model_part(args)
     if "http" in args.parts:
         http_part(args)
+    if "roformer" in args.parts:
+        roformer_windows.main(["--device", "cuda", "--precision", "bf16", "--batch-size", "8",
+                               "--repeats", "3", "--warmups", "1"])
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import yaml
 # Demucs are imported by the commands that run the model here: separate, make-repo)
 from .engine.errors import ModelNotFoundError, SeparationError
 from .engine.model_files import DEFAULT_MODEL
-from .engine.modes import COMPILE_MODES, PRECISIONS
+from .engine.modes import COMPILE_MODES, GROUP_NORMS, PRECISIONS
 from .engine.options import SeparationOptions, request_fields
 from .launch import DEFAULT_CONFIG, launch, write_config
 from .preflight import cpu_precision_problem, missing_model_message, model_problem
@@ -44,6 +44,8 @@ def _separate_parser(sub) -> None:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--compile", default="none", choices=COMPILE_MODES,
                    help="graphs: CUDA graphs; compile: torch.compile (+ graphs on CUDA)")
+    p.add_argument("--group-norm", default="fp32", choices=GROUP_NORMS,
+                   help="half: with bf16/fp16, GroupNorm keeps half-precision activations")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--profile", action="store_true",
@@ -119,7 +121,8 @@ def run_separate(args) -> int:
         start = time.perf_counter()
         with timed(timings, "load_model"):
             runner = ModelRunner(load_model(options.model, args.model_repo), options=RunnerOptions(
-                args.device, args.precision, args.compile, max(args.batch_size, 1)))
+                args.device, args.precision, args.compile, max(args.batch_size, 1),
+                group_norm=args.group_norm))
         problem = precision_problem(args.precision) if runner.device.type == "cpu" else None
         if problem:
             print(f"error: {problem}", file=sys.stderr)

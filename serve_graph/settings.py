@@ -23,6 +23,7 @@ class ServiceSettings:
     compile: str = "none"  # none | graphs | compile (CUDA graphs and torch.compile, at start)
     max_batch: int = 32  # windows per forward at most; on GPUs lowered to what fits in memory
     gpu_memory_fraction: float = 0.85  # of the free GPU memory, for a replica's batches
+    group_norm: str = "fp32"  # fp32 | half: GroupNorm on bf16/fp16 activations (GPU lever)
     max_upload_mb: float = 100.
     max_audio_seconds: float = 900.
     max_windows: int = 600  # model windows per request (duration x shifts / stride): the budget
@@ -132,4 +133,5 @@ class ServiceSettings:
         """The `RunnerOptions` of the Separate replicas."""
         from .engine.separator import RunnerOptions
         return RunnerOptions(None if self.device == "auto" else self.device, self.precision,
-                             self.compile, self.max_batch, self.gpu_memory_fraction)
+                             self.compile, self.max_batch, self.gpu_memory_fraction,
+                             group_norm=self.group_norm)

@@ -5,7 +5,8 @@ import pytest
 import torch as th
 
 from serve_graph.engine import ModelRunner, separate
-from serve_graph.engine.forward import Spectral
+from serve_graph.engine.forward import HalfGroupNorm, Spectral
+from serve_graph.engine.separator import RunnerOptions
 from test_parity import residual_db
 
 MIX = th.randn(2, 60000, generator=th.Generator().manual_seed(3)) * 0.3
@@ -47,3 +48,31 @@ def test_autocast_keeps_spectral_transforms_in_fp32(tiny_model, monkeypatch, pre
     assert low.dtype == th.float32 and th.isfinite(low).all()
     residual = residual_db(low, stems(tiny_model, "fp32")).max()
     assert -80 < residual < -15  # lower precision, but the same separation
+
+
+def runner_with(model, precision, group_norm):
+    return ModelRunner(copy.deepcopy(model), options=RunnerOptions(
+        "cpu", precision, group_norm=group_norm))
+
+
+def test_half_group_norm_is_bit_identical_in_fp32(tiny_model):
+    half = runner_with(tiny_model, "fp32", "half")
+    assert sum(isinstance(m, HalfGroupNorm) for m in half.models[0].modules()) > 0
+    assert th.equal(separate(half, MIX, seed=0), stems(tiny_model, "fp32"))
+
+
+def test_half_group_norm_keeps_bf16_activations_and_its_residual_is_small(tiny_model):
+    """Under bf16 autocast a GroupNorm hands bf16 on (autocast's own upcasts to fp32); the
+    stems stay within bf16's error of fp32 (the figure on the GPU is the GPU run's)."""
+    seen = []
+    runner = runner_with(tiny_model, "bf16", "half")
+    for module in runner.models[0].modules():
+        if isinstance(module, HalfGroupNorm):
+            module.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    reference = stems(tiny_model, "fp32")
+    half = separate(runner, MIX, seed=0)
+    assert seen and set(seen) == {th.bfloat16}
+    upcast = stems(tiny_model, "bf16")
+    assert residual_db(half, reference).max() < -20 and residual_db(upcast, reference).max() < -20
+    with pytest.raises(ValueError, match="group_norm"):
+        RunnerOptions("cpu", group_norm="fp8")

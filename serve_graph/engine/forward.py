@@ -26,6 +26,40 @@ logger = logging.getLogger(__name__)
 
 
 
+class HalfGroupNorm(th.nn.Module):
+    """`nn.GroupNorm` for autocast: a half-precision input is normalised in its own dtype
+    (PyTorch's group-norm kernels accumulate the mean and variance in fp32 for bf16/fp16 input)
+    and stays half, where autocast would upcast it to fp32 and hand fp32 to the GELU/GLU and
+    the next convolution (which casts it back). In HTDemucs' DConv branches (1x1 conv to 96
+    channels, GroupNorm(1, 96), GELU/GLU, LayerScale) those fp32 copies are most of the bytes.
+    An fp32 input is `nn.GroupNorm`'s own computation: bit-identical. Shapes: `[B, C, ...]`."""
+
+    def __init__(self, norm: th.nn.GroupNorm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        norm = self.norm
+        if x.dtype == th.float32:
+            return norm(x)
+        with th.autocast(x.device.type, enabled=False):
+            weight = None if norm.weight is None else norm.weight.to(x.dtype)
+            bias = None if norm.bias is None else norm.bias.to(x.dtype)
+            return F.group_norm(x, norm.num_groups, weight, bias, norm.eps)
+
+
+def use_half_group_norm(model: th.nn.Module) -> int:
+    """Wrap every `nn.GroupNorm` of `model` (exactly that class: Demucs' transformer norms,
+    which transpose first, stay) in `HalfGroupNorm`; returns how many."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is th.nn.GroupNorm:
+                setattr(module, name, HalfGroupNorm(child))
+                count += 1
+    return count
+
+
 def graph_safe(model: th.nn.Module) -> bool:
     """True when every forward of `model` computes the same function, so that a captured or
     compiled forward may stand for it: an HTDemucs in eval whose cross-transformer draws no

@@ -15,10 +15,11 @@ import tqdm
 from demucs.htdemucs import HTDemucs
 
 from .cpu_settings import apply_to_torch, choose
-from .modes import COMPILE_MODES, PRECISIONS
+from .modes import COMPILE_MODES, GROUP_NORMS, PRECISIONS
 from .forward import (BatchLimit, CudaGraphs, HTDemucsCore, SplitForward,
                       bucket_sizes, compile_core, graph_safe, is_out_of_memory,
-                      memory_limit, run_with_backoff, split_into_buckets, window_memory)
+                      memory_limit, run_with_backoff, split_into_buckets,
+                      use_half_group_norm, window_memory)
 from .models import Model, model_geometry, sub_models
 from .plan import Plan, Window, in_order, plan_windows
 from .windows import (NORMALISED, OverlapAdd, denormalise, normalise, window_input,
@@ -46,6 +47,8 @@ class RunnerOptions:
     - `max_batch`: the most windows in one forward; on CUDA lowered to what fits in
       `memory_fraction` of the free device memory (measured at start-up).
     - `compile_backend`: `torch.compile`'s backend (tests use "eager").
+    - `group_norm`: "fp32" (autocast upcasts GroupNorm's input, as PyTorch does) or "half"
+      (`forward.HalfGroupNorm`: bf16/fp16 activations, fp32 statistics; fp32 unchanged).
     """
     device: tp.Optional[str] = None
     precision: str = "fp32"
@@ -53,12 +56,15 @@ class RunnerOptions:
     max_batch: int = DEFAULT_MAX_BATCH
     memory_fraction: float = 0.85
     compile_backend: str = "inductor"
+    group_norm: str = "fp32"
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.group_norm not in GROUP_NORMS:
+            raise ValueError(f"group_norm must be one of {GROUP_NORMS}, got {self.group_norm!r}")
         if self.max_batch < 1 or not 0 < self.memory_fraction <= 1:
             raise ValueError("max_batch must be >= 1 and memory_fraction in (0, 1]")
 
@@ -77,6 +83,9 @@ class ModelRunner:
         self.precision = options.precision
         self.geometry = model_geometry(model)
         self.models = [m.to(self.device).eval() for m in sub_models(model)]
+        if options.group_norm == "half":
+            for sub_model in self.models:
+                use_half_group_norm(sub_model)
         self._lock = threading.Lock()
         self.busy_seconds = 0.  # in forwards (their copies to and from the device included)
         self._set_backends()

@@ -35,8 +35,8 @@ def service_config(args, folder: Path) -> Path:
     service_args = {"model_repo": args.model_repo or str(full_size_repo()),
                     "precision": args.precision, "compile": args.compile,
                     "result_cache_mb": 0}  # repeated songs: every request runs the model
-    for name in ("windows_in_flight", "encode_threads"):
-        if getattr(args, name) is not None:
+    for name in ("windows_in_flight", "encode_threads", "group_norm"):
+        if getattr(args, name, None) is not None:
             service_args[name] = getattr(args, name)
     return write_config(
         folder / "serve_config.yaml", port=args.port, host="127.0.0.1", args=service_args,

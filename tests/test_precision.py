@@ -69,10 +69,10 @@ def test_half_group_norm_keeps_bf16_activations_and_its_residual_is_small(tiny_m
     for module in runner.models[0].modules():
         if isinstance(module, HalfGroupNorm):
             module.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
-    reference = stems(tiny_model, "fp32")
-    half = separate(runner, MIX, seed=0)
+    mix = MIX[:, :44100]
+    reference = separate(ModelRunner(copy.deepcopy(tiny_model), "cpu"), mix, seed=0)
+    half = separate(runner, mix, seed=0)
     assert seen and set(seen) == {th.bfloat16}
-    upcast = stems(tiny_model, "bf16")
-    assert residual_db(half, reference).max() < -20 and residual_db(upcast, reference).max() < -20
+    assert residual_db(half, reference).max() < -20
     with pytest.raises(ValueError, match="group_norm"):
         RunnerOptions("cpu", group_norm="fp8")

@@ -1,0 +1,360 @@
+"""The steps of the one prepared GPU run (`benchmarks/gpu_run.sh`), one per call, in order of
+value: each appends its figures to RESULTS_DIR/figures.jsonl the moment it measures them, so a
+step cut short by its timeout loses nothing it measured before.
+
+    python -m benchmarks.gpu_run STEP --results DIR [--rehearsal]
+
+Steps: `machine` (GPU, driver, torch/CUDA, cores), `correctness` (fp32 on the device against
+the CPU engine; the out-of-memory back-off under a too-large batch, its log kept), `model`
+(a 216 s song's windows, fp16 and bf16 at batch 16/32/64: eager, half-precision GroupNorm,
+the compiled inner network with its compile time and its start from the cache; residuals vs
+fp32), `http` (the service: the cold start to /readyz, one 216 s song to 4 MP3 stems and to
+WAV with Server-Timing, 16 concurrent songs to WAV), `cost` (per song, from the GPU-seconds
+and encode CPU-seconds measured, at the prices in `PRICES`), `roformer` (a batch of full-size
+BS-RoFormer and Mel-Band RoFormer windows, bf16, with the TFLOP/s they reach).
+
+`--rehearsal` runs every step on this machine's CPU with the tiny model, a short song and
+small batches (tests/test_gpu_rehearsal.py): the same code, so a script error is found here.
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import typing as tp
+from pathlib import Path
+
+import torch as th
+
+from benchmarks.common import full_size_repo, song
+from serve_graph.engine import ModelRunner, load_model, make_random_repo, separate
+from serve_graph.engine.forward import BatchLimit
+from serve_graph.engine.output import encode_stem
+from serve_graph.engine.separator import RunnerOptions
+
+STEPS = ("machine", "correctness", "model", "http", "cost", "roformer")
+# what each step must record (the rehearsal test checks every one)
+EXPECTED = {
+    "machine": ["gpu", "torch", "cuda", "cpu_cores"],
+    "correctness": ["fp32_parity_db", "oom_halvings", "oom_failed_requests"],
+    "model": ["ms_per_window", "residual_db", "compile_seconds", "cached_start_seconds"],
+    "http": ["cold_start_s", "one_song_mp3_s", "one_song_wav_s", "concurrent_wav_x_real_time"],
+    "cost": ["usd_per_song_wav", "usd_per_song_mp3"],
+    "roformer": ["roformer_ms_per_window"],
+}
+# Modal's per-second prices (USD), as published: B200 $6.25/h (blaxel.ai's Modal guide, 2026),
+# H100 $0.001097/s (techbytes.app, verified 2026-05-07), CPU $0.0000131 per physical core
+# (beam.cloud's Modal pricing guide, verified 2026-06-27); Modal bills the GPU and the
+# container's cores by the second
+PRICES = {"gpu_b200": 6.25 / 3600, "gpu_h100": 0.001097, "cpu_core": 0.0000131}
+
+
+class Profile(tp.NamedTuple):
+    """What a run measures on: the GPU's, or the rehearsal's on the CPU."""
+    device: str
+    song_seconds: float
+    excerpt_seconds: float
+    batch_sizes: tp.Tuple[int, ...]
+    precisions: tp.Tuple[str, ...]
+    concurrency: int
+    compile_backend: str
+    repeats: int
+
+
+GPU = Profile("cuda", 216., 10., (16, 32, 64), ("fp16", "bf16"), 16, "inductor", 3)
+# fp32 only: this CPU may have no fast bf16/fp16 (the steps' code is the same)
+REHEARSAL = Profile("cpu", 6., 3., (1, 2), ("fp32",), 2, "eager", 1)
+
+
+class Figures:
+    """RESULTS_DIR/figures.jsonl: one JSON object per figure, written and synced at once."""
+
+    def __init__(self, folder: Path, step: str):
+        self.path, self.step = folder / "figures.jsonl", step
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def record(self, name: str, value: tp.Any, unit: str = "", **detail: tp.Any) -> None:
+        line = {"step": self.step, "name": name, "value": value, "unit": unit, **detail}
+        with self.path.open("a") as out:
+            out.write(json.dumps(line) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        print(f"{self.step}: {name} = {value} {unit} {detail or ''}", flush=True)
+
+    def read(self) -> tp.List[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()]
+
+
+def model_repo(args) -> Path:
+    """The full-size random htdemucs repo, or (rehearsal) a tiny one beside the results."""
+    if not args.rehearsal:
+        return full_size_repo()
+    repo = args.results.parent / f"{args.results.name}_tiny_repo"
+    if not (repo / "htdemucs.yaml").is_file():
+        make_random_repo(repo, "htdemucs", size="tiny", seed=0)
+    return repo
+
+
+def residual_db(ours: th.Tensor, reference: th.Tensor) -> float:
+    """The worst stem's error energy relative to the reference's, dB."""
+    error = ((ours - reference) ** 2).sum(dim=(-1, -2)).clamp_min(1e-30)
+    return float((10 * th.log10(error / (reference ** 2).sum(dim=(-1, -2)))).max())
+
+
+def machine(args, figures: Figures) -> None:
+    gpu = "none (CPU rehearsal)"
+    if th.cuda.is_available():
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                "--format=csv,noheader"], capture_output=True, text=True)
+        gpu = query.stdout.strip() or th.cuda.get_device_name()
+    figures.record("gpu", gpu)
+    figures.record("torch", th.__version__)
+    figures.record("cuda", th.version.cuda or "none")
+    figures.record("cpu_cores", os.cpu_count(), platform.processor() or platform.machine())
+
+
+def correctness(args, figures: Figures) -> None:
+    profile, model = args.profile, load_model("htdemucs", model_repo(args))
+    excerpt = song(profile.excerpt_seconds, seed=1)
+    reference = separate(ModelRunner(model, "cpu"), excerpt, batch_size=4)
+    device = ModelRunner(load_model("htdemucs", model_repo(args)), profile.device, "fp32")
+    figures.record("fp32_parity_db", residual_db(separate(device, excerpt, batch_size=8),
+                                                 reference), "dB", goal="<= -80")
+    del device, model
+    if profile.device == "cuda":
+        th.cuda.empty_cache()  # the cap below counts what the allocator holds
+    halvings, failed = oom_backoff(args, profile)
+    figures.record("oom_halvings", halvings)
+    figures.record("oom_failed_requests", failed, goal=0)
+
+
+def oom_backoff(args, profile: Profile) -> tp.Tuple[int, int]:
+    """A song whose batches do not fit: the limit set above what fits (on the GPU, under a
+    memory cap; in the rehearsal, a forward that fails like cuFFT out of memory above 2
+    windows), then separated. Returns (halvings, failed requests); the log goes to oom.log."""
+    runner = ModelRunner(load_model("htdemucs", model_repo(args)), profile.device, "fp16"
+                         if profile.device == "cuda" else "fp32")
+    runner.limits[0] = BatchLimit(256)
+    if profile.device == "cuda":
+        th.cuda.set_per_process_memory_fraction(0.1)
+    else:
+        forward = runner._forwards[0]
+
+        def fits_two(windows: th.Tensor) -> th.Tensor:
+            if windows.shape[0] > 2:
+                raise RuntimeError("cuFFT error: CUFFT_ALLOC_FAILED (rehearsal)")
+            return forward(windows)
+        runner._forwards[0] = fits_two
+    failed = 0
+    with (args.results / "oom.log").open("a") as log, contextlib.redirect_stderr(log):
+        import logging
+        handler = logging.StreamHandler(log)
+        logging.getLogger("serve_graph.engine.forward").addHandler(handler)
+        try:
+            separate(runner, song(profile.song_seconds, seed=2), batch_size=256)
+        except Exception as exc:  # noqa: BLE001 (the figure is whether it failed)
+            failed = 1
+            log.write(f"failed: {exc!r}\n")
+        finally:
+            if profile.device == "cuda":
+                th.cuda.set_per_process_memory_fraction(1.0)
+    return runner.limits[0].halvings, failed
+
+
+def model(args, figures: Figures) -> None:
+    """Per-window time of each precision x variant on a song's windows, and the residual of
+    an excerpt against fp32 on the same device."""
+    profile = args.profile
+    excerpt = song(profile.excerpt_seconds, seed=1)
+    fp32 = separate(runner_for(args, "fp32", "none", "fp32"), excerpt, batch_size=8)
+    windows = song_windows(args, profile.song_seconds)
+    for precision in profile.precisions:
+        for variant, compile_mode, group_norm in (("eager", "none", "fp32"),
+                                                  ("half_group_norm", "none", "half")):
+            runner = runner_for(args, precision, compile_mode, group_norm)
+            measure(args, figures, runner, windows, excerpt, fp32, precision, variant)
+    precision = profile.precisions[-1]
+    start = time.perf_counter()
+    runner = runner_for(args, precision, "compile", "half")
+    figures.record("compile_seconds", round(time.perf_counter() - start, 2), "s",
+                   precision=precision)
+    measure(args, figures, runner, windows, excerpt, fp32, precision, "compiled")
+    figures.record("cached_start_seconds", cached_start(args, precision), "s",
+                   precision=precision)
+
+
+def runner_for(args, precision: str, compile_mode: str, group_norm: str) -> ModelRunner:
+    options = RunnerOptions(args.profile.device, precision, compile_mode,
+                            max(args.profile.batch_sizes), group_norm=group_norm,
+                            compile_backend=args.profile.compile_backend)
+    return ModelRunner(load_model("htdemucs", model_repo(args)), options=options)
+
+
+def song_windows(args, seconds: float) -> th.Tensor:
+    from serve_graph.engine.plan import plan_windows
+    from serve_graph.engine.windows import normalise, window_input
+    runner = ModelRunner(load_model("htdemucs", model_repo(args)), "cpu")
+    mix, _, _ = normalise(song(seconds))
+    plan = plan_windows(mix.shape[-1], runner.geometry, shifts=1, seed=0)
+    return th.stack([window_input(mix, window) for window in plan.windows])
+
+
+def measure(args, figures: Figures, runner: ModelRunner, windows: th.Tensor,
+            excerpt: th.Tensor, fp32: th.Tensor, precision: str, variant: str) -> None:
+    for size in args.profile.batch_sizes:
+        batch = th.cat([windows] * -(-size // len(windows)))[:size]
+        seconds = timed(lambda: runner(0, batch), runner.device, args.profile.repeats)
+        figures.record("ms_per_window", round(seconds / size * 1000, 3), "ms",
+                       precision=precision, variant=variant, batch=size)
+    stems = separate(runner, excerpt, batch_size=max(args.profile.batch_sizes))
+    figures.record("residual_db", round(residual_db(stems, fp32), 1), "dB",
+                   precision=precision, variant=variant, goal="<= -60")
+
+
+def timed(run: tp.Callable[[], tp.Any], device: th.device, repeats: int) -> float:
+    """Median seconds of `run()` after a warm-up, the device synchronised around each."""
+    run()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            th.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            th.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cached_start(args, precision: str) -> float:
+    """Start-up seconds of the compiled runner in a new process (Inductor's cache warm)."""
+    code = ("import sys; from pathlib import Path; from benchmarks import gpu_run; "
+            f"args = gpu_run.parse(['model', '--results', {str(args.results)!r}] + "
+            f"{['--rehearsal'] if args.rehearsal else []!r}); "
+            f"print(gpu_run.runner_for(args, {precision!r}, 'compile', 'half')"
+            ".startup_seconds)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    if out.returncode:
+        print(out.stderr[-2000:], file=sys.stderr)
+        return float("nan")
+    return round(float(out.stdout.strip().splitlines()[-1]), 2)
+
+
+def http(args, figures: Figures) -> None:
+    from benchmarks.gpu import timed_post
+    from benchmarks.throughput import run_requests, start_service, stop_service
+    profile = args.profile
+    service = service_arguments(args)
+    url, process = start_service(service)
+    figures.record("cold_start_s", round(time.perf_counter() - service.launched_at, 2), "s",
+                   what="launch -> /readyz 200", model=str(service.model_repo))
+    try:
+        songs = [encode_stem(song(profile.song_seconds, seed=i), 44100, "mp3", 192)
+                 for i in range(profile.concurrency)]
+        for name, fields in (("mp3", {"mp3_bitrate": "192"}), ("wav", {"mp3": "false"})):
+            timed_post(url, songs[0], fields)  # warm
+            seconds, timing = timed_post(url, songs[0], fields)
+            figures.record(f"one_song_{name}_s", round(seconds, 3), "s",
+                           server_timing=timing, song_seconds=profile.song_seconds)
+        wall, latencies, _, _ = run_requests(url, songs, profile.concurrency, {"mp3": "false"})
+        audio = profile.concurrency * profile.song_seconds
+        figures.record("concurrent_wav_x_real_time", round(audio / wall, 1), "x",
+                       songs=profile.concurrency, wall_s=round(wall, 2),
+                       p50_s=round(statistics.median(latencies), 2))
+    finally:
+        stop_service(process)
+
+
+def service_arguments(args) -> argparse.Namespace:
+    """`benchmarks.throughput`'s service options: on the GPU box one Separate replica with the
+    GPU and bf16 + half GroupNorm, Decode 2 x 1 CPU, Encode 12 CPUs and 14 MP3 threads; in the
+    rehearsal the tiny model on the CPU, fp32."""
+    gpu = not args.rehearsal
+    return argparse.Namespace(
+        port=free_port(), model_repo=str(model_repo(args)), precision="bf16" if gpu else "fp32",
+        compile="graphs" if gpu else "none", group_norm="half" if gpu else "fp32",
+        replicas=1, gpus=1 if gpu else 0, max_batch_size=64 if gpu else 4,
+        batch_wait=0.005 if gpu else 0.01, decode_replicas=2 if gpu else 1,
+        encode_replicas=1, cpus_per_replica=1 if gpu else 0.25,
+        encode_cpus=12 if gpu else 0.5, encode_threads=14 if gpu else 2,
+        windows_in_flight=64 if gpu else 2)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cost(args, figures: Figures) -> None:
+    """USD per song: the GPU-seconds per song of the concurrent run (the GPU held for all of
+    it) at the GPU's price, plus the encode CPU-seconds of its 4 MP3 stems at the core's."""
+    measured = {row["name"]: row for row in figures.read() if row["step"] == "http"}
+    concurrent = measured["concurrent_wav_x_real_time"]
+    gpu_seconds = concurrent["wall_s"] / concurrent["songs"]
+    start = time.process_time()
+    for index in range(4):
+        encode_stem(song(args.profile.song_seconds, seed=10 + index), 44100, "mp3", 192)
+    mp3_cpu = time.process_time() - start
+    gpu_price = PRICES["gpu_b200"]
+    wav = gpu_seconds * gpu_price
+    figures.record("usd_per_song_wav", round(wav, 6), "USD", gpu_seconds=round(gpu_seconds, 3),
+                   prices=PRICES, goal="<= 0.001")
+    figures.record("usd_per_song_mp3", round(wav + mp3_cpu * PRICES["cpu_core"], 6), "USD",
+                   mp3_cpu_seconds=round(mp3_cpu, 2))
+
+
+def roformer(args, figures: Figures) -> None:
+    """Seconds per window of viperx's BS-RoFormer and Kim's Mel-Band RoFormer (random weights,
+    full size; the rehearsal: narrow and shallow), bf16 at batch 8 on the GPU."""
+    from serve_graph.engine import roformer_files
+    from serve_graph.engine.roformer import RoformerSeparator
+    from serve_graph.engine.roformer_config import read_config
+    gpu = not args.rehearsal
+    scratch = Path(tempfile.mkdtemp(prefix="roformer_"))  # RESULTS_DIR holds figures and logs
+    for family in ("bs_roformer", "mel_band_roformer"):
+        raw = (roformer_files.TEMPLATES[family] if gpu else
+               roformer_files.scaled(family, dim=16, depth=1, heads=2, dim_head=8))
+        config = read_config(roformer_files.write_config(scratch / f"{family}.yaml", raw))
+        model = RoformerSeparator(roformer_files.random_model(config))
+        gflop = model.roformer.window_gflop(config.chunk_size)
+        batch = 8 if gpu else 1
+        runner = ModelRunner(model, options=RunnerOptions(
+            args.profile.device, "bf16" if gpu else "fp32", max_batch=batch))
+        windows = th.randn(batch, 2, config.chunk_size)
+        seconds = timed(lambda: runner(0, windows), runner.device, args.profile.repeats) / batch
+        figures.record("roformer_ms_per_window", round(seconds * 1000, 2), "ms",
+                       family=family, batch=batch, gflop=round(gflop, 1),
+                       tflops=round(gflop / seconds / 1000, 1))
+        del runner, model
+
+
+def parse(argv: tp.Optional[tp.Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=STEPS)
+    parser.add_argument("--results", type=Path, required=True)
+    parser.add_argument("--rehearsal", action="store_true",
+                        help="on this CPU, tiny model, short song, small batches")
+    args = parser.parse_args(argv)
+    args.profile = REHEARSAL if args.rehearsal else GPU
+    return args
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
+    args = parse(argv)
+    if not args.rehearsal and not th.cuda.is_available():
+        sys.exit("the GPU run needs a CUDA GPU (--rehearsal runs it on the CPU)")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.results.parent /
+                                                       f"{args.results.name}_inductor_cache"))
+    globals()[args.step](args, Figures(args.results, args.step))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The one prepared GPU run (`benchmarks/gpu_run.sh`), rehearsed on this CPU with the tiny
+model, a short song and small batches: every step runs the GPU run's own code to the end and
+writes each of its figures, so the command that gets the GPU's few minutes holds no script
+error."""
+import json
+import os
+import subprocess
+import sys
+
+from serve_process import ROOT
+
+sys.path.insert(0, str(ROOT))
+from benchmarks.gpu_run import EXPECTED, STEPS  # noqa: E402
+
+
+def test_the_gpu_run_rehearsal_writes_every_figure(tmp_path):
+    results = tmp_path / "results"
+    proc = subprocess.run(["bash", "benchmarks/gpu_run.sh", str(results), "--rehearsal"],
+                          cwd=ROOT, env={**os.environ, "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=600)
+    log = (results / "log.txt").read_text()
+    assert proc.returncode == 0, proc.stdout + log[-4000:]
+    figures = [json.loads(line) for line in (results / "figures.jsonl").read_text().splitlines()]
+    for step in STEPS:
+        assert f"== {step}: exit 0" in log
+        names = {figure["name"] for figure in figures if figure["step"] == step}
+        assert set(EXPECTED[step]) <= names, (step, sorted(names))
+    value = {figure["name"]: figure["value"] for figure in figures}
+    assert value["fp32_parity_db"] <= -80
+    assert value["oom_halvings"] > 0 and value["oom_failed_requests"] == 0
+    assert "batches now hold at most" in (results / "oom.log").read_text()
+    assert value["cold_start_s"] > 0 and value["concurrent_wav_x_real_time"] > 0
+    assert 0 < value["usd_per_song_wav"] <= value["usd_per_song_mp3"]

@@ -68,7 +68,7 @@ class Profile(tp.NamedTuple):
 
 GPU = Profile("cuda", 216., 10., (16, 32, 64), ("fp16", "bf16"), 16, "inductor", 3)
 # fp32 only: this CPU may have no fast bf16/fp16 (the steps' code is the same)
-REHEARSAL = Profile("cpu", 6., 3., (1, 2), ("fp32",), 2, "eager", 1)
+REHEARSAL = Profile("cpu", 4., 2., (2,), ("fp32",), 2, "eager", 1)
 
 
 class Figures:

@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_run.sh RESULTS_DIR               # on the GPU box: <= 9 minutes
 #   bash benchmarks/gpu_run.sh RESULTS_DIR --rehearsal   # here, on the CPU, tiny model
 #
+# GPU_RUN_STEPS="http cost" runs only the steps named (to rerun what did not finish).
 # PYTHON picks the interpreter (default python3; on the GPU box with the offline bundle:
 # PYTHONPATH=/tmp/site:$PWD, see benchmarks/offline_bundle.sh).
 set -u
@@ -21,6 +22,8 @@ steps=("machine 15" "correctness 75" "model 200" "http 160" "cost 20" "roformer 
 unfinished=0
 for entry in "${steps[@]}"; do
     read -r step limit <<< "$entry"
+    # GPU_RUN_STEPS="http cost": only those (a rerun of what did not finish)
+    if [ -n "${GPU_RUN_STEPS:-}" ] && [[ " $GPU_RUN_STEPS " != *" $step "* ]]; then continue; fi
     echo "== $step (at most ${limit} s) $(date -u +%H:%M:%S)" | tee -a "$results/log.txt"
     timeout -k 5 "$limit" "$PYTHON" -m benchmarks.gpu_run "$step" --results "$results" "$@" \
         >> "$results/log.txt" 2>&1

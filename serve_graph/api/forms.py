@@ -60,7 +60,8 @@ def with_option_fields(endpoint):
     return endpoint
 
 
-_DEFAULTED_FIELDS = {field.name for field in request_fields() if field.default is not None}
+# an option sent empty is refused, as its schema says (no type, choice or pattern admits "")
+_NOT_BLANK = {field.name for field in request_fields()}
 
 
 def check_form_fields(request: Request, form) -> None:
@@ -76,10 +77,10 @@ def check_form_fields(request: Request, form) -> None:
     if repeated:
         raise InvalidParameterError(f"field(s) {', '.join(map(repr, repeated))} sent more "
                                     f"than once")
-    # FastAPI reads an empty form value as the field left out: for a field with a default
-    # (shifts, wav_depth...) that would take the default in silence, against the schema
+    # FastAPI reads an empty form value as the field left out: a default (shifts, overlap,
+    # wav_depth...) would be taken in silence, against the schema
     blank = sorted(name for name, value in form.multi_items()
-                   if value == "" and name in _DEFAULTED_FIELDS)
+                   if value == "" and name in _NOT_BLANK)
     if blank:
         raise InvalidParameterError(f"field(s) {', '.join(map(repr, blank))} sent empty: give "
                                     f"a value or leave the field out")

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch as th
 
 from benchmarks.common import full_size_repo, song
+from benchmarks.model_sweep import residual_db, timed
 from serve_graph.engine import ModelRunner, load_model, make_random_repo, separate
 from serve_graph.engine.forward import BatchLimit
 from serve_graph.engine.output import encode_stem
@@ -98,12 +99,6 @@ def model_repo(args) -> Path:
     if not (repo / "htdemucs.yaml").is_file():
         make_random_repo(repo, "htdemucs", size="tiny", seed=0)
     return repo
-
-
-def residual_db(ours: th.Tensor, reference: th.Tensor) -> float:
-    """The worst stem's error energy relative to the reference's, dB."""
-    error = ((ours - reference) ** 2).sum(dim=(-1, -2)).clamp_min(1e-30)
-    return float((10 * th.log10(error / (reference ** 2).sum(dim=(-1, -2)))).max())
 
 
 def machine(args, figures: Figures) -> None:
@@ -214,21 +209,6 @@ def measure(args, figures: Figures, runner: ModelRunner, windows: th.Tensor,
     stems = separate(runner, excerpt, batch_size=max(args.profile.batch_sizes))
     figures.record("residual_db", round(residual_db(stems, fp32), 1), "dB",
                    precision=precision, variant=variant, goal="<= -60")
-
-
-def timed(run: tp.Callable[[], tp.Any], device: th.device, repeats: int) -> float:
-    """Median seconds of `run()` after a warm-up, the device synchronised around each."""
-    run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            th.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            th.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def cached_start(args, precision: str) -> float:

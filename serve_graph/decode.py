@@ -1,6 +1,7 @@
 """The Decode deployment: upload bytes -> mix in the object store, its normalisation, window
-plan. The decoder (torch, PyAV) is imported by the replica, not with this module: Serve's build
-task imports every deployment module and is on the path of every cold start."""
+plan. The decoder (PyAV, NumPy: no torch in this replica) is imported by the replica, not with
+this module: the launcher imports every deployment module and is on the path of every cold
+start."""
 from __future__ import annotations
 
 import asyncio
@@ -49,7 +50,7 @@ class Decode:
     def _prepare(self, data: bytes, geometry: ModelGeometry, options: SeparationOptions) -> Song:
         song = self._prepare_song(data, geometry, options, self._settings.max_audio_seconds,
                                   self._settings.max_windows, self._split)
-        mix = MixRef(ray.put(song.mix.numpy()), song.mean, song.std)
+        mix = MixRef(ray.put(song.mix), song.mean, song.std)
         if self._split is not None:  # copied into the object store: its memory is free
             self._split.recycle(song.mix)
         return dataclasses.replace(song, mix=mix)

@@ -1,8 +1,9 @@
 """The Encode deployment: runs a song's windows through Separate and turns their outputs into
 stem files as they arrive (overlap-add, MP3/WAV/FLAC, ZIP).
 
-torch and the engine's writers are imported by the replica, not with this module: Serve's
-build task imports every deployment module and is on the path of every cold start."""
+The engine's writers (overlap-add in NumPy, the encoders; no torch in this replica) are imported
+by the replica, not with this module: the launcher imports every deployment module and is on
+the path of every cold start."""
 from __future__ import annotations
 
 import asyncio
@@ -43,13 +44,6 @@ class Encode:
         self._separate = ModelHandles(separate)
         self._waiting = 0  # windows sent to Separate and not back yet, all songs
         keep_replica_server_on_loopback()
-        # Overlap-add and the stems' arithmetic touch a few MB per window and are bound by
-        # memory: a second OpenMP thread (Ray sets as many as `num_cpus`) gains nothing there
-        # but spins on the cores the encoders need (with fewer copies on the window path, on 2
-        # cores: overlap-add 3.3 -> 1.5 s wall, the MP3 encode stage 1.29 -> 1.19 x its
-        # CPU-seconds per core; benchmarks/RESULTS.md).
-        import torch as th
-        th.set_num_threads(1)
         self._settings = settings
         self.threads = settings.encode_threads or _assigned_cpus()
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="encode")

@@ -4,7 +4,6 @@ import ctypes
 import logging
 import time
 import typing as tp
-import warnings
 
 from ray import exceptions as ray_errors
 from ray.serve import exceptions as serve_errors
@@ -14,9 +13,6 @@ from .engine.plan import Song
 __all__ = ["MixRef", "MixLostError", "ModelHandles", "Song", "REPLICA_LOST", "SONG_LOST",
            "awaited", "release_memory", "retrying"]
 logger = logging.getLogger("ray.serve")
-# Arrays read zero-copy from the object store are read-only; the tensors made from them (a
-# song's mix in Separate, a window's stems in Encode) are only ever read, never written.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 T = tp.TypeVar("T")
 
 

@@ -72,3 +72,12 @@ def _encode_frames(stream, wav, samplerate, layout, sample_format):
         frame.pts = start
         yield from stream.encode(frame)
     yield from stream.encode(None)
+
+
+def decoded(data: bytes, *args, **kwargs):
+    """`engine.decode`'s samples `[C, T]` (a float32 array) as a torch tensor, to compare
+    with the engine's stems (`separate` gives tensors)."""
+    import torch as th
+
+    from serve_graph.engine import decode
+    return th.from_numpy(decode(data, *args, **kwargs))

@@ -39,26 +39,26 @@ def test_decode_format(fmt, rate, channels):
     seconds = 2.0
     source = tone(seconds, rate, channels)
     wav = decode(encode(source, rate, fmt), MODEL_RATE, 2)
-    assert wav.dtype == th.float32 and wav.shape[0] == 2
+    assert wav.dtype == np.float32 and wav.shape[0] == 2
     frame = math.ceil(FRAME_SAMPLES.get(fmt, 1) * MODEL_RATE / rate)
     assert abs(wav.shape[1] - seconds * MODEL_RATE) <= frame
     if channels == 1:
-        assert th.equal(wav[0], wav[1])
+        assert np.array_equal(wav[0], wav[1])
     peak = 2.0 if channels == 6 else 1.0  # a 5.1 downmix sums centre and surrounds
-    assert 0.05 < wav.abs().max() < peak
+    assert 0.05 < np.abs(wav).max() < peak
 
 
 def test_lossless_decode_keeps_the_samples():
     source = tone(1.0, MODEL_RATE, 2)
     wav = decode(encode(source, MODEL_RATE, "wavfloat"), MODEL_RATE, 2)
-    assert np.array_equal(wav.numpy(), source)
+    assert np.array_equal(wav, source)
 
 
 def test_resampling_keeps_a_tone_at_its_frequency():
     rate = 48000
     t = np.arange(rate) / rate
     source = np.stack([np.sin(2 * np.pi * 1000 * t)] * 2).astype(np.float32) * 0.5
-    wav = decode(encode(source, rate, "wavfloat"), MODEL_RATE, 2)[0].numpy()
+    wav = decode(encode(source, rate, "wavfloat"), MODEL_RATE, 2)[0]
     spectrum = np.abs(np.fft.rfft(wav * np.hanning(len(wav))))
     peak_hz = np.argmax(spectrum) * MODEL_RATE / len(wav)
     assert abs(peak_hz - 1000) < 2
@@ -73,11 +73,11 @@ def test_resampling_agrees_with_demucs_fallback_resampler(rate):
     source = sum(0.2 * np.sin(2 * np.pi * hz * t + hz) for hz in (110, 440, 2500, 9000))
     source = np.stack([source, source[::-1]]).astype(np.float32)
     ours = decode(encode(source, rate, "wavfloat"), MODEL_RATE, 2)
-    reference = julius.resample_frac(th.from_numpy(source), rate, MODEL_RATE)
+    reference = julius.resample_frac(th.from_numpy(source), rate, MODEL_RATE).numpy()
     assert ours.shape == reference.shape
     edge = MODEL_RATE // 100  # both filters start and end differently: skip 10 ms
-    error = (ours - reference)[:, edge:-edge].pow(2).sum() / reference.pow(2).sum()
-    assert 10 * th.log10(error) < -40
+    error = np.square(ours - reference)[:, edge:-edge].sum() / np.square(reference).sum()
+    assert 10 * np.log10(error) < -40
 
 
 @pytest.mark.parametrize("data", [b"", b"hello, this is a text file\n" * 50,
@@ -118,7 +118,7 @@ def test_eight_channels_are_downmixed():
     soundfile.write(buf, np.tile(tone(1.0, MODEL_RATE, 2).T * 0.3, (1, 4)), MODEL_RATE,
                     format="WAV", subtype="PCM_16")
     wav = decode(buf.getvalue())
-    assert wav.shape == (2, MODEL_RATE) and 0.01 < wav.abs().max() < 1
+    assert wav.shape == (2, MODEL_RATE) and 0.01 < np.abs(wav).max() < 1
 
 
 @pytest.mark.parametrize("name", list(playlists("/x", 1)))
@@ -160,12 +160,12 @@ def test_too_long_audio_raises_before_separation():
 @pytest.mark.parametrize("bitrate", [128, 192, 320])
 def test_mp3_stems_are_gapless(bitrate):
     """The LAME Info tag makes the decoded stem exactly as long as the stem, aligned."""
-    stem = th.from_numpy(tone(1.5, MODEL_RATE, 2, seed=3))
+    stem = tone(1.5, MODEL_RATE, 2, seed=3)
     stem[:, 30000] = 0.9
     data = encode_stem(stem, MODEL_RATE, "mp3", bitrate)
     decoded = decode(data, MODEL_RATE, 2)
     assert decoded.shape == stem.shape
-    assert int(decoded[0].abs().argmax()) == 30000
+    assert int(np.abs(decoded[0]).argmax()) == 30000
     info = parse_header(data)
     assert data[36:40] == b"Info"
     assert parse_header(data, info.size).bitrate_kbps == bitrate
@@ -175,35 +175,35 @@ def test_mp3_stems_are_gapless(bitrate):
 @pytest.mark.parametrize("depth,tolerance", [("int16", 2 / 2**15), ("int24", 2 / 2**23),
                                              ("float32", 0)])
 def test_wav_depths_round_trip(depth, tolerance):
-    stem = th.from_numpy(tone(0.5, MODEL_RATE, 2))
+    stem = tone(0.5, MODEL_RATE, 2)
     data = encode_stem(stem, MODEL_RATE, "wav", wav_depth=depth)
     if depth != "float32":
         with wave.open(io.BytesIO(data)) as reader:
             assert reader.getsampwidth() == {"int16": 2, "int24": 3}[depth]
             assert reader.getframerate() == MODEL_RATE and reader.getnchannels() == 2
     decoded = decode(data, MODEL_RATE, 2)
-    assert th.allclose(decoded, stem, atol=tolerance, rtol=0)
+    assert np.allclose(decoded, stem, atol=tolerance, rtol=0)
 
 
 def test_flac_round_trip_is_16_bit_exact():
-    stem = th.from_numpy(tone(0.5, MODEL_RATE, 2))
+    stem = tone(0.5, MODEL_RATE, 2)
     decoded = decode(encode_stem(stem, MODEL_RATE, "flac"), MODEL_RATE, 2)
-    assert th.allclose(decoded, stem, atol=2 / 2**15, rtol=0)
+    assert np.allclose(decoded, stem, atol=2 / 2**15, rtol=0)
 
 
 def test_loud_stems_are_rescaled_not_clipped():
-    stem = th.from_numpy(tone(0.5, MODEL_RATE, 2)) * 4
+    stem = tone(0.5, MODEL_RATE, 2) * 4
     decoded = decode(encode_stem(stem, MODEL_RATE, "wav", wav_depth="float32"), MODEL_RATE, 2)
-    assert decoded.abs().max() < 1.0
-    assert th.allclose(decoded * 1.01 * stem.abs().max(), stem, atol=1e-5)
+    assert np.abs(decoded).max() < 1.0
+    assert np.allclose(decoded * 1.01 * np.abs(stem).max(), stem, atol=1e-5)
 
 
 def test_two_stems_sums_the_others_and_zip_names():
-    stems = {name: th.full((2, 10), float(i + 1))
+    stems = {name: np.full((2, 10), float(i + 1), np.float32)
              for i, name in enumerate(["drums", "bass", "other", "vocals"])}
     selected = select_stems(stems, "vocals")
     assert list(selected) == ["vocals", "no_vocals"]
-    assert th.equal(selected["no_vocals"], th.full((2, 10), 6.))
+    assert np.array_equal(selected["no_vocals"], np.full((2, 10), 6., np.float32))
     archive = zipfile.ZipFile(io.BytesIO(zip_files({"vocals.mp3": b"a", "no_vocals.mp3": b"b"})))
     assert archive.namelist() == ["vocals.mp3", "no_vocals.mp3"]
 

@@ -5,8 +5,8 @@ import zipfile
 
 import torch as th
 
-from audio_files import encode, tone
-from serve_graph.engine import ModelRunner, decode, load_model, separate
+from audio_files import decoded, encode, tone
+from serve_graph.engine import ModelRunner, load_model, separate
 from serve_graph.engine.output import prevent_clip
 
 
@@ -22,9 +22,9 @@ def test_four_stems_mp3(tmp_path, tiny_repo):
     assert proc.returncode == 0, proc.stderr
     archive = zipfile.ZipFile(tmp_path / "song_stems.zip")
     assert archive.namelist() == ["drums.mp3", "bass.mp3", "other.mp3", "vocals.mp3"]
-    expected = decode(song.read_bytes()).shape[1]
+    expected = decoded(song.read_bytes()).shape[1]
     for name in archive.namelist():
-        assert decode(archive.read(name)).shape[1] == expected
+        assert decoded(archive.read(name)).shape[1] == expected
 
 
 def test_two_stems_wav_equals_engine(tmp_path, tiny_repo, tiny_model):
@@ -36,10 +36,10 @@ def test_two_stems_wav_equals_engine(tmp_path, tiny_repo, tiny_model):
     assert proc.returncode == 0, proc.stderr
     archive = zipfile.ZipFile(out)
     assert archive.namelist() == ["vocals.wav", "no_vocals.wav"]
-    stems = separate(ModelRunner(tiny_model, "cpu"), decode(song.read_bytes()), shifts=2,
+    stems = separate(ModelRunner(tiny_model, "cpu"), decoded(song.read_bytes()), shifts=2,
                      overlap=0.5, seed=0)
-    vocals = decode(archive.read("vocals.wav"))
-    no_vocals = decode(archive.read("no_vocals.wav"))
+    vocals = decoded(archive.read("vocals.wav"))
+    no_vocals = decoded(archive.read("no_vocals.wav"))
     assert th.allclose(vocals, prevent_clip(stems[3]), atol=2 / 2**15, rtol=0)
     assert th.allclose(no_vocals, prevent_clip(stems[0] + stems[1] + stems[2]), atol=3 / 2**15,
                        rtol=0)
@@ -68,9 +68,9 @@ def test_six_source_model_stem_subset(tmp_path, tiny_repo):
     archive = zipfile.ZipFile(out)
     assert archive.namelist() == ["guitar.wav", "piano.wav"]
     stems = separate(ModelRunner(load_model("tiny6s", tiny_repo), "cpu"),
-                     decode(song.read_bytes()), seed=0)
+                     decoded(song.read_bytes()), seed=0)
     for name, index in (("guitar.wav", 4), ("piano.wav", 5)):
-        assert th.allclose(decode(archive.read(name)), prevent_clip(stems[index]), atol=1e-6,
+        assert th.allclose(decoded(archive.read(name)), prevent_clip(stems[index]), atol=1e-6,
                            rtol=0), name
     refused = run_cli(song, "--model-repo", tiny_repo, "--stems", "guitar", "-o", out)
     assert refused.returncode == 2 and "guitar" in refused.stderr
@@ -87,5 +87,5 @@ def test_a_roformer_karaoke_remix_is_the_engines_instrumental(tmp_path, tiny_rep
                    "-o", out)
     assert proc.returncode == 0, proc.stderr
     stems = separate(ModelRunner(load_model("tinyroformer", tiny_repo), "cpu"),
-                     decode(song.read_bytes()))
-    assert th.allclose(decode(out.read_bytes()), stems[1], atol=1e-6, rtol=0)
+                     decoded(song.read_bytes()))
+    assert th.allclose(decoded(out.read_bytes()), stems[1], atol=1e-6, rtol=0)

@@ -14,7 +14,7 @@ import requests
 import soundfile
 import torch as th
 
-from audio_files import encode, tone
+from audio_files import decoded, encode, tone
 from bad_inputs import (Sentinels, callback_cases, float_wav, playlists, raw_cases,
                         url_cases)
 from bad_inputs import upload_cases as upload_cases_for
@@ -22,7 +22,7 @@ from serve_process import UNCACHED, ServeProcess, free_port, listening_addresses
 from serve_graph.launch import READY
 from serve_graph.procs import descendants
 from serve_graph.launch import write_config
-from serve_graph.engine import ModelRunner, decode, load_model, separate
+from serve_graph.engine import ModelRunner, load_model, separate
 from serve_graph.engine.output import prevent_clip
 
 pytestmark = pytest.mark.serve
@@ -112,9 +112,9 @@ def test_openapi_describes_every_field(service):
 def test_four_stems_mp3_have_the_input_duration(service, song_mp3):
     archive = stems_of(post(service, song_mp3))
     assert archive.namelist() == ["drums.mp3", "bass.mp3", "other.mp3", "vocals.mp3"]
-    length = decode(song_mp3).shape[1]
+    length = decoded(song_mp3).shape[1]
     for name in archive.namelist():
-        assert abs(decode(archive.read(name)).shape[1] - length) <= 1152
+        assert abs(decoded(archive.read(name)).shape[1] - length) <= 1152
 
 
 def test_remix_answers_one_audio_file(service, song_mp3):
@@ -123,8 +123,8 @@ def test_remix_answers_one_audio_file(service, song_mp3):
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "audio/mpeg"
     assert 'filename="my song_remix.mp3"' in response.headers["content-disposition"]
-    mixed = decode(response.content)
-    assert abs(mixed.shape[1] - decode(song_mp3).shape[1]) <= 1152 and mixed.abs().max() > 0
+    mixed = decoded(response.content)
+    assert abs(mixed.shape[1] - decoded(song_mp3).shape[1]) <= 1152 and mixed.abs().max() > 0
 
 
 def test_stems_format_answers_one_ni_stems_file(service, song_mp3):
@@ -147,10 +147,10 @@ def test_two_stems(service, song_mp3):
 def test_wav_stems_equal_the_engine(service, song_mp3, tiny_model):
     archive = stems_of(post(service, song_mp3, mp3="false", shifts=2, overlap=0.5))
     assert archive.namelist() == ["drums.wav", "bass.wav", "other.wav", "vocals.wav"]
-    expected = separate(ModelRunner(tiny_model, "cpu"), decode(song_mp3), shifts=2,
+    expected = separate(ModelRunner(tiny_model, "cpu"), decoded(song_mp3), shifts=2,
                         overlap=0.5, seed=0)
     for name, stem in zip(archive.namelist(), expected):
-        got = decode(archive.read(name))
+        got = decoded(archive.read(name))
         assert th.allclose(got, prevent_clip(stem), atol=2 / 2**15, rtol=0), name
 
 
@@ -180,10 +180,10 @@ def test_model_chosen_per_request_equals_the_engine(service, song_mp3, tiny_repo
     assert response.headers["x-model"] == "tiny6s"
     assert archive.namelist() == ["vocals.wav", "guitar.wav"]
     runner = ModelRunner(load_model("tiny6s", tiny_repo), "cpu")
-    expected = separate(runner, decode(song_mp3), shifts=1, overlap=0.25, seed=0)
+    expected = separate(runner, decoded(song_mp3), shifts=1, overlap=0.25, seed=0)
     for name in archive.namelist():
         stem = expected[runner.geometry.sources.index(name[:-4])]
-        got = decode(archive.read(name))
+        got = decoded(archive.read(name))
         assert th.allclose(got, prevent_clip(stem), atol=2 / 2**15, rtol=0), name
     assert len(stems_of(post(service, song_mp3, model="tiny6s")).namelist()) == 6
     assert stems_of(post(service, song_mp3)).namelist()[-1] == "vocals.mp3"
@@ -206,9 +206,9 @@ def test_a_roformer_per_request_beside_demucs_equals_the_engine(service, song_mp
     assert archive.namelist() == ["vocals.wav", "instrumental.wav"]
     assert response.headers["x-model"] == "tinyroformer"
     runner = ModelRunner(load_model("tinyroformer", tiny_repo), "cpu")
-    expected = separate(runner, decode(song_mp3), shifts=1, seed=0)
+    expected = separate(runner, decoded(song_mp3), shifts=1, seed=0)
     for name, stem in zip(archive.namelist(), expected):
-        got = decode(archive.read(name))
+        got = decoded(archive.read(name))
         assert th.allclose(got, prevent_clip(stem), atol=2 / 2**15, rtol=0), name
     refused = post(service, song_mp3, model="tinyroformer", shifts=2)
     assert refused.status_code == 422 and "RoFormer" in refused.json()["detail"]
@@ -220,8 +220,8 @@ def test_stem_subset_of_a_bag_runs_only_its_specialists(service, song_mp3, tiny_
     assert stems_of(vocals).namelist() == ["vocals.wav"]
     assert int(vocals.headers["x-windows"]) * 4 == int(whole.headers["x-windows"])
     # equal but for the last bit (batches of other sizes round differently)
-    assert th.allclose(decode(stems_of(vocals).read("vocals.wav")),
-                       decode(stems_of(whole).read("vocals.wav")), atol=2 / 2**15, rtol=0)
+    assert th.allclose(decoded(stems_of(vocals).read("vocals.wav")),
+                       decoded(stems_of(whole).read("vocals.wav")), atol=2 / 2**15, rtol=0)
 
 
 @pytest.mark.parametrize("model, status, error, words", [
@@ -395,7 +395,7 @@ def loud_song():
 def engine_stems(loud_song, tiny_model):
     """What the engine makes of `loud_song` at shifts=2, overlap=0.5: `{source: [C, T]}`,
     before any clip handling."""
-    stems = separate(ModelRunner(tiny_model, "cpu"), decode(loud_song), shifts=2, overlap=0.5,
+    stems = separate(ModelRunner(tiny_model, "cpu"), decoded(loud_song), shifts=2, overlap=0.5,
                      seed=0)
     assert max(float(stem.abs().max()) for stem in stems) > 1.2  # the clip modes differ
     return dict(zip(["drums", "bass", "other", "vocals"], stems))
@@ -417,7 +417,7 @@ def test_formats_clip_modes_and_stem_subsets(service, loud_song, engine_stems, f
     names = [name for name in engine_stems if name in wanted]
     assert archive.namelist() == [f"{name}.{suffix}" for name in names]
     for name in names:
-        got = decode(archive.read(f"{name}.{suffix}"))
+        got = decoded(archive.read(f"{name}.{suffix}"))
         stem = engine_stems[name]
         expected = {"rescale": prevent_clip(stem), "clamp": stem.clamp(-1, 1), "none": stem}[clip]
         assert th.allclose(got, expected, atol=tolerance, rtol=0), name
@@ -436,7 +436,7 @@ def test_aac_and_opus_stems_over_http(service, loud_song, engine_stems, fmt, bit
     assert archive.namelist() == [f"{name}.{fmt}" for name in engine_stems]
     for name, stem in engine_stems.items():
         data = archive.read(f"{name}.{fmt}")
-        got, expected = decode(data), prevent_clip(stem)
+        got, expected = decoded(data), prevent_clip(stem)
         assert abs(got.shape[-1] - expected.shape[-1]) <= 2048, name
         length = min(got.shape[-1], expected.shape[-1])
         error = float((got[:, :length] - expected[:, :length]).pow(2).mean().sqrt())

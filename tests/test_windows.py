@@ -1,4 +1,5 @@
 """Window planning and overlap-add on their own."""
+import numpy as np
 import pytest
 import torch as th
 
@@ -38,13 +39,18 @@ def test_window_input_zero_pads_outside_the_mix():
 
 def test_windows_normalised_where_cut_equal_the_normalised_mix_cut(tiny_model):
     """Decode only measures the normalisation; each window normalises its own samples: the
-    model sees the very floats Demucs' whole-mix normalisation (then cutting) gives it,
-    zero padding included."""
+    model sees the very floats the whole-mix normalisation (then cutting) gives it, zero
+    padding included. The normalisation is Demucs' to float32's rounding (its sums in
+    float64, Demucs' in float32)."""
     geometry = model_geometry(tiny_model)
+    th.manual_seed(0)
     mix = th.randn(2, 70000) * 0.3 + 0.01
     normalised, mean, std = normalise(mix)
     ref = mix.mean(0)  # Demucs' own arithmetic (demucs.api.Separator.separate_tensor)
-    assert th.equal(normalised, (mix - ref.mean()) / (ref.std() + 1e-8))
+    assert mean == pytest.approx(float(ref.mean()), rel=1e-5, abs=1e-7)
+    assert std == pytest.approx(float(ref.std() + 1e-8), rel=1e-6)
+    demucs = (mix - ref.mean()) / (ref.std() + 1e-8)
+    assert th.allclose(normalised, demucs, rtol=1e-6, atol=1e-6)
     for window in plan_windows(mix.shape[-1], geometry, shifts=2, seed=1).windows:
         assert th.equal(window_input(mix, window, mean, std), window_input(normalised, window))
 
@@ -62,7 +68,7 @@ def test_overlap_add_of_identity_returns_the_mix(tiny_model):
     for window in reversed(plan.windows):  # any order
         piece = center_trim(window_input(mix, window), window.length)
         acc.add(window, piece[None].repeat(4, 1, 1))
-    out = acc.result()
+    out = th.from_numpy(acc.result())
     assert th.allclose(out, mix[None].expand(4, -1, -1), atol=1e-5)
 
 
@@ -72,3 +78,18 @@ def test_bad_plans_are_refused(tiny_model):
         plan_windows(0, geometry)
     with pytest.raises(ValueError):
         plan_windows(100, geometry, overlap=1.0)
+
+
+@pytest.mark.parametrize("length", [10, 343980, 343981, 352800, 485100])
+def test_overlap_add_weights_are_the_references_floats(length):
+    """Overlap-add runs in NumPy: its weights are the very float32 values of `apply_model`'s
+    triangle and of MSST's `_getWindowingArray` (torch.linspace fades), written here as
+    the references write them."""
+    from serve_graph.engine.overlap_add import demix_weight, transition_weight
+    triangle = th.cat([th.arange(1, length // 2 + 1), th.arange(length - length // 2, 0, -1)])
+    assert np.array_equal(transition_weight(length), (triangle / triangle.max()).numpy())
+    fade = max(2, length // 10)
+    reference = th.ones(length)
+    reference[-fade:] = th.linspace(1, 0, fade)
+    reference[:fade] = th.linspace(0, 1, fade)
+    assert np.array_equal(demix_weight(length, fade, False, False), reference.numpy())

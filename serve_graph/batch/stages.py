@@ -13,7 +13,6 @@ A song's error (unreadable, not audio, too long...) becomes its row, with the co
 import logging
 import threading
 import time
-import warnings
 import typing as tp
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,7 +74,7 @@ def decode_song(row: dict, settings: BatchSettings) -> dict:
     try:
         wav = decode(read_song(row["uri"], settings.max_file_bytes), settings.samplerate,
                      settings.channels, settings.max_seconds)
-        out["pcm"] = wav.numpy().tobytes()
+        out["pcm"] = wav.tobytes()
     except Exception as exc:  # noqa: BLE001 - the song's row says why; the batch goes on
         out.update(error_fields(exc, row["uri"]))
     out["decode_seconds"] = time.perf_counter() - start
@@ -170,17 +169,13 @@ class SeparateSongs:
 
     def _songs(self, rows: tp.List[dict], results: tp.List[dict]) -> tp.Dict[int, tp.Any]:
         """The decoded songs of the batch, planned, by their index in it."""
-        import torch as th
-
         from ..engine.pipeline import plan_song
         songs = {}
         for index, (row, result) in enumerate(zip(rows, results)):
             if result["status"] == "failed":
                 continue
-            pcm = np.frombuffer(row["pcm"], dtype=np.float32)  # read-only, never written:
-            with warnings.catch_warnings():  # the mix is only read (windows are cut from it)
-                warnings.simplefilter("ignore", UserWarning)
-                wav = th.from_numpy(pcm.reshape(int(row["channels"]), -1))
+            pcm = np.frombuffer(row["pcm"], dtype=np.float32)  # read-only: only read
+            wav = pcm.reshape(int(row["channels"]), -1)
             try:
                 songs[index] = plan_song(wav, self.runner.geometry, self.options)
             except SeparationError as exc:

@@ -22,7 +22,7 @@ _HOMES = {  # name: the submodule that defines it
     "PRECISIONS": "modes", "ModelRunner": "separator", "default_device": "separator",
     "separate": "separator", "run_windows": "separator",
     "ModelGeometry": "plan", "Plan": "plan", "Window": "plan", "plan_windows": "plan",
-    "OverlapAdd": "windows",
+    "OverlapAdd": "overlap_add",
 }
 
 __all__ = sorted(_HOMES)

@@ -11,7 +11,6 @@ import zlib
 
 import av
 import numpy as np
-import torch as th
 
 from .errors import AudioTooLongError, InvalidAudioError, InvalidParameterError
 
@@ -32,8 +31,8 @@ TRUNCATION_TOLERANCE_S = 0.1  # decoded may fall short of a header's exact lengt
 
 def decode(data: bytes, samplerate: int = 44100, channels: int = 2,
            max_seconds: tp.Optional[float] = None,
-           split: tp.Optional["SplitDecoder"] = None) -> th.Tensor:
-    """Decode `data` (any container/codec FFmpeg reads) to float32 `[channels, T]` at
+           split: tp.Optional["SplitDecoder"] = None) -> np.ndarray:
+    """Decode `data` (any container/codec FFmpeg reads) to a float32 array `[channels, T]` at
     `samplerate` Hz. Mono is duplicated; more than two channels are downmixed by FFmpeg's
     channel-layout rules; other rates are resampled by FFmpeg's resampler while decoding, as
     Demucs' own CLI does (`AudioFile.read(samplerate=...)`; julius is only its fallback):
@@ -50,10 +49,10 @@ def decode(data: bytes, samplerate: int = 44100, channels: int = 2,
     """
     if not data:
         raise InvalidAudioError("the file is empty")
-    wav = th.from_numpy(_decode_at(data, samplerate, max_seconds, split))
+    wav = _decode_at(data, samplerate, max_seconds, split)
     if wav.shape[0] != channels:
-        wav = wav.mean(0, keepdim=True) if channels == 1 else wav[:1].expand(channels, -1)
-    return wav.contiguous()
+        wav = wav.mean(0, keepdims=True) if channels == 1 else np.repeat(wav[:1], channels, 0)
+    return np.ascontiguousarray(wav)
 
 
 def peak(audio: np.ndarray) -> float:
@@ -271,10 +270,10 @@ def output_names(sources: tp.Sequence[str], two_stems: tp.Optional[str] = None,
     return [name for name in sources if subset is None or name in subset]
 
 
-def select_stems(stems: tp.Dict[str, th.Tensor], two_stems: tp.Optional[str] = None,
+def select_stems(stems: tp.Dict[str, np.ndarray], two_stems: tp.Optional[str] = None,
                  subset: tp.Optional[tp.Sequence[str]] = None,
                  remix: tp.Optional[tp.Mapping[str, float]] = None,
-                 master: bool = False) -> tp.Dict[str, th.Tensor]:
+                 master: bool = False) -> tp.Dict[str, np.ndarray]:
     """The stems asked for: all (after their sum as "master", with `master`), the `subset`,
     `{X: stems[X], no_X: sum of the others}` for `two_stems=X`, summed in source order as the
     Demucs CLI does, or `{"remix": ...}` (`mix_stems`)."""
@@ -288,21 +287,22 @@ def select_stems(stems: tp.Dict[str, th.Tensor], two_stems: tp.Optional[str] = N
         raise InvalidParameterError(f"two_stems must be one of {sorted(stems)}, "
                                     f"got {two_stems!r}")
     others = [wav for name, wav in stems.items() if name != two_stems]
-    rest = th.zeros_like(others[0])
+    rest = np.zeros_like(others[0])
     for wav in others:
         rest += wav
     return {two_stems: stems[two_stems], f"no_{two_stems}": rest}
 
 
-def mix_stems(stems: tp.Dict[str, th.Tensor], gains_db: tp.Mapping[str, float]) -> th.Tensor:
+def mix_stems(stems: tp.Dict[str, np.ndarray], gains_db: tp.Mapping[str, float]
+              ) -> np.ndarray:
     """The sum of `stems` (each `[C, T]`, in source order) at `gains_db` (a stem not named:
     0 dB, the stem itself; -inf: left out, so leaving out all is silence). The stems are not
     changed."""
-    mixed = th.zeros_like(next(iter(stems.values())))
+    mixed = np.zeros_like(next(iter(stems.values())))
     for name, wav in stems.items():
         gain = gains_db.get(name, 0.)
         if gain != float("-inf"):
-            mixed += wav if gain == 0 else wav * 10 ** (gain / 20)
+            mixed += wav if gain == 0 else wav * np.float32(10 ** (gain / 20))
     return mixed
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-import torch as th
 
 from . import mp3
 from .audio import peak
@@ -401,21 +400,23 @@ class Inline(Executor):
         return future
 
 
-def planar(wav: th.Tensor) -> np.ndarray:
-    """`[C, T]` float tensor -> `[C, T]` C-contiguous float32 array (no copy when it is one:
-    a stem of the stems `[S, C, T]` is)."""
-    return np.ascontiguousarray(wav.detach().cpu().numpy(), dtype=np.float32)
+def planar(wav: tp.Any) -> np.ndarray:
+    """`[C, T]` float array (or CPU tensor) -> `[C, T]` C-contiguous float32 array (no copy
+    when it is one: a stem of the stems `[S, C, T]` is)."""
+    return np.ascontiguousarray(wav, dtype=np.float32)
 
 
-def prevent_clip(wav: th.Tensor) -> th.Tensor:
-    """Demucs' default clip mode on a whole stem `[C, T]`: rescale when it would clip."""
-    return wav / max(CLIP_HEADROOM * float(wav.abs().max()), 1.)
+def prevent_clip(wav: tp.Any) -> tp.Any:
+    """Demucs' default clip mode on a whole stem `[C, T]` (an array or a tensor, returned as
+    one): rescale when it would clip."""
+    return wav / max(CLIP_HEADROOM * float(abs(wav).max()), 1.)
 
 
-def encode_stem(wav: th.Tensor, samplerate: int, fmt: str = "mp3", bitrate: int = 192,
+def encode_stem(wav: tp.Any, samplerate: int, fmt: str = "mp3", bitrate: int = 192,
                 wav_depth: str = "int16", pool: tp.Optional[Executor] = None,
                 quality: int = mp3.DEFAULT_QUALITY) -> bytes:
-    """Encode a whole stem `[C, T]` in one go, with `prevent_clip`, as a `StemFile` does it
+    """Encode a whole stem `[C, T]` (an array or a CPU tensor) in one go, with
+    `prevent_clip`, as a `StemFile` does it
     stretch by stretch (MP3 chunks on `pool` when given; `quality`: LAME's)."""
     with tempfile.TemporaryDirectory() as spill_dir:
         stem = StemFile(fmt, wav.shape[-1], wav.shape[0], samplerate, pool or Inline(),

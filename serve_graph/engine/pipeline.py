@@ -5,7 +5,8 @@
 3. `SongWriter`: window outputs -> overlap-add -> stems encoded as they become final -> ZIP
    (Encode); a remix or a STEMS file is one file, no ZIP.
 
-`separate_to_zip` runs the three in one process."""
+`separate_to_zip` runs the three in one process. Steps 1 and 3 are NumPy (no torch): the Decode
+and Encode replicas import this module and never torch."""
 import math
 import os
 import tempfile
@@ -13,17 +14,19 @@ import time
 import typing as tp
 from concurrent.futures import Executor, ThreadPoolExecutor
 
-import torch as th
-
 from . import ni_stems
 from .audio import decode, output_names, select_stems, zip_files
 from .errors import InvalidParameterError, OverBudgetError
 from .options import SeparationOptions
 from .output import MAX_PENDING_CHUNKS, EncodeClock, StemFile, planar, spill_dir
-from .separator import ModelRunner, run_plan, timed
-from .split_decode import SplitDecoder
+from .overlap_add import NORMALISED, OverlapAdd, denormalise, normalisation
 from .plan import ModelGeometry, Plan, Song, Window, plan_windows
-from .windows import NORMALISED, OverlapAdd, denormalise, normalisation
+from .split_decode import SplitDecoder
+
+if tp.TYPE_CHECKING:
+    import numpy as np
+
+    from .separator import ModelRunner
 
 def check_budget(plan: Plan, max_windows: tp.Optional[int], geometry: ModelGeometry) -> None:
     """Raise `OverBudgetError`, stating the limit, when `plan` costs more than `max_windows`
@@ -52,7 +55,7 @@ def prepare(data: bytes, geometry: ModelGeometry, options: SeparationOptions,
     return plan_song(wav, geometry, options, max_windows)
 
 
-def plan_song(wav: th.Tensor, geometry: ModelGeometry, options: SeparationOptions,
+def plan_song(wav: "np.ndarray", geometry: ModelGeometry, options: SeparationOptions,
               max_windows: tp.Optional[int] = None) -> Song:
     """A decoded mix `[C, T]` (model rate) -> its normalisation and window plan, within the
     window budget. The mix is normalised window by window, where each is cut
@@ -104,14 +107,14 @@ class SongWriter:
         array used in place: one read from the object store), and every stretch of the stems
         that is final now written."""
         start = time.perf_counter()
-        self._acc.add(window, th.as_tensor(output))
+        self._acc.add(window, output)
         self.windows_added += 1
         stems = self._final_stems()
         self.overlap_add_seconds += time.perf_counter() - start
         for file, audio in zip(self.files.values(), stems):
             file.write(planar(audio))
 
-    def _final_stems(self) -> tp.List[th.Tensor]:
+    def _final_stems(self) -> tp.List["np.ndarray"]:
         """The output stems' next final stretch, `[C, n]` each (none until one is ready)."""
         stretch = self._acc.take(self.TAKE_SAMPLES)
         if stretch is None:
@@ -157,7 +160,7 @@ class SongWriter:
         self._spill.cleanup()
 
 
-def separate_to_zip(data: bytes, runner: ModelRunner, options: SeparationOptions,
+def separate_to_zip(data: bytes, runner: "ModelRunner", options: SeparationOptions,
                     batch_size: int = 1, max_seconds: tp.Optional[float] = None,
                     progress: bool = False,
                     timings: tp.Optional[tp.Dict[str, float]] = None,
@@ -167,6 +170,7 @@ def separate_to_zip(data: bytes, runner: ModelRunner, options: SeparationOptions
     per core) while the model runs. `timings` collects seconds per stage: decode, windows,
     model, overlap_add (with the encoding of WAV/FLAC), finish (waiting for the last MP3
     chunks, joining, ZIP), and the writer's `timings()` as writer_*."""
+    from .separator import run_plan, timed  # the model's side: torch
     geometry = runner.geometry
     options.validate_for(geometry.sources)
     with timed(timings, "decode"):

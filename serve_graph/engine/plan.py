@@ -3,7 +3,7 @@
 `apply_model` recurses (bag of models -> shifts -> split -> one chunk) and runs one chunk at a
 time. Here the same recursion is flattened into a `Plan`: a list of `Window`s, each an independent
 model call, so that windows can be batched together (across songs, too) and their outputs
-overlap-added afterwards in any order (`windows.OverlapAdd`).
+overlap-added afterwards in any order (`overlap_add.OverlapAdd`).
 
 Positions and lengths are in samples. A *pass* is one model of the bag at one shift offset; it
 sees the mix through a *view* (the shifted signal of `apply_model`), which it splits into windows

@@ -8,8 +8,10 @@ import contextlib
 import threading
 import time
 import typing as tp
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch as th
 import tqdm
 from demucs.htdemucs import HTDemucs
@@ -22,9 +24,13 @@ from .forward import (BatchLimit, CudaGraphs, HTDemucsCore, SplitForward,
                       use_half_group_norm, window_memory)
 from .models import Model, model_geometry, sub_models
 from .plan import Plan, Window, in_order, plan_windows
-from .windows import (NORMALISED, OverlapAdd, denormalise, normalise, window_input,
-                      window_output)
+from .overlap_add import NORMALISED, OverlapAdd, denormalise
+from .windows import normalise, window_input, window_output
 
+# A mix read zero-copy from the object store (Separate) or from a batch's rows is a read-only
+# array; the tensor `run_windows` makes of it is only read (windows are cut from it), never
+# written
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 _AUTOCAST_DTYPES = {"bf16": th.bfloat16, "fp16": th.float16}
 DEFAULT_MAX_BATCH = 32
 
@@ -294,4 +300,5 @@ def separate(runner: ModelRunner, wav: th.Tensor, shifts: int = 1,
             if stretch is not None:
                 stretches.append(stretch)
     with timed(timings, "overlap_add"):
-        return denormalise(th.cat(stretches, -1), mean, std)
+        return th.from_numpy(denormalise(np.concatenate(stretches, -1), mean, std,
+                                         in_place=True))

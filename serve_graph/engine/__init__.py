@@ -1,9 +1,11 @@
 """The numeric engine: model loading, window planning, batched model calls, overlap-add and
-audio I/O. Plain functions on tensors; no Ray here (the deployments call into this).
+audio I/O. Plain functions on arrays and tensors; no Ray here (the deployments call into this).
+Only the model's side (`separator`, `windows`, `forward`, `models`) needs torch: decoding, the
+normalisation, overlap-add and the writers are NumPy, so Decode and Encode never import it.
 
 The names below load their module on first use (PEP 562), so that importing one light part
-(`options`, `errors`) does not import torch and Demucs: Serve's build task and the Ingress
-replica need only those, and a cold start pays for each import in every process."""
+(`options`, `errors`) does not import torch and Demucs: the launcher and the Ingress replica
+need only those, and a cold start pays for each import in every process."""
 import importlib
 import typing as tp
 

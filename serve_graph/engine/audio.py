@@ -1,6 +1,6 @@
 """Audio in: decode any format FFmpeg reads; stems chosen for output; ZIP. (Encoding: output.py.)
 
-Audio tensors are float32 `[C, T]`, C channels by T samples, nominal range [-1, 1].
+Audio is float32 arrays `[C, T]`, C channels by T samples, nominal range [-1, 1].
 """
 import io
 import struct

@@ -137,7 +137,7 @@ class Plan:
 
 @dataclass(frozen=True)
 class Song:
-    """A decoded song, ready for its windows: the mix `[C, T]` float32 (a tensor in process; in
+    """A decoded song, ready for its windows: the mix `[C, T]` float32 (an array in process; in
     the service a boxed object-store ref), the window plan and the mix's normalisation (each
     window's input is normalised by it, the stems denormalised), for `model` (its name; None
     in process, where the runner is the model)."""

@@ -28,11 +28,8 @@ def normalisation(wav: tp.Any) -> tp.Tuple[float, float]:
     return float(ref.mean(dtype=np.float64)), float(ref.std(dtype=np.float64, ddof=1) + 1e-8)
 
 
-def denormalise(stems: np.ndarray, mean: float, std: float, in_place: bool = False
-                ) -> np.ndarray:
-    """Undo the normalisation on stems `[S, C, T]` (`in_place`: overwriting them)."""
-    if not in_place:
-        return stems * np.float32(std) + np.float32(mean)
+def denormalise(stems: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """Undo the normalisation on stems `[S, C, T]`, in place (they are returned)."""
     stems *= np.float32(std)
     stems += np.float32(mean)
     return stems
@@ -187,13 +184,13 @@ class OverlapAdd:
         that lie wholly before `end`."""
         delay, blocks = self._delay(index), self._blocks[index]
         out: tp.Optional[np.ndarray] = None
-        for block, span, part in _block_spans(start + delay, end - start):
-            total, weight = blocks[block]
-            if out is None:
-                out = np.empty((*total.shape[:2], end - start), dtype=total.dtype)
-            # divided straight into the output: one pass, where joining then dividing took
-            # two; where every weight is 0 (MSST's fades) 0/0 is NaN, zeroed below
-            with np.errstate(invalid="ignore", divide="ignore"):
+        # divided straight into the output: one pass, where joining then dividing took two;
+        # where every weight is 0 (MSST's fades) 0/0 is NaN, zeroed below
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for block, span, part in _block_spans(start + delay, end - start):
+                total, weight = blocks[block]
+                if out is None:
+                    out = np.empty((*total.shape[:2], end - start), dtype=total.dtype)
                 np.divide(total[..., span], weight[span], out=out[..., part])
         assert out is not None
         if self.plan.fade:  # where every weight is 0 (MSST: nan_to_num)

@@ -14,6 +14,8 @@ import time
 import typing as tp
 from concurrent.futures import Executor, ThreadPoolExecutor
 
+import numpy as np
+
 from . import ni_stems
 from .audio import decode, output_names, select_stems, zip_files
 from .errors import InvalidParameterError, OverBudgetError
@@ -24,8 +26,6 @@ from .plan import ModelGeometry, Plan, Song, Window, plan_windows
 from .split_decode import SplitDecoder
 
 if tp.TYPE_CHECKING:
-    import numpy as np
-
     from .separator import ModelRunner
 
 def check_budget(plan: Plan, max_windows: tp.Optional[int], geometry: ModelGeometry) -> None:
@@ -55,7 +55,7 @@ def prepare(data: bytes, geometry: ModelGeometry, options: SeparationOptions,
     return plan_song(wav, geometry, options, max_windows)
 
 
-def plan_song(wav: "np.ndarray", geometry: ModelGeometry, options: SeparationOptions,
+def plan_song(wav: np.ndarray, geometry: ModelGeometry, options: SeparationOptions,
               max_windows: tp.Optional[int] = None) -> Song:
     """A decoded mix `[C, T]` (model rate) -> its normalisation and window plan, within the
     window budget. The mix is normalised window by window, where each is cut
@@ -114,12 +114,12 @@ class SongWriter:
         for file, audio in zip(self.files.values(), stems):
             file.write(planar(audio))
 
-    def _final_stems(self) -> tp.List["np.ndarray"]:
+    def _final_stems(self) -> tp.List[np.ndarray]:
         """The output stems' next final stretch, `[C, n]` each (none until one is ready)."""
         stretch = self._acc.take(self.TAKE_SAMPLES)
         if stretch is None:
             return []
-        stems = denormalise(stretch, self.song.mean, self.song.std, in_place=True)
+        stems = denormalise(stretch, self.song.mean, self.song.std)
         return list(select_stems(dict(zip(self.song.geometry.sources, stems)),
                                  self.options.two_stems, self.options.stem_list,
                                  self._remix, self._stems_file).values())

@@ -300,5 +300,4 @@ def separate(runner: ModelRunner, wav: th.Tensor, shifts: int = 1,
             if stretch is not None:
                 stretches.append(stretch)
     with timed(timings, "overlap_add"):
-        return th.from_numpy(denormalise(np.concatenate(stretches, -1), mean, std,
-                                         in_place=True))
+        return th.from_numpy(denormalise(np.concatenate(stretches, -1), mean, std))

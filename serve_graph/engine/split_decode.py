@@ -240,9 +240,9 @@ class SplitDecoder:
                 helper.drop_answer()
         return out if written == room else np.ascontiguousarray(out[:, :written])
 
-    def recycle(self, samples) -> None:
-        """`samples` (what `decode` gave, or a tensor on its memory) are put away and read no
-        more: their memory goes to the next song."""
+    def recycle(self, samples: np.ndarray) -> None:
+        """`samples` (what `decode` gave) are put away and read no more: their memory goes to
+        the next song."""
         self._memory.give_back(samples)
 
     def close(self) -> None:
@@ -273,11 +273,9 @@ class _Recycled:
             self._lent[spare.ctypes.data] = spare
         return spare[:size].reshape(channels, samples)
 
-    def give_back(self, samples) -> None:
-        address = (samples.data_ptr() if hasattr(samples, "data_ptr")
-                   else samples.ctypes.data)
+    def give_back(self, samples: np.ndarray) -> None:
         with self._lock:
-            buffer = self._lent.pop(address, None)
+            buffer = self._lent.pop(samples.ctypes.data, None)
             if buffer is not None:
                 self._spare = buffer
 

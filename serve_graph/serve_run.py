@@ -10,6 +10,8 @@
   graph (Ray Serve, FastAPI, this package) once more after Serve is up (~1.5 s of the cold
   start on 2 cores; benchmarks/RESULTS.md). The checks that a missing model or a precision the
   CPU lacks stop the start with one message happen here too, before Ray starts.
+- This process and the Serve processes of its Ray import Ray Serve without pandas, which only
+  Serve's DataFrame encoder would use (`lean_imports`).
 
 A Ray to join (`RAY_ADDRESS`, a cluster), a config of other applications, or an application
 with its own `runtime_env` goes through Ray's `serve run` unchanged.
@@ -85,10 +87,13 @@ def _ray_serve_run(argv: tp.Sequence[str]) -> int:
 def _serve_here(config: dict) -> int:
     """Start Ray (the graph's modules imported meanwhile), Serve with the config's HTTP options,
     the application built here; then serve until SIGINT or SIGTERM, and shut Serve down."""
+    from . import lean_imports
+    lean_imports.refuse()  # before Ray Serve's first import
     import ray  # whole, before a second thread imports what depends on it
     import ray.serve  # noqa: F401
     importing = threading.Thread(target=_import_graph, name="import-graph")
     importing.start()
+    lean_imports.refuse_in_workers()  # of the Ray started next
     start_local_ray()
     importing.join()
     from ray import serve

@@ -103,9 +103,14 @@ def test_stopping_leaves_no_process_behind(tmp_path, tiny_repo, command, sig):
     server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)},
                           tmp_path / "serve.log", start=start)
     started = descendants(server.pid)
-    assert any("raylet" in arg for pid in started for arg in cmdline(pid))
-    if command == "serve run":
-        assert_built_in_the_launcher(tmp_path / "serve.log", started)
+    try:
+        assert any("raylet" in arg for pid in started for arg in cmdline(pid))
+        if command == "serve run":
+            assert_built_in_the_launcher(tmp_path / "serve.log", started)
+            assert_serve_processes_without_pandas([server.pid] + started)
+    except AssertionError:
+        server.kill()  # no service left behind by a failed check
+        raise
     process = server._proc
     process.send_signal(sig)
     process.wait(90)
@@ -122,6 +127,18 @@ def assert_built_in_the_launcher(log, started) -> None:
     assert separate, "no Separate replica"
     with open(f"/proc/{separate[0]}/environ", "rb") as environ:
         assert b"SERVE_GRAPH_PROBE=seen" in environ.read().split(b"\0")
+
+
+def assert_serve_processes_without_pandas(pids) -> None:
+    """The launcher and every Serve process (controller, proxy, replicas; the one with its own
+    runtime_env too) started without pandas (`serve_graph.lean_imports`)."""
+    kinds = ("ServeController", "ProxyActor", "ServeReplica")
+    serve = [pid for pid in pids
+             if pid == pids[0] or any(kind in " ".join(cmdline(pid)) for kind in kinds)]
+    assert len(serve) >= 7, [cmdline(pid) for pid in serve]  # with the proxy and 4 replicas
+    for pid in serve:
+        with open(f"/proc/{pid}/maps") as maps:
+            assert "/pandas/" not in maps.read(), cmdline(pid)
 
 
 def start_in_background_of_a_script(config_path, env, **popen) -> subprocess.Popen:

@@ -2,8 +2,9 @@
 to `GET /readyz` 200, then the first and second 30 s song.
 
 Phases, from the service's own log (timestamps of one machine's clock) and this script's clock:
-launcher (process start -> `serve run` running its config), Ray up, Serve up (controller and
-proxy), app built (Serve's build task imported `serve_graph.app`), each replica ready (its
+launcher (process start -> `serve run` running its config), Ray up, Serve up (its controller;
+before 2026-12-06 with its HTTP proxy), app built (the graph built from the config), the HTTP
+proxy ready (since 2026-12-06 it starts beside the replicas), each replica ready (its
 `__init__` done: `launch.READY`), `/readyz` 200, the first and the second 30 s song to MP3
 stems (their difference is what start-up left to the first request).
 
@@ -36,11 +37,13 @@ from serve_graph.launch import READY
 from serve_graph.procs import stop_tree
 
 STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
-# (phase, what marks its end in the log): the first line containing the text
-LOG_PHASES = (("launcher", "Running config file"),
-              ("Ray up", "Started a local Ray instance"),
-              ("Serve up", "Started Serve in namespace"),
-              ("app built", "Imported and built app"))
+# (phase, what marks its end in the log): the first line containing one of the texts (the
+# code before a change may say it otherwise: `--before`)
+LOG_PHASES = (("launcher", ("Running config file",)),
+              ("Ray up", ("Started a local Ray instance",)),
+              ("Serve up", ("Started Serve in namespace", "Started Serve's controller")),
+              ("app built", ("Imported and built app",)),
+              ("HTTP proxy ready", ("Started Serve in namespace", "HTTP proxy ready")))
 DEPLOYMENTS = ("Ingress", "Decode", "Encode", "Separate")
 
 
@@ -63,8 +66,9 @@ def log_phases(log: str, started: float) -> tp.Dict[str, float]:
     """Seconds from `started` (epoch) to each phase's end in `serve run`'s log."""
     lines = re.sub(r"\x1b\[[0-9;]*m", "", log).splitlines()
     found: tp.Dict[str, float] = {}
-    for phase, marker in LOG_PHASES:
-        moment = next((_stamp(line) for line in lines if marker in line), None)
+    for phase, markers in LOG_PHASES:
+        moment = next((_stamp(line) for line in lines
+                       if any(marker in line for marker in markers)), None)
         if moment is not None:
             found[phase] = moment - started
     for name in DEPLOYMENTS:

@@ -221,3 +221,26 @@ def test_the_launcher_without_the_model_exits_before_starting_ray(tmp_path):
     assert code == 2 and seconds < 30, output
     assert_clear_message(output, missing)
     assert not any("raylet" in " ".join(cmdline(pid)) for pid in seen if alive(pid))
+
+
+def test_the_launcher_with_its_port_taken_exits_naming_it(tmp_path, tiny_repo):
+    """The HTTP proxy starts beside the replicas (`serve_run._start_serve`), so its failure
+    comes after the deploy: still one message naming the address, exit 1, nothing left."""
+    import socket
+    taken = socket.socket()
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config = write_config(tmp_path / "serve_config.yaml", port=port, host="127.0.0.1")
+    try:
+        code, output, seconds, seen = run_watching(
+            [sys.executable, "-m", "serve_graph.serve_run", str(config)], tmp_path,
+            {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)}, timeout=180)
+    finally:
+        taken.close()
+    assert code == 1 and seconds < 170, output[-3000:]
+    assert (f"failed with exception:\nthe HTTP proxy did not start: RuntimeError: Failed to "
+            f"bind to address '127.0.0.1:{port}'") in output
+    assert "Deployed app" not in output
+    assert_all_gone(seen)

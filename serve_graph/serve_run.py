@@ -33,12 +33,22 @@ IMPORT_PATH = "serve_graph.app:build_app"  # the application built in this proce
 # Serve's controller says this when an application cannot be deployed; said here too, so that
 # `launch.deploy_failure` reads both the same way
 DEPLOY_FAILED = "Deploying app '{}' failed with exception:\n{}"
+# The raylet's first connection to its own object store often comes before the store listens
+# (a thread of the same process), and Ray tries again only after 1 s
+# (`raylet_client_connect_timeout_milliseconds`): ~1 s of 7 in 18 local starts measured
+# (benchmarks/RESULTS.md). Tried again every 50 ms instead, 10 s in all as before; Ray's
+# processes read these from the environment they inherit. A value already set is kept.
+RAYLET_CONNECT_RETRY = {"RAY_raylet_client_connect_timeout_milliseconds": "50",
+                        "RAY_raylet_client_num_connect_attempts": "200"}
 
 
 def start_local_ray() -> None:
-    """Start the local Ray `serve run` would start, without the dashboard unless asked."""
+    """Start the local Ray `serve run` would start, without the dashboard unless asked, its
+    processes connecting to each other without Ray's 1 s retry (`RAYLET_CONNECT_RETRY`)."""
     import ray
     from ray.serve._private.constants import SERVE_NAMESPACE
+    for name, value in RAYLET_CONNECT_RETRY.items():
+        os.environ.setdefault(name, value)
     ray.init(namespace=SERVE_NAMESPACE, include_dashboard=os.environ.get(DASHBOARD_ENV) == "1")
 
 

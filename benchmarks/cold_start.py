@@ -13,6 +13,13 @@ stems (their difference is what start-up left to the first request).
     python -m benchmarks.cold_start --before /tmp/before   # a checkout of the code before a
                                                            # change: runs alternate, one table
     python -m benchmarks.cold_start --before . --before-python other/venv/bin/python
+    python -m benchmarks.cold_start --path modal   # as a Modal container starts (below)
+
+`--path modal` starts what a Modal container runs, on this machine's CPUs: `modal_deploy.app`'s
+`start_service` (serve_config.yaml placed by `serve_graph.placement`, the same launcher), then
+its `wait_ready`, whose return is when Modal would route the first request ("Modal ready");
+the launcher's phase then includes importing Modal's client and the app module, as the
+container's own Python does before it.
 """
 import argparse
 import datetime
@@ -43,7 +50,25 @@ LOG_PHASES = (("launcher", ("Running config file",)),
               ("Ray up", ("Started a local Ray instance",)),
               ("Serve up", ("Started Serve in namespace", "Started Serve's controller")),
               ("app built", ("Imported and built app",)),
-              ("HTTP proxy ready", ("Started Serve in namespace", "HTTP proxy ready")))
+              ("HTTP proxy ready", ("Started Serve in namespace", "HTTP proxy ready")),
+              ("Modal ready", ("wait_ready returned",)))
+# what `--path modal` runs: a Modal container's start-up (its `web`), stopped by SIGINT as the
+# local service is; argv: the port
+MODAL_CONTAINER = """\
+import signal, sys, time
+from modal_deploy.app import start_service, wait_ready
+port = int(sys.argv[1])
+service = start_service(port=port, gpus=0)
+try:
+    wait_ready(service, port)
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+    print(f"{stamp},{int(now % 1 * 1000):03d} wait_ready returned", flush=True)
+    service.wait()
+except KeyboardInterrupt:
+    service.send_signal(signal.SIGINT)
+    service.wait(120)
+"""
 DEPLOYMENTS = ("Ingress", "Decode", "Encode", "Separate")
 
 
@@ -90,8 +115,17 @@ def separate_once(url: str, wav: bytes) -> float:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def start_command(path: str, python: str, port: int, repo: Path) -> tp.List[str]:
+    """The command that starts the service by `path` ("serve": `python -m serve_graph serve`,
+    as a user does; "modal": as a Modal container does)."""
+    if path == "modal":
+        return [python, "-c", MODAL_CONTAINER, str(port)]
+    return [python, "-m", "serve_graph", "serve", "--port", str(port), "--model-repo", str(repo)]
+
+
 def one_start(repo: Path, port: int, wavs: tp.Sequence[bytes], timeout: float,
-              tree: Path = ROOT, python: str = sys.executable) -> tp.Dict[str, float]:
+              tree: Path = ROOT, python: str = sys.executable,
+              path: str = "serve") -> tp.Dict[str, float]:
     """One cold start of the code in `tree` (a checkout of this repository: the launcher runs
     there, and it and every Ray process import `serve_graph` from it) with interpreter
     `python`; phases in seconds from the launcher's process start. The two songs `wavs` are
@@ -102,12 +136,14 @@ def one_start(repo: Path, port: int, wavs: tp.Sequence[bytes], timeout: float,
     with log_path.open("w") as log:
         started = time.time()
         process = subprocess.Popen(
-            [python, "-m", "serve_graph", "serve", "--port", str(port),
-             "--model-repo", str(repo)], stdout=log, stderr=subprocess.STDOUT,
+            start_command(path, python, port, repo), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, cwd=tree,
-            env={**os.environ, "PYTHONPATH": str(tree), "RAY_DEDUP_LOGS": "0"})  # every line
+            env={**os.environ, "PYTHONPATH": str(tree), "RAY_DEDUP_LOGS": "0",  # every line
+                 "SERVE_GRAPH_MODEL_REPO": str(repo)})
         try:
             ready = _wait_ready(url, process, started + timeout)
+            if path == "modal":  # its wait_ready polls more slowly than this script
+                _wait_logged(log_path, "wait_ready returned", process, started + timeout)
             figures = {**log_phases(log_path.read_text(errors="replace"), started),
                        "/readyz 200": ready - started}
             figures["first song"] = separate_once(url, wavs[0])
@@ -117,6 +153,13 @@ def one_start(repo: Path, port: int, wavs: tp.Sequence[bytes], timeout: float,
             stop_tree(process, signal.SIGINT)
     figures["stop"] = time.perf_counter() - stopping
     return figures
+
+
+def _wait_logged(log: Path, text: str, process: subprocess.Popen, deadline: float) -> None:
+    while text not in log.read_text(errors="replace"):
+        if process.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"the service did not log {text!r}")
+        time.sleep(0.05)
 
 
 def _wait_ready(url: str, process: subprocess.Popen, deadline: float) -> float:
@@ -144,7 +187,11 @@ def main() -> None:
     parser.add_argument("--before-python", default=sys.executable,
                         help="the interpreter of the before runs (another environment)")
     parser.add_argument("--note", default="", help="what this run measures (e.g. the change)")
+    parser.add_argument("--path", default="serve", choices=["serve", "modal"],
+                        help="started as a user does (python -m serve_graph serve) or as a "
+                             "Modal container does (modal_deploy.app: start_service, wait_ready)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`: the service stopped too
     repo = tiny_repo() if args.size == "tiny" else full_size_repo()
     wavs = []
     for seed in (0, 1):
@@ -156,8 +203,12 @@ def main() -> None:
     runs: tp.Dict[str, tp.List[tp.Dict[str, float]]] = {label: [] for label in trees}
     for _ in range(args.repeats):
         for label, (tree, python) in trees.items():
-            runs[label].append(one_start(repo, args.port, wavs, args.timeout, tree, python))
-    lines = [f"- model: {args.size} htdemucs (random weights); {args.repeats} cold starts "
+            runs[label].append(one_start(repo, args.port, wavs, args.timeout, tree, python,
+                                         args.path))
+    started_by = ("as a Modal container starts it (`modal_deploy.app`: start_service with no "
+                  "GPU, wait_ready)" if args.path == "modal" else "`python -m serve_graph serve`")
+    lines = [f"- started: {started_by}",
+             f"- model: {args.size} htdemucs (random weights); {args.repeats} cold starts "
              f"of each tree, alternating; seconds from the launcher's process start (songs and "
              f"stop: their own duration){'; ' + args.note if args.note else ''}"]
     if args.before:
@@ -165,7 +216,8 @@ def main() -> None:
                      f"`{args.before_python}`; after: `{_commit(ROOT)}` and its working tree "
                      f"with `{sys.executable}`")
     lines += table(runs)
-    append_results(f"Cold start by phase ({args.size} model)", lines)
+    where = ", Modal's path" if args.path == "modal" else ""
+    append_results(f"Cold start by phase ({args.size} model{where})", lines)
 
 
 def _commit(tree: Path) -> str:

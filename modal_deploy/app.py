@@ -157,7 +157,7 @@ def wait_ready(process: subprocess.Popen, port: int = PORT, timeout: float = 300
                 return
         except requests.RequestException:
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)  # polled often: the first request waits for it
     raise RuntimeError(f"the service was not ready within {timeout:.0f} s")
 
 

@@ -15,14 +15,15 @@ from ray import serve
 from . import engine
 from .engine.options import SeparationOptions
 from .engine.plan import ModelGeometry
-from .launch import keep_replica_server_on_loopback, log_replica_ready
+from .launch import SHUTDOWN_POLL_S, keep_replica_server_on_loopback, log_replica_ready
 from .messages import MixRef, Song, release_memory
 from .settings import ServiceSettings
 
 logger = logging.getLogger("ray.serve")
 
 
-@serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25},
+                  graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
 class Decode:
     """Decodes any audio FFmpeg reads to the model's rate and channels, measures how Demucs
     normalises it, plans its windows within the budget and puts the mix in the object store

@@ -23,7 +23,7 @@ from . import engine, metrics
 from .engine.options import SeparationOptions
 from .engine.plan import Window, in_order
 from .jobs import Progress
-from .launch import keep_replica_server_on_loopback, log_replica_ready
+from .launch import SHUTDOWN_POLL_S, keep_replica_server_on_loopback, log_replica_ready
 from .messages import (REPLICA_LOST, MixLostError, ModelHandles, Song, release_memory,
                        retrying)
 from .settings import ServiceSettings
@@ -31,7 +31,8 @@ from .settings import ServiceSettings
 logger = logging.getLogger("ray.serve")
 
 
-@serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
+@serve.deployment(max_ongoing_requests=16, ray_actor_options={"num_cpus": 1},
+                  graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
 class Encode:
     """Owns a song from its decoded mix to its ZIP. It calls Separate once per window, front to
     back, keeping at most `windows_in_flight` of the song's windows queued there (so that

@@ -19,7 +19,7 @@ from .api.replica import configure
 from .api.separation import Separations
 from .job_runner import JobRunner
 from .jobs import job_store
-from .launch import keep_replica_server_on_loopback, log_replica_ready
+from .launch import SHUTDOWN_POLL_S, keep_replica_server_on_loopback, log_replica_ready
 from .messages import ModelHandles
 from .result_cache import ResultCache
 from .settings import ServiceSettings
@@ -39,7 +39,8 @@ def result_cache(settings: ServiceSettings) -> tp.Optional[ResultCache]:
     return ResultCache(folder, int(settings.result_cache_mb * 2**20))
 
 
-@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1})
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1},
+                  graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
 @serve.ingress(app)
 class Ingress(ModelStates, Separations, JobMethods):
     """Validates the request, then drives the graph: Decode once (the mix goes to the object

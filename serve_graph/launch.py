@@ -80,6 +80,13 @@ def keep_replica_server_on_loopback() -> None:
 
 READY = "replica ready"  # the log line benchmarks/cold_start.py times each replica by
 
+# How often a stopping replica looks whether its requests are done (every deployment's
+# `graceful_shutdown_wait_loop_s`). Serve's default, 2 s, is also what an idle replica waits
+# before it stops, and Serve stops the graph's deployments one after another: ~6 s of every
+# service's stop (benchmarks/RESULTS.md). Requests in flight are still waited for, up to
+# `graceful_shutdown_timeout_s`.
+SHUTDOWN_POLL_S = 0.2
+
 
 def log_replica_ready(logger: logging.Logger) -> None:
     """Log, at the end of a deployment's `__init__`, that this replica is ready and how long

@@ -21,7 +21,7 @@ from . import engine, metrics
 from .engine import cpu_settings
 from .engine.errors import ModelMissingError, ModelNotFoundError
 from .engine.model_files import weights_problem
-from .launch import keep_replica_server_on_loopback, log_replica_ready
+from .launch import SHUTDOWN_POLL_S, keep_replica_server_on_loopback, log_replica_ready
 from .messages import MixRef
 from .settings import ServiceSettings
 
@@ -39,7 +39,8 @@ logger = logging.getLogger("ray.serve")
 MODELS_PER_REPLICA = int(os.environ.get("SERVE_GRAPH_MODELS_PER_REPLICA", "3"))
 
 
-@serve.deployment(max_ongoing_requests=256)
+@serve.deployment(max_ongoing_requests=256,
+                  graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
 class Separate:
     """Holds the served models, each loaded once per replica on first use (Ray Serve model
     multiplexing: requests for a model go to the replicas that have it loaded). The default

@@ -3,9 +3,9 @@
 `import ray.serve` imports pandas, and pyarrow through it, only to register a JSON encoder for
 DataFrames, and does without it when the import fails (`ray/serve/_private/utils.py`:
 `try: import pandas ... except ImportError: pd = None`). Nothing this service runs in a Serve
-process uses a DataFrame, yet that import costs 0.25–0.45 CPU-s (by CPU) in each of the seven
-processes that import Serve (the launcher, the controller, the proxy, four replicas; benchmarks/RESULTS.md),
-on a 2-core machine while they all start together.
+process uses a DataFrame, yet that import costs 0.25–0.45 CPU-s (by CPU) in each of the
+seven processes that import Serve (the launcher, the controller, the proxy, four replicas;
+benchmarks/RESULTS.md), on a 2-core machine while they all start together.
 
 `refuse()` makes such an import fail in this process; the launcher calls it before it imports
 Ray Serve, and `refuse_in_workers()` before it starts its local Ray, so that every Ray worker

@@ -37,6 +37,7 @@ from serve_graph.engine import ModelRunner, load_model, make_random_repo, separa
 from serve_graph.engine.forward import BatchLimit
 from serve_graph.engine.output import encode_stem
 from serve_graph.engine.separator import RunnerOptions
+from serve_graph.launch import free_port
 
 STEPS = ("machine", "correctness", "model", "http", "cost", "roformer")
 # what each step must record (the rehearsal test checks every one)
@@ -264,13 +265,6 @@ def service_arguments(args) -> argparse.Namespace:
         encode_replicas=1, cpus_per_replica=1 if gpu else 0.25,
         encode_cpus=12 if gpu else 0.5, encode_threads=14 if gpu else 2,
         windows_in_flight=64 if gpu else 2)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def cost(args, figures: Figures) -> None:

@@ -5,8 +5,10 @@ them runs the same config through the same `build_app`.
 """
 import logging
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import typing as tp
@@ -93,6 +95,28 @@ def log_replica_ready(logger: logging.Logger) -> None:
     after its process started (worker start, imports, model loading): the cold start by
     replica."""
     logger.info("%s, %.2f s after its process started", READY, age(os.getpid()))
+
+
+RAY_WORKER_PORTS_END = 19999  # Ray's workers listen on 10002-19999 by default
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port for a service to be started here (tests, benchmarks): free now, and one nothing
+    takes by chance before the service binds it: above Ray's worker ports and below the
+    kernel's ephemeral range, where every bind to port 0 and the source port of every outgoing
+    connection land (Ray's processes open hundreds while the service starts, and Serve's HTTP
+    proxy binds beside the replicas starting)."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    ephemeral_start = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    for _ in range(100):
+        port = random.randrange(RAY_WORKER_PORTS_END + 1, max(ephemeral_start, 20001))
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def ray_environment(config: tp.Union[str, Path], env: tp.Mapping[str, str]) -> dict:

@@ -1,22 +1,15 @@
 """Start the real service as a process (`serve run <config>`) and wait for it; stop it again."""
 import signal
-import socket
 import subprocess
 import time
 import typing as tp
 from pathlib import Path
 
 import requests
-from serve_graph.launch import deploy_failure, launch
+from serve_graph.launch import deploy_failure, free_port, launch
 from serve_graph.procs import descendants, stop_tree, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServeProcess:

@@ -10,6 +10,7 @@ application deploys and `GET /readyz` reports the missing model.
 """
 import os
 import signal
+import socket
 import sys
 import time
 import typing as tp
@@ -106,6 +107,24 @@ def settings_problem(args: tp.Optional[dict]) -> tp.Optional[str]:
     from .settings import ServiceSettings
     settings = ServiceSettings.from_args(args)
     return precision_message(settings) or model_message(settings)
+
+
+def port_message(http_options: tp.Optional[dict]) -> tp.Optional[str]:
+    """The message to print when the HTTP address the config names (`http_options`, Serve's
+    defaults 127.0.0.1:8000) is taken on this machine, by another service or an earlier start
+    still running; None when it is free. Bound here as Serve's proxy binds it (SO_REUSEADDR), so
+    that a start that cannot serve ends at once instead of once everything else has started."""
+    host = (http_options or {}).get("host") or "127.0.0.1"
+    port = int((http_options or {}).get("port") or 8000)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return (f"\nerror: the service cannot listen on {host}:{port}: {exc.strerror}. "
+                    f"Another service, or this one started earlier, holds it: stop it, or "
+                    f"choose another port (--port, or http_options.port in the config).\n")
+    return None
 
 
 def precision_message(settings: "ServiceSettings") -> tp.Optional[str]:

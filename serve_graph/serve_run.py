@@ -62,8 +62,9 @@ def main(argv: tp.Sequence[str]) -> int:
     _log(f"Running config file: {argv[0]!r}, building the application in this process")
     application = config["applications"][0]
     try:
-        from .preflight import settings_problem  # light: the graph's modules load beside Ray
-        problem = settings_problem(application.get("args"))
+        from .preflight import port_message, settings_problem  # light: the graph's modules
+        problem = (settings_problem(application.get("args"))  # load beside Ray
+                   or port_message(config.get("http_options")))
     except ValueError as exc:  # an arg the service does not know, or a bad value
         _log(DEPLOY_FAILED.format(application["name"], exc))
         return 1

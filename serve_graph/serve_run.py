@@ -45,13 +45,19 @@ RAYLET_CONNECT_RETRY = {"RAY_raylet_client_connect_timeout_milliseconds": "50",
                         "RAY_raylet_client_num_connect_attempts": "200"}
 
 
+def retry_local_connections_quickly() -> None:
+    """Make the Ray this process starts next retry its processes' refused local connections
+    every 50 ms (`RAYLET_CONNECT_RETRY`), unless the environment says otherwise."""
+    for name, value in RAYLET_CONNECT_RETRY.items():
+        os.environ.setdefault(name, value)
+
+
 def start_local_ray() -> None:
     """Start the local Ray `serve run` would start, without the dashboard unless asked, its
     processes connecting to each other without Ray's 1 s retry (`RAYLET_CONNECT_RETRY`)."""
     import ray
     from ray.serve._private.constants import SERVE_NAMESPACE
-    for name, value in RAYLET_CONNECT_RETRY.items():
-        os.environ.setdefault(name, value)
+    retry_local_connections_quickly()
     ray.init(namespace=SERVE_NAMESPACE, include_dashboard=os.environ.get(DASHBOARD_ENV) == "1")
 
 

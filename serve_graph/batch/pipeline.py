@@ -169,7 +169,11 @@ def start_ray() -> None:
     one without the dashboard; Ray Data's own progress bars off (the batch prints its own)."""
     import ray
     import ray.data
+
+    from ..serve_run import retry_local_connections_quickly
     if not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS"):
+            retry_local_connections_quickly()  # ~1 s off some local starts
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
                  logging_level="WARNING")
     context = ray.data.DataContext.get_current()

@@ -52,13 +52,23 @@ def retry_local_connections_quickly() -> None:
         os.environ.setdefault(name, value)
 
 
+def ray_address() -> str:
+    """The Ray to start or join: RAY_ADDRESS's (a cluster; "auto": a Ray already running on
+    this machine), else "local", a new one. A bare `ray.init()` would join the cluster that a
+    `ray start` (or a test's `ray.cluster_utils.Cluster`) on this machine wrote to Ray's
+    `ray_current_cluster` file: someone else's, or one long gone."""
+    return os.environ.get("RAY_ADDRESS") or "local"
+
+
 def start_local_ray() -> None:
-    """Start the local Ray `serve run` would start, without the dashboard unless asked, its
-    processes connecting to each other without Ray's 1 s retry (`RAYLET_CONNECT_RETRY`)."""
+    """Start a new local Ray (`ray_address`), as `serve run` would, without the dashboard
+    unless asked, its processes connecting to each other without Ray's 1 s retry
+    (`RAYLET_CONNECT_RETRY`)."""
     import ray
     from ray.serve._private.constants import SERVE_NAMESPACE
     retry_local_connections_quickly()
-    ray.init(namespace=SERVE_NAMESPACE, include_dashboard=os.environ.get(DASHBOARD_ENV) == "1")
+    ray.init(address=ray_address(), namespace=SERVE_NAMESPACE,
+             include_dashboard=os.environ.get(DASHBOARD_ENV) == "1")
 
 
 def main(argv: tp.Sequence[str]) -> int:

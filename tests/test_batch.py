@@ -5,10 +5,13 @@ runs only the unfinished songs and rewrites nothing; `--retry-failed` reruns onl
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import typing as tp
 import zipfile
 from pathlib import Path
 
@@ -36,15 +39,21 @@ def flags(options: dict) -> list:
 
 
 def batch(source: Path, output: Path, repo: Path, *extra: str, wait: bool = True,
-          timeout: float = 240):
+          timeout: float = 240, env: tp.Optional[dict] = None):
     """`python -m serve_graph batch` (its exit code and stderr), or the process itself."""
     command = [sys.executable, "-m", "serve_graph", "batch", str(source), str(output),
                "--model-repo", str(repo), *flags(OPTIONS), *extra]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env=env)
     if not wait:
         return process
-    _, err = process.communicate(timeout=timeout)
+    try:
+        _, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # its session: the driver and its Ray
+        _, err = process.communicate()
+        pytest.fail(f"the batch did not end in {timeout} s: {err[-3000:]}")
     return process.returncode, err
 
 
@@ -82,10 +91,31 @@ def songs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first_run(songs, tmp_path_factory, tiny_repo):
+def ray_tmpdir():
+    """A RAY_TMPDIR (short: Ray's socket paths are limited) whose `ray_current_cluster` names
+    a cluster long gone, as a `ray start` or a test's cluster on this machine leaves it: a
+    bare `ray.init()` would try to join it."""
+    folder = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
+    (folder / "ray").mkdir()
+    (folder / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def first_run(songs, tmp_path_factory, tiny_repo, ray_tmpdir):
     output = tmp_path_factory.mktemp("batch_out") / "stems"
-    code, err = batch(songs, output, tiny_repo, "--max-audio-seconds", "10")
+    code, err = batch(songs, output, tiny_repo, "--max-audio-seconds", "10",
+                      env={**os.environ, "RAY_TMPDIR": str(ray_tmpdir)})
     return code, err, output
+
+
+def test_the_batch_starts_its_own_ray_beside_a_stale_cluster_file(first_run, ray_tmpdir):
+    """Without RAY_ADDRESS the batch starts a new local Ray: the cluster named in
+    `ray_current_cluster` (gone) is not joined."""
+    code, err, output = first_run
+    assert "3 separated, 4 failed" in err, err
+    assert list((ray_tmpdir / "ray").glob("session_*")), "no Ray of its own was started"
 
 
 def test_stems_equal_those_of_separate(first_run, songs, tiny_repo, tmp_path):

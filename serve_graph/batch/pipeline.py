@@ -165,17 +165,17 @@ def run(job: BatchJob, geometry: tp.Tuple[int, int],
 
 
 def start_ray() -> None:
-    """This process's Ray: the cluster at RAY_ADDRESS (`ray job submit` sets it), else a local
-    one without the dashboard; Ray Data's own progress bars off (the batch prints its own)."""
+    """This process's Ray: the cluster at RAY_ADDRESS (`ray job submit` sets it), else a new
+    local one without the dashboard (`serve_run.ray_address`); Ray Data's own progress bars
+    off (the batch prints its own)."""
     import ray
     import ray.data
 
-    from ..serve_run import retry_local_connections_quickly
+    from ..serve_run import ray_address, retry_local_connections_quickly
     if not ray.is_initialized():
         if not os.environ.get("RAY_ADDRESS"):
             retry_local_connections_quickly()  # ~1 s off some local starts
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-                 logging_level="WARNING")
+        ray.init(address=ray_address(), include_dashboard=False, logging_level="WARNING")
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False

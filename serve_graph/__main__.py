@@ -153,6 +153,8 @@ def _batch_parser(sub) -> None:
                    help=f"local model repo folder (env {REPO_ENV})")
     p.add_argument("--device", help="cpu or cuda (default: cuda if this machine has one)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--group-norm", default="fp32", choices=GROUP_NORMS,
+                   help="half: with bf16/fp16, GroupNorm keeps half-precision activations")
     p.add_argument("--batch-size", type=int, help="windows per forward pass (default: "
                    f"{BATCH_WINDOWS['cuda']} on CUDA, {BATCH_WINDOWS['cpu']} on CPU, as "
                    "`separate`: larger CPU batches only cost memory)")
@@ -202,7 +204,8 @@ def run_batch(args) -> int:
                        args.precision, max(1, batch_size), max(1, args.songs_per_call),
                        args.actors, max(1, args.calls_per_actor), args.decoders,
                        max(1, args.encode_threads), args.max_audio_seconds, args.max_file_mb,
-                       args.retry_failed, args.actor_resource, args.decode_resource)
+                       args.retry_failed, args.actor_resource, args.decode_resource,
+                       group_norm=args.group_norm)
         progress, manifest, rows = run(job, geometry)
     except REFUSED as exc:
         print(_refusal(exc, options.model), file=sys.stderr)

@@ -196,3 +196,24 @@ def test_model_actors_start_with_the_cpu_settings_of_separates_replicas():
     shipped = separate["ray_actor_options"]["runtime_env"]["env_vars"]
     assert {name: env[name] for name in shipped} == shipped  # the tunables, OpenMP's wait
     assert actor_env(BatchJob("in", "out", options, device="cuda")) == {}
+
+
+def test_the_model_busy_share_after_the_first_song_leaves_out_the_start(monkeypatch):
+    from serve_graph.batch import progress
+    clock = [0.]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    runs = progress.Progress(total=5, skipped=0, out=io.StringIO())
+    clock[0] = 10.
+    runs.pipeline_started(actors=1)  # Ray's start: 10 s
+    clock[0] = 11.
+    runs.song({"status": "failed", "model_seconds": None})  # did not decode: no model time
+    clock[0] = 20.  # the actor loaded its model, then separated the first song in 2 s
+    runs.song({"status": "done", "audio_seconds": 60., "model_seconds": 2., "finished_at": 119.})
+    assert runs.model_busy == pytest.approx(2 / 10)
+    assert runs.model_busy_after_first_song is None  # one song: no time after it yet
+    clock[0] = 30.  # two songs ended 10 s after it by the actor's clock, their rows came late
+    runs.song({"status": "done", "audio_seconds": 60., "model_seconds": 7., "finished_at": 127.})
+    runs.song({"status": "done", "audio_seconds": 60., "model_seconds": 2., "finished_at": 129.})
+    assert runs.model_busy == pytest.approx(11 / 20)
+    assert runs.model_busy_after_first_song == pytest.approx(9 / 10)
+    assert runs.record()["model_busy_after_first_song"] == pytest.approx(9 / 10)

@@ -35,7 +35,8 @@ class BatchJob:
     - `actors`: model actors (default: one per GPU on CUDA, else 1); `songs_per_call`: decoded
       songs each actor call takes (their windows share forwards); `calls_per_actor`: calls
       an actor runs at once (one's overlap-add and encoding beside the other's forwards);
-      `batch_size`: windows per forward; `decoders`: decode tasks at once (None: Ray Data's choice);
+      `batch_size`: windows per forward; `group_norm`: GroupNorm's precision, as
+      `RunnerOptions`; `decoders`: decode tasks at once (None: Ray Data's choice);
     - `retry_failed`: run again the songs whose record says failed;
     - `actor_resource`, `decode_resource`: custom Ray resources (of the nodes that have them:
       `ray start --resources`) that place the model actors and the decode tasks (None: any
@@ -58,6 +59,7 @@ class BatchJob:
     retry_failed: bool = False
     actor_resource: tp.Optional[str] = None
     decode_resource: tp.Optional[str] = None
+    group_norm: str = "fp32"
 
     @property
     def cuda(self) -> bool:
@@ -79,7 +81,7 @@ def to_run(songs: tp.Sequence[SongRef], records: tp.Dict[str, dict],
 def settings_for(job: BatchJob, samplerate: int, channels: int) -> BatchSettings:
     return BatchSettings(job.output, job.options.model, job.model_repo, samplerate, channels,
                          job.max_seconds, int(job.max_file_mb * 2**20), job.device,
-                         job.precision, job.batch_size, job.encode_threads)
+                         job.precision, job.batch_size, job.encode_threads, job.group_norm)
 
 
 def actor_count(job: BatchJob, resources: tp.Dict[str, float]) -> int:

@@ -30,6 +30,10 @@ class Progress:
         self.setup_seconds: tp.Optional[float] = None  # until the pipeline could start
         self.actors = 0
         self.model_seconds = 0.  # the model actors' forwards, all songs
+        # the first separated song's end (its actor's clock) and the model seconds after it,
+        # the last song's end: `model_busy_after_first_song`
+        self._first_end: tp.Optional[float] = None
+        self._last_end, self._model_after_first = 0., 0.
         self._printed = 0.
 
     @property
@@ -49,10 +53,22 @@ class Progress:
         seconds = time.monotonic() - self.start - self.setup_seconds
         return self.model_seconds / (self.actors * seconds) if seconds > 0 else None
 
+    @property
+    def model_busy_after_first_song(self) -> tp.Optional[float]:
+        """The same share from the first separated song's end to the last's, by the actors'
+        clocks (the songs' `finished_at`; a row's `model_seconds` are its actor's forwards
+        since its previous song ended): what a long run tends to, without the actors' start
+        (the model's loading, CUDA's) and the pipeline's filling (0-1; None until a second
+        song was separated)."""
+        if self._first_end is None or not self.actors or self._last_end <= self._first_end:
+            return None
+        return self._model_after_first / (self.actors * (self._last_end - self._first_end))
+
     def song(self, row: dict) -> None:
         """One song's row came back; prints a line when `every_s` has passed since the last."""
         self.model_seconds += float(row.get("model_seconds") or 0.)
         if row["status"] == "done":
+            self._ended(float(row["finished_at"]), float(row.get("model_seconds") or 0.))
             self.done += 1
             self.audio_seconds += float(row["audio_seconds"] or 0.)
         else:
@@ -61,6 +77,14 @@ class Progress:
         if now - self._printed >= self.every_s or self.done + self.failed == self.to_run:
             self._printed = now
             print(self.line(), file=self.out, flush=True)
+
+    def _ended(self, finished_at: float, model_seconds: float) -> None:
+        """A separated song's end, by its actor's clock, and the forwards that led to it."""
+        if self._first_end is None:
+            self._first_end = self._last_end = finished_at
+        elif finished_at > self._first_end:
+            self._model_after_first += model_seconds
+            self._last_end = max(self._last_end, finished_at)
 
     def line(self) -> str:
         elapsed = time.monotonic() - self.start
@@ -89,10 +113,12 @@ class Progress:
     def record(self) -> dict:
         """This run as `_batch/runs/` keeps it: seconds from its start, of which Ray's start
         and what came before it (`setup_seconds`: None when nothing was left to run), the
-        model's forward seconds and its busy share of the pipeline's time per actor."""
+        model's forward seconds and its busy share of the pipeline's time per actor (and of
+        the time from the first song's end to the last's)."""
         return {"started_at": self.started_at, "seconds": time.monotonic() - self.start,
                 "setup_seconds": self.setup_seconds, "actors": self.actors,
                 "model_seconds": self.model_seconds, "model_busy": self.model_busy,
+                "model_busy_after_first_song": self.model_busy_after_first_song,
                 "songs": self.total,
                 "done_before": self.skipped, "separated": self.done, "failed": self.failed,
                 "audio_seconds": self.audio_seconds}

@@ -53,6 +53,7 @@ class BatchSettings:
     precision: str = "fp32"
     batch_size: int = 8  # windows per forward
     encode_threads: int = 2
+    group_norm: str = "fp32"  # "half": bf16/fp16 GroupNorm activations (RunnerOptions)
 
 
 def error_fields(exc: Exception, uri: str) -> dict:
@@ -113,7 +114,8 @@ class SeparateSongs:
         self.options = SeparationOptions(**options)
         self.runner = ModelRunner(load_model(settings.model, settings.model_repo),
                                   options=RunnerOptions(settings.device, settings.precision,
-                                                        max_batch=settings.batch_size))
+                                                        max_batch=settings.batch_size,
+                                                        group_norm=settings.group_norm))
         self.pool = ThreadPoolExecutor(settings.encode_threads)
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="write")  # files, then record
         self._counting, self._counted = threading.Lock(), 0.  # `_model_seconds`

@@ -10,8 +10,10 @@ the CPU engine; the out-of-memory back-off under a too-large batch, its log kept
 the compiled inner network with its compile time and its start from the cache; residuals vs
 fp32), `http` (the service: the cold start to /readyz, one 216 s song to 4 MP3 stems and to
 WAV with Server-Timing, 16 concurrent songs to WAV), `cost` (per song, from the GPU-seconds
-and encode CPU-seconds measured, at the prices in `PRICES`), `roformer` (a batch of full-size
-BS-RoFormer and Mel-Band RoFormer windows, bf16, with the TFLOP/s they reach).
+and encode CPU-seconds measured, at the prices in `PRICES`), `batch` (issue #25: `python -m
+serve_graph batch` over 216 s songs to FLAC with the placement rules' options: the model's busy
+share of the pipeline), `roformer` (a batch of full-size BS-RoFormer and Mel-Band RoFormer
+windows, bf16, with the TFLOP/s they reach).
 
 `--rehearsal` runs every step on this machine's CPU with the tiny model, a short song and
 small batches (tests/test_gpu_rehearsal.py): the same code, so a script error is found here.
@@ -21,12 +23,15 @@ import contextlib
 import json
 import os
 import platform
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import typing as tp
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch as th
@@ -39,7 +44,7 @@ from serve_graph.engine.output import encode_stem
 from serve_graph.engine.separator import RunnerOptions
 from serve_graph.launch import free_port
 
-STEPS = ("machine", "correctness", "model", "http", "cost", "roformer")
+STEPS = ("machine", "correctness", "model", "http", "cost", "batch", "roformer")
 # what each step must record (the rehearsal test checks every one)
 EXPECTED = {
     "machine": ["gpu", "torch", "cuda", "cpu_cores"],
@@ -47,6 +52,7 @@ EXPECTED = {
     "model": ["ms_per_window", "residual_db", "compile_seconds", "cached_start_seconds"],
     "http": ["cold_start_s", "one_song_mp3_s", "one_song_wav_s", "concurrent_wav_x_real_time"],
     "cost": ["usd_per_song_wav", "usd_per_song_mp3"],
+    "batch": ["batch_model_busy", "batch_model_busy_after_first_song", "batch_x_real_time"],
     "roformer": ["roformer_ms_per_window"],
 }
 # Modal's per-second prices (USD), as published: B200 $6.25/h (blaxel.ai's Modal guide, 2026),
@@ -66,11 +72,13 @@ class Profile(tp.NamedTuple):
     concurrency: int
     compile_backend: str
     repeats: int
+    batch_songs: int  # the batch step's
 
 
-GPU = Profile("cuda", 216., 10., (16, 32, 64), ("fp16", "bf16"), 16, "inductor", 3)
+GPU = Profile("cuda", 216., 10., (16, 32, 64), ("fp16", "bf16"), 16, "inductor", 3, 32)
 # fp32 only: this CPU may have no fast bf16/fp16 (the steps' code is the same)
-REHEARSAL = Profile("cpu", 4., 2., (2,), ("fp32",), 2, "eager", 1)
+REHEARSAL = Profile("cpu", 4., 2., (2,), ("fp32",), 2, "eager", 1, 3)
+DISTINCT_SONGS = 4  # the http and batch steps cycle this many songs (the result cache is off)
 
 
 class Figures:
@@ -236,8 +244,7 @@ def http(args, figures: Figures) -> None:
     figures.record("cold_start_s", round(time.perf_counter() - service.launched_at, 2), "s",
                    what="launch -> /readyz 200", model=str(service.model_repo))
     try:
-        songs = [encode_stem(song(profile.song_seconds, seed=i), 44100, "mp3", 192)
-                 for i in range(profile.concurrency)]
+        songs = songs_as(profile, "mp3", profile.concurrency)
         for name, fields in (("mp3", {"mp3_bitrate": "192"}), ("wav", {"mp3": "false"})):
             timed_post(url, songs[0], fields)  # warm
             seconds, timing = timed_post(url, songs[0], fields)
@@ -250,6 +257,15 @@ def http(args, figures: Figures) -> None:
                        p50_s=round(statistics.median(latencies), 2))
     finally:
         stop_service(process)
+
+
+def songs_as(profile: Profile, fmt: str, count: int) -> tp.List[bytes]:
+    """`count` songs of the profile's length in `fmt` (MP3 192 kbps), `DISTINCT_SONGS` of them
+    cycled, encoded on every core (LAME takes ~4 CPU-s per 216 s song)."""
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        distinct = [encode_stem(song(profile.song_seconds, seed=index), 44100, fmt, 192,
+                                pool=pool) for index in range(min(count, DISTINCT_SONGS))]
+    return [distinct[index % len(distinct)] for index in range(count)]
 
 
 def service_arguments(args) -> argparse.Namespace:
@@ -273,9 +289,11 @@ def cost(args, figures: Figures) -> None:
     measured = {row["name"]: row for row in figures.read() if row["step"] == "http"}
     concurrent = measured["concurrent_wav_x_real_time"]
     gpu_seconds = concurrent["wall_s"] / concurrent["songs"]
-    start = time.process_time()
-    for index in range(4):
-        encode_stem(song(args.profile.song_seconds, seed=10 + index), 44100, "mp3", 192)
+    stem = song(args.profile.song_seconds, seed=10)
+    start = time.process_time()  # all threads' CPU time: the 4 stems encoded on every core
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for _ in range(4):
+            encode_stem(stem, 44100, "mp3", 192, pool=pool)
     mp3_cpu = time.process_time() - start
     gpu_price = PRICES["gpu_b200"]
     wav = gpu_seconds * gpu_price
@@ -283,6 +301,43 @@ def cost(args, figures: Figures) -> None:
                    prices=PRICES, goal="<= 0.001")
     figures.record("usd_per_song_mp3", round(wav + mp3_cpu * PRICES["cpu_core"], 6), "USD",
                    mp3_cpu_seconds=round(mp3_cpu, 2))
+
+
+def batch(args, figures: Figures) -> None:
+    """Batch mode (issue #25) as a catalogue runs it: FLAC songs in a folder, FLAC stems out,
+    the options `placement.batch_arguments` gives this machine with the http step's precision
+    and batch; the model's busy share of the pipeline (from Ray up, the actor's start
+    included) and from the first song's end on, and x real time."""
+    from benchmarks.batch import timed_process
+    from serve_graph.batch.output import BatchOutput
+    from serve_graph.placement import NodeShape, batch_arguments
+    profile, service = args.profile, service_arguments(args)
+    folder = Path(tempfile.mkdtemp(prefix="gpu_batch_"))  # RESULTS_DIR holds figures and logs
+    (folder / "songs").mkdir()
+    for index, data in enumerate(songs_as(profile, "flac", profile.batch_songs)):
+        (folder / "songs" / f"song{index:03d}.flac").write_bytes(data)
+    shape = NodeShape(gpus=service.gpus, cpus=os.cpu_count() or 1)
+    options = [*batch_arguments(shape), "--precision", service.precision, "--group-norm",
+               service.group_norm, "--batch-size", str(service.max_batch_size)]
+    wall, _, err = timed_process([sys.executable, "-m", "serve_graph", "batch",
+                                  str(folder / "songs"), str(folder / "out"), "--model-repo",
+                                  service.model_repo, "--format", "flac", *options])
+    print(err[-2000:], flush=True)
+    run, = BatchOutput(str(folder / "out")).runs()
+    pipeline = run["seconds"] - run["setup_seconds"]
+    figures.record("batch_model_busy", rounded(run["model_busy"]), goal=">= 0.9",
+                   pipeline_s=round(pipeline, 2), model_s=round(run["model_seconds"], 2),
+                   options=" ".join(options))
+    figures.record("batch_model_busy_after_first_song",
+                   rounded(run["model_busy_after_first_song"]), goal=">= 0.9")
+    figures.record("batch_x_real_time", round(run["audio_seconds"] / pipeline, 1), "x",
+                   songs=run["separated"], audio_s=run["audio_seconds"],
+                   whole_command_s=round(wall, 2), ray_start_s=round(run["setup_seconds"], 2))
+    shutil.rmtree(folder, ignore_errors=True)  # GBs of stems
+
+
+def rounded(share: tp.Optional[float]) -> tp.Optional[float]:
+    return None if share is None else round(share, 3)
 
 
 def roformer(args, figures: Figures) -> None:
@@ -321,7 +376,24 @@ def parse(argv: tp.Optional[tp.Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def stop_on_sigterm() -> None:
+    """At a step's limit `timeout` sends SIGTERM: SIGKILL every process the step started (a
+    service, a batch, their Ray; on the GPU box they would keep the GPU and the cores the
+    next steps measure on), then exit 143. Figures are on disk already (`Figures.record`)."""
+    from serve_graph.procs import descendants
+
+    def stop(signum, _frame):
+        for pid in descendants(os.getpid()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        print(f"stopped by signal {signum}: the processes this step started are killed",
+              file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
+    stop_on_sigterm()
     args = parse(argv)
     if not args.rehearsal and not th.cuda.is_available():
         sys.exit("the GPU run needs a CUDA GPU (--rehearsal runs it on the CPU)")

@@ -17,8 +17,8 @@ shift
 mkdir -p "$results"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-# step and its timeout in seconds: 15 + 75 + 200 + 160 + 20 + 60 = 530 s, under 9 minutes
-steps=("machine 15" "correctness 75" "model 200" "http 160" "cost 20" "roformer 60")
+# step and its timeout in seconds: 15 + 60 + 195 + 150 + 15 + 60 + 40 = 535 s, under 9 minutes
+steps=("machine 15" "correctness 60" "model 195" "http 150" "cost 15" "batch 60" "roformer 40")
 unfinished=0
 for entry in "${steps[@]}"; do
     read -r step limit <<< "$entry"

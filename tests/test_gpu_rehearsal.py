@@ -2,11 +2,15 @@
 model, a short song and small batches: every step runs the GPU run's own code to the end and
 writes each of its figures, so the command that gets the GPU's few minutes holds no script
 error."""
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
+from serve_graph.procs import descendants, wait_gone
 from serve_process import ROOT
 
 sys.path.insert(0, str(ROOT))
@@ -31,3 +35,28 @@ def test_the_gpu_run_rehearsal_writes_every_figure(tmp_path):
     assert "batches now hold at most" in (results / "oom.log").read_text()
     assert value["cold_start_s"] > 0 and value["concurrent_wav_x_real_time"] > 0
     assert 0 < value["usd_per_song_wav"] <= value["usd_per_song_mp3"]
+
+
+def test_a_rehearsal_step_stopped_at_its_limit_leaves_no_process_behind(tmp_path):
+    """`timeout`'s SIGTERM in the middle of the http step, its service up: the service and
+    its Ray go with the step (on the GPU box they would hold the GPU for the next steps)."""
+    results = tmp_path / "results"
+    step = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_run", "http", "--results",
+                             str(results), "--rehearsal"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    figures = results / "figures.jsonl"
+    deadline = time.monotonic() + 180
+    while not (figures.is_file() and "cold_start_s" in figures.read_text()):
+        assert step.poll() is None and time.monotonic() < deadline, step.stderr.read()
+        time.sleep(0.5)
+    started = descendants(step.pid)
+    assert started, "the step started no service"
+    try:
+        step.send_signal(signal.SIGTERM)
+        _, err = step.communicate(timeout=30)
+        assert step.returncode == 128 + signal.SIGTERM, err[-2000:]
+        assert wait_gone(started, 10.) == [], "left running after the step was stopped"
+    finally:  # this test's own cleanup, whatever the step did
+        for pid in wait_gone(started, 0.):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -98,6 +98,10 @@ def rss(sampler: RssSampler) -> str:
     return f"peak RSS driver {sampler.driver:.0f} MB, largest worker {sampler.worker:.0f} MB"
 
 
+def share(value: tp.Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--songs", type=int, default=20)
@@ -145,7 +149,9 @@ def main() -> None:
                  f"songs/call {args.songs_per_call}, calls/actor {args.calls_per_actor}, "
                  f"windows/forward {args.batch_size}; {rss(sampler)}"),
              row("batch, its pipeline (from Ray up)", pipeline,
-                 f"the same run; model busy {run['model_busy']:.0%} of it"),
+                 f"the same run; model busy {run['model_busy']:.0%} of it, "
+                 f"{share(run.get('model_busy_after_first_song'))} from the first song's end "
+                 f"to the last's"),
              row(f"HTTP service, {args.clients} clients (started beforehand)", http_wall,
                  f"shipped serve_config.yaml; stems saved to disk; p50 latency "
                  f"{latencies[len(latencies) // 2]:.1f} s"),

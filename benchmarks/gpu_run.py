@@ -120,6 +120,20 @@ def machine(args, figures: Figures) -> None:
     figures.record("torch", th.__version__)
     figures.record("cuda", th.version.cuda or "none")
     figures.record("cpu_cores", os.cpu_count(), platform.processor() or platform.machine())
+    figures.record("image_packages", {name: package_version(name) for name in IMAGE_PACKAGES})
+
+
+# what the offline bundle leaves to the image (no room in the 64 MiB carried: pyarrow and
+# pandas are ~40 MB packed) and the batch step needs: Ray Data's blocks and the manifest
+IMAGE_PACKAGES = ("pyarrow", "pandas")
+
+
+def package_version(name: str) -> tp.Optional[str]:
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def correctness(args, figures: Figures) -> None:
@@ -308,6 +322,11 @@ def batch(args, figures: Figures) -> None:
     the options `placement.batch_arguments` gives this machine with the http step's precision
     and batch; the model's busy share of the pipeline (from Ray up, the actor's start
     included) and from the first song's end on, and x real time."""
+    missing = [name for name in IMAGE_PACKAGES if package_version(name) is None]
+    if missing:  # at once, not after the songs are written: the next step gets the time
+        figures.record("batch_skipped", f"this image has no {', '.join(missing)} (Ray Data "
+                       "needs them; the offline bundle has no room for them)")
+        sys.exit(3)
     from benchmarks.batch import timed_process
     from serve_graph.batch.output import BatchOutput
     from serve_graph.placement import NodeShape, batch_arguments

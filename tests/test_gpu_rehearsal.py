@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from serve_graph.procs import descendants, wait_gone
 from serve_process import ROOT
 
@@ -60,3 +62,24 @@ def test_a_rehearsal_step_stopped_at_its_limit_leaves_no_process_behind(tmp_path
         for pid in wait_gone(started, 0.):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_batch_step_without_pyarrow_in_the_image_says_so_at_once(tmp_path, monkeypatch):
+    """The offline bundle leaves pyarrow and pandas to the GPU image: without them the batch
+    step records why and ends before writing any song, leaving its time to the next step."""
+    from benchmarks import gpu_run
+    from importlib import metadata
+    real = metadata.version
+
+    def version(name):
+        if name == "pyarrow":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+    monkeypatch.setattr(metadata, "version", version)
+    args = gpu_run.parse(["batch", "--results", str(tmp_path / "results"), "--rehearsal"])
+    figures = gpu_run.Figures(args.results, "batch")
+    with pytest.raises(SystemExit) as stopped:
+        gpu_run.batch(args, figures)
+    assert stopped.value.code == 3
+    skipped, = figures.read()
+    assert skipped["name"] == "batch_skipped" and "pyarrow" in skipped["value"]

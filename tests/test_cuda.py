@@ -53,6 +53,16 @@ def test_lower_precisions_give_the_same_separation(full_model, mix, cpu_referenc
     assert th.isfinite(stems).all() and residual <= bound
 
 
+@pytest.mark.parametrize("timed", [False, True])
+def test_cudnn_benchmark_follows_the_option_and_keeps_fp32_parity(full_model, mix,
+                                                                  cpu_reference, timed):
+    """serve_config.yaml's `cudnn_benchmark`: cuDNN's timed kernels or its heuristics; fp32
+    parity either way (TF32 stays off)."""
+    stems, _ = cuda_stems(full_model, mix, precision="fp32", cudnn_benchmark=timed)
+    assert th.backends.cudnn.benchmark is timed
+    assert residual_db(stems, cpu_reference).max() <= -80
+
+
 def test_cuda_graphs_replay_the_eager_forward(full_model, mix):
     eager, _ = cuda_stems(full_model, mix, precision="fp32")
     graphed, runner = cuda_stems(full_model, mix, precision="fp32", compile="graphs",

@@ -141,3 +141,26 @@ def test_runner_survives_out_of_memory_with_the_same_stems(tiny_model):
     stems = separate(runner, MIX, batch_size=8)
     assert th.equal(stems, reference)
     assert runner.batch_limit() == 2 and max(allocator.sizes) > 2  # it did run out first
+
+
+def test_the_configs_gpu_levers_reach_the_model_runner(monkeypatch):
+    """serve_config.yaml's GPU levers (precision, compile, group_norm, cudnn_benchmark) are
+    what Separate's runner gets; each can be switched there."""
+    from pathlib import Path
+
+    import yaml
+
+    from serve_graph.settings import MODEL_ENV, REPO_ENV, ServiceSettings
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+    monkeypatch.delenv(REPO_ENV, raising=False)
+    config = yaml.safe_load((Path(__file__).parents[1] / "serve_config.yaml").read_text())
+    args = config["applications"][0]["args"]
+    shipped = ServiceSettings.from_args(args).runner_options()
+    levers = ("precision", "compile", "group_norm", "cudnn_benchmark")
+    assert {name: getattr(shipped, name) for name in levers} == {
+        name: args[name] for name in levers}
+    switched = ServiceSettings.from_args({**args, "precision": "bf16", "compile": "compile",
+                                          "group_norm": "half", "cudnn_benchmark": False})
+    options = switched.runner_options()
+    assert (options.precision, options.compile, options.group_norm,
+            options.cudnn_benchmark) == ("bf16", "compile", "half", False)

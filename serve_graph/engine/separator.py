@@ -55,6 +55,9 @@ class RunnerOptions:
     - `compile_backend`: `torch.compile`'s backend (tests use "eager").
     - `group_norm`: "fp32" (autocast upcasts GroupNorm's input, as PyTorch does) or "half"
       (`forward.HalfGroupNorm`: bf16/fp16 activations, fp32 statistics; fp32 unchanged).
+    - `cudnn_benchmark`: on CUDA, cuDNN times its algorithms for each new convolution shape
+      and keeps the fastest (a few shapes here: one window length, the batch buckets);
+      False: its heuristics' choice, no timing at the first forwards of each shape.
     """
     device: tp.Optional[str] = None
     precision: str = "fp32"
@@ -63,6 +66,7 @@ class RunnerOptions:
     memory_fraction: float = 0.85
     compile_backend: str = "inductor"
     group_norm: str = "fp32"
+    cudnn_benchmark: bool = True
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -112,7 +116,8 @@ class ModelRunner:
             tf32 = self.precision == "tf32"  # fp32 means fp32: cuDNN would use TF32 by default
             th.backends.cuda.matmul.allow_tf32 = tf32
             th.backends.cudnn.allow_tf32 = tf32
-            th.backends.cudnn.benchmark = True  # one window shape: pick the fastest kernels
+            # one window shape: cuDNN's fastest kernels for it, timed at the first forwards
+            th.backends.cudnn.benchmark = self.options.cudnn_benchmark
 
     def _autocast(self) -> tp.ContextManager:
         if self.precision in _AUTOCAST_DTYPES:

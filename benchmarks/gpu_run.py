@@ -399,12 +399,10 @@ def stop_on_sigterm() -> None:
     """At a step's limit `timeout` sends SIGTERM: SIGKILL every process the step started (a
     service, a batch, their Ray; on the GPU box they would keep the GPU and the cores the
     next steps measure on), then exit 143. Figures are on disk already (`Figures.record`)."""
-    from serve_graph.procs import descendants
+    from serve_graph.procs import descendants, kill_all
 
     def stop(signum, _frame):
-        for pid in descendants(os.getpid()):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(descendants(os.getpid()))
         print(f"stopped by signal {signum}: the processes this step started are killed",
               file=sys.stderr, flush=True)
         os._exit(128 + signum)

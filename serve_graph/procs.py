@@ -104,6 +104,15 @@ def wait_gone(pids: tp.Iterable[int], timeout: float) -> tp.List[int]:
     return left
 
 
+def kill_all(pids: tp.Iterable[int]) -> None:
+    """SIGKILL each of `pids`, by PID; one already gone is skipped."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def stop_tree(process: subprocess.Popen, sig: int = signal.SIGINT, grace: float = 60.,
               linger: float = 10.) -> tp.Optional[int]:
     """Send `sig` to `process`, wait `grace` s for it to exit, then `linger` s for the processes
@@ -116,9 +125,5 @@ def stop_tree(process: subprocess.Popen, sig: int = signal.SIGINT, grace: float 
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    for pid in wait_gone(tree, linger):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_all(wait_gone(tree, linger))
     return process.returncode

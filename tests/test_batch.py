@@ -23,7 +23,7 @@ import soundfile
 
 from audio_files import encode, tone
 from serve_graph.batch.output import BatchOutput
-from serve_graph.procs import descendants, wait_gone
+from serve_graph.procs import descendants, kill_all, wait_gone
 from serve_process import tiny_service
 
 pytestmark = pytest.mark.serve
@@ -210,8 +210,7 @@ def test_a_killed_run_started_again_runs_only_the_unfinished(tmp_path, tiny_repo
     started = descendants(process.pid)
     os.kill(process.pid, signal.SIGKILL)
     process.communicate()
-    for pid in wait_gone(started, 20.):  # its Ray, should any of it outlive the driver
-        os.kill(pid, signal.SIGKILL)
+    kill_all(wait_gone(started, 20.))  # its Ray, should any of it outlive the driver
     committed = [json.loads(path.read_text())["song_id"] for path in rows_folder.iterdir()]
     assert 0 < len(committed) < len(ids), "the run was not killed midway"
     before = file_states(output, committed)

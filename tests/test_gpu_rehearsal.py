@@ -2,7 +2,6 @@
 model, a short song and small batches: every step runs the GPU run's own code to the end and
 writes each of its figures, so the command that gets the GPU's few minutes holds no script
 error."""
-import contextlib
 import json
 import os
 import signal
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from serve_graph.procs import descendants, wait_gone
+from serve_graph.procs import descendants, kill_all, wait_gone
 from serve_process import ROOT
 
 sys.path.insert(0, str(ROOT))
@@ -59,9 +58,7 @@ def test_a_rehearsal_step_stopped_at_its_limit_leaves_no_process_behind(tmp_path
         assert step.returncode == 128 + signal.SIGTERM, err[-2000:]
         assert wait_gone(started, 10.) == [], "left running after the step was stopped"
     finally:  # this test's own cleanup, whatever the step did
-        for pid in wait_gone(started, 0.):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(wait_gone(started, 0.))
 
 
 def test_the_batch_step_without_pyarrow_in_the_image_says_so_at_once(tmp_path, monkeypatch):

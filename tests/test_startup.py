@@ -1,7 +1,6 @@
 """A newcomer's first run: a missing model ends `serve run` and `python -m serve_graph serve` at
 once with one clear message; Ctrl-C and SIGTERM leave no process behind; GET /, /healthz and
 /readyz tell liveness from readiness while the model is missing, then loaded."""
-import contextlib
 import io
 import os
 import signal
@@ -16,7 +15,7 @@ import requests
 from audio_files import encode, tone
 from serve_graph.engine import make_random_repo
 from serve_graph.launch import launch, write_config
-from serve_graph.procs import alive, cmdline, descendants, wait_gone
+from serve_graph.procs import alive, cmdline, descendants, kill_all, wait_gone
 from serve_process import ServeProcess, free_port
 
 pytestmark = pytest.mark.serve
@@ -166,9 +165,7 @@ def test_a_script_s_background_service_stops_on_sigterm_within_15_s(tmp_path, ti
     left = wait_gone(started + [server.pid], 15.)
     seconds = time.monotonic() - start
     server.stop()
-    for pid in wait_gone(started, 0.):  # orphans, if the stop failed: by PID, not by tree
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    kill_all(wait_gone(started, 0.))  # orphans, if the stop failed: by PID, not by tree
     assert not left, f"still running {seconds:.1f} s after SIGTERM: " + "; ".join(
         f"{pid} {' '.join(cmdline(pid))[:80]}" for pid in left)
     assert server._proc.returncode == 0

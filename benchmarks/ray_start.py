@@ -1,6 +1,7 @@
-"""A local Ray's start alone (`ray.init` without the dashboard, as the launcher and `batch`
-start it), with Ray's default 1 s retry of a refused local connection and with the 50 ms retry
-of `serve_graph.serve_run.RAYLET_CONNECT_RETRY`; runs alternate, each in a fresh process.
+"""A new local Ray's start alone (`ray.init` without the dashboard, as the launcher and
+`batch` start it: `serve_run.init_ray`), with Ray's default 1 s retry of a refused local
+connection and with the 50 ms retry of `serve_graph.serve_run.RAYLET_CONNECT_RETRY`; runs
+alternate, each in a fresh process.
 
     python -m benchmarks.ray_start --repeats 6
 """
@@ -18,7 +19,7 @@ ONE_START = """\
 import time
 import ray
 start = time.perf_counter()
-ray.init(include_dashboard=False, logging_level="WARNING")
+ray.init(address="local", include_dashboard=False, logging_level="WARNING")
 print(f"SECONDS {time.perf_counter() - start:.3f}", flush=True)
 ray.shutdown()
 """

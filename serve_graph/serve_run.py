@@ -60,15 +60,21 @@ def ray_address() -> str:
     return os.environ.get("RAY_ADDRESS") or "local"
 
 
-def start_local_ray() -> None:
-    """Start a new local Ray (`ray_address`), as `serve run` would, without the dashboard
-    unless asked, its processes connecting to each other without Ray's 1 s retry
-    (`RAYLET_CONNECT_RETRY`)."""
+def init_ray(**options) -> None:
+    """`ray.init` at `ray_address`: a new local Ray, its processes connecting to each other
+    without Ray's 1 s retry (`RAYLET_CONNECT_RETRY`), unless RAY_ADDRESS names one to join.
+    `options`: `ray.init`'s others. The launcher's and the batch's Ray."""
     import ray
+    if ray_address() == "local":
+        retry_local_connections_quickly()
+    ray.init(address=ray_address(), **options)
+
+
+def start_local_ray() -> None:
+    """Start a new local Ray (`init_ray`), as `serve run` would, without the dashboard unless
+    asked."""
     from ray.serve._private.constants import SERVE_NAMESPACE
-    retry_local_connections_quickly()
-    ray.init(address=ray_address(), namespace=SERVE_NAMESPACE,
-             include_dashboard=os.environ.get(DASHBOARD_ENV) == "1")
+    init_ray(namespace=SERVE_NAMESPACE, include_dashboard=os.environ.get(DASHBOARD_ENV) == "1")
 
 
 def main(argv: tp.Sequence[str]) -> int:

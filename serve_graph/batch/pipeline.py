@@ -12,7 +12,6 @@ whole dataset before the first group came out), so memory is bounded by the song
 not by the catalogue. A song's record is committed by its actor after its files: a run that is
 killed and started again runs only what has no record (`--retry-failed`: and what failed).
 """
-import os
 import typing as tp
 from dataclasses import dataclass
 
@@ -168,16 +167,14 @@ def run(job: BatchJob, geometry: tp.Tuple[int, int],
 
 def start_ray() -> None:
     """This process's Ray: the cluster at RAY_ADDRESS (`ray job submit` sets it), else a new
-    local one without the dashboard (`serve_run.ray_address`); Ray Data's own progress bars
-    off (the batch prints its own)."""
+    local one without the dashboard (`serve_run.init_ray`); Ray Data's own progress bars off
+    (the batch prints its own)."""
     import ray
     import ray.data
 
-    from ..serve_run import ray_address, retry_local_connections_quickly
+    from ..serve_run import init_ray
     if not ray.is_initialized():
-        if not os.environ.get("RAY_ADDRESS"):
-            retry_local_connections_quickly()  # ~1 s off some local starts
-        ray.init(address=ray_address(), include_dashboard=False, logging_level="WARNING")
+        init_ray(include_dashboard=False, logging_level="WARNING")
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False

@@ -331,18 +331,22 @@ def batch(args, figures: Figures) -> None:
     from serve_graph.batch.output import BatchOutput
     from serve_graph.placement import NodeShape, batch_arguments
     profile, service = args.profile, service_arguments(args)
-    folder = Path(tempfile.mkdtemp(prefix="gpu_batch_"))  # RESULTS_DIR holds figures and logs
-    (folder / "songs").mkdir()
-    for index, data in enumerate(songs_as(profile, "flac", profile.batch_songs)):
-        (folder / "songs" / f"song{index:03d}.flac").write_bytes(data)
     shape = NodeShape(gpus=service.gpus, cpus=os.cpu_count() or 1)
     options = [*batch_arguments(shape), "--precision", service.precision, "--group-norm",
                service.group_norm, "--batch-size", str(service.max_batch_size)]
-    wall, _, err = timed_process([sys.executable, "-m", "serve_graph", "batch",
-                                  str(folder / "songs"), str(folder / "out"), "--model-repo",
-                                  service.model_repo, "--format", "flac", *options])
-    print(err[-2000:], flush=True)
-    run, = BatchOutput(str(folder / "out")).runs()
+    folder = Path(tempfile.mkdtemp(prefix="gpu_batch_"))  # RESULTS_DIR holds figures and logs
+    try:  # GBs of songs and stems, also when the batch fails
+        (folder / "songs").mkdir()
+        for index, data in enumerate(songs_as(profile, "flac", profile.batch_songs)):
+            (folder / "songs" / f"song{index:03d}.flac").write_bytes(data)
+        wall, _, err = timed_process([sys.executable, "-m", "serve_graph", "batch",
+                                      str(folder / "songs"), str(folder / "out"),
+                                      "--model-repo", service.model_repo, "--format", "flac",
+                                      *options])
+        print(err[-2000:], flush=True)
+        run, = BatchOutput(str(folder / "out")).runs()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     pipeline = run["seconds"] - run["setup_seconds"]
     figures.record("batch_model_busy", rounded(run["model_busy"]), goal=">= 0.9",
                    pipeline_s=round(pipeline, 2), model_s=round(run["model_seconds"], 2),
@@ -352,7 +356,6 @@ def batch(args, figures: Figures) -> None:
     figures.record("batch_x_real_time", round(run["audio_seconds"] / pipeline, 1), "x",
                    songs=run["separated"], audio_s=run["audio_seconds"],
                    whole_command_s=round(wall, 2), ray_start_s=round(run["setup_seconds"], 2))
-    shutil.rmtree(folder, ignore_errors=True)  # GBs of stems
 
 
 def rounded(share: tp.Optional[float]) -> tp.Optional[float]:

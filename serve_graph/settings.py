@@ -83,6 +83,9 @@ class ServiceSettings:
         if not MP3_QUALITIES[0] <= self.mp3_quality <= MP3_QUALITIES[1]:
             raise ValueError(f"mp3_quality must be in {MP3_QUALITIES[0]}..{MP3_QUALITIES[1]}, "
                              f"got {self.mp3_quality}")
+        if not isinstance(self.cudnn_benchmark, bool):  # YAML's true/false, not "yes"
+            raise ValueError(f"cudnn_benchmark must be true or false, got "
+                             f"{self.cudnn_benchmark!r}")
 
     @classmethod
     def from_args(cls, args: tp.Optional[dict] = None) -> "ServiceSettings":

@@ -164,3 +164,5 @@ def test_the_configs_gpu_levers_reach_the_model_runner(monkeypatch):
     options = switched.runner_options()
     assert (options.precision, options.compile, options.group_norm,
             options.cudnn_benchmark) == ("bf16", "compile", "half", False)
+    with pytest.raises(ValueError, match="cudnn_benchmark must be true or false"):
+        ServiceSettings.from_args({**args, "cudnn_benchmark": "yes"})

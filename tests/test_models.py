@@ -125,3 +125,25 @@ def test_the_model_code_does_not_import_torch_dynamo():
     found = heavy_modules_loaded(
         {"model code": "serve_graph.engine.separator,serve_graph.engine.pipeline"})
     assert "torch" in found["model code"] and "torch._dynamo" not in found["model code"]
+
+
+def test_the_simulated_accelerator_stand_in_keeps_its_wait_and_waits_without_a_core(tmp_path):
+    """`StandInModel(seconds_per_window=...)` (benchmarks/batch_busy.py): saved and loaded
+    through Demucs' path with its wait; a forward is the mix times the gains, after waiting
+    that long per window with the core free (as a thread waits for a GPU)."""
+    import time
+
+    import torch as th
+
+    from serve_graph.engine.models import StandInModel, save_bag, save_checkpoint
+    save_checkpoint(StandInModel(seconds_per_window=0.05), tmp_path, "simulated")
+    save_bag(tmp_path, "htdemucs", ["simulated"], None, None)
+    model = load_model("htdemucs", tmp_path).models[0]
+    assert isinstance(model, StandInModel) and model.seconds_per_window == 0.05
+    mix = th.randn(3, 2, 1000)
+    wall, cpu = time.perf_counter(), time.process_time()
+    with th.inference_mode():
+        out = model(mix)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert th.equal(out, mix[:, None] * model.gains[None, :, None, None])
+    assert wall >= 0.15 and cpu < 0.1

@@ -7,6 +7,7 @@ the file and where to put it, since this may run where nothing can be downloaded
 """
 import hashlib
 import io
+import time
 import typing as tp
 from fractions import Fraction
 from pathlib import Path
@@ -61,20 +62,30 @@ class StandInModel(th.nn.Module):
     """htdemucs' interface and exact window geometry (7.8 s windows of a fixed input length,
     four sources, 44.1 kHz stereo) with a forward that costs almost nothing: each source is the
     mix times a gain. For benchmarks of everything but the model (`make-repo --size standin`).
+
+    `seconds_per_window` > 0 makes it a simulated accelerator: each forward also waits that
+    long per window without using a core (the GIL released, as a CPU thread waits for a GPU's
+    kernels), so that a pipeline can be shown to keep a model of a GPU's speed busy on a box
+    without one (`benchmarks/batch_busy.py`).
     """
 
     def __init__(self, sources: tp.Sequence[str] = tuple(SOURCES), audio_channels: int = 2,
-                 samplerate: int = 44100, segment: Fraction = Fraction(39, 5)):
+                 samplerate: int = 44100, segment: Fraction = Fraction(39, 5),
+                 seconds_per_window: float = 0.):
         super().__init__()
         self.sources, self.audio_channels = list(sources), audio_channels
         self.samplerate, self.segment = samplerate, segment
+        self.seconds_per_window = seconds_per_window
         self.use_train_segment = True  # every window padded to the segment, as HTDemucs does
         self.gains = th.nn.Parameter(th.linspace(0.1, 0.4, len(self.sources)))
         self._init_args_kwargs = ((), dict(sources=list(sources), audio_channels=audio_channels,
-                                           samplerate=samplerate, segment=segment))
+                                           samplerate=samplerate, segment=segment,
+                                           seconds_per_window=seconds_per_window))
 
     def forward(self, mix: th.Tensor) -> th.Tensor:
         """`[B, C, L]` -> `[B, S, C, L]`."""
+        if self.seconds_per_window:
+            time.sleep(self.seconds_per_window * mix.shape[0])
         return mix[:, None] * self.gains[None, :, None, None]
 
 

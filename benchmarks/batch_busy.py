@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.batch import timed_process
-from benchmarks.common import CACHE, append_results, cpu_flags, song
+from benchmarks.common import CACHE, append_results, song
 from serve_graph.batch.output import BatchOutput
 from serve_graph.engine.models import StandInModel, save_bag, save_checkpoint
 from serve_graph.engine.output import encode_stem
@@ -93,8 +93,7 @@ def main() -> None:
         print(ms, json.dumps(run), flush=True)
     reference = runs[0.]
     cpu_per_song = (reference["seconds"] - reference["setup_seconds"]) / args.songs
-    lines = [f"- CPU flags: {cpu_flags()}",
-             f"- {args.songs} FLAC songs of {args.seconds:g} s ({audio:.0f} s), FLAC stems out; "
+    lines = [f"- {args.songs} FLAC songs of {args.seconds:g} s ({audio:.0f} s), FLAC stems out; "
              f"windows/forward {args.batch_size}, songs/call {args.songs_per_call}, the "
              f"defaults otherwise (1 model actor, 2 calls at once); the model: the stand-in "
              f"waiting the given time per window without using a core",

@@ -1,6 +1,7 @@
 """The batch mode's parts without Ray: INPUT resolved to songs (folder, glob, list, manifest),
 windows batched across songs, and several songs separated at once equal to each one alone."""
 import io
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -118,6 +119,58 @@ def test_roformer_songs_separated_together_equal_each_alone(tiny_repo):
     runner = ModelRunner(load_model("tinyroformer", tiny_repo))
     options = SeparationOptions(model="tinyroformer", format="wav", wav_depth="float32")
     assert_together_equals_alone(runner, options, [2.5, 0.7, 4.0])
+
+
+class Recorded:
+    """Stands in for `ModelRunner` (its forwards timed) and wraps `SongWriter.add` (timed and
+    slowed down, or failing at its `fail_at`-th call)."""
+
+    def __init__(self, runner, add, fail_at=None):
+        self.runner, self.add, self.fail_at = runner, add, fail_at
+        self.forwards, self.adds = [], []
+
+    def __call__(self, *args):
+        self.forwards.append(time.monotonic())
+        return self.runner(*args)
+
+    def slow_add(self, writer, *args):
+        start = time.monotonic()
+        if len(self.adds) == self.fail_at:
+            raise OSError("disk gone")
+        time.sleep(0.05)
+        self.add(writer, *args)
+        self.adds.append((start, time.monotonic()))
+
+
+def test_the_model_runs_the_next_forward_while_the_last_outputs_are_added(
+        runner, monkeypatch):
+    """The actor's loop overlap-adds on a thread of its own: the forward after a batch starts
+    before that batch's windows are all added (a slowed `SongWriter.add`)."""
+    from serve_graph.engine.pipeline import SongWriter
+    recorded = Recorded(runner, SongWriter.add)
+    monkeypatch.setattr(SongWriter, "add", lambda writer, *args: recorded.slow_add(writer, *args))
+    options = SeparationOptions(model="htdemucs", format="flac")
+    songs = planned(runner, options, [3.0, 2.0])
+    with ThreadPoolExecutor(2) as pool:
+        assert sorted(dict(separate_songs(recorded, songs, options, pool, 2, 2))) == [0, 1]
+    first_added = recorded.adds[1][1]  # the first batch: 2 windows
+    assert len(recorded.forwards) >= 3 and recorded.forwards[1] < first_added
+
+
+def test_a_failing_add_fails_the_call_and_leaves_no_spill_files(runner, monkeypatch, tmp_path):
+    """An error while adding a batch (a full disk) comes out of `separate_songs`; the songs'
+    spill files are removed, those of the song being written too."""
+    from serve_graph.engine import output
+    from serve_graph.engine.pipeline import SongWriter
+    monkeypatch.setattr(output, "SPILL_ROOT", tmp_path)
+    recorded = Recorded(runner, SongWriter.add, fail_at=3)
+    monkeypatch.setattr(SongWriter, "add", lambda writer, *args: recorded.slow_add(writer, *args))
+    options = SeparationOptions(model="htdemucs", format="wav")
+    songs = planned(runner, options, [3.0, 2.0])
+    with ThreadPoolExecutor(2) as pool, pytest.raises(OSError, match="disk gone"):
+        list(separate_songs(recorded, songs, options, pool, 2, 2))
+    assert len(recorded.adds) == 3
+    assert [path for path in tmp_path.rglob("*") if path.is_file()] == []
 
 
 def assert_together_equals_alone(runner, options, lengths):

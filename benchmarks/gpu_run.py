@@ -124,7 +124,8 @@ def machine(args, figures: Figures) -> None:
 
 
 # what the offline bundle leaves to the image (no room in the 64 MiB carried: pyarrow and
-# pandas are ~40 MB packed) and the batch step needs: Ray Data's blocks and the manifest
+# pandas are ~40 MB packed) and the batch step needs: Ray Data's blocks and the manifest. The
+# device library's KINDS.md lists both in the H100/H200 image (as read on 2026-11-17)
 IMAGE_PACKAGES = ("pyarrow", "pandas")
 
 

@@ -198,6 +198,8 @@ def test_overlap_maps_to_num_overlap_and_shifts_are_refused(tmp_path):
     options = SeparationOptions(shifts=2)
     with pytest.raises(InvalidParameterError, match="a RoFormer model takes shifts 0 or 1"):
         plan_song(th.zeros(2, 44100), geometry, options)
+    with pytest.raises(InvalidParameterError, match="takes shifts 0 or 1"):  # the library's
+        separate(ModelRunner(load_model("model", tmp_path)), th.zeros(2, 44100), shifts=2)
 
 
 @pytest.mark.parametrize("family", ["bs_roformer", "mel_band_roformer"])

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import ni_stems
 from .audio import decode, output_names, select_stems, zip_files
-from .errors import InvalidParameterError, OverBudgetError
+from .errors import OverBudgetError
 from .options import SeparationOptions
 from .output import MAX_PENDING_CHUNKS, EncodeClock, StemFile, planar, spill_dir
 from .overlap_add import NORMALISED, OverlapAdd, denormalise, normalisation
@@ -61,9 +61,6 @@ def plan_song(wav: np.ndarray, geometry: ModelGeometry, options: SeparationOptio
     window budget. The mix is normalised window by window, where each is cut
     (`window_input`): one pass over the song less here. A stem subset plans only the bag's
     sub-models that weigh on those stems (`ModelGeometry.models_for`)."""
-    if geometry.family == "roformer" and options.shifts > 1:
-        raise InvalidParameterError("shifts is Demucs' option: a RoFormer model takes shifts "
-                                    "0 or 1 (none), as MSST's inference does")
     mean, std = normalisation(wav) if geometry.normalises else NORMALISED
     plan = plan_windows(wav.shape[-1], geometry, options.shifts, options.overlap, options.seed,
                         models=geometry.models_for(options.stem_list))

@@ -15,6 +15,8 @@ import random
 import typing as tp
 from dataclasses import dataclass
 
+from .errors import InvalidParameterError
+
 MAX_SHIFT_SECONDS = 0.5
 
 
@@ -177,6 +179,9 @@ def plan_windows(length: int, geometry: ModelGeometry, shifts: int = 1,
     if length <= 0:
         raise ValueError("cannot separate an empty signal")
     if geometry.family == "roformer":
+        if shifts > 1:  # not ignored: a caller asking for them would get one pass unawares
+            raise InvalidParameterError("shifts is Demucs' option: a RoFormer model takes "
+                                        "shifts 0 or 1 (none), as MSST's inference does")
         return plan_demix(length, geometry, num_overlap_for(overlap, geometry))
     overlap = DEMUCS_OVERLAP if overlap is None else overlap
     if not 0 <= overlap < 1:

@@ -270,3 +270,49 @@ def test_the_model_busy_share_after_the_first_song_leaves_out_the_start(monkeypa
     assert runs.model_busy == pytest.approx(11 / 20)
     assert runs.model_busy_after_first_song == pytest.approx(9 / 10)
     assert runs.record()["model_busy_after_first_song"] == pytest.approx(9 / 10)
+
+
+def test_records_on_an_object_store_are_read_many_at_once(tmp_path):
+    """OUTPUT on an asynchronous fsspec filesystem (s3fs and gcsfs are; here fsspec's own
+    wrapper of the local disk, each read taking 20 ms as a request does): a rerun reads the
+    songs' records many at a time, not one request after the other; the runs' records too."""
+    import asyncio
+    import types
+
+    import fsspec
+    from fsspec.asyn import AsyncFileSystem
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    from serve_graph.batch.output import BatchOutput
+
+    class SlowStore(AsyncFileSystemWrapper):
+        """The wrapper's methods run the local disk's on threads; `cat` of many paths is
+        fsspec's asynchronous one (as s3fs has it), over a `cat_file` that waits first."""
+        protocol = "slowstore"
+        in_flight = most = 0
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(fsspec.filesystem("file"), *args, **kwargs)
+            self._cat = types.MethodType(AsyncFileSystem._cat, self)
+            self._read_file, self._cat_file = self._cat_file, self._slow_cat_file
+
+        async def _slow_cat_file(self, path, *args, **kwargs):
+            SlowStore.in_flight += 1
+            SlowStore.most = max(SlowStore.most, SlowStore.in_flight)
+            try:
+                await asyncio.sleep(0.02)
+                return await self._read_file(path, *args, **kwargs)
+            finally:
+                SlowStore.in_flight -= 1
+
+    fsspec.register_implementation("slowstore", SlowStore, clobber=True)
+    output = BatchOutput(f"file://{tmp_path}")
+    output.start({"options": {}})
+    for index in range(40):
+        output.record({"song_id": f"album/{index}", "status": "done"})
+    output.record_run({"started_at": 1.0})
+    output.record_run({"started_at": 2.0})
+    store = BatchOutput(f"slowstore://{tmp_path}")
+    assert sorted(store.records()) == sorted(f"album/{index}" for index in range(40))
+    assert SlowStore.most >= 8
+    assert [run["started_at"] for run in store.runs()] == [1.0, 2.0]

@@ -81,15 +81,25 @@ class BatchOutput:
     def records(self) -> tp.Dict[str, dict]:
         """Every committed row, by song id."""
         rows = {}
-        paths = self.fs.find(f"{self.state}/rows") if self.fs.exists(
-            f"{self.state}/rows") else []
-        for path in paths:
+        for data in self._read_all(f"{self.state}/rows").values():
             try:
-                row = json.loads(self.fs.cat_file(path))
-            except (ValueError, FileNotFoundError):
+                row = json.loads(data)
+            except ValueError:
                 continue  # not a record of ours
             rows[row["song_id"]] = row
         return rows
+
+    def _read_all(self, folder: str) -> tp.Dict[str, bytes]:
+        """Every file under `folder` by path (none when it does not exist; a file gone
+        meanwhile left out), read at once: on an object store (s3fs, gcsfs: fsspec's
+        asynchronous filesystems) a million records are a million requests, which one after
+        the other would take hours before a rerun could start."""
+        paths = self.fs.find(folder) if self.fs.exists(folder) else []
+        read = self.fs.cat(paths, on_error="return") if paths else {}
+        for error in read.values():
+            if isinstance(error, Exception) and not isinstance(error, FileNotFoundError):
+                raise error
+        return {path: data for path, data in read.items() if isinstance(data, bytes)}
 
     def record_run(self, run: dict) -> None:
         """One run's record (`Progress.record`), by its start time."""
@@ -98,9 +108,8 @@ class BatchOutput:
 
     def runs(self) -> tp.List[dict]:
         """Every run's record, the first run's first."""
-        folder = f"{self.state}/runs"
-        paths = sorted(self.fs.find(folder)) if self.fs.exists(folder) else []
-        return [json.loads(self.fs.cat_file(path)) for path in paths]
+        runs = self._read_all(f"{self.state}/runs")
+        return [json.loads(runs[path]) for path in sorted(runs)]
 
     def write_manifest(self, rows: tp.Sequence[dict]) -> str:
         """`OUTPUT/manifest.parquet` from `rows` (sorted by song id); its URL."""

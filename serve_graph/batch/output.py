@@ -22,6 +22,7 @@ import fsspec
 from .songs import STATE_FOLDER, BatchInputError
 
 MANIFEST = "manifest.parquet"
+READ_AT_ONCE = 10_000  # records per fsspec call (in flight on an object store: up to 1280)
 # the manifest's columns, in order: what a row of a song holds (`BatchOutput.record`)
 COLUMNS = ("song_id", "uri", "status", "error", "status_code", "detail", "model",
            "audio_seconds", "stems", "decode_seconds", "separate_seconds", "model_seconds",
@@ -81,7 +82,7 @@ class BatchOutput:
     def records(self) -> tp.Dict[str, dict]:
         """Every committed row, by song id."""
         rows = {}
-        for data in self._read_all(f"{self.state}/rows").values():
+        for _, data in self._read_all(f"{self.state}/rows"):
             try:
                 row = json.loads(data)
             except ValueError:
@@ -89,17 +90,20 @@ class BatchOutput:
             rows[row["song_id"]] = row
         return rows
 
-    def _read_all(self, folder: str) -> tp.Dict[str, bytes]:
-        """Every file under `folder` by path (none when it does not exist; a file gone
-        meanwhile left out), read at once: on an object store (s3fs, gcsfs: fsspec's
-        asynchronous filesystems) a million records are a million requests, which one after
-        the other would take hours before a rerun could start."""
+    def _read_all(self, folder: str) -> tp.Iterator[tp.Tuple[str, bytes]]:
+        """Every file under `folder` with its path (none when it does not exist; a file gone
+        meanwhile left out), `READ_AT_ONCE` files a request of fsspec's: on an object store
+        (s3fs, gcsfs: asynchronous filesystems) it fetches them many at a time, where a
+        million records one after the other would take hours before a rerun could start."""
         paths = self.fs.find(folder) if self.fs.exists(folder) else []
-        read = self.fs.cat(paths, on_error="return") if paths else {}
-        for error in read.values():
-            if isinstance(error, Exception) and not isinstance(error, FileNotFoundError):
-                raise error
-        return {path: data for path, data in read.items() if isinstance(data, bytes)}
+        for start in range(0, len(paths), READ_AT_ONCE):
+            read = self.fs.cat(paths[start:start + READ_AT_ONCE], on_error="return")
+            for path, data in read.items():
+                if isinstance(data, FileNotFoundError):
+                    continue
+                if isinstance(data, Exception):
+                    raise data
+                yield path, data
 
     def record_run(self, run: dict) -> None:
         """One run's record (`Progress.record`), by its start time."""
@@ -108,8 +112,8 @@ class BatchOutput:
 
     def runs(self) -> tp.List[dict]:
         """Every run's record, the first run's first."""
-        runs = self._read_all(f"{self.state}/runs")
-        return [json.loads(runs[path]) for path in sorted(runs)]
+        runs = sorted(self._read_all(f"{self.state}/runs"))
+        return [json.loads(data) for _, data in runs]
 
     def write_manifest(self, rows: tp.Sequence[dict]) -> str:
         """`OUTPUT/manifest.parquet` from `rows` (sorted by song id); its URL."""

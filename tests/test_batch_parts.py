@@ -272,10 +272,11 @@ def test_the_model_busy_share_after_the_first_song_leaves_out_the_start(monkeypa
     assert runs.record()["model_busy_after_first_song"] == pytest.approx(9 / 10)
 
 
-def test_records_on_an_object_store_are_read_many_at_once(tmp_path):
+def test_records_on_an_object_store_are_read_many_at_once(tmp_path, monkeypatch):
     """OUTPUT on an asynchronous fsspec filesystem (s3fs and gcsfs are; here fsspec's own
     wrapper of the local disk, each read taking 20 ms as a request does): a rerun reads the
-    songs' records many at a time, not one request after the other; the runs' records too."""
+    songs' records many at a time (`READ_AT_ONCE` a call: 16 here), not one request after the
+    other; the runs' records too."""
     import asyncio
     import types
 
@@ -306,6 +307,8 @@ def test_records_on_an_object_store_are_read_many_at_once(tmp_path):
                 SlowStore.in_flight -= 1
 
     fsspec.register_implementation("slowstore", SlowStore, clobber=True)
+    from serve_graph.batch import output as output_module
+    monkeypatch.setattr(output_module, "READ_AT_ONCE", 16)
     output = BatchOutput(f"file://{tmp_path}")
     output.start({"options": {}})
     for index in range(40):

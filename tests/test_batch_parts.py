@@ -122,14 +122,17 @@ def test_roformer_songs_separated_together_equal_each_alone(tiny_repo):
 
 
 class Recorded:
-    """Stands in for `ModelRunner` (its forwards timed) and wraps `SongWriter.add` (timed and
-    slowed down, or failing at its `fail_at`-th call)."""
+    """Stands in for `ModelRunner` (its forwards timed, the `forward_fails_at`-th failing) and
+    wraps `SongWriter.add` (timed and slowed down, or failing at its `fail_at`-th call)."""
 
-    def __init__(self, runner, add, fail_at=None):
+    def __init__(self, runner, add, fail_at=None, forward_fails_at=None):
         self.runner, self.add, self.fail_at = runner, add, fail_at
+        self.forward_fails_at = forward_fails_at
         self.forwards, self.adds = [], []
 
     def __call__(self, *args):
+        if len(self.forwards) == self.forward_fails_at:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
         self.forwards.append(time.monotonic())
         return self.runner(*args)
 
@@ -155,6 +158,22 @@ def test_the_model_runs_the_next_forward_while_the_last_outputs_are_added(
         assert sorted(dict(separate_songs(recorded, songs, options, pool, 2, 2))) == [0, 1]
     first_added = recorded.adds[1][1]  # the first batch: 2 windows
     assert len(recorded.forwards) >= 3 and recorded.forwards[1] < first_added
+
+
+def test_a_failing_forward_still_gives_the_songs_finished_before_it(runner, monkeypatch):
+    """The forward after the one that completed a song fails: that song, added on the other
+    thread meanwhile, still comes out with its files before the error does."""
+    from serve_graph.engine.pipeline import SongWriter
+    options = SeparationOptions(model="htdemucs", format="wav")
+    songs = planned(runner, options, [1.0, 3.0])
+    first = len(songs[0].plan.windows)
+    recorded = Recorded(runner, SongWriter.add, forward_fails_at=1)
+    monkeypatch.setattr(SongWriter, "add", lambda writer, *args: recorded.slow_add(writer, *args))
+    finished = []
+    with ThreadPoolExecutor(2) as pool, pytest.raises(RuntimeError, match="illegal memory"):
+        for index, files in separate_songs(recorded, songs, options, pool, 2, first):
+            finished.append((index, sorted(files)))
+    assert finished == [(0, ["bass.wav", "drums.wav", "other.wav", "vocals.wav"])]
 
 
 def test_a_failing_add_fails_the_call_and_leaves_no_spill_files(runner, monkeypatch, tmp_path):

@@ -60,9 +60,14 @@ def separate_songs(runner: ModelRunner, songs: tp.Sequence[Song],
         with ThreadPoolExecutor(1, thread_name_prefix="overlap-add") as adder:
             try:
                 for batch in batches_across(songs, batch_size):
-                    outputs = run_windows(runner, [songs[i].mix for i, _ in batch],
-                                          [window for _, window in batch], timings,
-                                          [(songs[i].mean, songs[i].std) for i, _ in batch])
+                    try:
+                        outputs = run_windows(runner, [songs[i].mix for i, _ in batch],
+                                              [window for _, window in batch], timings,
+                                              [(songs[i].mean, songs[i].std) for i, _ in batch])
+                    except Exception:  # the songs that the adds before it finished are done
+                        while pending:
+                            yield from pending.popleft().result()
+                        raise
                     pending.append(adder.submit(writers.add, batch, outputs))
                     while pending and (len(pending) > ADDS_AHEAD or pending[0].done()):
                         yield from pending.popleft().result()

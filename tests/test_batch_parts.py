@@ -270,6 +270,12 @@ def test_model_actors_start_with_the_cpu_settings_of_separates_replicas():
     assert actor_env(BatchJob("in", "out", options, device="cuda")) == {}
 
 
+def test_durations_read_as_a_person_writes_them():
+    from serve_graph.batch.progress import duration
+    assert [duration(s) for s in (-1, 42.4, 59.6, 185, 239.6, 3599.7, 7620)] == [
+        "0 s", "42 s", "1 min 00 s", "3 min 05 s", "4 min 00 s", "1 h 00 min", "2 h 07 min"]
+
+
 def test_the_model_busy_share_after_the_first_song_leaves_out_the_start(monkeypatch):
     from serve_graph.batch import progress
     clock = [0.]

@@ -9,7 +9,7 @@ import typing as tp
 
 def duration(seconds: float) -> str:
     """`seconds` as 42 s, 3 min 05 s or 2 h 07 min."""
-    seconds = max(0., seconds)
+    seconds = round(max(0., seconds))  # 239.6 s: 4 min 00 s, not 3 min 60 s
     if seconds < 60:
         return f"{seconds:.0f} s"
     if seconds < 3600:

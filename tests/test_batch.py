@@ -223,3 +223,53 @@ def test_a_killed_run_started_again_runs_only_the_unfinished(tmp_path, tiny_repo
     assert file_states(output, committed) == before
     assert all(len(list((output / song_id).iterdir())) == 4 for song_id in ids)
     assert not list((output / "_batch" / "tmp").iterdir())
+
+
+ROWS_AS_WRITTEN = '''
+import json, sys, time
+from pathlib import Path
+import pandas as pd
+import ray.data
+from serve_graph.batch.pipeline import start_ray
+
+received = Path(sys.argv[1])  # the driver has the first row
+
+
+class ThreeSongs:  # a model actor's call of three songs, the last ending after the first's row
+    def __call__(self, batch):
+        yield pd.DataFrame([{"song": 1, "waited": False}])
+        yield pd.DataFrame([{"song": 2, "waited": False}])
+        deadline = time.monotonic() + 30
+        while not received.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield pd.DataFrame([{"song": 3, "waited": received.exists()}])
+
+
+start_ray()
+rows = ray.data.from_items([{"song_id": "a"}]).map_batches(
+    ThreeSongs, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
+for row in rows.iter_rows():
+    if row["song"] == 1:
+        received.touch()
+    print(json.dumps({"song": int(row["song"]), "waited": bool(row["waited"])}), flush=True)
+'''
+
+
+def test_a_songs_row_reaches_the_driver_before_its_call_ends(tmp_path):
+    """The batch's Ray Data (as `pipeline.start_ray` sets it up): a song's row that a model
+    actor's call yields reaches the driver while the call goes on, once the call yields the
+    next (Ray Data sends a task's block on when the task goes on to the next), so progress
+    moves song by song; at Ray Data's default block size a call's rows came together when it
+    ended."""
+    process = subprocess.Popen([sys.executable, "-c", ROWS_AS_WRITTEN, str(tmp_path / "got")],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+    assert process.returncode == 0, err[-3000:]
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert rows == [{"song": 1, "waited": False}, {"song": 2, "waited": False},
+                    {"song": 3, "waited": True}], err[-3000:]

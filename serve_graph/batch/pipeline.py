@@ -165,10 +165,18 @@ def run(job: BatchJob, geometry: tp.Tuple[int, int],
     return progress, manifest, rows
 
 
+# Ray Data's largest block, bytes: a task's output goes on in blocks of at least this size
+# (or when the task ends), so at its default (128 MB) the small rows of a model actor's call
+# reached the driver together when the call ended, and the progress of a CPU run with the
+# full model stood still for many minutes; at 1 each song's row, and each decoded song, is a
+# block of its own, which reaches the driver when the call yields the next song's
+ROW_BLOCK_BYTES = 1
+
+
 def start_ray() -> None:
     """This process's Ray: the cluster at RAY_ADDRESS (`ray job submit` sets it), else a new
     local one without the dashboard (`serve_run.init_ray`); Ray Data's own progress bars off
-    (the batch prints its own)."""
+    (the batch prints its own), each row a block (`ROW_BLOCK_BYTES`)."""
     import ray
     import ray.data
 
@@ -178,3 +186,4 @@ def start_ray() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
+    context.target_max_block_size = ROW_BLOCK_BYTES

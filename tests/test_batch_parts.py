@@ -128,7 +128,7 @@ class Recorded:
     def __init__(self, runner, add, fail_at=None, forward_fails_at=None):
         self.runner, self.add, self.fail_at = runner, add, fail_at
         self.forward_fails_at = forward_fails_at
-        self.forwards, self.adds = [], []
+        self.forwards, self.adds, self.songs = [], [], []  # each add's time and song
 
     def __call__(self, *args):
         if len(self.forwards) == self.forward_fails_at:
@@ -143,6 +143,7 @@ class Recorded:
         time.sleep(0.05)
         self.add(writer, *args)
         self.adds.append((start, time.monotonic()))
+        self.songs.append(writer.song)
 
 
 def test_the_model_runs_the_next_forward_while_the_last_outputs_are_added(
@@ -158,6 +159,23 @@ def test_the_model_runs_the_next_forward_while_the_last_outputs_are_added(
         assert sorted(dict(separate_songs(recorded, songs, options, pool, 2, 2))) == [0, 1]
     first_added = recorded.adds[1][1]  # the first batch: 2 windows
     assert len(recorded.forwards) >= 3 and recorded.forwards[1] < first_added
+
+
+def test_the_songs_of_a_batch_are_added_side_by_side(runner, monkeypatch):
+    """Each song's windows are added on a thread of its own: with one batch holding both
+    songs' windows, the adds of the second run while the first's go on (one song waiting for
+    its encoders does not hold up the next)."""
+    from serve_graph.engine.pipeline import SongWriter
+    recorded = Recorded(runner, SongWriter.add)
+    monkeypatch.setattr(SongWriter, "add", lambda writer, *args: recorded.slow_add(writer, *args))
+    options = SeparationOptions(model="htdemucs", format="flac")
+    songs = planned(runner, options, [3.0, 3.0])
+    with ThreadPoolExecutor(2) as pool:
+        assert sorted(dict(separate_songs(recorded, songs, options, pool, 2, 100))) == [0, 1]
+    spans = [[span for span, song in zip(recorded.adds, recorded.songs) if song is songs[index]]
+             for index in (0, 1)]
+    assert len(spans[0]) == len(songs[0].plan.windows) and len(spans[1]) >= 2
+    assert spans[1][0][0] < spans[0][-1][1]  # the second song began before the first ended
 
 
 def test_a_failing_forward_still_gives_the_songs_finished_before_it(runner, monkeypatch):
@@ -188,7 +206,7 @@ def test_a_failing_add_fails_the_call_and_leaves_no_spill_files(runner, monkeypa
     songs = planned(runner, options, [3.0, 2.0])
     with ThreadPoolExecutor(2) as pool, pytest.raises(OSError, match="disk gone"):
         list(separate_songs(recorded, songs, options, pool, 2, 2))
-    assert len(recorded.adds) == 3
+    assert len(recorded.adds) >= 3  # the songs' other lanes may have gone on meanwhile
     assert [path for path in tmp_path.rglob("*") if path.is_file()] == []
 
 

@@ -18,17 +18,12 @@ import shutil
 import sys
 import tempfile
 import typing as tp
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.batch import timed_process
-from benchmarks.common import CACHE, append_results, song
+from benchmarks.common import CACHE, append_results, cycled_songs
 from serve_graph.batch.output import BatchOutput
 from serve_graph.engine.models import StandInModel, save_bag, save_checkpoint
-from serve_graph.engine.output import encode_stem
-
-DISTINCT_SONGS = 4
-
 
 def simulated_repo(window_ms: float) -> Path:
     """A model repo whose `htdemucs` is the stand-in waiting `window_ms` per window."""
@@ -40,12 +35,9 @@ def simulated_repo(window_ms: float) -> Path:
 
 
 def write_songs(folder: Path, count: int, seconds: float) -> float:
-    """`count` FLAC songs of `seconds` in `folder` (`DISTINCT_SONGS` cycled); their seconds."""
-    with ThreadPoolExecutor(2) as pool:
-        distinct = [encode_stem(song(seconds, seed=index), 44100, "flac", pool=pool)
-                    for index in range(min(count, DISTINCT_SONGS))]
-    for index in range(count):
-        (folder / f"song{index:03d}.flac").write_bytes(distinct[index % len(distinct)])
+    """`count` FLAC songs of `seconds` in `folder` (four cycled); their seconds."""
+    for index, data in enumerate(cycled_songs(seconds, "flac", count)):
+        (folder / f"song{index:03d}.flac").write_bytes(data)
     return count * seconds
 
 

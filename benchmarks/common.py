@@ -5,12 +5,15 @@ import os
 import platform
 import shlex
 import sys
+import typing as tp
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch as th
 
 from serve_graph.engine import make_random_repo
+from serve_graph.engine.output import encode_stem
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 CACHE = Path(os.environ.get("SERVE_GRAPH_BENCH_CACHE", Path.home() / ".cache" / "serve_graph"))
@@ -35,6 +38,16 @@ def song(seconds: float, samplerate: int = 44100, seed: int = 0) -> th.Tensor:
     mono = 0.1 * chord + 0.2 * bass + 0.3 * hits
     wav = np.stack([mono, np.roll(mono, 200)]) + 0.01 * rng.standard_normal((2, t.size))
     return th.from_numpy((0.5 * wav / np.abs(wav).max()).astype(np.float32))
+
+
+def cycled_songs(seconds: float, fmt: str, count: int, distinct: int = 4) -> tp.List[bytes]:
+    """`count` songs of `seconds` as `fmt` files (MP3 at 192 kbps), `distinct` of them
+    (`song`, seeds 0...) cycled: different songs where a cache or a repeat could flatter a
+    figure, encoded once each on every core (LAME takes ~4 CPU-s per 216 s song)."""
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        files = [encode_stem(song(seconds, seed=index), 44100, fmt, 192, pool=pool)
+                 for index in range(min(count, distinct))]
+    return [files[index % len(files)] for index in range(count)]
 
 
 def cpu_flags() -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch as th
 
-from benchmarks.common import full_size_repo, song
+from benchmarks.common import cycled_songs, full_size_repo, song
 from benchmarks.model_sweep import residual_db, timed
 from serve_graph.engine import ModelRunner, load_model, make_random_repo, separate
 from serve_graph.engine.forward import BatchLimit
@@ -78,7 +78,6 @@ class Profile(tp.NamedTuple):
 GPU = Profile("cuda", 216., 10., (16, 32, 64), ("fp16", "bf16"), 16, "inductor", 3, 32)
 # fp32 only: this CPU may have no fast bf16/fp16 (the steps' code is the same)
 REHEARSAL = Profile("cpu", 4., 2., (2,), ("fp32",), 2, "eager", 1, 3)
-DISTINCT_SONGS = 4  # the http and batch steps cycle this many songs (the result cache is off)
 
 
 class Figures:
@@ -259,7 +258,7 @@ def http(args, figures: Figures) -> None:
     figures.record("cold_start_s", round(time.perf_counter() - service.launched_at, 2), "s",
                    what="launch -> /readyz 200", model=str(service.model_repo))
     try:
-        songs = songs_as(profile, "mp3", profile.concurrency)
+        songs = cycled_songs(profile.song_seconds, "mp3", profile.concurrency)
         for name, fields in (("mp3", {"mp3_bitrate": "192"}), ("wav", {"mp3": "false"})):
             timed_post(url, songs[0], fields)  # warm
             seconds, timing = timed_post(url, songs[0], fields)
@@ -272,15 +271,6 @@ def http(args, figures: Figures) -> None:
                        p50_s=round(statistics.median(latencies), 2))
     finally:
         stop_service(process)
-
-
-def songs_as(profile: Profile, fmt: str, count: int) -> tp.List[bytes]:
-    """`count` songs of the profile's length in `fmt` (MP3 192 kbps), `DISTINCT_SONGS` of them
-    cycled, encoded on every core (LAME takes ~4 CPU-s per 216 s song)."""
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        distinct = [encode_stem(song(profile.song_seconds, seed=index), 44100, fmt, 192,
-                                pool=pool) for index in range(min(count, DISTINCT_SONGS))]
-    return [distinct[index % len(distinct)] for index in range(count)]
 
 
 def service_arguments(args) -> argparse.Namespace:
@@ -329,6 +319,7 @@ def batch(args, figures: Figures) -> None:
                        "needs them; the offline bundle has no room for them)")
         sys.exit(3)
     from benchmarks.batch import timed_process
+    from benchmarks.batch_busy import write_songs
     from serve_graph.batch.output import BatchOutput
     from serve_graph.placement import NodeShape, batch_arguments
     profile, service = args.profile, service_arguments(args)
@@ -338,8 +329,7 @@ def batch(args, figures: Figures) -> None:
     folder = Path(tempfile.mkdtemp(prefix="gpu_batch_"))  # RESULTS_DIR holds figures and logs
     try:  # GBs of songs and stems, also when the batch fails
         (folder / "songs").mkdir()
-        for index, data in enumerate(songs_as(profile, "flac", profile.batch_songs)):
-            (folder / "songs" / f"song{index:03d}.flac").write_bytes(data)
+        write_songs(folder / "songs", profile.batch_songs, profile.song_seconds)
         wall, _, err = timed_process([sys.executable, "-m", "serve_graph", "batch",
                                       str(folder / "songs"), str(folder / "out"),
                                       "--model-repo", service.model_repo, "--format", "flac",

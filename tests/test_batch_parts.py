@@ -145,19 +145,29 @@ class Recorded:
         self.adds.append((start, time.monotonic()))
         self.songs.append(writer.song)
 
+    def spans(self, song):
+        """(start, end) of each add of `song`'s windows."""
+        return [span for span, added in zip(self.adds, self.songs) if added is song]
+
+
+def recording(runner, monkeypatch, **failures) -> Recorded:
+    """A `Recorded` of `runner`, with `SongWriter.add` slowed (and failing) through it."""
+    from serve_graph.engine.pipeline import SongWriter
+    recorded = Recorded(runner, SongWriter.add, **failures)
+    monkeypatch.setattr(SongWriter, "add", lambda writer, *args: recorded.slow_add(writer, *args))
+    return recorded
+
 
 def test_the_model_runs_the_next_forward_while_the_last_outputs_are_added(
         runner, monkeypatch):
     """The actor's loop overlap-adds on a thread of its own: the forward after a batch starts
     before that batch's windows are all added (a slowed `SongWriter.add`)."""
-    from serve_graph.engine.pipeline import SongWriter
-    recorded = Recorded(runner, SongWriter.add)
-    monkeypatch.setattr(SongWriter, "add", lambda writer, *args: recorded.slow_add(writer, *args))
+    recorded = recording(runner, monkeypatch)
     options = SeparationOptions(model="htdemucs", format="flac")
     songs = planned(runner, options, [3.0, 2.0])
     with ThreadPoolExecutor(2) as pool:
         assert sorted(dict(separate_songs(recorded, songs, options, pool, 2, 2))) == [0, 1]
-    first_song = [span for span, song in zip(recorded.adds, recorded.songs) if song is songs[0]]
+    first_song = recorded.spans(songs[0])
     assert len(first_song) == len(songs[0].plan.windows) >= 2
     first_added = first_song[1][1]  # the first batch: the first song's first 2 windows
     assert len(recorded.forwards) >= 3 and recorded.forwards[1] < first_added
@@ -167,15 +177,12 @@ def test_the_songs_of_a_batch_are_added_side_by_side(runner, monkeypatch):
     """Each song's windows are added on a thread of its own: with one batch holding both
     songs' windows, the adds of the second run while the first's go on (one song waiting for
     its encoders does not hold up the next)."""
-    from serve_graph.engine.pipeline import SongWriter
-    recorded = Recorded(runner, SongWriter.add)
-    monkeypatch.setattr(SongWriter, "add", lambda writer, *args: recorded.slow_add(writer, *args))
+    recorded = recording(runner, monkeypatch)
     options = SeparationOptions(model="htdemucs", format="flac")
     songs = planned(runner, options, [3.0, 3.0])
     with ThreadPoolExecutor(2) as pool:
         assert sorted(dict(separate_songs(recorded, songs, options, pool, 2, 100))) == [0, 1]
-    spans = [[span for span, song in zip(recorded.adds, recorded.songs) if song is songs[index]]
-             for index in (0, 1)]
+    spans = [recorded.spans(song) for song in songs]
     assert len(spans[0]) == len(songs[0].plan.windows) and len(spans[1]) >= 2
     assert spans[1][0][0] < spans[0][-1][1]  # the second song began before the first ended
 
@@ -183,12 +190,10 @@ def test_the_songs_of_a_batch_are_added_side_by_side(runner, monkeypatch):
 def test_a_failing_forward_still_gives_the_songs_finished_before_it(runner, monkeypatch):
     """The forward after the one that completed a song fails: that song, added on the other
     thread meanwhile, still comes out with its files before the error does."""
-    from serve_graph.engine.pipeline import SongWriter
     options = SeparationOptions(model="htdemucs", format="wav")
     songs = planned(runner, options, [1.0, 3.0])
     first = len(songs[0].plan.windows)
-    recorded = Recorded(runner, SongWriter.add, forward_fails_at=1)
-    monkeypatch.setattr(SongWriter, "add", lambda writer, *args: recorded.slow_add(writer, *args))
+    recorded = recording(runner, monkeypatch, forward_fails_at=1)
     finished = []
     with ThreadPoolExecutor(2) as pool, pytest.raises(RuntimeError, match="illegal memory"):
         for index, files in separate_songs(recorded, songs, options, pool, 2, first):
@@ -200,10 +205,8 @@ def test_a_failing_add_fails_the_call_and_leaves_no_spill_files(runner, monkeypa
     """An error while adding a batch (a full disk) comes out of `separate_songs`; the songs'
     spill files are removed, those of the song being written too."""
     from serve_graph.engine import output
-    from serve_graph.engine.pipeline import SongWriter
     monkeypatch.setattr(output, "SPILL_ROOT", tmp_path)
-    recorded = Recorded(runner, SongWriter.add, fail_at=3)
-    monkeypatch.setattr(SongWriter, "add", lambda writer, *args: recorded.slow_add(writer, *args))
+    recorded = recording(runner, monkeypatch, fail_at=3)
     options = SeparationOptions(model="htdemucs", format="wav")
     songs = planned(runner, options, [3.0, 2.0])
     with ThreadPoolExecutor(2) as pool, pytest.raises(OSError, match="disk gone"):

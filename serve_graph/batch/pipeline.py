@@ -33,7 +33,7 @@ class BatchJob:
     - `options`: the separation's, as for `POST /separate` (model set);
     - `actors`: model actors (default: one per GPU on CUDA, else 1); `songs_per_call`: decoded
       songs each actor call takes (their windows share forwards); `calls_per_actor`: calls
-      an actor runs at once (one's overlap-add and encoding beside the other's forwards);
+      an actor runs at once (the next call's songs in the actor before the last one ends);
       `batch_size`: windows per forward; `group_norm`: GroupNorm's precision, as
       `RunnerOptions`; `decoders`: decode tasks at once (None: Ray Data's choice);
     - `retry_failed`: run again the songs whose record says failed;

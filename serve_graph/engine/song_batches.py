@@ -76,10 +76,7 @@ def separate_songs(runner: ModelRunner, songs: tp.Sequence[Song],
                 yield from finished(pending.popleft())
         while pending:
             yield from finished(pending.popleft())
-    finally:  # failed or closed early: what has not started never will
-        for adds in pending:
-            for add in adds:
-                add.cancel()
+    finally:  # failed or closed early: the adds not started are cancelled there
         writers.close()
 
 

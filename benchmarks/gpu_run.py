@@ -8,12 +8,12 @@ Steps: `machine` (GPU, driver, torch/CUDA, cores), `correctness` (fp32 on the de
 the CPU engine; the out-of-memory back-off under a too-large batch, its log kept), `model`
 (a 216 s song's windows, fp16 and bf16 at batch 16/32/64: eager, half-precision GroupNorm,
 the compiled inner network with its compile time and its start from the cache; residuals vs
-fp32), `http` (the service: the cold start to /readyz, one 216 s song to 4 MP3 stems and to
-WAV with Server-Timing, 16 concurrent songs to WAV), `cost` (per song, from the GPU-seconds
-and encode CPU-seconds measured, at the prices in `PRICES`), `batch` (issue #25: `python -m
-serve_graph batch` over 216 s songs to FLAC with the placement rules' options: the model's busy
-share of the pipeline), `roformer` (a batch of full-size BS-RoFormer and Mel-Band RoFormer
-windows, bf16, with the TFLOP/s they reach).
+fp32), `http` (the service: the cold start to /readyz, one 216 s song to 4 MP3 stems at LAME's
+q2, q5 and q7 and to WAV with Server-Timing, 16 concurrent songs to WAV), `cost` (per song,
+from the GPU-seconds and encode CPU-seconds measured, at the prices in `PRICES`), `batch` (issue
+#25: `python -m serve_graph batch` over 216 s songs to FLAC with the placement rules' options:
+the model's busy share of the pipeline), `roformer` (a batch of full-size BS-RoFormer and
+Mel-Band RoFormer windows, bf16, with the TFLOP/s they reach).
 
 `--rehearsal` runs every step on this machine's CPU with the tiny model, a short song and
 small batches (tests/test_gpu_rehearsal.py): the same code, so a script error is found here.
@@ -50,8 +50,9 @@ EXPECTED = {
     "machine": ["gpu", "torch", "cuda", "cpu_cores"],
     "correctness": ["fp32_parity_db", "oom_halvings", "oom_failed_requests"],
     "model": ["ms_per_window", "residual_db", "compile_seconds", "cached_start_seconds"],
-    "http": ["cold_start_s", "one_song_mp3_s", "one_song_wav_s", "concurrent_wav_x_real_time"],
-    "cost": ["usd_per_song_wav", "usd_per_song_mp3"],
+    "http": ["cold_start_s", "one_song_mp3_s", "one_song_mp3_q5_s", "one_song_mp3_q7_s",
+             "one_song_wav_s", "concurrent_wav_x_real_time"],
+    "cost": ["usd_per_song_wav", "usd_per_song_mp3", "usd_per_song_mp3_q5", "usd_per_song_mp3_q7"],
     "batch": ["batch_model_busy", "batch_model_busy_after_first_song", "batch_x_real_time"],
     "roformer": ["roformer_ms_per_window"],
 }
@@ -60,6 +61,10 @@ EXPECTED = {
 # (beam.cloud's Modal pricing guide, verified 2026-06-27); Modal bills the GPU and the
 # container's cores by the second
 PRICES = {"gpu_b200": 6.25 / 3600, "gpu_h100": 0.001097, "cpu_core": 0.0000131}
+# LAME's -q for the MP3 figures: Demucs' q2 (the service's default) under its plain name, then
+# the faster settings that issue #24's "216 s -> 4 MP3 stems <= 1.0 s" may need (on one core
+# q5 and q7 encode a 216 s stem 2.2x and 3.7x faster than q2, RESULTS.md "encoders")
+MP3_QUALITIES = {2: "", 5: "_q5", 7: "_q7"}
 
 
 class Profile(tp.NamedTuple):
@@ -259,11 +264,17 @@ def http(args, figures: Figures) -> None:
                    what="launch -> /readyz 200", model=str(service.model_repo))
     try:
         songs = cycled_songs(profile.song_seconds, "mp3", profile.concurrency)
-        for name, fields in (("mp3", {"mp3_bitrate": "192"}), ("wav", {"mp3": "false"})):
-            timed_post(url, songs[0], fields)  # warm
+        timed_post(url, songs[0], {"mp3_bitrate": "192"})  # warm
+        for quality, suffix in MP3_QUALITIES.items():
+            fields = {"mp3_bitrate": "192", "mp3_quality": str(quality)}
             seconds, timing = timed_post(url, songs[0], fields)
-            figures.record(f"one_song_{name}_s", round(seconds, 3), "s",
-                           server_timing=timing, song_seconds=profile.song_seconds)
+            figures.record(f"one_song_mp3{suffix}_s", round(seconds, 3), "s", goal="<= 1.0",
+                           mp3_quality=quality, server_timing=timing,
+                           song_seconds=profile.song_seconds)
+        timed_post(url, songs[0], {"mp3": "false"})  # warm
+        seconds, timing = timed_post(url, songs[0], {"mp3": "false"})
+        figures.record("one_song_wav_s", round(seconds, 3), "s", server_timing=timing,
+                       song_seconds=profile.song_seconds)
         wall, latencies, _, _ = run_requests(url, songs, profile.concurrency, {"mp3": "false"})
         audio = profile.concurrency * profile.song_seconds
         figures.record("concurrent_wav_x_real_time", round(audio / wall, 1), "x",
@@ -290,22 +301,29 @@ def service_arguments(args) -> argparse.Namespace:
 
 def cost(args, figures: Figures) -> None:
     """USD per song: the GPU-seconds per song of the concurrent run (the GPU held for all of
-    it) at the GPU's price, plus the encode CPU-seconds of its 4 MP3 stems at the core's."""
+    it) at the GPU's price, plus the encode CPU-seconds of its 4 MP3 stems at the core's (at
+    each of `MP3_QUALITIES`)."""
     measured = {row["name"]: row for row in figures.read() if row["step"] == "http"}
     concurrent = measured["concurrent_wav_x_real_time"]
     gpu_seconds = concurrent["wall_s"] / concurrent["songs"]
-    stem = song(args.profile.song_seconds, seed=10)
-    start = time.process_time()  # all threads' CPU time: the 4 stems encoded on every core
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        for _ in range(4):
-            encode_stem(stem, 44100, "mp3", 192, pool=pool)
-    mp3_cpu = time.process_time() - start
-    gpu_price = PRICES["gpu_b200"]
-    wav = gpu_seconds * gpu_price
+    wav = gpu_seconds * PRICES["gpu_b200"]
     figures.record("usd_per_song_wav", round(wav, 6), "USD", gpu_seconds=round(gpu_seconds, 3),
                    prices=PRICES, goal="<= 0.001")
-    figures.record("usd_per_song_mp3", round(wav + mp3_cpu * PRICES["cpu_core"], 6), "USD",
-                   mp3_cpu_seconds=round(mp3_cpu, 2))
+    stem = song(args.profile.song_seconds, seed=10)
+    for quality, suffix in MP3_QUALITIES.items():
+        mp3_cpu = four_mp3_stems_cpu_seconds(stem, quality)
+        figures.record(f"usd_per_song_mp3{suffix}", round(wav + mp3_cpu * PRICES["cpu_core"], 6),
+                       "USD", mp3_quality=quality, mp3_cpu_seconds=round(mp3_cpu, 2))
+
+
+def four_mp3_stems_cpu_seconds(stem: th.Tensor, quality: int) -> float:
+    """CPU-seconds (all threads) of `stem` encoded 4 times to 192 kbps MP3 at LAME's
+    `quality`, its chunks on every core."""
+    start = time.process_time()
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for _ in range(4):
+            encode_stem(stem, 44100, "mp3", 192, pool=pool, quality=quality)
+    return time.process_time() - start
 
 
 def batch(args, figures: Figures) -> None:

@@ -51,14 +51,19 @@ def cache_answer(outcome: str) -> None:
         1, {"outcome": outcome})
 
 
-def batch_run(model: str, size: int, seconds: float) -> None:
-    """Separate ran one forward pass of `size` windows."""
+def batch_run(model: str, size: int, seconds: float, fp32_redone: int = 0) -> None:
+    """Separate ran one forward pass of `size` windows, `fp32_redone` of them again in fp32
+    (their bf16/fp16 stems were not finite)."""
     _metric(metrics.Histogram, "serve_graph_batch_size", "windows per forward pass",
             ("model",), tuple(BATCH_SIZES)).observe(size, {"model": model})
     _metric(metrics.Counter, "serve_graph_windows", "model windows run, by model",
             ("model",)).inc(size, {"model": model})
     _metric(metrics.Counter, "serve_graph_model_seconds", "seconds spent in forward passes, "
             "by model", ("model",)).inc(seconds, {"model": model})
+    if fp32_redone:
+        _metric(metrics.Counter, "serve_graph_windows_redone_fp32", "windows whose bf16/fp16 "
+                "stems were not finite (overflow), run again in fp32, by model",
+                ("model",)).inc(fp32_redone, {"model": model})
 
 
 def windows_waiting(count: int) -> None:

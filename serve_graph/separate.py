@@ -68,6 +68,7 @@ class Separate:
             logger.error("model %r missing: %s", settings.model, exc.detail)
         self._lock = threading.Lock()
         self._stats: tp.Dict[str, tp.Any] = {"batches": 0, "windows": 0, "model_seconds": 0.,
+                                             "fp32_redone_windows": 0,
                                              "multi_request_batches": 0,
                                              "max_requests_in_batch": 0,
                                              "batch_sizes": Counter()}
@@ -185,13 +186,15 @@ class Separate:
             for i, out in zip(indices, stems):
                 outputs[i] = out.contiguous().numpy()
             self._count(model, len(indices), len(set(request_ids[i] for i in indices)),
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, runners[model].take_fp32_redone())
         return outputs
 
-    def _count(self, model: str, size: int, requests: int, seconds: float) -> None:
-        metrics.batch_run(model, size, seconds)
+    def _count(self, model: str, size: int, requests: int, seconds: float,
+               fp32_redone: int) -> None:
+        metrics.batch_run(model, size, seconds, fp32_redone)
         with self._lock:
             self._stats["model_seconds"] += seconds
+            self._stats["fp32_redone_windows"] += fp32_redone
             self._stats["batches"] += 1
             self._stats["windows"] += size
             self._stats["batch_sizes"][size] += 1

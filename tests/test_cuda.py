@@ -119,3 +119,18 @@ def test_graph_capture_under_a_memory_cap_captures_what_fits(full_model, mix, me
     stems, runner = cuda_stems(full_model, mix, precision="fp32", compile="graphs", max_batch=64)
     assert runner.graphs[0] is not None and max(runner.graphs[0].buckets) < 64
     assert th.isfinite(stems).all()
+
+
+@pytest.mark.parametrize("compile_mode", ["none", "graphs"])
+def test_fp16_windows_that_overflow_are_run_again_in_fp32_on_cuda(tiny_model, compile_mode):
+    """The finite flags come back with the stems (graphs replayed or not), and the windows
+    that overflowed fp16 get the fp32 stems."""
+    from test_precision import overflowing, windows_of
+    fp16 = ModelRunner(overflowing(tiny_model), options=RunnerOptions(
+        "cuda", "fp16", compile_mode, max_batch=4))
+    windows = windows_of(fp16, 3)
+    windows[1] = 0  # silence: finite in fp16
+    out = fp16(0, windows)
+    assert fp16.fp32_redone_windows == 2 and th.isfinite(out).all()
+    exact = ModelRunner(overflowing(tiny_model), "cuda", "fp32")(0, windows)
+    assert residual_db(out[[0, 2]], exact[[0, 2]]).max() < -100

@@ -76,3 +76,42 @@ def test_half_group_norm_keeps_bf16_activations_and_its_residual_is_small(tiny_m
     assert residual_db(half, reference).max() < -20
     with pytest.raises(ValueError, match="group_norm"):
         RunnerOptions("cpu", group_norm="fp8")
+
+
+def overflowing(model):
+    """`model` with its first encoder's convolution 10^5 times louder: its activations pass
+    fp16's largest value (65504), fp32's do not."""
+    loud = copy.deepcopy(model)
+    with th.no_grad():
+        loud.models[0].encoder[0].conv.weight.mul_(1e5)
+    return loud
+
+
+def windows_of(runner, count):
+    length = runner.geometry.input_length(0, runner.geometry.segment_lengths[0])
+    return th.randn(count, 2, length, generator=th.Generator().manual_seed(5)) * 0.3
+
+
+def test_the_windows_that_overflow_fp16_are_run_again_in_fp32(tiny_model):
+    """Two windows of noise overflow; one of silence does not and keeps its fp16 stems: only
+    the two are run again, and their fp32 stems land in their places."""
+    fp16 = ModelRunner(overflowing(tiny_model), "cpu", "fp16")
+    windows = windows_of(fp16, 3)
+    windows[1] = 0
+    with th.autocast("cpu", dtype=th.float16), th.inference_mode():  # the premise
+        finite = [bool(th.isfinite(fp16.models[0](w[None])).all()) for w in windows]
+    assert finite == [False, True, False]
+    out = fp16(0, windows)
+    assert fp16.fp32_redone_windows == 2 and fp16.take_fp32_redone() == 2
+    assert fp16.fp32_redone_windows == 0
+    exact = ModelRunner(overflowing(tiny_model), "cpu", "fp32")(0, windows)
+    assert th.isfinite(out).all()
+    assert residual_db(out[[0, 2]], exact[[0, 2]]).max() < -120
+    assert not out[1].any()  # silence's own fp16 stems (HTDemucs scales them by its std, 0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_finite_half_precision_windows_are_not_run_again(tiny_model, precision):
+    runner = ModelRunner(copy.deepcopy(tiny_model), "cpu", precision)
+    assert th.isfinite(runner(0, windows_of(runner, 2))).all()
+    assert runner.fp32_redone_windows == 0

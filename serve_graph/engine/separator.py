@@ -5,6 +5,7 @@
 run, overlap-add. The Ray deployments call the same pieces, one step each.
 """
 import contextlib
+import logging
 import threading
 import time
 import typing as tp
@@ -31,6 +32,7 @@ from .windows import normalise, window_input, window_output
 # array; the tensor `run_windows` makes of it is only read (windows are cut from it), never
 # written
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+logger = logging.getLogger(__name__)
 _AUTOCAST_DTYPES = {"bf16": th.bfloat16, "fp16": th.float16}
 DEFAULT_MAX_BATCH = 32
 
@@ -83,7 +85,11 @@ class ModelRunner:
     """A model (or bag) on a device, run as `RunnerOptions` say. `runner(model_index, windows)`
     maps windows `[B, C, L]` of sub-model `model_index` to stems `[B, S, C, L]` float32 on the
     CPU. Start-up work (memory measurement, compilation, graph capture) happens here, in
-    `__init__`, never on a request's path. Safe to call from several threads."""
+    `__init__`, never on a request's path. Safe to call from several threads.
+
+    In bf16/fp16 a window whose stems come out non-finite (fp16 tops out at 65504: a loud
+    activation overflows to inf, GroupNorm makes it NaN) is run again in fp32, eager, and
+    counted in `fp32_redone_windows`: the answer is never NaN or inf where fp32's is not."""
 
     def __init__(self, model: Model, device: tp.Optional[str] = None, precision: str = "fp32",
                  options: tp.Optional[RunnerOptions] = None):
@@ -98,6 +104,8 @@ class ModelRunner:
                 use_half_group_norm(sub_model)
         self._lock = threading.Lock()
         self.busy_seconds = 0.  # in forwards (their copies to and from the device included)
+        self.fp32_redone_windows = 0  # half-precision windows run again in fp32 (non-finite)
+        self._exact: tp.Dict[int, tp.Tuple[tp.Callable, BatchLimit]] = {}  # fp32, by model
         self._set_backends()
         self._forwards = [self._make_forward(m) for m in self.models]
         self.limits = [BatchLimit(options.max_batch) for _ in self.models]
@@ -119,20 +127,21 @@ class ModelRunner:
             # one window shape: cuDNN's fastest kernels for it, timed at the first forwards
             th.backends.cudnn.benchmark = self.options.cudnn_benchmark
 
-    def _autocast(self) -> tp.ContextManager:
-        if self.precision in _AUTOCAST_DTYPES:
+    def _autocast(self, half: bool = True) -> tp.ContextManager:
+        if half and self.precision in _AUTOCAST_DTYPES:
             # no weight-cast cache: cached casts made during a CUDA graph capture would be freed
             return th.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision],
                                cache_enabled=False)
         return contextlib.nullcontext()
 
-    def _make_forward(self, model: th.nn.Module,
-                      fast: bool = True) -> tp.Callable[[th.Tensor], th.Tensor]:
+    def _make_forward(self, model: th.nn.Module, fast: bool = True,
+                      half: bool = True) -> tp.Callable[[th.Tensor], th.Tensor]:
         """Windows `[B, C, L]` on the device -> stems `[B, S, C, L]` on the device; `fast`:
-        with the inner network compiled when the options say so."""
+        with the inner network compiled when the options say so; `half`: in bf16/fp16 when
+        the precision is one of them (else fp32)."""
         if not isinstance(model, HTDemucs):
             def plain(mix: th.Tensor) -> th.Tensor:
-                with self._autocast():
+                with self._autocast(half):
                     return model(mix).float()
             return plain
         core: tp.Callable = HTDemucsCore(model)
@@ -140,7 +149,7 @@ class ModelRunner:
             core = compile_core(core, self.options.compile_backend)
 
         def inner(mag: th.Tensor, mix: th.Tensor) -> tp.Tuple[th.Tensor, th.Tensor]:
-            with self._autocast():
+            with self._autocast(half):
                 return core(mag, mix)
         return SplitForward(model, inner, self.device)
 
@@ -198,8 +207,28 @@ class ModelRunner:
         return pieces[0] if len(pieces) == 1 else th.cat(pieces)
 
     def _run(self, model_index: int, inputs: th.Tensor) -> th.Tensor:
-        if self.device.type == "cpu":
-            return self._forwards[model_index](inputs.to(self.device))
+        """Stems `[B, S, C, L]` on the CPU of windows `[B, C, L]`, in pieces that fit."""
+        run = self._run_on_cpu if self.device.type == "cpu" else self._run_on_cuda
+        outputs, finite = run(model_index, inputs)
+        if finite is not None and not bool(finite.all()):
+            self._redo_in_fp32(model_index, inputs, outputs, (~finite).nonzero().flatten())
+        return outputs
+
+    @property
+    def _guarded(self) -> bool:
+        """Whether outputs are checked for non-finite values (bf16/fp16: see the class)."""
+        return self.precision in _AUTOCAST_DTYPES
+
+    def _run_on_cpu(self, model_index: int, inputs: th.Tensor
+                    ) -> tp.Tuple[th.Tensor, tp.Optional[th.Tensor]]:
+        """Stems of `inputs`, and (guarded) which windows' stems are all finite `[B]`."""
+        outputs = self._forwards[model_index](inputs.to(self.device))
+        return outputs, finite_rows(outputs) if self._guarded else None
+
+    def _run_on_cuda(self, model_index: int, inputs: th.Tensor
+                     ) -> tp.Tuple[th.Tensor, tp.Optional[th.Tensor]]:
+        """`_run_on_cpu` on the GPU: in bucket-sized pieces, copied back asynchronously (the
+        finite flags too: no sync but the last)."""
         if inputs.device.type == "cpu":
             inputs = inputs.pin_memory()  # lets the copy to the GPU run asynchronously
         graphs = self.graphs[model_index]
@@ -207,14 +236,51 @@ class ModelRunner:
         start = 0
         sizes = (split_into_buckets(inputs.shape[0], graphs.buckets) if graphs else
                  [inputs.shape[0]])
+        flags = []
         for size in sizes:  # the forward replays its graphs for these sizes
             piece = inputs[start:start + size].to(self.device, non_blocking=True)
             out = self._forwards[model_index](piece)
-            host = th.empty(out.shape, dtype=out.dtype, pin_memory=True)
-            outputs.append(host.copy_(out, non_blocking=True))
+            outputs.append(to_pinned_host(out))
+            if self._guarded:
+                flags.append(to_pinned_host(finite_rows(out)))
             start += size
         th.cuda.current_stream(self.device).synchronize()
-        return outputs[0] if len(outputs) == 1 else th.cat(outputs)
+        return (outputs[0] if len(outputs) == 1 else th.cat(outputs),
+                th.cat(flags) if flags else None)
+
+    def _redo_in_fp32(self, model_index: int, inputs: th.Tensor, outputs: th.Tensor,
+                      rows: th.Tensor) -> None:
+        """Run windows `inputs[rows]` again in fp32 (eager, in pieces that fit) into
+        `outputs[rows]`."""
+        logger.warning("%d of %d windows came out non-finite in %s: run again in fp32",
+                       len(rows), inputs.shape[0], self.precision)
+        if model_index not in self._exact:
+            self._exact[model_index] = (
+                self._make_forward(self.models[model_index], fast=False, half=False),
+                BatchLimit(self.limits[model_index].limit))
+        forward, limit = self._exact[model_index]
+        pieces = run_with_backoff(lambda batch: forward(batch.to(self.device)).cpu(),
+                                  inputs[rows.to(inputs.device)], limit, self._free_cache)
+        outputs[rows] = pieces[0] if len(pieces) == 1 else th.cat(pieces)
+        self.fp32_redone_windows += len(rows)
+
+    def take_fp32_redone(self) -> int:
+        """Windows run again in fp32 since the last call (for a metric)."""
+        with self._lock:
+            count, self.fp32_redone_windows = self.fp32_redone_windows, 0
+        return count
+
+
+def finite_rows(outputs: th.Tensor) -> th.Tensor:
+    """`[B]` bool: whether each window's stems `outputs[b]` are all finite."""
+    return th.isfinite(outputs).flatten(1).all(1)
+
+
+def to_pinned_host(tensor: th.Tensor) -> th.Tensor:
+    """A copy of a device tensor in pinned host memory, made asynchronously (read it after
+    the stream's synchronize)."""
+    return th.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor,
+                                                                           non_blocking=True)
 
 
 def batch_windows(windows: tp.Sequence[Window], batch_size: int) -> tp.Iterator[tp.List[Window]]:

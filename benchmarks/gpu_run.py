@@ -78,11 +78,15 @@ class Profile(tp.NamedTuple):
     compile_backend: str
     repeats: int
     batch_songs: int  # the batch step's
+    served: str  # the precision compiled (model step) and served (http, batch)
 
 
-GPU = Profile("cuda", 216., 10., (16, 32, 64), ("fp16", "bf16"), 16, "inductor", 3, 32)
+# served in fp16: issue #24's target is <= 3 ms a window at <= -60 dB vs fp32, and on the H100
+# bf16 came to -45 dB, fp16 to -63 dB (GPU_NOTES.md); fp16's overflow is caught per window
+# (ModelRunner runs a non-finite window again in fp32)
+GPU = Profile("cuda", 216., 10., (16, 32, 64), ("fp16", "bf16"), 16, "inductor", 3, 32, "fp16")
 # fp32 only: this CPU may have no fast bf16/fp16 (the steps' code is the same)
-REHEARSAL = Profile("cpu", 4., 2., (2,), ("fp32",), 2, "eager", 1, 3)
+REHEARSAL = Profile("cpu", 4., 2., (2,), ("fp32",), 2, "eager", 1, 3, "fp32")
 
 
 class Figures:
@@ -201,7 +205,7 @@ def model(args, figures: Figures) -> None:
                                                   ("half_group_norm", "none", "half")):
             runner = runner_for(args, precision, compile_mode, group_norm)
             measure(args, figures, runner, windows, excerpt, fp32, precision, variant)
-    precision = profile.precisions[-1]
+    precision = profile.served
     start = time.perf_counter()
     runner = runner_for(args, precision, "compile", "half")
     figures.record("compile_seconds", round(time.perf_counter() - start, 2), "s",
@@ -286,11 +290,11 @@ def http(args, figures: Figures) -> None:
 
 def service_arguments(args) -> argparse.Namespace:
     """`benchmarks.throughput`'s service options: on the GPU box one Separate replica with the
-    GPU and bf16 + half GroupNorm, Decode 2 x 1 CPU, Encode 12 CPUs and 14 MP3 threads; in the
-    rehearsal the tiny model on the CPU, fp32."""
+    GPU and fp16 (`Profile.served`) + half GroupNorm, CUDA graphs, Decode 2 x 1 CPU, Encode 12
+    CPUs and 14 MP3 threads; in the rehearsal the tiny model on the CPU, fp32."""
     gpu = not args.rehearsal
     return argparse.Namespace(
-        port=free_port(), model_repo=str(model_repo(args)), precision="bf16" if gpu else "fp32",
+        port=free_port(), model_repo=str(model_repo(args)), precision=args.profile.served,
         compile="graphs" if gpu else "none", group_norm="half" if gpu else "fp32",
         replicas=1, gpus=1 if gpu else 0, max_batch_size=64 if gpu else 4,
         batch_wait=0.005 if gpu else 0.01, decode_replicas=2 if gpu else 1,

@@ -64,6 +64,7 @@ def test_cudnn_benchmark_follows_the_option_and_keeps_fp32_parity(full_model, mi
 
 
 def test_cuda_graphs_replay_the_eager_forward(full_model, mix):
+    """The mix's 3 windows replay the graph of 4, padded with a silent window."""
     eager, _ = cuda_stems(full_model, mix, precision="fp32")
     graphed, runner = cuda_stems(full_model, mix, precision="fp32", compile="graphs",
                                  max_batch=4)

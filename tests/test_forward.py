@@ -7,8 +7,8 @@ import torch as th
 
 from serve_graph.engine import ModelRunner, separate
 from serve_graph.engine.forward import (BatchLimit, HTDemucsCore, Spectral, SplitForward,
-                                        bucket_sizes, graph_safe, memory_limit,
-                                        run_with_backoff, split_into_buckets)
+                                        bucket_pieces, bucket_sizes, graph_safe,
+                                        memory_limit, run_with_backoff)
 from serve_graph.engine.models import sub_models
 from serve_graph.engine.separator import RunnerOptions
 from test_parity import residual_db
@@ -66,14 +66,23 @@ def test_random_positional_shift_is_not_graph_safe(htdemucs):
     assert not graph_safe(model.train())
 
 
-def test_buckets_cover_any_batch_without_padding():
-    assert bucket_sizes(24) == [1, 2, 4, 8, 16, 24]
-    assert bucket_sizes(1) == [1]
-    buckets = bucket_sizes(32)
-    assert split_into_buckets(37, buckets) == [32, 4, 1]
-    for count in range(1, 100):
-        pieces = split_into_buckets(count, buckets)
-        assert sum(pieces) == count and all(p in buckets for p in pieces)
+def test_buckets_cover_any_batch_padding_at_most_seven_windows():
+    assert bucket_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert bucket_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert bucket_sizes(4) == [1, 2, 4] and bucket_sizes(3) == [1, 2, 3]
+    assert bucket_sizes(1) == [1] and bucket_sizes(0) == [1]
+    buckets = bucket_sizes(64)
+    assert bucket_pieces(37, buckets) == [(40, 37)]  # a 216 s song's windows: one replay
+    assert bucket_pieces(150, buckets) == [(64, 64), (64, 64), (24, 22)]
+    for limit in (1, 3, 4, 20, 64):
+        buckets = bucket_sizes(limit)
+        for count in range(1, 200):
+            pieces = bucket_pieces(count, buckets)
+            assert sum(used for _, used in pieces) == count
+            assert all(size in buckets and 0 < used <= size for size, used in pieces)
+            assert all(used == size for size, used in pieces[:-1])
+            assert pieces[-1][0] - pieces[-1][1] < 8
+            assert len(pieces) == -(-count // limit)
 
 
 def test_memory_limit_arithmetic():

@@ -290,20 +290,31 @@ class CudaGraphs:
         return static_out
 
 
+# Batch sizes captured as CUDA graphs: 1, 2, 4, then every multiple of 8 up to the limit (as
+# vLLM captures its decoder). A batch is padded up to the next one: at most 7 windows wasted,
+# where cutting 37 windows into 32 + 4 + 1 replays cost an H100 526 ms against eager's 375 ms
+# for the 37 at once (bf16; small batches leave most of the GPU idle)
+BUCKET_STEP = 8
+
+
 def bucket_sizes(limit: int) -> tp.List[int]:
-    """Powers of two up to `limit`, and `limit` itself: `bucket_sizes(24) == [1, 2, 4, 8, 16, 24]`."""
-    sizes = [1 << i for i in range(max(limit, 1).bit_length()) if 1 << i <= limit]
-    return sorted(set(sizes + [max(limit, 1)]))
+    """The batch sizes to capture for batches of at most `limit` windows: 1, 2, 4, the
+    multiples of `BUCKET_STEP` below `limit`, and `limit`:
+    `bucket_sizes(20) == [1, 2, 4, 8, 16, 20]`."""
+    limit = max(limit, 1)
+    small = [size for size in (1, 2, 4) if size < limit]
+    return small + list(range(BUCKET_STEP, limit, BUCKET_STEP)) + [limit]
 
 
-def split_into_buckets(count: int, buckets: tp.Sequence[int]) -> tp.List[int]:
-    """Piece sizes covering `count` windows with as few replays as possible and no padding:
-    the largest bucket that fits, repeatedly (`buckets` holds 1)."""
-    pieces = []
-    while count:
-        size = max(b for b in buckets if b <= count)
-        pieces.append(size)
-        count -= size
+def bucket_pieces(count: int, buckets: tp.Sequence[int]) -> tp.List[tp.Tuple[int, int]]:
+    """`(bucket, windows)` pieces covering `count` windows: the largest bucket while more are
+    left than it holds, then the rest padded up to the smallest bucket that holds it (`windows`
+    <= `bucket`; only the last piece is padded)."""
+    largest = max(buckets)
+    pieces = [(largest, largest)] * (count // largest)
+    rest = count - largest * len(pieces)
+    if rest:
+        pieces.append((min(b for b in buckets if b >= rest), rest))
     return pieces
 
 

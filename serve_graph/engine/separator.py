@@ -21,7 +21,7 @@ from .cpu_settings import apply_to_torch, choose
 from .modes import COMPILE_MODES, GROUP_NORMS, PRECISIONS
 from .forward import (BatchLimit, CudaGraphs, HTDemucsCore, SplitForward,
                       bucket_sizes, compile_core, graph_safe, is_out_of_memory,
-                      memory_limit, run_with_backoff, split_into_buckets,
+                      memory_limit, run_with_backoff, bucket_pieces,
                       use_half_group_norm, window_memory)
 from .models import Model, model_geometry, sub_models
 from .plan import Plan, Window, in_order, plan_windows
@@ -227,23 +227,26 @@ class ModelRunner:
 
     def _run_on_cuda(self, model_index: int, inputs: th.Tensor
                      ) -> tp.Tuple[th.Tensor, tp.Optional[th.Tensor]]:
-        """`_run_on_cpu` on the GPU: in bucket-sized pieces, copied back asynchronously (the
-        finite flags too: no sync but the last)."""
+        """`_run_on_cpu` on the GPU: with CUDA graphs in bucket-sized pieces (the last padded
+        with silent windows up to its bucket), copied back asynchronously (the finite flags
+        too: no sync but the last)."""
         if inputs.device.type == "cpu":
             inputs = inputs.pin_memory()  # lets the copy to the GPU run asynchronously
         graphs = self.graphs[model_index]
         outputs = []
         start = 0
-        sizes = (split_into_buckets(inputs.shape[0], graphs.buckets) if graphs else
-                 [inputs.shape[0]])
+        pieces = (bucket_pieces(inputs.shape[0], graphs.buckets) if graphs else
+                  [(inputs.shape[0], inputs.shape[0])])
         flags = []
-        for size in sizes:  # the forward replays its graphs for these sizes
-            piece = inputs[start:start + size].to(self.device, non_blocking=True)
-            out = self._forwards[model_index](piece)
+        for size, used in pieces:  # the forward replays its graphs for these sizes
+            piece = inputs[start:start + used].to(self.device, non_blocking=True)
+            if used < size:
+                piece = th.cat([piece, piece.new_zeros((size - used, *piece.shape[1:]))])
+            out = self._forwards[model_index](piece)[:used]
             outputs.append(to_pinned_host(out))
             if self._guarded:
                 flags.append(to_pinned_host(finite_rows(out)))
-            start += size
+            start += used
         th.cuda.current_stream(self.device).synchronize()
         return (outputs[0] if len(outputs) == 1 else th.cat(outputs),
                 th.cat(flags) if flags else None)

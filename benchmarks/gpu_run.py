@@ -338,8 +338,8 @@ def four_mp3_stems_cpu_seconds(stem: th.Tensor, quality: int) -> float:
 
 def batch(args, figures: Figures) -> None:
     """Batch mode (issue #25) as a catalogue runs it: FLAC songs in a folder, FLAC stems out,
-    the options `placement.batch_arguments` gives this machine with the http step's precision
-    and batch; the model's busy share of the pipeline (from Ray up, the actor's start
+    the options `placement.batch_arguments` gives this machine with the http step's precision,
+    compile mode and batch; the model's busy share of the pipeline (from Ray up, the actor's start
     included) and from the first song's end on, and x real time."""
     missing = [name for name in IMAGE_PACKAGES if package_version(name) is None]
     if missing:  # at once, not after the songs are written: the next step gets the time
@@ -353,7 +353,8 @@ def batch(args, figures: Figures) -> None:
     profile, service = args.profile, service_arguments(args)
     shape = NodeShape(gpus=service.gpus, cpus=os.cpu_count() or 1)
     options = [*batch_arguments(shape), "--precision", service.precision, "--group-norm",
-               service.group_norm, "--batch-size", str(service.max_batch_size)]
+               service.group_norm, "--compile", service.compile,
+               "--batch-size", str(service.max_batch_size)]
     folder = Path(tempfile.mkdtemp(prefix="gpu_batch_"))  # RESULTS_DIR holds figures and logs
     try:  # GBs of songs and stems, also when the batch fails
         (folder / "songs").mkdir()

@@ -25,6 +25,9 @@ from .preflight import cpu_precision_problem, missing_model_message, model_probl
 from .procs import stop_tree
 from .settings import MODEL_ENV, REPO_ENV, ServiceSettings
 
+if tp.TYPE_CHECKING:
+    from .batch.pipeline import BatchJob
+
 
 def _separate_parser(sub) -> None:
     p = sub.add_parser("separate", help="separate one audio file into a ZIP of stems")
@@ -38,14 +41,7 @@ def _separate_parser(sub) -> None:
                      help="same as --format wav")
     fmt.add_argument("--flac", dest="format", action="store_const", const="flac",
                      help="same as --format flac")
-    p.add_argument("--model-repo", default=os.environ.get(REPO_ENV),
-                   help=f"local model repo folder (env {REPO_ENV})")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    p.add_argument("--compile", default="none", choices=COMPILE_MODES,
-                   help="graphs: CUDA graphs; compile: torch.compile (+ graphs on CUDA)")
-    p.add_argument("--group-norm", default="fp32", choices=GROUP_NORMS,
-                   help="half: with bf16/fp16, GroupNorm keeps half-precision activations")
+    _add_runner_arguments(p)
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--profile", action="store_true",
@@ -141,6 +137,19 @@ def run_separate(args) -> int:
     return 0
 
 
+def _add_runner_arguments(p) -> None:
+    """How the model runs (`RunnerOptions`): `separate`'s and `batch`'s."""
+    p.add_argument("--model-repo", default=os.environ.get(REPO_ENV),
+                   help=f"local model repo folder (env {REPO_ENV})")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                   help="graphs: CUDA graphs; compile: torch.compile (+ graphs on CUDA; its "
+                   "kernels cached in TORCHINDUCTOR_CACHE_DIR)")
+    p.add_argument("--group-norm", default="fp32", choices=GROUP_NORMS,
+                   help="half: with bf16/fp16, GroupNorm keeps half-precision activations")
+
+
 def _batch_parser(sub) -> None:
     from .batch.pipeline import MAX_FILE_MB, MAX_SECONDS
     p = sub.add_parser("batch", help="separate every song of a folder, glob, list or manifest "
@@ -149,12 +158,7 @@ def _batch_parser(sub) -> None:
                    "manifest with song_id and uri; local, or s3:// gs:// ... (fsspec)")
     p.add_argument("output", help="folder (or fsspec URL) for the stems and manifest.parquet")
     _add_option_fields(p)
-    p.add_argument("--model-repo", default=os.environ.get(REPO_ENV),
-                   help=f"local model repo folder (env {REPO_ENV})")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if this machine has one)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    p.add_argument("--group-norm", default="fp32", choices=GROUP_NORMS,
-                   help="half: with bf16/fp16, GroupNorm keeps half-precision activations")
+    _add_runner_arguments(p)
     p.add_argument("--batch-size", type=int, help="windows per forward pass (default: "
                    f"{BATCH_WINDOWS['cuda']} on CUDA, {BATCH_WINDOWS['cpu']} on CPU, as "
                    "`separate`: larger CPU batches only cost memory)")
@@ -185,11 +189,24 @@ def _batch_parser(sub) -> None:
 BATCH_WINDOWS = {"cuda": 8, "cpu": 1}  # the batch's windows per forward, by device
 
 
+def batch_job(args, options: SeparationOptions) -> "BatchJob":
+    """The `BatchJob` of a `batch` command line (`options` from its option fields)."""
+    from .batch.pipeline import BatchJob
+    from .engine import default_device
+    device = args.device or default_device()
+    batch_size = args.batch_size or BATCH_WINDOWS["cuda" if device.startswith("cuda") else "cpu"]
+    return BatchJob(args.input, args.output, options, args.model_repo, device, args.precision,
+                    max(1, batch_size), max(1, args.songs_per_call), args.actors,
+                    max(1, args.calls_per_actor), args.decoders, max(1, args.encode_threads),
+                    args.max_audio_seconds, args.max_file_mb, args.retry_failed,
+                    args.actor_resource, args.decode_resource, group_norm=args.group_norm,
+                    compile=args.compile)
+
+
 def run_batch(args) -> int:
     """Exit 0 when every song is done, 1 when some failed (their rows say why; 0 with
     --failed-songs-ok), 2 when the batch cannot start (bad INPUT, options, model or OUTPUT)."""
-    from .batch.pipeline import BatchJob, run
-    from .engine import default_device
+    from .batch.pipeline import run
     try:
         options = _options(args)
     except SeparationError as exc:
@@ -197,16 +214,7 @@ def run_batch(args) -> int:
         return 2
     try:
         geometry = _model_geometry(options, args.model_repo)
-        device = args.device or default_device()
-        batch_size = args.batch_size or BATCH_WINDOWS["cuda" if device.startswith("cuda")
-                                                      else "cpu"]
-        job = BatchJob(args.input, args.output, options, args.model_repo, device,
-                       args.precision, max(1, batch_size), max(1, args.songs_per_call),
-                       args.actors, max(1, args.calls_per_actor), args.decoders,
-                       max(1, args.encode_threads), args.max_audio_seconds, args.max_file_mb,
-                       args.retry_failed, args.actor_resource, args.decode_resource,
-                       group_norm=args.group_norm)
-        progress, manifest, rows = run(job, geometry)
+        progress, manifest, rows = run(batch_job(args, options), geometry)
     except REFUSED as exc:
         print(_refusal(exc, options.model), file=sys.stderr)
         return 2

@@ -54,6 +54,7 @@ class BatchSettings:
     batch_size: int = 8  # windows per forward
     encode_threads: int = 2
     group_norm: str = "fp32"  # "half": bf16/fp16 GroupNorm activations (RunnerOptions)
+    compile: str = "none"  # "graphs", "compile" (RunnerOptions)
 
 
 def error_fields(exc: Exception, uri: str) -> dict:
@@ -114,6 +115,7 @@ class SeparateSongs:
         self.options = SeparationOptions(**options)
         self.runner = ModelRunner(load_model(settings.model, settings.model_repo),
                                   options=RunnerOptions(settings.device, settings.precision,
+                                                        settings.compile,
                                                         max_batch=settings.batch_size,
                                                         group_norm=settings.group_norm))
         self.pool = ThreadPoolExecutor(settings.encode_threads)

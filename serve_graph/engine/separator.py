@@ -19,10 +19,9 @@ from demucs.htdemucs import HTDemucs
 
 from .cpu_settings import apply_to_torch, choose
 from .modes import COMPILE_MODES, GROUP_NORMS, PRECISIONS
-from .forward import (BatchLimit, CudaGraphs, HTDemucsCore, SplitForward,
+from .forward import (BatchLimit, CudaGraphs, HTDemucsCore, SplitForward, bucket_pieces,
                       bucket_sizes, compile_core, graph_safe, is_out_of_memory,
-                      memory_limit, run_with_backoff, bucket_pieces,
-                      use_half_group_norm, window_memory)
+                      memory_limit, run_with_backoff, use_half_group_norm, window_memory)
 from .models import Model, model_geometry, sub_models
 from .plan import Plan, Window, in_order, plan_windows
 from .overlap_add import NORMALISED, OverlapAdd, denormalise

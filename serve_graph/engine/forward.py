@@ -5,8 +5,9 @@
   in float32. This is what `torch.compile` compiles (the STFT's complex tensors stay outside).
 - `Spectral`: HTDemucs' STFT and iSTFT without host round trips, the same on CPU and CUDA.
 - `SplitForward`: STFT -> core -> iSTFT, the same function as `HTDemucs.forward` in eval.
-- `CudaGraphs`: the core captured once per batch size ("bucket") at start-up and replayed; a
-  batch is cut into bucket-sized pieces, so no request ever waits on a capture.
+- `CudaGraphs`: the core captured once per batch size ("bucket": 1, 2, 4 and the multiples of
+  8) at start-up and replayed; a batch is cut into bucket-sized pieces, the last padded up to
+  its bucket, so no request ever waits on a capture.
 - `BatchLimit`: the largest batch that fits in device memory, measured at start-up, halved when
   an out-of-memory error happens anyway (the batch is then retried in smaller pieces).
 

@@ -48,7 +48,8 @@ STEPS = ("machine", "correctness", "model", "http", "cost", "batch", "roformer")
 # what each step must record (the rehearsal test checks every one)
 EXPECTED = {
     "machine": ["gpu", "torch", "cuda", "cpu_cores"],
-    "correctness": ["fp32_parity_db", "oom_halvings", "oom_failed_requests"],
+    "correctness": ["fp32_parity_db", "oom_halvings", "oom_failed_requests",
+                    "fp16_overflow_redone_windows"],
     "model": ["ms_per_window", "song_alone_ms", "residual_db", "compile_seconds",
               "cached_start_seconds"],
     "http": ["cold_start_s", "one_song_mp3_s", "one_song_mp3_q5_s", "one_song_mp3_q7_s",
@@ -111,8 +112,11 @@ class Figures:
 
 def model_repo(args) -> Path:
     """The full-size random htdemucs repo, or (rehearsal) a tiny one beside the results."""
-    if not args.rehearsal:
-        return full_size_repo()
+    return tiny_repo(args) if args.rehearsal else full_size_repo()
+
+
+def tiny_repo(args) -> Path:
+    """A tiny random htdemucs repo beside the results (made once)."""
     repo = args.results.parent / f"{args.results.name}_tiny_repo"
     if not (repo / "htdemucs.yaml").is_file():
         make_random_repo(repo, "htdemucs", size="tiny", seed=0)
@@ -159,6 +163,27 @@ def correctness(args, figures: Figures) -> None:
     halvings, failed = oom_backoff(args, profile)
     figures.record("oom_halvings", halvings)
     figures.record("oom_failed_requests", failed, goal=0)
+    redone, residual = fp16_overflow(args, profile)
+    figures.record("fp16_overflow_redone_windows", redone, goal=2,
+                   residual_db_vs_fp32=round(residual, 1))
+
+
+def fp16_overflow(args, profile: Profile) -> tp.Tuple[int, float]:
+    """The tiny model made to overflow fp16 (its first convolution 10^5 times louder), fp16
+    with CUDA graphs on the device: two windows of noise overflow, one of silence does not.
+    Returns (windows run again in fp32, the worst stem's residual of the two vs fp32)."""
+    def runner(precision: str) -> ModelRunner:
+        bag = load_model("htdemucs", tiny_repo(args))
+        with th.no_grad():
+            bag.models[0].encoder[0].conv.weight.mul_(1e5)
+        return ModelRunner(bag, options=RunnerOptions(profile.device, precision, "graphs",
+                                                      max_batch=4))
+    fp16 = runner("fp16")
+    length = fp16.geometry.input_length(0, fp16.geometry.segment_lengths[0])
+    windows = th.randn(3, 2, length, generator=th.Generator().manual_seed(5)) * 0.3
+    windows[1] = 0
+    out, exact = fp16(0, windows), runner("fp32")(0, windows)
+    return fp16.fp32_redone_windows, residual_db(out[[0, 2]], exact[[0, 2]])
 
 
 def oom_backoff(args, profile: Profile) -> tp.Tuple[int, int]:

@@ -34,6 +34,7 @@ def test_the_gpu_run_rehearsal_writes_every_figure(tmp_path):
     assert value["fp32_parity_db"] <= -80
     assert value["oom_halvings"] > 0 and value["oom_failed_requests"] == 0
     assert "batches now hold at most" in (results / "oom.log").read_text()
+    assert value["fp16_overflow_redone_windows"] == 2
     assert value["cold_start_s"] > 0 and value["concurrent_wav_x_real_time"] > 0
     assert 0 < value["usd_per_song_wav"] <= value["usd_per_song_mp3"]
 

@@ -15,6 +15,7 @@ from serve_graph.procs import descendants, kill_all, wait_gone
 from serve_process import ROOT
 
 sys.path.insert(0, str(ROOT))
+from benchmarks import gpu_report  # noqa: E402
 from benchmarks.gpu_run import EXPECTED, STEPS  # noqa: E402
 
 
@@ -37,6 +38,12 @@ def test_the_gpu_run_rehearsal_writes_every_figure(tmp_path):
     assert value["fp16_overflow_redone_windows"] == 2
     assert value["cold_start_s"] > 0 and value["concurrent_wav_x_real_time"] > 0
     assert 0 < value["usd_per_song_wav"] <= value["usd_per_song_mp3"]
+    report = gpu_report.section(results, "2026-12-07")  # what RESULTS.md gets from a GPU run
+    rows = [line for line in report.splitlines() if line.startswith("| ") and
+            not line.startswith(("| step", "| ---"))]
+    assert len(rows) == len([f for f in figures if f["step"] != "machine"])
+    assert all(f"{step} exit 0 in" in report for step in STEPS)
+    assert len([line for line in report.splitlines() if line.startswith("  - ")]) == 5
 
 
 def test_a_rehearsal_step_stopped_at_its_limit_leaves_no_process_behind(tmp_path):

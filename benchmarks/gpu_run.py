@@ -219,24 +219,42 @@ def oom_backoff(args, profile: Profile) -> tp.Tuple[int, int]:
     return runner.limits[0].halvings, failed
 
 
+# the model step's variants in order of value: the compiled network decides issue #24's target
+VARIANTS = {"compiled": ("compile", "half"), "eager": ("none", "fp32"),
+            "half_group_norm": ("none", "half")}
+
+
 def model(args, figures: Figures) -> None:
     """Per-window time of each precision x variant on a song's windows, and the residual of
-    an excerpt against fp32 on the same device."""
+    an excerpt against fp32 on the same device: first the compiled network in the served
+    precision (with its compile time and its start from the cache), then eager and half
+    GroupNorm in each precision. GPU_RUN_VARIANTS="eager half_group_norm" runs only those
+    (a rerun of what a cut step did not reach)."""
     profile = args.profile
+    chosen = os.environ.get("GPU_RUN_VARIANTS", " ".join(VARIANTS)).split()
     excerpt = song(profile.excerpt_seconds, seed=1)
     fp32 = separate(runner_for(args, "fp32", "none", "fp32"), excerpt, batch_size=8)
     windows = song_windows(args, profile.song_seconds)
+    if "compiled" in chosen:
+        compiled(args, figures, windows, excerpt, fp32)
     for precision in profile.precisions:
-        for variant, compile_mode, group_norm in (("eager", "none", "fp32"),
-                                                  ("half_group_norm", "none", "half")):
-            runner = runner_for(args, precision, compile_mode, group_norm)
+        for variant in (name for name in VARIANTS if name != "compiled" and name in chosen):
+            runner = runner_for(args, precision, *VARIANTS[variant])
             measure(args, figures, runner, windows, excerpt, fp32, precision, variant)
-    precision = profile.served
+            del runner  # its device memory, before the next
+
+
+def compiled(args, figures: Figures, windows: th.Tensor, excerpt: th.Tensor,
+             fp32: th.Tensor) -> None:
+    """The compiled inner network in the served precision: compile seconds (its CUDA graphs
+    captured too), its speed and residual, then its start in a new process from the cache."""
+    precision = args.profile.served
     start = time.perf_counter()
-    runner = runner_for(args, precision, "compile", "half")
+    runner = runner_for(args, precision, *VARIANTS["compiled"])
     figures.record("compile_seconds", round(time.perf_counter() - start, 2), "s",
                    precision=precision)
     measure(args, figures, runner, windows, excerpt, fp32, precision, "compiled")
+    del runner
     figures.record("cached_start_seconds", cached_start(args, precision), "s",
                    precision=precision)
 
@@ -279,7 +297,7 @@ def cached_start(args, precision: str) -> float:
     code = ("import sys; from pathlib import Path; from benchmarks import gpu_run; "
             f"args = gpu_run.parse(['model', '--results', {str(args.results)!r}] + "
             f"{['--rehearsal'] if args.rehearsal else []!r}); "
-            f"print(gpu_run.runner_for(args, {precision!r}, 'compile', 'half')"
+            f"print(gpu_run.runner_for(args, {precision!r}, *gpu_run.VARIANTS['compiled'])"
             ".startup_seconds)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)

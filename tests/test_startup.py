@@ -220,6 +220,37 @@ def test_the_launcher_without_the_model_exits_before_starting_ray(tmp_path):
     assert not any("raylet" in " ".join(cmdline(pid)) for pid in seen if alive(pid))
 
 
+# the launcher with its port check passed (as when the port is taken between that check and
+# the proxy's bind): Serve's proxy then fails to bind once the application is up
+PORT_TAKEN_LATE = """import sys
+from serve_graph import preflight, serve_run
+preflight.port_message = lambda http_options: None
+sys.exit(serve_run.main(sys.argv[1:]))
+"""
+
+
+def test_a_proxy_that_cannot_bind_after_the_check_ends_the_launcher_naming_why(tmp_path,
+                                                                                 tiny_repo):
+    """The port taken after the launcher's own check: the application starts, Serve's proxy
+    cannot bind, and the launcher says so, exits 1 and leaves no process behind."""
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", free_port()))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config = write_config(tmp_path / "serve_config.yaml", port=port, host="127.0.0.1")
+    try:
+        code, output, seconds, seen = run_watching(
+            [sys.executable, "-c", PORT_TAKEN_LATE, str(config)], tmp_path,
+            {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo)}, timeout=120)
+    finally:
+        taken.close()
+    assert code == 1, output[-3000:]
+    assert ("Deploying app 'separation' failed with exception:\nthe HTTP proxy did not start: "
+            f"RuntimeError: Failed to bind to address '127.0.0.1:{port}'") in output, output[-3000:]
+    assert_all_gone(seen)
+
+
 def test_the_launcher_with_its_port_taken_exits_at_once_naming_it(tmp_path, tiny_repo):
     """Another server on the config's HTTP port: one message naming the address, exit 2,
     before Ray starts (Serve's proxy binds beside the replicas starting, so it would find out

@@ -25,9 +25,11 @@ STEP_LINE = re.compile(r"^== (\w+)(?: \(at most (\d+) s\)|: exit (\d+)) (\d\d:\d
 def read(results: Path) -> tp.Tuple[tp.List[Figure], tp.Dict[str, dict]]:
     """The figures in the order measured, and each step's limit, exit status and seconds from
     log.txt (a step with no exit line did not end)."""
-    figures = [json.loads(line) for line in (results / "figures.jsonl").read_text().splitlines()]
+    figures_file, log = results / "figures.jsonl", results / "log.txt"
+    figures = ([json.loads(line) for line in figures_file.read_text().splitlines()]
+               if figures_file.is_file() else [])
     steps: tp.Dict[str, dict] = {}
-    for line in (results / "log.txt").read_text().splitlines():
+    for line in (log.read_text().splitlines() if log.is_file() else []):
         match = STEP_LINE.match(line)
         if not match:
             continue

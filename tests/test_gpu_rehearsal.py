@@ -88,3 +88,33 @@ def test_the_batch_step_without_pyarrow_in_the_image_says_so_at_once(tmp_path, m
     assert stopped.value.code == 3
     skipped, = figures.read()
     assert skipped["name"] == "batch_skipped" and "pyarrow" in skipped["value"]
+
+
+def test_the_report_of_a_run_cut_short_says_which_step_did_not_end(tmp_path):
+    """A GPU run whose http step hit its limit mid-way: the report has the figures it measured,
+    the goals they met or missed, and the step that did not end."""
+    (tmp_path / "log.txt").write_text(
+        "== machine (at most 15 s) 10:00:00\n== machine: exit 0 10:00:03\n"
+        "== model (at most 195 s) 10:00:03\n== model: exit 124 10:03:18\n"
+        "== http (at most 150 s) 10:03:18\n")
+    figures = [
+        {"step": "machine", "name": "gpu", "value": "NVIDIA H200", "unit": ""},
+        {"step": "model", "name": "ms_per_window", "value": 2.5, "unit": "ms",
+         "precision": "fp16", "variant": "compiled", "batch": 64},
+        {"step": "model", "name": "residual_db", "value": -61.0, "unit": "dB",
+         "precision": "fp16", "variant": "compiled", "goal": "<= -60"},
+        {"step": "model", "name": "ms_per_window", "value": 1.5, "unit": "ms",
+         "precision": "bf16", "variant": "eager", "batch": 64},
+        {"step": "model", "name": "residual_db", "value": -45.0, "unit": "dB",
+         "precision": "bf16", "variant": "eager", "goal": "<= -60"},
+        {"step": "http", "name": "one_song_mp3_s", "value": 1.2, "unit": "s", "goal": "<= 1.0",
+         "mp3_quality": 2}]
+    (tmp_path / "figures.jsonl").write_text("".join(json.dumps(f) + "\n" for f in figures))
+    report = gpu_report.section(tmp_path, "2026-12-07")
+    assert "## GPU run (issue #24): NVIDIA H200" in report
+    assert "machine exit 0 in 3 s" in report and "model exit 124 in 195 s" in report
+    assert "http did not end (limit 150 s)" in report
+    # the fastest variant within -60 dB decides, not the faster bf16 at -45 dB
+    assert "- model <= 3 ms a window at <= -60 dB: 2.5 ms (fp16 compiled, batch 64): met" in report
+    assert "- 216 s -> 4 MP3 stems <= 1.0 s: **not met** (q2 1.2 s)" in report
+    assert "| residual_db | -45 dB | precision bf16, variant eager | <= -60 (**not met**) |" in report

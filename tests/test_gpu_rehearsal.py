@@ -115,6 +115,7 @@ def test_the_report_of_a_run_cut_short_says_which_step_did_not_end(tmp_path):
     assert "machine exit 0 in 3 s" in report and "model exit 124 in 195 s" in report
     assert "http did not end (limit 150 s)" in report
     # the fastest variant within -60 dB decides, not the faster bf16 at -45 dB
-    assert "- model <= 3 ms a window at <= -60 dB: 2.5 ms (fp16 compiled, batch 64): met" in report
+    assert ("- model <= 3 ms a window at <= -60 dB: 2.5 ms (fp16 compiled, batch 64): met"
+            in report)
     assert "- 216 s -> 4 MP3 stems <= 1.0 s: **not met** (q2 1.2 s)" in report
     assert "| residual_db | -45 dB | precision bf16, variant eager | <= -60 (**not met**) |" in report

@@ -5,8 +5,8 @@
   in float32. This is what `torch.compile` compiles (the STFT's complex tensors stay outside).
 - `Spectral`: HTDemucs' STFT and iSTFT without host round trips, the same on CPU and CUDA.
 - `SplitForward`: STFT -> core -> iSTFT, the same function as `HTDemucs.forward` in eval.
-- `CudaGraphs`: the core captured once per batch size ("bucket": 1, 2, 4 and the multiples of
-  8) at start-up and replayed; a batch is cut into bucket-sized pieces, the last padded up to
+- `CudaGraphs`: the core captured once per batch size ("bucket": 1, 2, 4, multiples of 8 to
+  64, of 32 beyond) at start-up and replayed; a batch is cut into bucket-sized pieces, the last padded up to
   its bucket, so no request ever waits on a capture.
 - `BatchLimit`: the largest batch that fits in device memory, measured at start-up, halved when
   an out-of-memory error happens anyway (the batch is then retried in smaller pieces).
@@ -291,20 +291,24 @@ class CudaGraphs:
         return static_out
 
 
-# Batch sizes captured as CUDA graphs: 1, 2, 4, then every multiple of 8 up to the limit (as
-# vLLM captures its decoder). A batch is padded up to the next one: at most 7 windows wasted,
-# where cutting 37 windows into 32 + 4 + 1 replays cost an H100 526 ms against eager's 375 ms
-# for the 37 at once (bf16; small batches leave most of the GPU idle)
-BUCKET_STEP = 8
+# Batch sizes captured as CUDA graphs: 1, 2, 4, every multiple of 8 up to 64, then of 32 up to
+# the limit (each capture costs start-up: cuDNN times every new shape). A batch is padded up
+# to the next one: at most 7 windows wasted up to 64, where a lone song's windows fall (37 for
+# 216 s), where cutting 37 windows into 32 + 4 + 1 replays cost an H100 526 ms against eager's
+# 375 ms for the 37 at once (bf16; small batches leave most of the GPU idle). vLLM captures its
+# decoder likewise (1, 2, 4, then multiples of 8)
+FINE_STEP, FINE_UP_TO, COARSE_STEP = 8, 64, 32
 
 
 def bucket_sizes(limit: int) -> tp.List[int]:
-    """The batch sizes to capture for batches of at most `limit` windows: 1, 2, 4, the
-    multiples of `BUCKET_STEP` below `limit`, and `limit`:
-    `bucket_sizes(20) == [1, 2, 4, 8, 16, 20]`."""
+    """The batch sizes to capture for batches of at most `limit` windows:
+    `bucket_sizes(20) == [1, 2, 4, 8, 16, 20]`, `bucket_sizes(160)` ends `..., 56, 64, 96,
+    128, 160`."""
     limit = max(limit, 1)
     small = [size for size in (1, 2, 4) if size < limit]
-    return small + list(range(BUCKET_STEP, limit, BUCKET_STEP)) + [limit]
+    fine = list(range(FINE_STEP, min(limit, FINE_UP_TO + 1), FINE_STEP))
+    coarse = list(range(FINE_UP_TO + COARSE_STEP, limit, COARSE_STEP))
+    return small + fine + coarse + [limit]
 
 
 def bucket_pieces(count: int, buckets: tp.Sequence[int]) -> tp.List[tp.Tuple[int, int]]:

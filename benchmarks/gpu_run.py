@@ -8,11 +8,12 @@ Steps: `machine` (GPU, driver, torch/CUDA, cores), `correctness` (fp32 on the de
 the CPU engine; the out-of-memory back-off under a too-large batch, its log kept; the fp16
 overflow guard), `model` (a 216 s song's windows at batch 16/32/64 and all at once: the
 compiled inner network in fp16 with its compile time and its start from the cache, then fp16
-and bf16 eager and with half-precision GroupNorm; residuals vs fp32), `http` (the service: the cold start to /readyz, one 216 s song to 4 MP3 stems at LAME's
-q2, q5 and q7 and to WAV with Server-Timing, 16 concurrent songs to WAV), `cost` (per song,
-from the GPU-seconds and encode CPU-seconds measured, at the prices in `PRICES`), `batch` (issue
-#25: `python -m serve_graph batch` over 216 s songs to FLAC with the placement rules' options:
-the model's busy share of the pipeline), `roformer` (a batch of full-size BS-RoFormer and
+and bf16 eager and with half-precision GroupNorm; residuals vs fp32), `http` (the service:
+the cold start to /readyz, one 216 s song to 4 MP3 stems at LAME's q2, q5 and q7 and to WAV
+with Server-Timing, 16 concurrent songs to WAV), `cost` (per song, from the GPU-seconds and
+encode CPU-seconds measured, at the prices in `PRICES`), `batch` (issue #25: `python -m
+serve_graph batch` over 216 s songs to FLAC with the placement rules' options: the model's busy
+share of the pipeline), `roformer` (a batch of full-size BS-RoFormer and
 Mel-Band RoFormer windows, bf16, with the TFLOP/s they reach).
 
 `--rehearsal` runs every step on this machine's CPU with the tiny model, a short song and

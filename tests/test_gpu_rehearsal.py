@@ -118,4 +118,5 @@ def test_the_report_of_a_run_cut_short_says_which_step_did_not_end(tmp_path):
     assert ("- model <= 3 ms a window at <= -60 dB: 2.5 ms (fp16 compiled, batch 64): met"
             in report)
     assert "- 216 s -> 4 MP3 stems <= 1.0 s: **not met** (q2 1.2 s)" in report
-    assert "| residual_db | -45 dB | precision bf16, variant eager | <= -60 (**not met**) |" in report
+    assert ("| residual_db | -45 dB | precision bf16, variant eager | <= -60 (**not met**) |"
+            in report)

@@ -35,7 +35,8 @@ class BatchJob:
       songs each actor call takes (their windows share forwards); `calls_per_actor`: calls
       an actor runs at once (the next call's songs in the actor before the last one ends);
       `batch_size`: windows per forward; `group_norm` and `compile`: as `RunnerOptions`
-      (compile: each actor captures or compiles at its start); `decoders`: decode tasks at once (None: Ray Data's choice);
+      (compile: each actor captures or compiles at its start); `decoders`: decode tasks at
+      once (None: Ray Data's choice);
     - `retry_failed`: run again the songs whose record says failed;
     - `actor_resource`, `decode_resource`: custom Ray resources (of the nodes that have them:
       `ray start --resources`) that place the model actors and the decode tasks (None: any

@@ -6,8 +6,8 @@
 - `Spectral`: HTDemucs' STFT and iSTFT without host round trips, the same on CPU and CUDA.
 - `SplitForward`: STFT -> core -> iSTFT, the same function as `HTDemucs.forward` in eval.
 - `CudaGraphs`: the core captured once per batch size ("bucket": 1, 2, 4, multiples of 8 to
-  64, of 32 beyond) at start-up and replayed; a batch is cut into bucket-sized pieces, the last padded up to
-  its bucket, so no request ever waits on a capture.
+  64, of 32 beyond) at start-up and replayed; a batch is cut into bucket-sized pieces, the
+  last padded up to its bucket, so no request ever waits on a capture.
 - `BatchLimit`: the largest batch that fits in device memory, measured at start-up, halved when
   an out-of-memory error happens anyway (the batch is then retried in smaller pieces).
 

@@ -292,7 +292,7 @@ class CudaGraphs:
 
 
 # Batch sizes captured as CUDA graphs: 1, 2, 4, every multiple of 8 up to 64, then of 32 up to
-# the limit (each capture costs start-up: cuDNN times every new shape). A batch is padded up
+# the limit (each capture costs start-up, likely cuDNN timing each new shape). A batch is padded up
 # to the next one: at most 7 windows wasted up to 64, where a lone song's windows fall (37 for
 # 216 s), where cutting 37 windows into 32 + 4 + 1 replays cost an H100 526 ms against eager's
 # 375 ms for the 37 at once (bf16; small batches leave most of the GPU idle). vLLM captures its

@@ -4,6 +4,9 @@
 #   bash setup.sh            torch 2.13.0's CPU build (pip's configured index; on a machine
 #                            without a local wheel: TORCH_INDEX=https://download.pytorch.org/whl/cpu)
 #   TORCH=lock bash setup.sh torch as uv.lock pins it (PyPI's CUDA build, for GPU machines)
+#   TORCH_VERSION=2.11.0 VENV=/tmp/v211 bash setup.sh
+#                            another torch release from pip's index (PyPI: its CUDA build, ~6 GB
+#                            with its libraries), e.g. to rehearse on a GPU image's torch
 #
 # Everything but torch comes from uv.lock (`uv export --frozen`, hashes checked, no resolution).
 # uv is installed by pip if missing. VENV=DIR puts the environment elsewhere; PYTHON picks the
@@ -13,6 +16,7 @@ cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH=${TORCH:-cpu}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
 # torch, and what only its CUDA build needs (tests/test_lock.py checks this list against
 # uv.lock): the CPU build is installed by pip instead
@@ -35,7 +39,7 @@ if [ "$TORCH" = cpu ]; then
     for name in "${CUDA_ONLY[@]}"; do skip+=(--no-emit-package "$name"); done
     # (pip's notes on configured index folders that lack a package are left out)
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-        ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==2.13.0" 2>&1 \
+        ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==$TORCH_VERSION" 2>&1 \
         | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 fi
 uv export --quiet --frozen --extra dev --no-emit-project --format requirements.txt \
@@ -47,6 +51,11 @@ uv export --quiet --frozen --extra dev --no-emit-project --format requirements.t
 uv pip install --quiet --no-config --compile-bytecode --python "$VENV/bin/python" --no-deps \
     --require-hashes -r "$requirements"
 uv pip install --quiet --no-config --python "$VENV/bin/python" --no-deps -e .
-uv pip check --no-config --python "$VENV/bin/python"
+if [ "$TORCH_VERSION" = 2.13.0 ]; then
+    uv pip check --no-config --python "$VENV/bin/python"
+else  # another torch may ask for other versions than the lock's (2.11.0: setuptools<82)
+    uv pip check --no-config --python "$VENV/bin/python" ||
+        echo "(torch $TORCH_VERSION's requirements above differ from uv.lock's: not fixed here)"
+fi
 "$VENV/bin/python" -c "import torch, ray, demucs; print('set up', '$VENV:', 'torch', torch.__version__, 'ray', ray.__version__)"
 echo "activate it with: source $VENV/bin/activate"

@@ -458,7 +458,10 @@ def parse(argv: tp.Optional[tp.Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--rehearsal", action="store_true",
                         help="on this CPU, tiny model, short song, small batches")
     args = parser.parse_args(argv)
-    args.profile = REHEARSAL if args.rehearsal else GPU
+    # GPU_RUN_COMPILE_BACKEND=inductor: the rehearsal compiles as the GPU run does (Dynamo and
+    # Inductor, here its C++ kernels: ~2 min for the tiny model on 2 cores) instead of eager
+    args.profile = GPU if not args.rehearsal else REHEARSAL._replace(compile_backend=(
+        os.environ.get("GPU_RUN_COMPILE_BACKEND", REHEARSAL.compile_backend)))
     return args
 
 

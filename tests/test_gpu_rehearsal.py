@@ -90,6 +90,19 @@ def test_the_batch_step_without_pyarrow_in_the_image_says_so_at_once(tmp_path, m
     assert skipped["name"] == "batch_skipped" and "pyarrow" in skipped["value"]
 
 
+def test_the_rehearsal_can_compile_as_the_gpu_run_does(monkeypatch, tmp_path):
+    """GPU_RUN_COMPILE_BACKEND=inductor: the rehearsal's model step traces and builds the
+    network with Inductor (eager backend otherwise); the GPU run always compiles with it."""
+    from benchmarks import gpu_run
+    line = ["model", "--results", str(tmp_path)]
+    assert gpu_run.parse(line + ["--rehearsal"]).profile.compile_backend == "eager"
+    monkeypatch.setenv("GPU_RUN_COMPILE_BACKEND", "inductor")
+    rehearsal = gpu_run.parse(line + ["--rehearsal"]).profile
+    assert rehearsal.compile_backend == "inductor" and rehearsal.device == "cpu"
+    monkeypatch.setenv("GPU_RUN_COMPILE_BACKEND", "eager")
+    assert gpu_run.parse(line).profile == gpu_run.GPU
+
+
 def test_the_report_of_a_run_cut_short_says_which_step_did_not_end(tmp_path):
     """A GPU run whose http step hit its limit mid-way: the report has the figures it measured,
     the goals they met or missed, and the step that did not end."""

@@ -20,7 +20,7 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 
 # torch, and what only its CUDA build needs (tests/test_lock.py checks this list against
 # uv.lock): the CPU build is installed by pip instead
-CUDA_ONLY=(torch triton cuda-bindings cuda-pathfinder cuda-toolkit nvidia-cublas
+CUDA_ONLY=(torch cuda-bindings cuda-pathfinder cuda-toolkit nvidia-cublas
            nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13
            nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse
            nvidia-cusparselt-cu13 nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13

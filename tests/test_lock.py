@@ -10,15 +10,24 @@ from packaging.specifiers import SpecifierSet
 from serve_process import ROOT
 
 
-def requirement_set(requirements) -> set:
-    """Requirements as comparable (name, specifier set, marker) triples."""
+def terms(marker: str) -> frozenset:
+    """The clauses of a marker of clauses joined by "and" (the only kind pyproject.toml has),
+    in any order: uv writes them in its own."""
+    return frozenset(str(Marker(term)) for term in marker.split(" and ") if term)
+
+
+def requirement_set(requirements, extra: str = "") -> set:
+    """Requirements (of `extra`, if given) as comparable (name, specifier set, marker)."""
     parsed = [Requirement(text) for text in requirements]
-    return {(r.name.lower(), str(r.specifier), str(r.marker or "")) for r in parsed}
+    return {(r.name.lower(), str(r.specifier),
+             terms(" and ".join(filter(None, [str(r.marker or ""),
+                                              extra and f'extra == "{extra}"']))))
+            for r in parsed}
 
 
 def locked_set(entries) -> set:
     return {(e["name"].lower(), str(SpecifierSet(e.get("specifier", ""))),
-             str(Marker(e["marker"])) if "marker" in e else "") for e in entries}
+             terms(str(Marker(e["marker"])) if "marker" in e else "")) for e in entries}
 
 
 def test_lock_was_made_from_this_pyproject():
@@ -27,8 +36,7 @@ def test_lock_was_made_from_this_pyproject():
     root = next(p for p in lock["package"] if p["name"] == "serve-graph")
     wanted = requirement_set(project["dependencies"])
     for extra, requirements in project["optional-dependencies"].items():
-        wanted |= {(name, spec, str(Marker(f'extra == "{extra}"')) if not marker else marker)
-                   for name, spec, marker in requirement_set(requirements)}
+        wanted |= requirement_set(requirements, extra)
     locked = locked_set(root["metadata"]["requires-dist"])
     assert locked == wanted, "uv.lock is stale: run `uv lock`"
     assert set(root["metadata"]["provides-extras"]) == set(project["optional-dependencies"])

@@ -221,16 +221,19 @@ def oom_backoff(args, profile: Profile) -> tp.Tuple[int, int]:
 
 
 # the model step's variants in order of value: the compiled network decides issue #24's target
-VARIANTS = {"compiled": ("compile", "half"), "eager": ("none", "fp32"),
-            "half_group_norm": ("none", "half")}
+# (compile, group_norm, dconv)
+VARIANTS = {"compiled": ("compile", "half", "torch"), "eager": ("none", "fp32", "torch"),
+            "half_group_norm": ("none", "half", "torch"),
+            "fused_dconv": ("none", "half", "triton")}
 
 
 def model(args, figures: Figures) -> None:
     """Per-window time of each precision x variant on a song's windows, and the residual of
     an excerpt against fp32 on the same device: first the compiled network in the served
-    precision (with its compile time and its start from the cache), then eager and half
-    GroupNorm in each precision. GPU_RUN_VARIANTS="eager half_group_norm" runs only those
-    (a rerun of what a cut step did not reach)."""
+    precision (with its compile time and its start from the cache), then eager, half
+    GroupNorm and half GroupNorm with the fused DConv kernels in each precision.
+    GPU_RUN_VARIANTS="eager half_group_norm fused_dconv" runs only those (a rerun of what a
+    cut step did not reach)."""
     profile = args.profile
     chosen = os.environ.get("GPU_RUN_VARIANTS", " ".join(VARIANTS)).split()
     excerpt = song(profile.excerpt_seconds, seed=1)
@@ -260,10 +263,11 @@ def compiled(args, figures: Figures, windows: th.Tensor, excerpt: th.Tensor,
                    precision=precision)
 
 
-def runner_for(args, precision: str, compile_mode: str, group_norm: str) -> ModelRunner:
+def runner_for(args, precision: str, compile_mode: str, group_norm: str,
+               dconv: str = "torch") -> ModelRunner:
     options = RunnerOptions(args.profile.device, precision, compile_mode,
                             max(args.profile.batch_sizes), group_norm=group_norm,
-                            compile_backend=args.profile.compile_backend)
+                            compile_backend=args.profile.compile_backend, dconv=dconv)
     return ModelRunner(load_model("htdemucs", model_repo(args)), options=options)
 
 
@@ -482,6 +486,8 @@ def stop_on_sigterm() -> None:
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     stop_on_sigterm()
     args = parse(argv)
+    if args.rehearsal:  # the fused DConv kernels in Triton's interpreter (before its import)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     if not args.rehearsal and not th.cuda.is_available():
         sys.exit("the GPU run needs a CUDA GPU (--rehearsal runs it on the CPU)")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.results.parent /

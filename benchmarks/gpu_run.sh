@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_run.sh RESULTS_DIR --rehearsal   # here, on the CPU, tiny model
 #
 # GPU_RUN_STEPS="http cost" runs only the steps named (to rerun what did not finish);
-# GPU_RUN_VARIANTS="eager half_group_norm" only those of the model step (compiled comes first).
+# GPU_RUN_VARIANTS="eager half_group_norm fused_dconv": only those of the model step (compiled
+# comes first).
 # PYTHON picks the interpreter (default python3; on the GPU box with the offline bundle:
 # PYTHONPATH=/tmp/site:$PWD, see benchmarks/offline_bundle.sh).
 set -u

@@ -25,6 +25,7 @@ class ServiceSettings:
     gpu_memory_fraction: float = 0.85  # of the free GPU memory, for a replica's batches
     group_norm: str = "fp32"  # fp32 | half: GroupNorm on bf16/fp16 activations (GPU lever)
     cudnn_benchmark: bool = True  # CUDA: cuDNN times its kernels for each window shape
+    dconv: str = "torch"  # torch | triton: DConv branch tails as fused Triton kernels (GPU lever)
     max_upload_mb: float = 100.
     max_audio_seconds: float = 900.
     max_windows: int = 600  # model windows per request (duration x shifts / stride): the budget
@@ -138,4 +139,5 @@ class ServiceSettings:
         from .engine.separator import RunnerOptions
         return RunnerOptions(None if self.device == "auto" else self.device, self.precision,
                              self.compile, self.max_batch, self.gpu_memory_fraction,
-                             group_norm=self.group_norm, cudnn_benchmark=self.cudnn_benchmark)
+                             group_norm=self.group_norm, cudnn_benchmark=self.cudnn_benchmark,
+                             dconv=self.dconv)

@@ -1,8 +1,16 @@
 """Shared fixtures: tiny random HTDemucs models saved in Demucs' checkpoint format."""
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels (tests/test_fused_dconv.py) run in Triton's CPU interpreter.
+# Triton reads this when it is imported, and torch._dynamo imports it: so here, before any
+# test. It changes nothing else (no other code here runs Triton kernels on the CPU).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

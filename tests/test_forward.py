@@ -156,8 +156,8 @@ def test_runner_survives_out_of_memory_with_the_same_stems(tiny_model):
 
 
 def test_the_configs_gpu_levers_reach_the_model_runner(monkeypatch):
-    """serve_config.yaml's GPU levers (precision, compile, group_norm, cudnn_benchmark) are
-    what Separate's runner gets; each can be switched there."""
+    """serve_config.yaml's GPU levers (precision, compile, group_norm, cudnn_benchmark, dconv)
+    are what Separate's runner gets; each can be switched there."""
     from pathlib import Path
 
     import yaml
@@ -168,7 +168,7 @@ def test_the_configs_gpu_levers_reach_the_model_runner(monkeypatch):
     config = yaml.safe_load((Path(__file__).parents[1] / "serve_config.yaml").read_text())
     args = config["applications"][0]["args"]
     shipped = ServiceSettings.from_args(args).runner_options()
-    levers = ("precision", "compile", "group_norm", "cudnn_benchmark")
+    levers = ("precision", "compile", "group_norm", "cudnn_benchmark", "dconv")
     assert {name: getattr(shipped, name) for name in levers} == {
         name: args[name] for name in levers}
     switched = ServiceSettings.from_args({**args, "precision": "bf16", "compile": "compile",
@@ -176,5 +176,7 @@ def test_the_configs_gpu_levers_reach_the_model_runner(monkeypatch):
     options = switched.runner_options()
     assert (options.precision, options.compile, options.group_norm,
             options.cudnn_benchmark) == ("bf16", "compile", "half", False)
+    fused = ServiceSettings.from_args({**args, "compile": "graphs", "dconv": "triton"})
+    assert fused.runner_options().dconv == "triton"
     with pytest.raises(ValueError, match="cudnn_benchmark must be true or false"):
         ServiceSettings.from_args({**args, "cudnn_benchmark": "yes"})

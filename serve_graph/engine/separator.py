@@ -5,6 +5,7 @@
 run, overlap-add. The Ray deployments call the same pieces, one step each.
 """
 import contextlib
+import os
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ import tqdm
 from demucs.htdemucs import HTDemucs
 
 from .cpu_settings import apply_to_torch, choose
-from .modes import COMPILE_MODES, GROUP_NORMS, PRECISIONS
+from .modes import COMPILE_MODES, DCONVS, GROUP_NORMS, PRECISIONS
 from .forward import (BatchLimit, CudaGraphs, HTDemucsCore, SplitForward, bucket_pieces,
                       bucket_sizes, compile_core, graph_safe, is_out_of_memory,
                       memory_limit, run_with_backoff, use_half_group_norm, window_memory)
@@ -59,6 +60,10 @@ class RunnerOptions:
     - `cudnn_benchmark`: on CUDA, cuDNN times its algorithms for each new convolution shape
       and keeps the fastest (a few shapes here: one window length, the batch buckets);
       False: its heuristics' choice, no timing at the first forwards of each shape.
+    - `dconv`: "torch" (Demucs' modules) or "triton" (`fused_dconv`: each DConv branch's 1x1
+      conv, GroupNorm, GLU and LayerScale in two Triton kernels that never write the conv's
+      2C channels; CUDA, or the CPU under `TRITON_INTERPRET=1` for tests; not with
+      `compile="compile"`, where Inductor fuses those layers itself).
     """
     device: tp.Optional[str] = None
     precision: str = "fp32"
@@ -68,6 +73,7 @@ class RunnerOptions:
     compile_backend: str = "inductor"
     group_norm: str = "fp32"
     cudnn_benchmark: bool = True
+    dconv: str = "torch"
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -76,6 +82,11 @@ class RunnerOptions:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.group_norm not in GROUP_NORMS:
             raise ValueError(f"group_norm must be one of {GROUP_NORMS}, got {self.group_norm!r}")
+        if self.dconv not in DCONVS:
+            raise ValueError(f"dconv must be one of {DCONVS}, got {self.dconv!r}")
+        if self.dconv == "triton" and self.compile == "compile":
+            raise ValueError("dconv 'triton' runs with compile 'none' or 'graphs': with "
+                             "'compile', Inductor fuses the DConv layers itself")
         if self.max_batch < 1 or not 0 < self.memory_fraction <= 1:
             raise ValueError("max_batch must be >= 1 and memory_fraction in (0, 1]")
 
@@ -101,6 +112,8 @@ class ModelRunner:
         if options.group_norm == "half":
             for sub_model in self.models:
                 use_half_group_norm(sub_model)
+        if options.dconv == "triton":
+            use_fused_dconv_on(self.models, self.device)
         self._lock = threading.Lock()
         self.busy_seconds = 0.  # in forwards (their copies to and from the device included)
         self.fp32_redone_windows = 0  # half-precision windows run again in fp32 (non-finite)
@@ -271,6 +284,20 @@ class ModelRunner:
         with self._lock:
             count, self.fp32_redone_windows = self.fp32_redone_windows, 0
         return count
+
+
+def use_fused_dconv_on(models: tp.Sequence[th.nn.Module], device: th.device) -> None:
+    """`fused_dconv.use_fused_dconv` on each model (Triton imported only here); on the CPU
+    only under Triton's interpreter, which must be set before Triton is imported."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("dconv 'triton' needs a CUDA device (on the CPU: TRITON_INTERPRET=1, "
+                         "Triton's interpreter, for tests)")
+    try:
+        from .fused_dconv import use_fused_dconv
+    except ImportError as exc:
+        raise ValueError(f"dconv 'triton' needs Triton: {exc}") from exc
+    for model in models:
+        use_fused_dconv(model)
 
 
 def finite_rows(outputs: th.Tensor) -> th.Tensor:

@@ -14,7 +14,9 @@ the 1x1 conv from the H-channel input wherever they need it.
 - `_normalise_glu_scale`: the conv again, normalised, GroupNorm's affine, GLU, LayerScale:
   only the C-channel result is written.
 
-Reads: the H-channel input twice; writes: C channels once. fp32 inputs are multiplied in IEEE
+Reads: the H-channel input twice; writes: C channels once. The channel counts are compile-time
+constants (one build per layer width: the loops over channels unroll; and Triton 3.6's
+interpreter cannot loop over a runtime bound with NumPy 2.5). fp32 inputs are multiplied in IEEE
 fp32 (no TF32); bf16/fp16 inputs on tensor cores, accumulated in fp32, as cuDNN does.
 Tested for parity with Demucs' layers under Triton's CPU interpreter (`TRITON_INTERPRET=1`,
 set before this module is imported), `tests/test_fused_dconv.py`.
@@ -54,9 +56,9 @@ def _conv_tile(h_ptr, w_ptr, b_ptr, n, rows, t, hidden, channels2, length,
 
 
 @triton.jit
-def _tile_statistics(h_ptr, w_ptr, b_ptr, count_ptr, mean_ptr, m2_ptr, hidden, channels2,
-                     length, tiles, HIDDEN_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_T: tl.constexpr, IEEE: tl.constexpr):
+def _tile_statistics(h_ptr, w_ptr, b_ptr, count_ptr, mean_ptr, m2_ptr, hidden,
+                     channels2: tl.constexpr, length, tiles, HIDDEN_P: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr):
     n, tile = tl.program_id(0).to(tl.int64), tl.program_id(1)  # n * C * T may pass 2**31
     t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     in_time = t < length
@@ -82,7 +84,7 @@ def _tile_statistics(h_ptr, w_ptr, b_ptr, count_ptr, mean_ptr, m2_ptr, hidden, c
 
 @triton.jit
 def _normalise_glu_scale(h_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, scale_ptr, mean_ptr,
-                         rstd_ptr, out_ptr, hidden, channels, length,
+                         rstd_ptr, out_ptr, hidden, channels: tl.constexpr, length,
                          HIDDEN_P: tl.constexpr, BLOCK_C: tl.constexpr,
                          BLOCK_T: tl.constexpr, IEEE: tl.constexpr):
     n, tile = tl.program_id(0).to(tl.int64), tl.program_id(1)

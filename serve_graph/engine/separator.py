@@ -5,8 +5,8 @@
 run, overlap-add. The Ray deployments call the same pieces, one step each.
 """
 import contextlib
-import os
 import logging
+import os
 import threading
 import time
 import typing as tp

@@ -18,7 +18,7 @@ import yaml
 # Demucs are imported by the commands that run the model here: separate, make-repo)
 from .engine.errors import ModelNotFoundError, SeparationError
 from .engine.model_files import DEFAULT_MODEL
-from .engine.modes import COMPILE_MODES, GROUP_NORMS, PRECISIONS
+from .engine.modes import COMPILE_MODES, DCONVS, GROUP_NORMS, PRECISIONS
 from .engine.options import SeparationOptions, request_fields
 from .launch import DEFAULT_CONFIG, launch, write_config
 from .preflight import cpu_precision_problem, missing_model_message, model_problem
@@ -109,16 +109,20 @@ def run_separate(args) -> int:
     chosen, cpu = prepared
     from .engine import ModelRunner, load_model, separate_to_zip
     from .engine.cpu_settings import apply_to_torch, precision_problem
-    from .engine.separator import RunnerOptions, timed
+    from .engine.separator import timed
+    try:
+        runner_options = _runner_options(args, max(args.batch_size, 1))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     output = args.output or args.audio_file.with_name(options.result_name(args.audio_file.stem))
     timings: dict = {}
     try:
         data = args.audio_file.read_bytes()
         start = time.perf_counter()
         with timed(timings, "load_model"):
-            runner = ModelRunner(load_model(options.model, args.model_repo), options=RunnerOptions(
-                args.device, args.precision, args.compile, max(args.batch_size, 1),
-                group_norm=args.group_norm))
+            runner = ModelRunner(load_model(options.model, args.model_repo),
+                                 options=runner_options)
         problem = precision_problem(args.precision) if runner.device.type == "cpu" else None
         if problem:
             print(f"error: {problem}", file=sys.stderr)
@@ -148,6 +152,17 @@ def _add_runner_arguments(p) -> None:
                    "kernels cached in TORCHINDUCTOR_CACHE_DIR)")
     p.add_argument("--group-norm", default="fp32", choices=GROUP_NORMS,
                    help="half: with bf16/fp16, GroupNorm keeps half-precision activations")
+    p.add_argument("--dconv", default="torch", choices=DCONVS,
+                   help="triton: each DConv branch's 1x1 conv, GroupNorm, GLU and LayerScale "
+                   "as fused Triton kernels (CUDA; not with --compile compile)")
+
+
+def _runner_options(args, max_batch: int):
+    """`RunnerOptions` of `separate`'s and `batch`'s model arguments (ValueError: a
+    combination that cannot run, e.g. --dconv triton without a GPU)."""
+    from .engine.separator import RunnerOptions
+    return RunnerOptions(args.device, args.precision, args.compile, max_batch,
+                         group_norm=args.group_norm, dconv=args.dconv)
 
 
 def _batch_parser(sub) -> None:
@@ -200,7 +215,7 @@ def batch_job(args, options: SeparationOptions) -> "BatchJob":
                     max(1, args.calls_per_actor), args.decoders, max(1, args.encode_threads),
                     args.max_audio_seconds, args.max_file_mb, args.retry_failed,
                     args.actor_resource, args.decode_resource, group_norm=args.group_norm,
-                    compile=args.compile)
+                    compile=args.compile, dconv=args.dconv)
 
 
 def run_batch(args) -> int:
@@ -211,6 +226,11 @@ def run_batch(args) -> int:
         options = _options(args)
     except SeparationError as exc:
         print(f"error: {exc.detail}", file=sys.stderr)
+        return 2
+    try:
+        _runner_options(args, 1)  # what the model actors will be given, checked here first
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         geometry = _model_geometry(options, args.model_repo)

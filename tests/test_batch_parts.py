@@ -276,19 +276,21 @@ def test_the_actor_yields_each_song_once_written_and_a_song_it_cannot_write_fail
 
 
 def test_the_command_s_model_options_reach_each_actor_s_runner(tiny_repo):
-    """`batch --precision --compile --group-norm --batch-size`, through the job and the
-    settings sent to the actors, to the `RunnerOptions` of the actor's model."""
+    """`batch --precision --compile --group-norm --dconv --batch-size`, through the job and
+    the settings sent to the actors, to the `RunnerOptions` of the actor's model (the fused
+    DConv kernels: Triton's interpreter here, conftest.py)."""
     from serve_graph.__main__ import batch_job, build_parser
     from serve_graph.batch.pipeline import settings_for
     from serve_graph.batch.stages import SeparateSongs
     from serve_graph.engine.separator import RunnerOptions
     args = build_parser().parse_args([
         "batch", "in", "out", "--model-repo", str(tiny_repo), "--device", "cpu", "--precision",
-        "bf16", "--compile", "graphs", "--group-norm", "half", "--batch-size", "3"])
+        "bf16", "--compile", "graphs", "--group-norm", "half", "--dconv", "triton",
+        "--batch-size", "3"])
     job = batch_job(args, SeparationOptions(model="htdemucs"))
     actor = SeparateSongs(settings_for(job, 44100, 2), job.options.model_dump())
     assert actor.runner.options == RunnerOptions("cpu", "bf16", "graphs", max_batch=3,
-                                                 group_norm="half")
+                                                 group_norm="half", dconv="triton")
 
 
 def test_model_actors_start_with_the_cpu_settings_of_separates_replicas():

@@ -1,4 +1,5 @@
 """`python -m serve_graph separate`, the local twin of POST /separate, run as a process."""
+import os
 import subprocess
 import sys
 import zipfile
@@ -10,9 +11,10 @@ from serve_graph.engine import ModelRunner, load_model, separate
 from serve_graph.engine.output import prevent_clip
 
 
-def run_cli(*args):
+def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "serve_graph", "separate", *map(str, args),
-                           "--no-progress"], capture_output=True, text=True, timeout=300)
+                           "--no-progress"], capture_output=True, text=True, timeout=300,
+                          env=env)
 
 
 def test_four_stems_mp3(tmp_path, tiny_repo):
@@ -54,6 +56,22 @@ def test_bad_input_and_bad_parameter_exit_2(tmp_path, tiny_repo):
     song.write_bytes(encode(tone(0.5, 44100, 2), 44100, "wav16"))
     proc = run_cli(song, "--model-repo", tiny_repo, "--mp3-bitrate", "999")
     assert proc.returncode == 2 and "mp3_bitrate" in proc.stderr
+
+
+def test_model_arguments_that_cannot_run_exit_2_with_the_reason(tmp_path, tiny_repo):
+    """--dconv triton with --compile compile, or on a CPU (outside Triton's interpreter):
+    one line saying why, exit 2, no archive written."""
+    song = tmp_path / "song.wav"
+    song.write_bytes(encode(tone(0.5, 44100, 2), 44100, "wav16"))
+    no_interpreter = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for extra, reason in [(["--compile", "compile"], "runs with compile 'none' or 'graphs'"),
+                          (["--device", "cpu"], "needs a CUDA device")]:
+        proc = run_cli(song, "--model-repo", tiny_repo, "--dconv", "triton", *extra,
+                       env=no_interpreter)
+        assert proc.returncode == 2 and f"error: dconv 'triton' {reason}" in proc.stderr, (
+            proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("*.zip"))
 
 
 def test_six_source_model_stem_subset(tmp_path, tiny_repo):

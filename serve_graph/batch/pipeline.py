@@ -34,7 +34,7 @@ class BatchJob:
     - `actors`: model actors (default: one per GPU on CUDA, else 1); `songs_per_call`: decoded
       songs each actor call takes (their windows share forwards); `calls_per_actor`: calls
       an actor runs at once (the next call's songs in the actor before the last one ends);
-      `batch_size`: windows per forward; `group_norm` and `compile`: as `RunnerOptions`
+      `batch_size`: windows per forward; `group_norm`, `compile`, `dconv`: as `RunnerOptions`
       (compile: each actor captures or compiles at its start); `decoders`: decode tasks at
       once (None: Ray Data's choice);
     - `retry_failed`: run again the songs whose record says failed;
@@ -61,6 +61,7 @@ class BatchJob:
     decode_resource: tp.Optional[str] = None
     group_norm: str = "fp32"
     compile: str = "none"
+    dconv: str = "torch"
 
     @property
     def cuda(self) -> bool:
@@ -83,7 +84,7 @@ def settings_for(job: BatchJob, samplerate: int, channels: int) -> BatchSettings
     return BatchSettings(job.output, job.options.model, job.model_repo, samplerate, channels,
                          job.max_seconds, int(job.max_file_mb * 2**20), job.device,
                          job.precision, job.batch_size, job.encode_threads, job.group_norm,
-                         job.compile)
+                         job.compile, job.dconv)
 
 
 def actor_count(job: BatchJob, resources: tp.Dict[str, float]) -> int:

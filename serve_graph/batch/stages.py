@@ -55,6 +55,7 @@ class BatchSettings:
     encode_threads: int = 2
     group_norm: str = "fp32"  # "half": bf16/fp16 GroupNorm activations (RunnerOptions)
     compile: str = "none"  # "graphs", "compile" (RunnerOptions)
+    dconv: str = "torch"  # "triton": fused DConv kernels (RunnerOptions)
 
 
 def error_fields(exc: Exception, uri: str) -> dict:
@@ -117,7 +118,8 @@ class SeparateSongs:
                                   options=RunnerOptions(settings.device, settings.precision,
                                                         settings.compile,
                                                         max_batch=settings.batch_size,
-                                                        group_norm=settings.group_norm))
+                                                        group_norm=settings.group_norm,
+                                                        dconv=settings.dconv))
         self.pool = ThreadPoolExecutor(settings.encode_threads)
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="write")  # files, then record
         self._counting, self._counted = threading.Lock(), 0.  # `_model_seconds`

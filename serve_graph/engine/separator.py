@@ -87,6 +87,10 @@ class RunnerOptions:
         if self.dconv == "triton" and self.compile == "compile":
             raise ValueError("dconv 'triton' runs with compile 'none' or 'graphs': with "
                              "'compile', Inductor fuses the DConv layers itself")
+        if (self.dconv == "triton" and (self.device or default_device()).startswith("cpu")
+                and os.environ.get("TRITON_INTERPRET") != "1"):
+            raise ValueError("dconv 'triton' needs a CUDA device (on the CPU: "
+                             "TRITON_INTERPRET=1, Triton's interpreter, for tests)")
         if self.max_batch < 1 or not 0 < self.memory_fraction <= 1:
             raise ValueError("max_batch must be >= 1 and memory_fraction in (0, 1]")
 
@@ -113,7 +117,7 @@ class ModelRunner:
             for sub_model in self.models:
                 use_half_group_norm(sub_model)
         if options.dconv == "triton":
-            use_fused_dconv_on(self.models, self.device)
+            use_fused_dconv_on(self.models)
         self._lock = threading.Lock()
         self.busy_seconds = 0.  # in forwards (their copies to and from the device included)
         self.fp32_redone_windows = 0  # half-precision windows run again in fp32 (non-finite)
@@ -286,12 +290,8 @@ class ModelRunner:
         return count
 
 
-def use_fused_dconv_on(models: tp.Sequence[th.nn.Module], device: th.device) -> None:
-    """`fused_dconv.use_fused_dconv` on each model (Triton imported only here); on the CPU
-    only under Triton's interpreter, which must be set before Triton is imported."""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("dconv 'triton' needs a CUDA device (on the CPU: TRITON_INTERPRET=1, "
-                         "Triton's interpreter, for tests)")
+def use_fused_dconv_on(models: tp.Sequence[th.nn.Module]) -> None:
+    """`fused_dconv.use_fused_dconv` on each model (Triton imported only here)."""
     try:
         from .fused_dconv import use_fused_dconv
     except ImportError as exc:

@@ -35,7 +35,7 @@ import triton.language as tl
 from .forward import HalfGroupNorm
 
 # time steps per program (Triton's CPU interpreter runs one program at a time: longer tiles)
-BLOCK_T = 1024 if os.environ.get("TRITON_INTERPRET") == "1" else 64
+BLOCK_T = 4096 if os.environ.get("TRITON_INTERPRET") == "1" else 64
 BLOCK_C = 32  # output channels per step of a program's loop
 
 

@@ -19,7 +19,7 @@ constants (one build per layer width: the loops over channels unroll; and Triton
 interpreter cannot loop over a runtime bound with NumPy 2.5). fp32 inputs are multiplied in IEEE
 fp32 (no TF32); bf16/fp16 inputs on tensor cores, accumulated in fp32, as cuDNN does.
 Tested for parity with Demucs' layers under Triton's CPU interpreter (`TRITON_INTERPRET=1`,
-set before this module is imported), `tests/test_fused_dconv.py`.
+set before Triton is imported: `tests/conftest.py`), `tests/test_fused_dconv.py`.
 
 Shapes: input `[N, H, T]`, 1x1 conv weight `[2C, H, 1]`, output `[N, C, T]`.
 """

@@ -23,7 +23,6 @@ set before Triton is imported: `tests/conftest.py`), `tests/test_fused_dconv.py`
 
 Shapes: input `[N, H, T]`, 1x1 conv weight `[2C, H, 1]`, output `[N, C, T]`.
 """
-import math
 import os
 import typing as tp
 
@@ -83,6 +82,14 @@ def _tile_statistics(h_ptr, w_ptr, b_ptr, count_ptr, mean_ptr, m2_ptr, hidden,
 
 
 @triton.jit
+def _normalised(y, rows, in_rows, mean, rstd, gamma_ptr, beta_ptr):
+    """GroupNorm(1, 2C) of conv rows `rows`: normalised, then the rows' own affine."""
+    gamma = tl.load(gamma_ptr + rows, mask=in_rows)[:, None].to(tl.float32)
+    beta = tl.load(beta_ptr + rows, mask=in_rows)[:, None].to(tl.float32)
+    return (y - mean) * rstd * gamma + beta
+
+
+@triton.jit
 def _normalise_glu_scale(h_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, scale_ptr, mean_ptr,
                          rstd_ptr, out_ptr, hidden, channels: tl.constexpr, length,
                          HIDDEN_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -98,11 +105,8 @@ def _normalise_glu_scale(h_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, scale_ptr, me
                        HIDDEN_P, IEEE)
         g = _conv_tile(h_ptr, w_ptr, b_ptr, n, rows + channels, t, hidden, channels2,
                        length, HIDDEN_P, IEEE)
-        a = ((a - mean) * rstd * tl.load(gamma_ptr + rows, mask=in_rows)[:, None].to(tl.float32)
-             + tl.load(beta_ptr + rows, mask=in_rows)[:, None].to(tl.float32))
-        g = ((g - mean) * rstd
-             * tl.load(gamma_ptr + rows + channels, mask=in_rows)[:, None].to(tl.float32)
-             + tl.load(beta_ptr + rows + channels, mask=in_rows)[:, None].to(tl.float32))
+        a = _normalised(a, rows, in_rows, mean, rstd, gamma_ptr, beta_ptr)
+        g = _normalised(g, rows + channels, in_rows, mean, rstd, gamma_ptr, beta_ptr)
         out = tl.load(scale_ptr + rows, mask=in_rows)[:, None].to(tl.float32) * a * tl.sigmoid(g)
         tl.store(out_ptr + n * channels * length + rows[:, None] * length + t[None, :],
                  out.to(out_ptr.dtype.element_ty),
@@ -131,7 +135,7 @@ def fused_tail(h: th.Tensor, weight: th.Tensor, bias: th.Tensor, gamma: th.Tenso
     weight = weight.to(h.dtype).contiguous()
     tiles = triton.cdiv(length, BLOCK_T)
     ieee = h.dtype == th.float32
-    hidden_p = max(16, 1 << math.ceil(math.log2(hidden)))
+    hidden_p = max(16, triton.next_power_of_2(hidden))  # tl.dot's smallest side is 16
     count, mean, m2 = (th.empty(n, tiles, device=h.device, dtype=th.float32) for _ in range(3))
     _tile_statistics[(n, tiles)](h, weight, bias, count, mean, m2, hidden, channels2, length,
                                  tiles, HIDDEN_P=hidden_p, BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T,
@@ -143,6 +147,11 @@ def fused_tail(h: th.Tensor, weight: th.Tensor, bias: th.Tensor, gamma: th.Tenso
                                      hidden, channels2 // 2, length, HIDDEN_P=hidden_p,
                                      BLOCK_C=BLOCK_C, BLOCK_T=BLOCK_T, IEEE=ieee)
     return out
+
+
+def _group_norm(norm: th.nn.Module) -> th.nn.Module:
+    """The `nn.GroupNorm` itself, also inside a `HalfGroupNorm`."""
+    return norm.norm if isinstance(norm, HalfGroupNorm) else norm
 
 
 class FusedDConvLayer(th.nn.Module):
@@ -157,8 +166,7 @@ class FusedDConvLayer(th.nn.Module):
         self.head = layer[:3]
         conv, norm, scale = layer[3], layer[4], layer[6]
         self.half_norm = isinstance(norm, HalfGroupNorm)
-        norm = norm.norm if self.half_norm else norm
-        self.conv, self.norm, self.scale = conv, norm, scale
+        self.conv, self.norm, self.scale = conv, _group_norm(norm), scale
 
     def forward(self, x: th.Tensor) -> th.Tensor:
         h = self.head(x)
@@ -175,8 +183,7 @@ def fusable(layer: th.nn.Module) -> bool:
     from demucs.demucs import LayerScale
     if not isinstance(layer, th.nn.Sequential) or len(layer) != 7:
         return False
-    conv, norm, glu, scale = layer[3], layer[4], layer[5], layer[6]
-    norm = norm.norm if isinstance(norm, HalfGroupNorm) else norm
+    conv, norm, glu, scale = layer[3], _group_norm(layer[4]), layer[5], layer[6]
     return (isinstance(conv, th.nn.Conv1d) and conv.kernel_size == (1,) and
             conv.bias is not None and type(norm) is th.nn.GroupNorm and
             norm.num_groups == 1 and norm.affine and isinstance(glu, th.nn.GLU) and

@@ -16,7 +16,8 @@ cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH=${TORCH:-cpu}
-TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+TESTED_TORCH=2.13.0  # the release the suite runs on (tests/test_lock.py: the lock's)
+TORCH_VERSION=${TORCH_VERSION:-$TESTED_TORCH}
 
 # torch, and what only its CUDA build needs (tests/test_lock.py checks this list against
 # uv.lock): the CPU build is installed by pip instead
@@ -51,7 +52,7 @@ uv export --quiet --frozen --extra dev --no-emit-project --format requirements.t
 uv pip install --quiet --no-config --compile-bytecode --python "$VENV/bin/python" --no-deps \
     --require-hashes -r "$requirements"
 uv pip install --quiet --no-config --python "$VENV/bin/python" --no-deps -e .
-if [ "$TORCH_VERSION" = 2.13.0 ]; then
+if [ "$TORCH_VERSION" = "$TESTED_TORCH" ]; then
     uv pip check --no-config --python "$VENV/bin/python"
 else  # another torch may ask for other versions than the lock's (2.11.0: setuptools<82)
     uv pip check --no-config --python "$VENV/bin/python" ||

@@ -110,10 +110,8 @@ def run_separate(args) -> int:
     from .engine import ModelRunner, load_model, separate_to_zip
     from .engine.cpu_settings import apply_to_torch, precision_problem
     from .engine.separator import timed
-    try:
-        runner_options = _runner_options(args, max(args.batch_size, 1))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    runner_options = _runner_options(args, max(args.batch_size, 1))
+    if runner_options is None:
         return 2
     output = args.output or args.audio_file.with_name(options.result_name(args.audio_file.stem))
     timings: dict = {}
@@ -158,11 +156,15 @@ def _add_runner_arguments(p) -> None:
 
 
 def _runner_options(args, max_batch: int):
-    """`RunnerOptions` of `separate`'s and `batch`'s model arguments (ValueError: a
-    combination that cannot run, e.g. --dconv triton without a GPU)."""
+    """`RunnerOptions` of `separate`'s and `batch`'s model arguments, or None when they
+    cannot run together (e.g. --dconv triton without a GPU), said in one line."""
     from .engine.separator import RunnerOptions
-    return RunnerOptions(args.device, args.precision, args.compile, max_batch,
-                         group_norm=args.group_norm, dconv=args.dconv)
+    try:
+        return RunnerOptions(args.device, args.precision, args.compile, max_batch,
+                             group_norm=args.group_norm, dconv=args.dconv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
 
 
 def _batch_parser(sub) -> None:
@@ -227,10 +229,7 @@ def run_batch(args) -> int:
     except SeparationError as exc:
         print(f"error: {exc.detail}", file=sys.stderr)
         return 2
-    try:
-        _runner_options(args, 1)  # what the model actors will be given, checked here first
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if _runner_options(args, 1) is None:  # what the model actors will be given, checked first
         return 2
     try:
         geometry = _model_geometry(options, args.model_repo)

@@ -21,9 +21,9 @@ from .engine.model_files import DEFAULT_MODEL
 from .engine.modes import COMPILE_MODES, DCONVS, GROUP_NORMS, PRECISIONS
 from .engine.options import SeparationOptions, request_fields
 from .launch import DEFAULT_CONFIG, launch, write_config
-from .preflight import cpu_precision_problem, missing_model_message, model_problem
+from .preflight import missing_model_message, settings_problem
 from .procs import stop_tree
-from .settings import MODEL_ENV, REPO_ENV, ServiceSettings
+from .settings import MODEL_ENV, REPO_ENV
 
 if tp.TYPE_CHECKING:
     from .batch.pipeline import BatchJob
@@ -155,12 +155,13 @@ def _add_runner_arguments(p) -> None:
                    "as fused Triton kernels (CUDA; not with --compile compile)")
 
 
-def _runner_options(args, max_batch: int):
-    """`RunnerOptions` of `separate`'s and `batch`'s model arguments, or None when they
-    cannot run together (e.g. --dconv triton without a GPU), said in one line."""
-    from .engine.separator import RunnerOptions
+def _runner_options(args, max_batch: int, device: tp.Optional[str] = None):
+    """`RunnerOptions` of `separate`'s and `batch`'s model arguments (`device` over
+    `--device`), or None when they cannot run together (e.g. --dconv triton without a GPU),
+    said in one line."""
+    from .engine.modes import RunnerOptions
     try:
-        return RunnerOptions(args.device, args.precision, args.compile, max_batch,
+        return RunnerOptions(device or args.device, args.precision, args.compile, max_batch,
                              group_norm=args.group_norm, dconv=args.dconv)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -206,18 +207,25 @@ def _batch_parser(sub) -> None:
 BATCH_WINDOWS = {"cuda": 8, "cpu": 1}  # the batch's windows per forward, by device
 
 
-def batch_job(args, options: SeparationOptions) -> "BatchJob":
-    """The `BatchJob` of a `batch` command line (`options` from its option fields)."""
-    from .batch.pipeline import BatchJob
+def batch_runner(args):
+    """The model actors' `RunnerOptions` of a `batch` command line: the device resolved here
+    (cuda if present), `--batch-size` windows per forward (default by device); None when
+    they cannot run (`_runner_options`)."""
     from .engine import default_device
     device = args.device or default_device()
     batch_size = args.batch_size or BATCH_WINDOWS["cuda" if device.startswith("cuda") else "cpu"]
-    return BatchJob(args.input, args.output, options, args.model_repo, device, args.precision,
-                    max(1, batch_size), max(1, args.songs_per_call), args.actors,
-                    max(1, args.calls_per_actor), args.decoders, max(1, args.encode_threads),
-                    args.max_audio_seconds, args.max_file_mb, args.retry_failed,
-                    args.actor_resource, args.decode_resource, group_norm=args.group_norm,
-                    compile=args.compile, dconv=args.dconv)
+    return _runner_options(args, max(1, batch_size), device)
+
+
+def batch_job(args, options: SeparationOptions, runner) -> "BatchJob":
+    """The `BatchJob` of a `batch` command line (`options` from its option fields, `runner`
+    from `batch_runner`)."""
+    from .batch.pipeline import BatchJob
+    return BatchJob(args.input, args.output, options, args.model_repo, runner,
+                    max(1, args.songs_per_call), args.actors, max(1, args.calls_per_actor),
+                    args.decoders, max(1, args.encode_threads), args.max_audio_seconds,
+                    args.max_file_mb, args.retry_failed, args.actor_resource,
+                    args.decode_resource)
 
 
 def run_batch(args) -> int:
@@ -229,11 +237,12 @@ def run_batch(args) -> int:
     except SeparationError as exc:
         print(f"error: {exc.detail}", file=sys.stderr)
         return 2
-    if _runner_options(args, 1) is None:  # what the model actors will be given, checked first
+    runner = batch_runner(args)  # what the model actors will be given, checked first
+    if runner is None:
         return 2
     try:
         geometry = _model_geometry(options, args.model_repo)
-        progress, manifest, rows = run(batch_job(args, options), geometry)
+        progress, manifest, rows = run(batch_job(args, options, runner), geometry)
     except REFUSED as exc:
         print(_refusal(exc, options.model), file=sys.stderr)
         return 2
@@ -275,16 +284,13 @@ def run_serve(args) -> int:
     app_args = {key: value for key, value in
                 (("model", args.model), ("model_repo", args.model_repo)) if value}
     config_args = yaml.safe_load(Path(args.config).read_text())["applications"][0]["args"]
-    settings = ServiceSettings.from_args({**config_args, **app_args})
-    problem = cpu_precision_problem(settings.device, settings.precision)
+    try:
+        problem = settings_problem({**config_args, **app_args})
+    except ValueError as exc:  # an arg the service does not know, or a bad value
+        problem = f"error: {exc}"
     if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
+        print(problem, file=sys.stderr)
         return 2
-    if settings.require_model:
-        problem = model_problem(settings.model, settings.model_repo)
-        if problem is not None:
-            print(missing_model_message(settings.model, problem), file=sys.stderr)
-            return 2
     for stop_signal in STOP_SIGNALS:  # also where SIGINT came ignored (a script's `&`)
         signal.signal(stop_signal, _stop_once)
     with tempfile.TemporaryDirectory() as folder:

@@ -19,6 +19,7 @@ from pathlib import Path
 from .engine.cpu_settings import precision_problem
 from .engine.errors import ModelNotFoundError
 from .engine.model_files import weights_problem
+from .engine.modes import modes_problem
 from .procs import alive, cmdline, descendants, parent, wait_gone
 
 if tp.TYPE_CHECKING:
@@ -47,11 +48,16 @@ def model_problem(name: str, repo: tp.Optional[str]) -> tp.Optional[str]:
     return None
 
 
+def on_this_cpu(device: str) -> bool:
+    """Whether a model of `device` runs on this machine's CPU: "cpu", or "auto" without an
+    NVIDIA GPU here (no torch imported)."""
+    return device == "cpu" or (device == "auto" and not any(Path("/dev").glob("nvidia[0-9]*")))
+
+
 def cpu_precision_problem(device: str, precision: str) -> tp.Optional[str]:
-    """Why `precision` cannot run at speed where the model runs on this machine's CPU (device
-    "cpu", or "auto" without an NVIDIA GPU here); None otherwise."""
-    on_cpu = device == "cpu" or (device == "auto" and not any(Path("/dev").glob("nvidia[0-9]*")))
-    return precision_problem(precision) if on_cpu else None
+    """Why `precision` cannot run at speed where the model runs on this machine's CPU; None
+    otherwise."""
+    return precision_problem(precision) if on_this_cpu(device) else None
 
 
 def missing_model_message(name: str, problem: str) -> str:
@@ -102,11 +108,12 @@ def stop_local_serve_run(message: str, wait: float = 60.) -> bool:
 
 def settings_problem(args: tp.Optional[dict]) -> tp.Optional[str]:
     """What stops a start on this machine before anything deploys, as the message to print:
-    a precision this CPU lacks, or (with `require_model`) a missing model; None when there is
-    none. Raises ValueError for args the service does not know (`ServiceSettings`)."""
+    a precision this CPU lacks, a run mode it cannot run, or (with `require_model`) a missing
+    model; None when there is none. Raises ValueError for args the service does not know, or
+    bad values (`ServiceSettings`)."""
     from .settings import ServiceSettings
     settings = ServiceSettings.from_args(args)
-    return precision_message(settings) or model_message(settings)
+    return precision_message(settings) or modes_message(settings) or model_message(settings)
 
 
 def port_message(http_options: tp.Optional[dict]) -> tp.Optional[str]:
@@ -129,6 +136,15 @@ def port_message(http_options: tp.Optional[dict]) -> tp.Optional[str]:
 
 def precision_message(settings: "ServiceSettings") -> tp.Optional[str]:
     problem = cpu_precision_problem(settings.device, settings.precision)
+    return None if problem is None else f"\nerror: {problem}\n"
+
+
+def modes_message(settings: "ServiceSettings") -> tp.Optional[str]:
+    """Why the model cannot run as `settings` say on this machine (the fused DConv kernels on
+    its CPU), as the message to print; None otherwise. For a start on this machine only: on a
+    cluster the replicas may run where the GPUs are."""
+    problem = modes_problem(settings.precision, settings.compile, settings.group_norm,
+                            settings.dconv, on_cpu=on_this_cpu(settings.device))
     return None if problem is None else f"\nerror: {problem}\n"
 
 

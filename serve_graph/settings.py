@@ -5,6 +5,7 @@ import os
 import typing as tp
 from dataclasses import dataclass, fields
 
+from .engine.modes import modes_problem
 from .engine.options import DEFAULT_MP3_QUALITY, MP3_QUALITIES
 
 MODEL_ENV, REPO_ENV = "SERVE_GRAPH_MODEL", "SERVE_GRAPH_MODEL_REPO"
@@ -84,6 +85,9 @@ class ServiceSettings:
         if not MP3_QUALITIES[0] <= self.mp3_quality <= MP3_QUALITIES[1]:
             raise ValueError(f"mp3_quality must be in {MP3_QUALITIES[0]}..{MP3_QUALITIES[1]}, "
                              f"got {self.mp3_quality}")
+        problem = modes_problem(self.precision, self.compile, self.group_norm, self.dconv)
+        if problem is not None:  # where the model runs is the replicas' (`preflight` checks it)
+            raise ValueError(problem)
         if not isinstance(self.cudnn_benchmark, bool):  # YAML's true/false, not "yes"
             raise ValueError(f"cudnn_benchmark must be true or false, got "
                              f"{self.cudnn_benchmark!r}")
@@ -136,7 +140,7 @@ class ServiceSettings:
 
     def runner_options(self):
         """The `RunnerOptions` of the Separate replicas."""
-        from .engine.separator import RunnerOptions
+        from .engine.modes import RunnerOptions
         return RunnerOptions(None if self.device == "auto" else self.device, self.precision,
                              self.compile, self.max_batch, self.gpu_memory_fraction,
                              group_norm=self.group_norm, cudnn_benchmark=self.cudnn_benchmark,

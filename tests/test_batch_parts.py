@@ -279,15 +279,15 @@ def test_the_command_s_model_options_reach_each_actor_s_runner(tiny_repo):
     """`batch --precision --compile --group-norm --dconv --batch-size`, through the job and
     the settings sent to the actors, to the `RunnerOptions` of the actor's model (the fused
     DConv kernels: Triton's interpreter here, conftest.py)."""
-    from serve_graph.__main__ import batch_job, build_parser
+    from serve_graph.__main__ import batch_job, batch_runner, build_parser
     from serve_graph.batch.pipeline import settings_for
     from serve_graph.batch.stages import SeparateSongs
-    from serve_graph.engine.separator import RunnerOptions
+    from serve_graph.engine.modes import RunnerOptions
     args = build_parser().parse_args([
         "batch", "in", "out", "--model-repo", str(tiny_repo), "--device", "cpu", "--precision",
         "bf16", "--compile", "graphs", "--group-norm", "half", "--dconv", "triton",
         "--batch-size", "3"])
-    job = batch_job(args, SeparationOptions(model="htdemucs"))
+    job = batch_job(args, SeparationOptions(model="htdemucs"), batch_runner(args))
     actor = SeparateSongs(settings_for(job, 44100, 2), job.options.model_dump())
     assert actor.runner.options == RunnerOptions("cpu", "bf16", "graphs", max_batch=3,
                                                  group_norm="half", dconv="triton")
@@ -300,15 +300,16 @@ def test_model_actors_start_with_the_cpu_settings_of_separates_replicas():
 
     from serve_graph.batch.pipeline import BatchJob, actor_env
     from serve_graph.engine.cpu_settings import KEEP_TUNABLES
+    from serve_graph.engine.modes import RunnerOptions
     from serve_graph.launch import DEFAULT_CONFIG
     options = SeparationOptions(model="htdemucs")
-    env = actor_env(BatchJob("in", "out", options, device="cpu"))
+    env = actor_env(BatchJob("in", "out", options, runner=RunnerOptions("cpu")))
     assert set(KEEP_TUNABLES) <= set(env["GLIBC_TUNABLES"].split(":"))
     deployments = yaml.safe_load(DEFAULT_CONFIG.read_text())["applications"][0]["deployments"]
     separate = next(d for d in deployments if d["name"] == "Separate")
     shipped = separate["ray_actor_options"]["runtime_env"]["env_vars"]
     assert {name: env[name] for name in shipped} == shipped  # the tunables, OpenMP's wait
-    assert actor_env(BatchJob("in", "out", options, device="cuda")) == {}
+    assert actor_env(BatchJob("in", "out", options, runner=RunnerOptions("cuda"))) == {}
 
 
 def test_durations_read_as_a_person_writes_them():

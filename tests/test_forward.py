@@ -180,3 +180,9 @@ def test_the_configs_gpu_levers_reach_the_model_runner(monkeypatch):
     assert fused.runner_options().dconv == "triton"
     with pytest.raises(ValueError, match="cudnn_benchmark must be true or false"):
         ServiceSettings.from_args({**args, "cudnn_benchmark": "yes"})
+    # a bad mode is refused where the settings are read (the launcher, before Ray starts), not
+    # in the Separate replicas' constructors
+    with pytest.raises(ValueError, match=r"compile must be one of \('none', 'graphs'"):
+        ServiceSettings.from_args({**args, "compile": "fast"})
+    with pytest.raises(ValueError, match="Inductor fuses the DConv layers itself"):
+        ServiceSettings.from_args({**args, "compile": "compile", "dconv": "triton"})

@@ -81,6 +81,20 @@ def test_cli_serve_without_the_model_exits_before_starting_ray(tmp_path):
     assert not any("raylet" in " ".join(cmdline(pid)) for pid in seen if alive(pid))
 
 
+def test_cli_serve_refuses_the_fused_kernels_on_this_cpu_before_starting_ray(tmp_path,
+                                                                             tiny_repo):
+    """`dconv: triton` with the model on this machine's CPU outside Triton's interpreter: one
+    line, exit 2, no Ray (the Separate replicas would otherwise fail in their constructors)."""
+    config = write_config(tmp_path / "serve_config.yaml", port=free_port(), host="127.0.0.1",
+                          args={"dconv": "triton", "device": "cpu"})
+    code, output, seconds, seen = run_watching(
+        [sys.executable, "-m", "serve_graph", "serve", "--config", str(config), "--model-repo",
+         str(tiny_repo)], tmp_path, {"TRITON_INTERPRET": "0"})
+    assert code == 2 and seconds < 30, output
+    assert "error: dconv 'triton' needs a CUDA device" in output and "Traceback" not in output
+    assert not any("raylet" in " ".join(cmdline(pid)) for pid in seen if alive(pid))
+
+
 @pytest.mark.parametrize("command,sig", [("serve run", signal.SIGTERM),
                                          ("python -m serve_graph serve", signal.SIGINT)],
                          ids=["serve-run-sigterm", "cli-ctrl-c"])  # cli SIGTERM: below

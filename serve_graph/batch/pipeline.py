@@ -15,6 +15,7 @@ killed and started again runs only what has no record (`--retry-failed`: and wha
 import typing as tp
 from dataclasses import dataclass
 
+from ..engine.modes import RunnerOptions
 from ..engine.options import SeparationOptions
 from .output import BatchOutput
 from .progress import Progress
@@ -31,12 +32,12 @@ class BatchJob:
 
     - `source`, `output`: INPUT (`songs.list_songs`) and OUTPUT (`output.BatchOutput`) URLs;
     - `options`: the separation's, as for `POST /separate` (model set);
+    - `runner`: how each model actor runs its model (device set; `max_batch`: windows per
+      forward; compile: each actor captures or compiles at its start);
     - `actors`: model actors (default: one per GPU on CUDA, else 1); `songs_per_call`: decoded
       songs each actor call takes (their windows share forwards); `calls_per_actor`: calls
       an actor runs at once (the next call's songs in the actor before the last one ends);
-      `batch_size`: windows per forward; `group_norm`, `compile`, `dconv`: as `RunnerOptions`
-      (compile: each actor captures or compiles at its start); `decoders`: decode tasks at
-      once (None: Ray Data's choice);
+      `decoders`: decode tasks at once (None: Ray Data's choice);
     - `retry_failed`: run again the songs whose record says failed;
     - `actor_resource`, `decode_resource`: custom Ray resources (of the nodes that have them:
       `ray start --resources`) that place the model actors and the decode tasks (None: any
@@ -46,9 +47,7 @@ class BatchJob:
     output: str
     options: SeparationOptions
     model_repo: tp.Optional[str] = None
-    device: str = "cpu"
-    precision: str = "fp32"
-    batch_size: int = 8
+    runner: RunnerOptions = RunnerOptions("cpu", max_batch=8)
     songs_per_call: int = 4
     actors: tp.Optional[int] = None
     calls_per_actor: int = 2
@@ -59,13 +58,10 @@ class BatchJob:
     retry_failed: bool = False
     actor_resource: tp.Optional[str] = None
     decode_resource: tp.Optional[str] = None
-    group_norm: str = "fp32"
-    compile: str = "none"
-    dconv: str = "torch"
 
     @property
     def cuda(self) -> bool:
-        return self.device.startswith("cuda")
+        return (self.runner.device or "cpu").startswith("cuda")
 
     @property
     def record(self) -> dict:
@@ -82,9 +78,8 @@ def to_run(songs: tp.Sequence[SongRef], records: tp.Dict[str, dict],
 
 def settings_for(job: BatchJob, samplerate: int, channels: int) -> BatchSettings:
     return BatchSettings(job.output, job.options.model, job.model_repo, samplerate, channels,
-                         job.max_seconds, int(job.max_file_mb * 2**20), job.device,
-                         job.precision, job.batch_size, job.encode_threads, job.group_norm,
-                         job.compile, job.dconv)
+                         job.max_seconds, int(job.max_file_mb * 2**20), job.runner,
+                         job.encode_threads)
 
 
 def actor_count(job: BatchJob, resources: tp.Dict[str, float]) -> int:
@@ -137,7 +132,7 @@ def actor_env(job: BatchJob) -> tp.Dict[str, str]:
     if job.cuda:
         return {}
     from ..engine import cpu_settings
-    return {**SHARED_CORES_ENV, **cpu_settings.choose(job.precision).process_env()}
+    return {**SHARED_CORES_ENV, **cpu_settings.choose(job.runner.precision).process_env()}
 
 
 def on_nodes_with(resource: tp.Optional[str]) -> dict:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..engine.errors import SeparationError
+from ..engine.modes import RunnerOptions
 from ..engine.options import SeparationOptions
 from .output import BatchOutput
 
@@ -49,13 +50,8 @@ class BatchSettings:
     channels: int
     max_seconds: float
     max_file_bytes: int
-    device: str = "cpu"
-    precision: str = "fp32"
-    batch_size: int = 8  # windows per forward
+    runner: RunnerOptions = RunnerOptions("cpu", max_batch=8)  # max_batch: windows per forward
     encode_threads: int = 2
-    group_norm: str = "fp32"  # "half": bf16/fp16 GroupNorm activations (RunnerOptions)
-    compile: str = "none"  # "graphs", "compile" (RunnerOptions)
-    dconv: str = "torch"  # "triton": fused DConv kernels (RunnerOptions)
 
 
 def error_fields(exc: Exception, uri: str) -> dict:
@@ -104,22 +100,18 @@ class SeparateSongs:
 
     def __init__(self, settings: BatchSettings, options: dict):
         from ..engine import cpu_settings
-        if settings.device == "cpu":  # chosen on this actor's machine, as Separate does; the
-            # glibc tunables came with the process (`pipeline.actor_env`)
-            chosen, described = cpu_settings.prepare(settings.precision)
+        on_cpu = settings.runner.device == "cpu"
+        if on_cpu:  # chosen on this actor's machine, as Separate does; the glibc tunables
+            # came with the process (`pipeline.actor_env`)
+            chosen, described = cpu_settings.prepare(settings.runner.precision)
             logger.info(cpu_settings.summary(described))
         from ..engine import ModelRunner, load_model
-        from ..engine.separator import RunnerOptions
-        if settings.device == "cpu":
+        if on_cpu:
             cpu_settings.apply_to_torch(chosen)
         self.settings = settings
         self.options = SeparationOptions(**options)
         self.runner = ModelRunner(load_model(settings.model, settings.model_repo),
-                                  options=RunnerOptions(settings.device, settings.precision,
-                                                        settings.compile,
-                                                        max_batch=settings.batch_size,
-                                                        group_norm=settings.group_norm,
-                                                        dconv=settings.dconv))
+                                  options=settings.runner)
         self.pool = ThreadPoolExecutor(settings.encode_threads)
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="write")  # files, then record
         self._counting, self._counted = threading.Lock(), 0.  # `_model_seconds`
@@ -201,7 +193,7 @@ class SeparateSongs:
         try:
             for position, files in separate_songs(
                     self.runner, [songs[i] for i in indices], self.options, self.pool,
-                    self.settings.encode_threads, self.settings.batch_size):
+                    self.settings.encode_threads, self.settings.runner.max_batch):
                 result = results[indices[position]]
                 result.update(separate_seconds=time.perf_counter() - started,
                               model_seconds=self._model_seconds(), finished_at=time.time())

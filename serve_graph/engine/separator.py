@@ -6,12 +6,10 @@ run, overlap-add. The Ray deployments call the same pieces, one step each.
 """
 import contextlib
 import logging
-import os
 import threading
 import time
 import typing as tp
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch as th
@@ -19,11 +17,11 @@ import tqdm
 from demucs.htdemucs import HTDemucs
 
 from .cpu_settings import apply_to_torch, choose
-from .modes import COMPILE_MODES, DCONVS, GROUP_NORMS, PRECISIONS
 from .forward import (BatchLimit, CudaGraphs, HTDemucsCore, SplitForward, bucket_pieces,
                       bucket_sizes, compile_core, graph_safe, is_out_of_memory,
                       memory_limit, run_with_backoff, use_half_group_norm, window_memory)
 from .models import Model, model_geometry, sub_models
+from .modes import RunnerOptions
 from .plan import Plan, Window, in_order, plan_windows
 from .overlap_add import NORMALISED, OverlapAdd, denormalise
 from .windows import normalise, window_input, window_output
@@ -34,65 +32,10 @@ from .windows import normalise, window_input, window_output
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 logger = logging.getLogger(__name__)
 _AUTOCAST_DTYPES = {"bf16": th.bfloat16, "fp16": th.float16}
-DEFAULT_MAX_BATCH = 32
 
 
 def default_device() -> str:
     return "cuda" if th.cuda.is_available() else "cpu"
-
-
-@dataclass(frozen=True)
-class RunnerOptions:
-    """How a `ModelRunner` runs the model.
-
-    - `device`: "cpu", "cuda", "cuda:1"...; None: cuda if present.
-    - `precision`: "fp32" (reference numerics; TF32 off on CUDA), "tf32" (TensorFloat-32
-      matmuls/convolutions on CUDA, no-op on CPU), "bf16" / "fp16" (autocast, HTDemucs' STFT and
-      iSTFT in float32).
-    - `compile`: "none" (eager), "graphs" (CUDA: HTDemucs' inner network captured as CUDA graphs
-      per batch size at start-up), "compile" (`torch.compile` of the inner network, plus CUDA graphs
-      on CUDA). Models whose forward is not a fixed function (see `forward.graph_safe`) run eager.
-    - `max_batch`: the most windows in one forward; on CUDA lowered to what fits in
-      `memory_fraction` of the free device memory (measured at start-up).
-    - `compile_backend`: `torch.compile`'s backend (tests use "eager").
-    - `group_norm`: "fp32" (autocast upcasts GroupNorm's input, as PyTorch does) or "half"
-      (`forward.HalfGroupNorm`: bf16/fp16 activations, fp32 statistics; fp32 unchanged).
-    - `cudnn_benchmark`: on CUDA, cuDNN times its algorithms for each new convolution shape
-      and keeps the fastest (a few shapes here: one window length, the batch buckets);
-      False: its heuristics' choice, no timing at the first forwards of each shape.
-    - `dconv`: "torch" (Demucs' modules) or "triton" (`fused_dconv`: each DConv branch's 1x1
-      conv, GroupNorm, GLU and LayerScale in two Triton kernels that never write the conv's
-      2C channels; CUDA, or the CPU under `TRITON_INTERPRET=1` for tests; not with
-      `compile="compile"`, where Inductor fuses those layers itself).
-    """
-    device: tp.Optional[str] = None
-    precision: str = "fp32"
-    compile: str = "none"
-    max_batch: int = DEFAULT_MAX_BATCH
-    memory_fraction: float = 0.85
-    compile_backend: str = "inductor"
-    group_norm: str = "fp32"
-    cudnn_benchmark: bool = True
-    dconv: str = "torch"
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
-        if self.group_norm not in GROUP_NORMS:
-            raise ValueError(f"group_norm must be one of {GROUP_NORMS}, got {self.group_norm!r}")
-        if self.dconv not in DCONVS:
-            raise ValueError(f"dconv must be one of {DCONVS}, got {self.dconv!r}")
-        if self.dconv == "triton" and self.compile == "compile":
-            raise ValueError("dconv 'triton' runs with compile 'none' or 'graphs': with "
-                             "'compile', Inductor fuses the DConv layers itself")
-        if (self.dconv == "triton" and (self.device or default_device()).startswith("cpu")
-                and os.environ.get("TRITON_INTERPRET") != "1"):
-            raise ValueError("dconv 'triton' needs a CUDA device (on the CPU: "
-                             "TRITON_INTERPRET=1, Triton's interpreter, for tests)")
-        if self.max_batch < 1 or not 0 < self.memory_fraction <= 1:
-            raise ValueError("max_batch must be >= 1 and memory_fraction in (0, 1]")
 
 
 class ModelRunner:

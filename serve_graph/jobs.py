@@ -61,12 +61,23 @@ def refusal(status: int, error: str, detail: str, retry_after: float) -> dict:
             "retry_after": max(1, int(retry_after + 0.999))}
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+# A run's stages, in order (`JobStore.update` never moves a job back; `claim` starts a run)
+RUN_STAGES = ("decoding", "separating", "encoding")
+
+
+# Out of order: with Ray's default for a one-thread actor, its calls from each caller run in
+# the order they were sent, and one call cancelled before it was sent (an Ingress request
+# whose client went away, cancelled with its child calls) left the store waiting for it,
+# with every later call of that caller, for as long as such calls kept coming (Ray's 30 s
+# wait restarts with each); so a replica's heartbeats and `finish` stood still and its jobs
+# never ended. No call here relies on the order of another's (`update` moves forward only).
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+            allow_out_of_order_execution=True)
 class JobStore:
     """Job records and the queue, by job id; the bytes are on `JobFiles`. Every method is
-    quick (no separation work here) and safe to run twice (Ray retries a call across a
-    restart of this actor): the Ingress replicas run the jobs and report to it; Encode
-    reports windows done."""
+    quick (no separation work here), safe to run twice (Ray retries a call across a
+    restart of this actor) and in any order: the Ingress replicas run the jobs and report to
+    it; Encode reports windows done."""
 
     def __init__(self, ttl_seconds: float, storage: tp.Optional[str] = None,
                  limits: tp.Optional[dict] = None, webhooks: tp.Optional[dict] = None):
@@ -206,6 +217,7 @@ class JobStore:
         if job is None or job["status"] != "running":
             return
         now = time.time()
+        fields = forward_only(job, fields)
         if fields.get("stage") == "separating" and job["separating_since"] is None:
             job["separating_since"] = now
         job.update(fields, updated_at=now, heard_at=now)
@@ -306,6 +318,19 @@ class JobStore:
             if job["result"]:
                 self.files.delete("results", job["result"])
             self.files.delete("records", job_id)
+
+
+def forward_only(job: dict, fields: dict) -> dict:
+    """`fields` of an update less what would move a running job back: an earlier stage of
+    the run (`RUN_STAGES`), fewer windows done (an update that arrived late)."""
+    fields = dict(fields)
+    stage = fields.get("stage")
+    if stage in RUN_STAGES and job["stage"] in RUN_STAGES and \
+            RUN_STAGES.index(stage) < RUN_STAGES.index(job["stage"]):
+        del fields["stage"]
+    if fields.get("windows_done") is not None:
+        fields["windows_done"] = max(fields["windows_done"], job["windows_done"] or 0)
+    return fields
 
 
 def default_storage() -> str:

@@ -7,6 +7,7 @@ the store which jobs it runs, stops those cancelled elsewhere, and claims queued
 free slots; a job it runs reads its upload from the storage, and its ZIP goes back there.
 """
 import asyncio
+import contextvars
 import logging
 import typing as tp
 import uuid
@@ -100,9 +101,13 @@ class JobRunner:
             task.cancel()
 
     def watch(self) -> None:
-        """Start this replica's watcher once (from a request, or Serve's health check)."""
+        """Start this replica's watcher once (from a request, or Serve's health check), in a
+        context of its own: a task inherits the context of the call that creates it, and Ray
+        and Serve cancel the calls made in a call's context when it is cancelled (a client
+        that went away), so the jobs the watcher starts would lose their separation with it."""
         if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+            self._watcher = asyncio.get_running_loop().create_task(
+                self._watch(), context=contextvars.Context())
 
     async def _watch(self) -> None:
         """Report, stop what was cancelled, claim what the free slots can take; again every

@@ -1,6 +1,7 @@
-"""The `JobStore` actor on a real local Ray (in a process of its own): a call cancelled before
-it reached the store does not hold up the calls after it, and a late update never moves a
-job back."""
+"""The jobs' actors on a real local Ray (in a process of their own): a call cancelled before it
+reached the `JobStore` does not hold up the calls after it, a late update never moves a job
+back, and a `JobRunner` (as an Ingress replica holds it) runs its jobs to their end when the
+request that started it is cancelled, as Serve cancels a request whose client went away."""
 import json
 import os
 import signal
@@ -48,9 +49,70 @@ ray.shutdown()
 '''
 
 
-def test_a_call_cancelled_before_it_was_sent_holds_up_nothing_and_updates_move_forward(
-        tmp_path):
-    process = subprocess.Popen([sys.executable, "-c", STORE, str(tmp_path / "jobs")], cwd=ROOT,
+RUNNER = '''
+import asyncio, json, sys, time
+import ray
+from serve_graph.engine import SeparationOptions
+from serve_graph.job_runner import JobRunner
+from serve_graph.jobs import job_store
+from serve_graph.serve_run import init_ray
+
+init_ray(include_dashboard=False, logging_level="ERROR")
+
+
+@ray.remote(num_cpus=0)
+def separation(seconds):  # stands for the job's calls to Decode, Separate and Encode
+    time.sleep(seconds)
+    return b"zip"
+
+
+@ray.remote(num_cpus=0)
+class Replica:  # async, as an Ingress replica
+    def __init__(self, store):
+        self.runner = JobRunner(store, "replica", 1, self.run, self.ready)
+        self.separating = False
+
+    async def ready(self):
+        return True
+
+    async def run(self, data, options, name, job_id, key):
+        pending = separation.remote(4.)
+        self.separating = True
+        return await pending, {}
+
+    async def request(self):  # the first request of this replica: it starts the job watcher
+        self.runner.watch()
+        await asyncio.sleep(60)
+
+    async def submit(self):
+        return await self.runner.submit(None, "client", b"song", SeparationOptions(), "a.wav")
+
+    def is_separating(self):
+        return self.separating
+
+
+store = job_store(60., sys.argv[1])
+replica = Replica.remote(store)
+request = replica.request.remote()
+job = ray.get(replica.submit.remote())
+deadline = time.monotonic() + 30
+while not ray.get(replica.is_separating.remote()) and time.monotonic() < deadline:
+    time.sleep(0.1)
+ray.cancel(request)  # its client went away
+while time.monotonic() < deadline + 30:
+    view = ray.get(store.get.remote(job["id"], None))
+    if view["status"] in ("done", "failed", "cancelled"):
+        break
+    time.sleep(0.2)
+print(json.dumps({"status": view["status"], "error": view["error"]}))
+ray.shutdown()
+'''
+
+
+def run_script(script: str, *args: str) -> dict:
+    """Run `script` in a process of its own (its Ray too, stopped by PID on a timeout); the
+    JSON object of its last line."""
+    process = subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT,
                                env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
@@ -62,10 +124,24 @@ def test_a_call_cancelled_before_it_was_sent_holds_up_nothing_and_updates_move_f
         kill_all(started)
         out, err = process.communicate()
     assert process.returncode == 0, err[-3000:]
-    result = json.loads(out.splitlines()[-1])
+    return json.loads(out.splitlines()[-1])
+
+
+def test_a_call_cancelled_before_it_was_sent_holds_up_nothing_and_updates_move_forward(
+        tmp_path):
+    result = run_script(STORE, str(tmp_path / "jobs"))
     # in order (Ray's default for such an actor), the claim waited for the cancelled call:
     # no answer in 20 s (at least 30 s, while calls keep coming)
     assert result["answered_s"] is not None and result["answered_s"] < 5, result
     assert result["created"] == "queued"
     assert result["stage"] == "encoding", result
     assert result["progress"]["windows_done"] == 8, result
+
+
+def test_a_job_runs_to_its_end_when_the_request_that_started_its_runner_is_cancelled(
+        tmp_path):
+    """The runner's watcher, and the jobs it starts, began inside a request; Ray cancels a
+    cancelled call's child calls, so they must not be that request's (before: the job's
+    separation was cancelled with it and the job failed)."""
+    result = run_script(RUNNER, str(tmp_path / "jobs"))
+    assert result == {"status": "done", "error": None}

@@ -20,7 +20,7 @@ from ..engine.options import SeparationOptions
 from .output import BatchOutput
 from .progress import Progress
 from .songs import BatchInputError, SongRef, list_songs
-from .stages import BatchSettings, SeparateSongs, decode_song
+from .stages import DEFAULT_RUNNER, BatchSettings, SeparateSongs, decode_song
 
 MAX_FILE_MB = 1024.
 MAX_SECONDS = 3600.  # an hour of stereo float32 PCM is 1.3 GB, within one Arrow binary value
@@ -47,7 +47,7 @@ class BatchJob:
     output: str
     options: SeparationOptions
     model_repo: tp.Optional[str] = None
-    runner: RunnerOptions = RunnerOptions("cpu", max_batch=8)
+    runner: RunnerOptions = DEFAULT_RUNNER
     songs_per_call: int = 4
     actors: tp.Optional[int] = None
     calls_per_actor: int = 2

@@ -40,6 +40,10 @@ class UnwritableError(SeparationError):
     error = "storage_full"
 
 
+# a job's model runner unless the command says otherwise: the CPU, 8 windows per forward
+DEFAULT_RUNNER = RunnerOptions("cpu", max_batch=8)
+
+
 @dataclass(frozen=True)
 class BatchSettings:
     """What the pipeline's steps need besides the options (frozen: sent to every worker)."""
@@ -50,7 +54,7 @@ class BatchSettings:
     channels: int
     max_seconds: float
     max_file_bytes: int
-    runner: RunnerOptions = RunnerOptions("cpu", max_batch=8)  # max_batch: windows per forward
+    runner: RunnerOptions = DEFAULT_RUNNER  # max_batch: windows per forward
     encode_threads: int = 2
 
 

@@ -1,13 +1,16 @@
-"""Start the real service as a process (`serve run <config>`) and wait for it; stop it again."""
+"""Start the real service as a process (`serve run <config>`) and wait for it; stop it again.
+Run a Python script that starts a Ray of its own, in a process of its own (`run_python`)."""
+import os
 import signal
 import subprocess
+import sys
 import time
 import typing as tp
 from pathlib import Path
 
 import requests
 from serve_graph.launch import deploy_failure, free_port, launch
-from serve_graph.procs import descendants, stop_tree, wait_gone
+from serve_graph.procs import descendants, kill_all, stop_tree, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,3 +116,23 @@ def listening_addresses(pids: tp.Iterable[int]) -> tp.List[tp.Tuple[int, str, in
             if inode in listening:
                 found.append((pid, *listening[inode]))
     return found
+
+
+def run_python(script: str, *args: str, timeout: float = 120) -> tp.Tuple[str, str]:
+    """`python -c script args` in a session of its own, from the repository root: its stdout
+    and stderr once it exited 0. Past `timeout` it is SIGKILLed with everything it started (its
+    Ray), by PID, and the test fails."""
+    process = subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT,
+                               env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        started = descendants(process.pid)
+        os.killpg(process.pid, signal.SIGKILL)
+        kill_all(started)
+        out, err = process.communicate()
+        raise AssertionError(f"the script did not end in {timeout} s: {err[-3000:]}") from None
+    assert process.returncode == 0, err[-3000:]
+    return out, err

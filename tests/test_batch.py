@@ -24,7 +24,7 @@ import soundfile
 from audio_files import encode, tone
 from serve_graph.batch.output import BatchOutput
 from serve_graph.procs import descendants, kill_all, wait_gone
-from serve_process import tiny_service
+from serve_process import run_python, tiny_service
 
 pytestmark = pytest.mark.serve
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,15 +261,7 @@ def test_a_songs_row_reaches_the_driver_before_its_call_ends(tmp_path):
     next (Ray Data sends a task's block on when the task goes on to the next), so progress
     moves song by song; at Ray Data's default block size a call's rows came together when it
     ended."""
-    process = subprocess.Popen([sys.executable, "-c", ROWS_AS_WRITTEN, str(tmp_path / "got")],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        out, err = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-    assert process.returncode == 0, err[-3000:]
+    out, err = run_python(ROWS_AS_WRITTEN, str(tmp_path / "got"))
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert rows == [{"song": 1, "waited": False}, {"song": 2, "waited": False},
                     {"song": 3, "waited": True}], err[-3000:]

@@ -3,13 +3,8 @@ reached the `JobStore` does not hold up the calls after it, a late update never 
 back, and a `JobRunner` (as an Ingress replica holds it) runs its jobs to their end when the
 request that started it is cancelled, as Serve cancels a request whose client went away."""
 import json
-import os
-import signal
-import subprocess
-import sys
 
-from serve_graph.procs import descendants, kill_all
-from serve_process import ROOT
+from serve_process import run_python
 
 STORE = '''
 import json, sys, time
@@ -110,20 +105,8 @@ ray.shutdown()
 
 
 def run_script(script: str, *args: str) -> dict:
-    """Run `script` in a process of its own (its Ray too, stopped by PID on a timeout); the
-    JSON object of its last line."""
-    process = subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT,
-                               env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        out, err = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        started = descendants(process.pid)
-        os.killpg(process.pid, signal.SIGKILL)
-        kill_all(started)
-        out, err = process.communicate()
-    assert process.returncode == 0, err[-3000:]
+    """The JSON object of the last line `script` printed (`run_python`)."""
+    out, _ = run_python(script, *args)
     return json.loads(out.splitlines()[-1])
 
 

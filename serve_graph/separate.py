@@ -59,7 +59,8 @@ class Separate:
         self._settings = settings
         self._loaded: "weakref.WeakValueDictionary[str, ModelRunner]" = (
             weakref.WeakValueDictionary())  # what the multiplexer holds, by name
-        self._started: tp.Dict[str, ModelRunner] = {}  # loaded at start, not yet multiplexed
+        self._started: tp.Dict[str, ModelRunner] = {}  # loaded, not yet multiplexed
+        self._builds: tp.Dict[str, asyncio.Future] = {}  # loads under way, by name
         self._sources: tp.Dict[str, dict] = {}  # of models described, by name
         # start-up work (memory measurement, torch.compile, CUDA graph capture) happens here
         try:
@@ -98,9 +99,24 @@ class Separate:
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def runner(self, name: str) -> ModelRunner:
         """The loaded model `name` (loaded now when it is not: Serve keeps the last
-        `MODELS_PER_REPLICA` used)."""
-        started = self._started.pop(name, None)
-        return started or await asyncio.to_thread(self._build, name, False)
+        `MODELS_PER_REPLICA` used).
+
+        A load runs in a thread that cannot be stopped, so it is one task per name, shielded
+        from its caller: when the caller is cancelled (its client went away), Serve lets the
+        next caller in, and that caller waits for the same load rather than starting a second
+        one beside it (twice the time, two copies of the weights)."""
+        if name not in self._started and name not in self._builds:
+            self._builds[name] = asyncio.ensure_future(self._build_in_thread(name))
+        if name in self._builds:
+            await asyncio.shield(self._builds[name])
+        return self._started.pop(name)
+
+    async def _build_in_thread(self, name: str) -> None:
+        """Loads model `name` into `_started`; its error, if any, goes to whoever waits."""
+        try:
+            self._started[name] = await asyncio.to_thread(self._build, name, False)
+        finally:
+            del self._builds[name]
 
     def reconfigure(self, config: dict) -> None:
         """`user_config` from serve_config.yaml: batching knobs, changeable without restart."""

@@ -1,0 +1,71 @@
+"""The Separate deployment's model loads on a real Serve (its own local Ray, in a process of
+its own): a load whose caller is cancelled, as Serve cancels a request whose client went away,
+goes on, and the next caller for that model waits for it instead of starting a second load."""
+import json
+
+import pytest
+
+from serve_process import run_python
+
+pytestmark = pytest.mark.serve
+
+SLOW_LOADS = '''
+import json, sys, time
+from ray import serve
+from ray.serve.exceptions import RequestCancelledError
+from serve_graph.separate import Separate
+from serve_graph.serve_run import start_local_ray
+from serve_graph.settings import ServiceSettings
+
+LOAD_S = 4.
+
+
+class SlowLoads(Separate.func_or_class):
+    """Separate whose loads of extra models take LOAD_S more and are counted."""
+
+    def _build(self, name, download=True):
+        if name != self._settings.model:
+            self.loads = {**getattr(self, "loads", {}), name: self.loads_of(name) + 1}
+            time.sleep(LOAD_S)
+        return super()._build(name, download)
+
+    def loads_of(self, name):
+        return getattr(self, "loads", {}).get(name, 0)
+
+
+start_local_ray()
+serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[2])})
+settings = ServiceSettings(model="htdemucs", models=("tinybag",), model_repo=sys.argv[1],
+                           device="cpu")
+deployment = serve.deployment(max_ongoing_requests=8,
+                              ray_actor_options={"num_cpus": 0})(SlowLoads)
+handle = serve.run(deployment.bind(settings), name="loads", route_prefix=None)
+first = handle.info.remote("tinybag")
+time.sleep(1.)  # its load has begun
+first.cancel()
+try:
+    first.result(timeout_s=30)
+    cancelled = False
+except RequestCancelledError:
+    cancelled = True
+start = time.monotonic()
+info = handle.info.remote("tinybag").result(timeout_s=60)
+waited_s = time.monotonic() - start
+again = handle.info.remote("tinybag").result(timeout_s=30)  # kept loaded: no load more
+print(json.dumps({"cancelled": cancelled, "states": [info["state"], again["state"]],
+                  "waited_s": waited_s,
+                  "loads": handle.loads_of.remote("tinybag").result(timeout_s=30)}))
+serve.shutdown()
+'''
+
+
+def test_a_load_whose_caller_was_cancelled_is_not_started_twice(tiny_repo):
+    from serve_graph.launch import free_port
+    out, err = run_python(SLOW_LOADS, str(tiny_repo), str(free_port()), timeout=180)
+    result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    assert result["cancelled"], result
+    assert result["states"] == ["loaded", "loaded"], result
+    # before: Serve let the next caller in when the first was cancelled, and it started a
+    # second load beside the first (whose thread went on): 2 loads, the full 4 s again
+    assert result["loads"] == 1, (result, err[-3000:])
+    assert result["waited_s"] < 3.5, result

@@ -31,6 +31,12 @@ def parent(pid: int) -> int:
     return int(stat[1]) if stat else 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process `pid` has used so far, all its threads; 0 when gone."""
+    stat = _stat(pid)
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK") if stat else 0.
+
+
 def alive(pid: int) -> bool:
     """Running (a zombie, dead but not yet reaped, is not)."""
     stat = _stat(pid)

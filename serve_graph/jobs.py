@@ -366,7 +366,7 @@ def with_links(job: dict) -> dict:
     """A job's public view with the URLs to follow it (relative to the service)."""
     base = f"/jobs/{job['id']}"
     return {**job, "status_url": base, "events_url": f"{base}/events",
-            "result_url": f"{base}/result"}
+            "result_url": f"{base}/result", "stems_url": f"{base}/stems"}
 
 
 def _eta(job: dict) -> tp.Optional[float]:

@@ -84,6 +84,48 @@ def test_a_remix_job_keeps_its_file_type(service, song):
     assert result.status_code == 200 and result.headers["content-type"] == "audio/wav"
     assert 'filename="song_remix.wav"' in result.headers["content-disposition"]
     assert decode(result.content).shape[1] == decode(song).shape[1]
+    stems = requests.get(service.url + done["stems_url"], headers=auth(), timeout=30)
+    assert stems.status_code == 404 and stems.json()["error"] == "stem_not_found"
+    assert "result_url" in stems.json()["detail"]
+
+
+def test_a_done_job_answers_each_stem_alone_and_byte_ranges_of_it(service, song):
+    """`GET /jobs/{id}/stems/{stem}`: one stem read out of the stored ZIP, and the byte ranges
+    an `<audio>` element or a download manager asks for (RFC 9110)."""
+    done = wait_for(service.url, submit(service.url, song, stems="drums,vocals").json()["id"])
+    archive = zipfile.ZipFile(io.BytesIO(requests.get(
+        service.url + done["result_url"], headers=auth(), timeout=60).content))
+    listing = requests.get(service.url + done["stems_url"], headers=auth(), timeout=30).json()
+    assert [(s["name"], s["file"], s["content_type"]) for s in listing["stems"]] == [
+        ("drums", "drums.mp3", "audio/mpeg"), ("vocals", "vocals.mp3", "audio/mpeg")]
+    for stem in listing["stems"]:
+        whole = requests.get(service.url + stem["url"], headers=auth(), timeout=30)
+        assert whole.status_code == 200 and whole.content == archive.read(stem["file"])
+        assert stem["bytes"] == len(whole.content) > 1000
+        assert whole.headers["content-type"] == "audio/mpeg"
+        assert whole.headers["accept-ranges"] == "bytes"
+        assert whole.headers["content-disposition"] == f'inline; filename="song_{stem["file"]}"'
+    vocals, url = archive.read("vocals.mp3"), service.url + listing["stems"][1]["url"]
+
+    def ranged(value: str, **more) -> requests.Response:
+        return requests.get(url, headers={**auth(), "Range": value, **more}, timeout=30)
+
+    part = ranged("bytes=100-1099")
+    assert part.status_code == 206 and part.content == vocals[100:1100]
+    assert part.headers["content-range"] == f"bytes 100-1099/{len(vocals)}"
+    assert ranged("bytes=-500").content == vocals[-500:]
+    assert ranged(f"bytes={len(vocals) - 10}-{len(vocals) + 99}").content == vocals[-10:]
+    beyond = ranged(f"bytes={len(vocals)}-")
+    assert beyond.status_code == 416 and beyond.json()["error"] == "range_not_satisfiable"
+    assert beyond.headers["content-range"] == f"bytes */{len(vocals)}"
+    # If-Range naming another version: the whole stem, as RFC 9110 says
+    assert ranged("bytes=0-9", **{"If-Range": '"another"'}).content == vocals
+    assert ranged("bytes=0-9", **{"If-Range": part.headers["etag"]}).content == vocals[:10]
+    missing = requests.get(service.url + done["stems_url"] + "/bass", headers=auth(), timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"] == "stem_not_found"
+    assert "drums, vocals" in missing.json()["detail"]
+    other_key = requests.get(url, headers=auth(KEYS[1]), timeout=30)
+    assert other_key.status_code == 404 and other_key.json()["error"] == "job_not_found"
 
 
 def test_events_stream_the_progress_until_the_end(service, song):
@@ -117,8 +159,9 @@ def test_cancel_stops_the_work(service, song):
     time.sleep(2)
     assert requests.get(service.url + "/stats", headers=auth(),
                         timeout=10).json()["windows"] == windows  # no more work for it
-    result = requests.get(service.url + job["result_url"], headers=auth(), timeout=10)
-    assert result.status_code == 409 and result.json()["error"] == "job_not_done"
+    for route in (job["result_url"], job["stems_url"], job["stems_url"] + "/vocals"):
+        result = requests.get(service.url + route, headers=auth(), timeout=10)
+        assert result.status_code == 409 and result.json()["error"] == "job_not_done", route
 
 
 def test_bad_request_is_refused_before_a_job_and_bad_audio_fails_the_job(service, song):

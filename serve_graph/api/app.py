@@ -4,7 +4,8 @@ it as a dependency (`replica.this_replica`): the `Ingress` instance, whose mixin
 replica's side of each concern."""
 from fastapi import FastAPI
 
-from . import errors, health, job_routes, middleware, openapi, pages, separation
+from . import (errors, health, job_routes, job_stems, middleware, openapi, pages,
+               separation)
 
 app = FastAPI(
     title=pages.TITLE,
@@ -15,5 +16,5 @@ app = FastAPI(
 errors.install(app)
 middleware.install(app)
 openapi.install(app)
-for concern in (health, separation, job_routes, pages):
+for concern in (health, separation, job_routes, job_stems, pages):
     app.include_router(concern.router)

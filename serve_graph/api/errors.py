@@ -49,6 +49,11 @@ class JobNotFoundError(SeparationError):
     error = "job_not_found"
 
 
+class StemNotFoundError(SeparationError):
+    status_code = 404
+    error = "stem_not_found"
+
+
 def error(status: int, code: str, detail: str, **extra) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail, **extra}, status_code=status)
 

@@ -25,6 +25,7 @@ router = APIRouter()
 
 SSE_POLL_S, SSE_KEEPALIVE_S = 0.25, 15.
 NO_JOB = documented("no such job (or expired)")
+NOT_DONE = documented("the job has not finished, failed or was cancelled")
 
 
 class JobLinks(BaseModel):
@@ -47,6 +48,8 @@ class JobLinks(BaseModel):
     status_url: str
     events_url: str
     result_url: str
+    stems_url: str = Field(description="once done, the stems of its ZIP, each with a URL that "
+                           "answers it alone (and byte ranges of it)")
 
 
 job_links = with_links
@@ -57,6 +60,14 @@ def found(job: tp.Optional[dict], job_id: str) -> dict:
     if job is None:
         raise JobNotFoundError(f"no job {job_id} (unknown, expired or not yours)")
     return job
+
+
+def not_done(job: dict) -> JSONResponse:
+    """409 `job_not_done` for what asks for a job's result before it is done."""
+    detail = f"the job is {job['status']}"
+    if job["error"]:
+        detail += f": {job['error']['detail']}"
+    return error(409, "job_not_done", detail, job_status=job["status"])
 
 
 def request_client(request: Request) -> str:
@@ -170,15 +181,12 @@ async def job_events(request: Request, job_id: str,
 @router.get("/jobs/{job_id}/result", summary="A finished job's ZIP of stems (or its remix)",
             response_class=Response,
             responses={200: RESULT_RESPONSE, 404: NO_JOB,
-                       409: documented("the job has not finished, failed or was cancelled")})
+                       409: NOT_DONE})
 async def job_result(request: Request, job_id: str,
                      ingress: JobMethods = Depends(this_replica)) -> Response:
     job = await ingress.job(request, job_id)
     if job["status"] != "done":
-        detail = f"the job is {job['status']}"
-        if job["error"]:
-            detail += f": {job['error']['detail']}"
-        return error(409, "job_not_done", detail, job_status=job["status"])
+        return not_done(job)
     stored = await ingress._runner.result(job_id, request_key(request))
     if stored is None:
         raise JobNotFoundError(f"job {job_id} has no result any more")

@@ -1,0 +1,125 @@
+"""`/jobs/{id}/stems`: a finished job's stems, each answered alone from its stored ZIP, whole
+or the byte range a client asks for (an `<audio>` element seeking, a download resumed)."""
+import asyncio
+import typing as tp
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from ..engine.options import MEDIA_TYPES
+from ..stored_zip import Member, read_span, stored_members
+from .byte_ranges import range_headers, requested_range
+from .errors import JobNotFoundError, StemNotFoundError, documented
+from .job_routes import NOT_DONE, JobMethods, not_done
+from .replica import this_replica
+from .separation import request_key
+
+router = APIRouter()
+
+
+class StemFile(BaseModel):
+    """One stem of a finished job's ZIP."""
+    name: str = Field(description="the stem, e.g. vocals or no_vocals")
+    file: str = Field(description="its file name in the ZIP, e.g. vocals.mp3")
+    bytes: int
+    content_type: str
+    url: str = Field(description="answers this stem alone, and byte ranges of it")
+
+
+class JobStems(BaseModel):
+    """A finished job's stems, in the ZIP's order."""
+    id: str
+    stems: tp.List[StemFile]
+
+
+def media_type(file_name: str) -> str:
+    return MEDIA_TYPES.get(file_name.rsplit(".", 1)[-1], "application/octet-stream")
+
+
+def song_name(headers: dict) -> str:
+    """The song's name in a result's file name (`<song>_stems.zip`), for a stem's file name."""
+    disposition = headers.get("Content-Disposition", "")
+    name = disposition.partition('filename="')[2].rstrip('"')
+    return name[:-len("_stems.zip")] if name.endswith("_stems.zip") else "song"
+
+
+async def span_chunks(file: tp.BinaryIO, start: int, length: int) -> tp.AsyncIterator[bytes]:
+    """`length` bytes of `file` from `start`, read off the event loop; closes it."""
+    try:
+        pieces = read_span(file, start, length)
+        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+            yield piece
+    finally:
+        file.close()
+
+
+async def stored_stems(ingress: JobMethods, request: Request, job: dict
+                       ) -> tp.Tuple[tp.BinaryIO, tp.Dict[str, Member], str]:
+    """A finished `job`'s stored ZIP (open: the caller closes it), where each stem lies in it,
+    and the song's name; `StemNotFoundError` when its result is one file."""
+    stored = await ingress._runner.result(job["id"], request_key(request))
+    if stored is None:
+        raise JobNotFoundError(f"job {job['id']} has no result any more")
+    file, _, headers = stored
+    try:
+        if headers.get("Content-Type", "application/zip") != "application/zip":
+            raise StemNotFoundError("this job's result is one file (a remix or a STEMS "
+                                    "file), not stems: fetch its result_url")
+        members = await asyncio.to_thread(stored_members, file)
+    except BaseException:
+        file.close()
+        raise
+    return file, members, song_name(headers)
+
+
+@router.get("/jobs/{job_id}/stems", summary="A finished job's stems: name, file, bytes, "
+            "type and the URL that answers each alone",
+            response_model=JobStems,
+            responses={404: documented("no such job, or its result is one file (remix, "
+                                       "STEMS)"), 409: NOT_DONE})
+async def job_stems(request: Request, job_id: str,
+                    ingress: JobMethods = Depends(this_replica)) -> tp.Any:
+    job = await ingress.job(request, job_id)
+    if job["status"] != "done":
+        return not_done(job)
+    file, members, _ = await stored_stems(ingress, request, job)
+    file.close()
+    return JobStems.model_validate({"id": job_id, "stems": [
+        {"name": stem, "file": member.name, "bytes": member.size,
+         "content_type": media_type(member.name), "url": f"/jobs/{job_id}/stems/{stem}"}
+        for stem, member in members.items()]})
+
+
+@router.get("/jobs/{job_id}/stems/{stem}", summary="One stem of a finished job, read from its "
+            "ZIP: whole, or the byte range a `Range` header asks for (206), as an `<audio>` "
+            "element or a download manager asks", response_class=Response,
+            responses={200: {"content": {t: {} for t in dict.fromkeys(MEDIA_TYPES.values())},
+                             "description": "the stem's file"},
+                       206: {"description": "the byte range asked for (Content-Range)"},
+                       404: documented("no such job, or no such stem in its result"),
+                       409: NOT_DONE, 416: documented("the range starts beyond the file")})
+async def job_stem(request: Request, job_id: str, stem: str,
+                   ingress: JobMethods = Depends(this_replica)) -> Response:
+    job = await ingress.job(request, job_id)
+    if job["status"] != "done":
+        return not_done(job)
+    file, members, song = await stored_stems(ingress, request, job)
+    try:
+        member = members.get(stem)
+        if member is None:
+            raise StemNotFoundError(f"no stem {stem!r} in this job's result; it has: "
+                                    f"{', '.join(members)}")
+        etag = f'"{job_id}-{stem}"'  # a job's result never changes
+        asked = request.headers.get("range") if request.headers.get(
+            "if-range", etag) == etag else None
+        span = requested_range(asked, member.size)
+    except BaseException:
+        file.close()
+        raise
+    first, last = span or (0, member.size - 1)
+    return StreamingResponse(
+        span_chunks(file, member.offset + first, last - first + 1),
+        status_code=200 if span is None else 206, media_type=media_type(member.name),
+        headers={**range_headers(span, member.size), "ETag": etag,
+                 "Content-Disposition": f'inline; filename="{song}_{member.name}"'})

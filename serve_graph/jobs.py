@@ -40,6 +40,7 @@ NAME, NAMESPACE = "serve_graph_jobs", "serve_graph"
 ORPHAN_AFTER_S = 6.  # a running job whose owner has not been heard of for this long is re-run
 MAX_ATTEMPTS = 3  # a job whose replica died this many times under it fails instead
 FINAL = ("done", "failed", "cancelled")
+STATUSES = ("queued", "running") + FINAL
 JOBS_RETRY_AFTER_S = 30  # Retry-After when the queue is full
 
 
@@ -210,6 +211,20 @@ class JobStore:
         self._expire()
         job = self._owned(job_id, key)
         return None if job is None else public(job, self.ttl)
+
+    def listed(self, client: str, status: tp.Optional[str], limit: int,
+               before: tp.Optional[float]) -> dict:
+        """`client`'s jobs (`request_client`: its key, or its address without keys), newest
+        first: `{"jobs": [public view], "more": bool}`, at most `limit` of them, created
+        before `before` (the last one's `created_at` of the page before), of `status` alone
+        when given."""
+        self._expire()
+        mine = sorted((job for job in self.jobs.values() if job["client"] == client
+                       and status in (None, job["status"])
+                       and (before is None or job["created_at"] < before)),
+                      key=lambda job: job["created_at"], reverse=True)
+        return {"jobs": [public(job, self.ttl) for job in mine[:limit]],
+                "more": len(mine) > limit}
 
     def update(self, job_id: str, **fields) -> None:
         """Stage changes and progress from the job's runner (Ingress) and from Encode."""

@@ -190,6 +190,34 @@ def test_a_job_is_visible_only_to_its_key_and_expires(service, song):
     assert gone.status_code == 404
 
 
+def test_a_client_lists_its_own_jobs_newest_first_a_page_at_a_time(service, song):
+    key = KEYS[1]  # no other test makes jobs with it
+
+    def listed(query: str) -> dict:
+        answer = requests.get(service.url + query, headers=auth(key), timeout=30)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    ids = [submit(service.url, song, key=key, stems="vocals").json()["id"] for _ in range(3)]
+    first = listed("/jobs?limit=2")
+    assert [job["id"] for job in first["jobs"]] == ids[::-1][:2]
+    assert first["jobs"][0]["status_url"] == f"/jobs/{ids[2]}"
+    last = listed(first["next_url"])
+    assert [job["id"] for job in last["jobs"]] == ids[:1] and last["next_url"] is None
+    others = requests.get(service.url + "/jobs?limit=100", headers=auth(), timeout=30).json()
+    assert not set(ids) & {job["id"] for job in others["jobs"]}  # another key's: not listed
+    deadline = time.monotonic() + 120
+    while len(listed("/jobs?status=done")["jobs"]) < 3:
+        assert time.monotonic() < deadline, listed("/jobs")
+        time.sleep(0.3)
+    assert listed("/jobs?status=queued") == {"jobs": [], "next_url": None}
+    for query in ("limit=0", "limit=101", "status=lost", "before=-1", "before=soon"):
+        refused = requests.get(f"{service.url}/jobs?{query}", headers=auth(key), timeout=30)
+        assert refused.status_code == 422, query
+        assert refused.json()["error"] == "invalid_parameter", query
+    assert requests.get(service.url + "/jobs", timeout=30).status_code == 401
+
+
 def test_job_survives_the_loss_of_its_ingress_replica(service, song):
     long_song = encode(tone(15.0, 44100, 2, seed=6), 44100, "mp3")
     job = submit(service.url, long_song, shifts=4).json()

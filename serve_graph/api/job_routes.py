@@ -5,15 +5,16 @@ import asyncio
 import json
 import time
 import typing as tp
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Request, UploadFile
+from fastapi import APIRouter, Depends, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from .. import url_fetch
 from ..engine import InvalidParameterError, SeparationOptions
 from ..job_runner import chunks
-from ..jobs import FINAL, with_links
+from ..jobs import FINAL, STATUSES, with_links
 from ..webhooks import key_secret
 from .errors import ERROR_RESPONSES, JobNotFoundError, documented, error
 from .forms import AUDIO_FILE, AUDIO_URL, CALLBACK_URL, with_option_fields
@@ -50,6 +51,13 @@ class JobLinks(BaseModel):
     result_url: str
     stems_url: str = Field(description="once done, the stems of its ZIP, each with a URL that "
                            "answers it alone (and byte ranges of it)")
+
+
+class JobList(BaseModel):
+    """A page of this client's jobs, newest first."""
+    jobs: tp.List[JobLinks]
+    next_url: tp.Optional[str] = Field(description="the next page (older jobs), null on the "
+                                       "last")
 
 
 job_links = with_links
@@ -157,6 +165,23 @@ async def create_job(request: Request, audio_file: tp.Optional[UploadFile] = AUD
                                            song.data, song.options, song.name, callback)
     links = job_links(job)
     return JSONResponse(links, status_code=202, headers={"Location": links["status_url"]})
+
+
+@router.get("/jobs", summary="This client's jobs (its API key's; its address's without "
+            "keys), newest first, a page at a time", response_model=JobList)
+async def list_jobs(request: Request,
+                    status: tp.Optional[tp.Literal[STATUSES]] = Query(
+                        None, description="only the jobs of this status"),
+                    limit: int = Query(20, ge=1, le=100, description="jobs in a page"),
+                    before: tp.Optional[float] = Query(
+                        None, gt=0, description="only jobs created before this time (Unix "
+                        "seconds): the `created_at` of the last job of the page before"),
+                    ingress: JobMethods = Depends(this_replica)) -> dict:
+    page = await ingress._jobs.listed.remote(request_client(request), status, limit, before)
+    jobs = [job_links(job) for job in page["jobs"]]
+    following = {"limit": limit, "before": repr(jobs[-1]["created_at"]) if jobs else None,
+                 **({"status": status} if status else {})}
+    return {"jobs": jobs, "next_url": f"/jobs?{urlencode(following)}" if page["more"] else None}
 
 
 @router.get("/jobs/{job_id}", summary="A job's status, stage, progress and ETA",

@@ -20,26 +20,38 @@ audio_seconds, created_at, updated_at, expires_at, error, callback}`; status is 
 running, done, failed or cancelled; stage is queued, decoding, separating, encoding or the
 final status.
 
+One store per cluster outlives the service's replicas (it is detached): a service deployed
+again with other job settings or other code for the store (`STORE_VERSION`) replaces it at its
+Ingress replicas' start (`job_store`); the records are read back from the storage.
+
 Callbacks (`webhooks`): a job created with a `callback_url` has its status JSON POSTed there,
 signed, when it ends; the store's thread makes the attempts, and each is kept in the record
 (`callback: {url, state, attempts}`), so a restarted store resumes the pending ones.
 """
 import hashlib
+import logging
 import time
 import typing as tp
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import ray
 
 from .job_files import JobFiles
 from .webhooks import Delivery, Sender, body_of
 
+logger = logging.getLogger("ray.serve")
 NAME, NAMESPACE = "serve_graph_jobs", "serve_graph"
 ORPHAN_AFTER_S = 6.  # a running job whose owner has not been heard of for this long is re-run
 MAX_ATTEMPTS = 3  # a job whose replica died this many times under it fails instead
 FINAL = ("done", "failed", "cancelled")
+# the code the store runs: its module, its files and its callbacks' (a store started by an
+# earlier deployment runs that deployment's code until it is replaced)
+STORE_VERSION = hashlib.sha256(b"".join(
+    (Path(__file__).parent / name).read_bytes()
+    for name in ("jobs.py", "job_files.py", "webhooks.py"))).hexdigest()[:16]
 STATUSES = ("queued", "running") + FINAL
 JOBS_RETRY_AFTER_S = 30  # Retry-After when the queue is full
 
@@ -82,6 +94,7 @@ class JobStore:
 
     def __init__(self, ttl_seconds: float, storage: tp.Optional[str] = None,
                  limits: tp.Optional[dict] = None, webhooks: tp.Optional[dict] = None):
+        self._made_with = store_settings(ttl_seconds, storage, limits, webhooks)
         self.ttl = ttl_seconds
         self.limits = JobLimits(**(limits or {}))
         self.files = JobFiles(storage or default_storage())
@@ -107,6 +120,10 @@ class JobStore:
                 job["heard_at"] = now
                 jobs[job["id"]] = job
         return jobs
+
+    def made_with(self) -> dict:
+        """What this store was started with (`store_settings`), its code's version included."""
+        return self._made_with
 
     def storage(self) -> dict:
         """Where the bytes go, and this store's id (`JobFiles.shared_with`)."""
@@ -396,9 +413,30 @@ def _eta(job: dict) -> tp.Optional[float]:
 
 def job_store(ttl_seconds: float = 3600., storage: tp.Optional[str] = None,
               limits: JobLimits = JobLimits(), webhooks: tp.Optional[dict] = None):
-    """The service's `JobStore`: the running one, or a new detached one. Without a configured
-    `storage` its folder is on its own node's disk, so it is placed on the node of the
-    (Ingress) replica that creates it: on a cluster, the one Ingress replica sees it."""
+    """The service's `JobStore`: the running one, or a new detached one. A running one started
+    with other settings or other code (an earlier deployment's) is replaced: it is stopped and
+    a new one reads the records back from the storage. Without a configured `storage` its
+    folder is on its own node's disk, so it is placed on the node of the (Ingress) replica that
+    creates it: on a cluster, the one Ingress replica sees it."""
+    args = (ttl_seconds, storage, asdict(limits), webhooks)
+    try:
+        running = ray.get_actor(NAME, namespace=NAMESPACE)
+    except ValueError:  # none yet: a new one (its start is not waited for here)
+        return _running_or_new(*args)
+    if _made_with(running) != store_settings(*args):
+        logger.info("the job store was started with other settings or code: replacing it")
+        ray.kill(running, no_restart=True)
+        _wait_unnamed(running)
+    return _running_or_new(*args)  # the running one, or one another replica just started
+
+
+def store_settings(ttl_seconds: float, storage: tp.Optional[str], limits: tp.Optional[dict],
+                   webhooks: tp.Optional[dict]) -> dict:
+    return {"version": STORE_VERSION, "ttl_seconds": ttl_seconds, "storage": storage,
+            "limits": limits or {}, "webhooks": webhooks or {}}
+
+
+def _running_or_new(ttl_seconds, storage, limits, webhooks):
     placement = {}
     if storage is None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -406,7 +444,29 @@ def job_store(ttl_seconds: float = 3600., storage: tp.Optional[str] = None,
             ray.get_runtime_context().get_node_id(), soft=True)
     return JobStore.options(name=NAME, namespace=NAMESPACE, lifetime="detached",
                             get_if_exists=True, **placement).remote(
-        ttl_seconds, storage, asdict(limits), webhooks)
+        ttl_seconds, storage, limits, webhooks)
+
+
+def _made_with(store) -> tp.Optional[dict]:
+    """What `store` was started with; None for a store of code before `made_with`, or one
+    that another replica has just stopped to replace it."""
+    try:
+        return ray.get(store.made_with.remote(), timeout=60)
+    except (AttributeError, ray.exceptions.RayActorError):
+        return None
+
+
+def _wait_unnamed(store, timeout: float = 30.) -> None:
+    """Until the name no longer leads to `store` (killed), so that a new one can take it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if ray.get_actor(NAME, namespace=NAMESPACE)._actor_id != store._actor_id:
+                return
+        except ValueError:  # no actor of that name
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"the job store {NAME} did not stop in {timeout} s")
 
 
 class Progress:

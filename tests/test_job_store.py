@@ -1,7 +1,8 @@
 """The jobs' actors on a real local Ray (in a process of their own): a call cancelled before it
 reached the `JobStore` does not hold up the calls after it, a late update never moves a job
 back, and a `JobRunner` (as an Ingress replica holds it) runs its jobs to their end when the
-request that started it is cancelled, as Serve cancels a request whose client went away."""
+request that started it is cancelled, as Serve cancels a request whose client went away; a store
+started with other settings or code is replaced, its jobs kept."""
 import json
 
 from serve_process import run_python
@@ -104,6 +105,34 @@ ray.shutdown()
 '''
 
 
+REPLACED = '''
+import json, sys
+import ray
+from serve_graph import jobs
+from serve_graph.serve_run import init_ray
+
+init_ray(include_dashboard=False, logging_level="ERROR")
+folder = sys.argv[1]
+first = jobs.job_store(60., folder)
+ray.get(first.create.remote("job1", None, "client", 10, {"model": "htdemucs"}, "a.wav"))
+again = jobs.job_store(60., folder)  # the same settings and code: the same store
+other_ttl = jobs.job_store(120., folder)  # settings changed: a new store
+jobs.STORE_VERSION = "other code"  # as a deployment with other code for the store finds it
+other_code = jobs.job_store(120., folder)
+try:
+    ray.get(first.storage.remote(), timeout=30)
+    first_stopped = False
+except ray.exceptions.RayActorError:
+    first_stopped = True
+print(json.dumps({
+    "ids": [store._actor_id.hex() for store in (first, again, other_ttl, other_code)],
+    "first_stopped": first_stopped,
+    "ttl": ray.get(other_code.made_with.remote())["ttl_seconds"],
+    "job_found": ray.get(other_code.get.remote("job1", None))["status"]}))
+ray.shutdown()
+'''
+
+
 def run_script(script: str, *args: str) -> dict:
     """The JSON object of the last line `script` printed (`run_python`)."""
     out, _ = run_python(script, *args)
@@ -128,3 +157,14 @@ def test_a_job_runs_to_its_end_when_the_request_that_started_its_runner_is_cance
     separation was cancelled with it and the job failed)."""
     result = run_script(RUNNER, str(tmp_path / "jobs"))
     assert result == {"status": "done", "error": None}
+
+
+def test_a_store_of_other_settings_or_code_is_replaced_and_keeps_the_jobs(tmp_path):
+    """The store is detached: it outlives a deployment. A service deployed again with other job
+    settings, or other code for the store, replaces it (before: it kept the old one, whose code
+    may lack what the new Ingress asks of it); the records come back from the storage."""
+    result = run_script(REPLACED, str(tmp_path / "jobs"))
+    first, again, other_ttl, other_code = result["ids"]
+    assert first == again and len({first, other_ttl, other_code}) == 3, result
+    assert result["first_stopped"] and result["ttl"] == 120.
+    assert result["job_found"] == "queued"

@@ -34,7 +34,24 @@ def openapi_document(app: FastAPI, models: tp.Sequence[str] = ()) -> dict:
                 "multipart/form-data", {}).get("schema", {}).get("$ref", "")
             if body.rsplit("/", 1)[-1] in songs_taken:
                 operation["requestBody"]["required"] = True
+    invalid_parameters_as_error_bodies(schema)
     return schema
+
+
+def invalid_parameters_as_error_bodies(schema: dict) -> None:
+    """A 422 of FastAPI's validation has the body every error has (`errors`: `{"error":
+    "invalid_parameter", "detail"}`), not FastAPI's `HTTPValidationError`: so documented."""
+    error_body = {"$ref": "#/components/schemas/ErrorBody"}
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            invalid = operation.get("responses", {}).get("422", {})
+            content = invalid.get("content", {}).get("application/json", {})
+            if content.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                content["schema"] = error_body
+                invalid["description"] = "invalid parameter (error invalid_parameter)"
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
 
 
 SONG_FIELDS = ("audio_file", "audio_url")  # a song is sent as exactly one of them

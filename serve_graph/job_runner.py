@@ -13,7 +13,7 @@ import typing as tp
 import uuid
 
 from .engine import SeparationError, SeparationOptions
-from .job_files import CHUNK, JobFiles
+from .job_files import JobFiles
 
 logger = logging.getLogger("ray.serve")
 WATCH_S = 1.  # how often a replica reports to the store and claims queued jobs
@@ -171,15 +171,3 @@ def error_record(exc: Exception, job_id: str) -> dict:
     logger.error("job %s failed", job_id, exc_info=exc)
     return {"status": 500, "error": "internal_error",
             "detail": "the separation failed; the error is logged"}
-
-
-async def chunks(file) -> tp.AsyncIterator[bytes]:
-    """`file`'s bytes in CHUNK pieces, read off the event loop; closes it."""
-    try:
-        while True:
-            chunk = await asyncio.to_thread(file.read, CHUNK)
-            if not chunk:
-                return
-            yield chunk
-    finally:
-        file.close()

@@ -7,6 +7,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from .job_files import CHUNK
+
 LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 LOCAL_SIGNATURE = b"PK\x03\x04"
 
@@ -48,7 +50,7 @@ def stored_members(file: tp.BinaryIO) -> tp.Dict[str, Member]:
 
 
 def read_span(file: tp.BinaryIO, start: int, length: int,
-              chunk: int = 1 << 20) -> tp.Iterator[bytes]:
+              chunk: int = CHUNK) -> tp.Iterator[bytes]:
     """`length` bytes of `file` from `start`, in pieces of at most `chunk`."""
     file.seek(start)
     while length > 0:

@@ -5,6 +5,8 @@ request that started it is cancelled, as Serve cancels a request whose client we
 started with other settings or code is replaced, its jobs kept."""
 import json
 
+import pytest
+
 from serve_process import run_python
 
 STORE = '''
@@ -39,8 +41,26 @@ for fields in ({"stage": "separating", "windows_total": 8, "windows_done": 5},
                {"stage": "separating", "windows_done": 6}):  # late: sent before the last
     store.update.remote("job1", **fields)
 view = ray.get(store.get.remote("job1", None))
-print(json.dumps({"answered_s": answered_s, "created": created["job"]["status"],
-                  "stage": view["stage"], "progress": view["progress"]}))
+found = {"answered_s": answered_s, "created": created["job"]["status"],
+         "stage": view["stage"], "progress": view["progress"]}
+
+# the store replaced when a deployment with other settings or code asks for it
+import serve_graph.jobs as jobs
+again = jobs.job_store(60., sys.argv[1])  # the same settings and code: the same store
+other_ttl = jobs.job_store(120., sys.argv[1])  # settings changed: a new store
+jobs.STORE_VERSION = "other code"  # as a deployment with other code for the store finds it
+other_code = jobs.job_store(120., sys.argv[1])
+try:
+    ray.get(store.storage.remote(), timeout=30)
+    first_stopped = False
+except ray.exceptions.RayActorError:
+    first_stopped = True
+found["replaced"] = {
+    "ids": [handle._actor_id.hex() for handle in (store, again, other_ttl, other_code)],
+    "first_stopped": first_stopped,
+    "ttl": ray.get(other_code.made_with.remote())["ttl_seconds"],
+    "job_found": ray.get(other_code.get.remote("job1", None))["status"]}
+print(json.dumps(found))
 ray.shutdown()
 '''
 
@@ -105,32 +125,6 @@ ray.shutdown()
 '''
 
 
-REPLACED = '''
-import json, sys
-import ray
-from serve_graph import jobs
-from serve_graph.serve_run import init_ray
-
-init_ray(include_dashboard=False, logging_level="ERROR")
-folder = sys.argv[1]
-first = jobs.job_store(60., folder)
-ray.get(first.create.remote("job1", None, "client", 10, {"model": "htdemucs"}, "a.wav"))
-again = jobs.job_store(60., folder)  # the same settings and code: the same store
-other_ttl = jobs.job_store(120., folder)  # settings changed: a new store
-jobs.STORE_VERSION = "other code"  # as a deployment with other code for the store finds it
-other_code = jobs.job_store(120., folder)
-try:
-    ray.get(first.storage.remote(), timeout=30)
-    first_stopped = False
-except ray.exceptions.RayActorError:
-    first_stopped = True
-print(json.dumps({
-    "ids": [store._actor_id.hex() for store in (first, again, other_ttl, other_code)],
-    "first_stopped": first_stopped,
-    "ttl": ray.get(other_code.made_with.remote())["ttl_seconds"],
-    "job_found": ray.get(other_code.get.remote("job1", None))["status"]}))
-ray.shutdown()
-'''
 
 
 def run_script(script: str, *args: str) -> dict:
@@ -139,9 +133,15 @@ def run_script(script: str, *args: str) -> dict:
     return json.loads(out.splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def store_run(tmp_path_factory) -> dict:
+    """What the STORE script found (one local Ray for the store's checks)."""
+    return run_script(STORE, str(tmp_path_factory.mktemp("store") / "jobs"))
+
+
 def test_a_call_cancelled_before_it_was_sent_holds_up_nothing_and_updates_move_forward(
-        tmp_path):
-    result = run_script(STORE, str(tmp_path / "jobs"))
+        store_run):
+    result = store_run
     # in order (Ray's default for such an actor), the claim waited for the cancelled call:
     # no answer in 20 s (at least 30 s, while calls keep coming)
     assert result["answered_s"] is not None and result["answered_s"] < 5, result
@@ -159,12 +159,12 @@ def test_a_job_runs_to_its_end_when_the_request_that_started_its_runner_is_cance
     assert result == {"status": "done", "error": None}
 
 
-def test_a_store_of_other_settings_or_code_is_replaced_and_keeps_the_jobs(tmp_path):
+def test_a_store_of_other_settings_or_code_is_replaced_and_keeps_the_jobs(store_run):
     """The store is detached: it outlives a deployment. A service deployed again with other job
     settings, or other code for the store, replaces it (before: it kept the old one, whose code
     may lack what the new Ingress asks of it); the records come back from the storage."""
-    result = run_script(REPLACED, str(tmp_path / "jobs"))
+    result = store_run["replaced"]
     first, again, other_ttl, other_code = result["ids"]
     assert first == again and len({first, other_ttl, other_code}) == 3, result
     assert result["first_stopped"] and result["ttl"] == 120.
-    assert result["job_found"] == "queued"
+    assert result["job_found"] == "running"  # its record read back from the storage

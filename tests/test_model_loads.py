@@ -34,7 +34,7 @@ class SlowLoads(Separate.func_or_class):
 
 
 start_local_ray()
-serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[2])})
+serve.start(proxy_location="Disabled")  # called by handle: no HTTP proxy
 settings = ServiceSettings(model="htdemucs", models=("tinybag",), model_repo=sys.argv[1],
                            device="cpu")
 deployment = serve.deployment(max_ongoing_requests=8,
@@ -60,8 +60,7 @@ serve.shutdown()
 
 
 def test_a_load_whose_caller_was_cancelled_is_not_started_twice(tiny_repo):
-    from serve_graph.launch import free_port
-    out, err = run_python(SLOW_LOADS, str(tiny_repo), str(free_port()), timeout=180)
+    out, err = run_python(SLOW_LOADS, str(tiny_repo), timeout=180)
     result = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
     assert result["cancelled"], result
     assert result["states"] == ["loaded", "loaded"], result

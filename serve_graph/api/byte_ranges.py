@@ -2,10 +2,15 @@
 `Range` header asks of a file of a known size. One range is served (`<audio>` and download
 managers ask for one); a header that is not a valid single byte range is ignored, as the RFC
 allows, and the whole file is answered."""
+import asyncio
 import re
 import typing as tp
 
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
 from ..engine.errors import SeparationError
+from ..stored_zip import read_span
 
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -46,3 +51,31 @@ def range_headers(span: tp.Optional[tp.Tuple[int, int]], size: int) -> tp.Dict[s
     first, last = span
     return {"Accept-Ranges": "bytes", "Content-Length": str(last - first + 1),
             "Content-Range": f"bytes {first}-{last}/{size}"}
+
+
+def ranged_file(request: Request, file: tp.BinaryIO, size: int, etag: str, media_type: str,
+                headers: tp.Dict[str, str], offset: int = 0) -> StreamingResponse:
+    """The answer to `request` of the `size` bytes of `file` from `offset`: whole (200), or
+    the range its `Range` header asks for (206; `If-Range` naming another `etag`: whole).
+    `RangeNotSatisfiableError` for a range past the end. `file` is closed when the answer has
+    been sent, or now on an error."""
+    try:
+        same = request.headers.get("if-range", etag) == etag
+        span = requested_range(request.headers.get("range") if same else None, size)
+    except BaseException:
+        file.close()
+        raise
+    first, last = span or (0, size - 1)
+    return StreamingResponse(span_chunks(file, offset + first, last - first + 1),
+                             status_code=200 if span is None else 206, media_type=media_type,
+                             headers={**headers, **range_headers(span, size), "ETag": etag})
+
+
+async def span_chunks(file: tp.BinaryIO, start: int, length: int) -> tp.AsyncIterator[bytes]:
+    """`length` bytes of `file` from `start`, read off the event loop; closes it."""
+    try:
+        pieces = read_span(file, start, length)
+        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+            yield piece
+    finally:
+        file.close()

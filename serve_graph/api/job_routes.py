@@ -13,9 +13,9 @@ from pydantic import BaseModel, Field
 
 from .. import url_fetch
 from ..engine import InvalidParameterError, SeparationOptions
-from ..job_runner import chunks
 from ..jobs import FINAL, STATUSES, with_links
 from ..webhooks import key_secret
+from .byte_ranges import ranged_file
 from .errors import ERROR_RESPONSES, JobNotFoundError, documented, error
 from .forms import AUDIO_FILE, AUDIO_URL, CALLBACK_URL, with_option_fields
 from .middleware import client_address
@@ -27,6 +27,8 @@ router = APIRouter()
 SSE_POLL_S, SSE_KEEPALIVE_S = 0.25, 15.
 NO_JOB = documented("no such job (or expired)")
 NOT_DONE = documented("the job has not finished, failed or was cancelled")
+PART = {"description": "the byte range asked for (Content-Range)"}
+NOT_SATISFIABLE = documented("the range starts at or beyond the end of the file")
 
 
 class JobLinks(BaseModel):
@@ -203,10 +205,11 @@ async def job_events(request: Request, job_id: str,
                              headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/jobs/{job_id}/result", summary="A finished job's ZIP of stems (or its remix)",
+@router.get("/jobs/{job_id}/result", summary="A finished job's ZIP of stems (or its remix), "
+            "whole or the byte range a `Range` header asks for (206): a download resumed",
             response_class=Response,
-            responses={200: RESULT_RESPONSE, 404: NO_JOB,
-                       409: NOT_DONE})
+            responses={200: RESULT_RESPONSE, 206: PART, 404: NO_JOB, 409: NOT_DONE,
+                       416: NOT_SATISFIABLE})
 async def job_result(request: Request, job_id: str,
                      ingress: JobMethods = Depends(this_replica)) -> Response:
     job = await ingress.job(request, job_id)
@@ -217,9 +220,8 @@ async def job_result(request: Request, job_id: str,
         raise JobNotFoundError(f"job {job_id} has no result any more")
     file, size, headers = stored
     headers = dict(headers)
-    return StreamingResponse(chunks(file),
-                             media_type=headers.pop("Content-Type", "application/zip"),
-                             headers={**headers, "Content-Length": str(size)})
+    return ranged_file(request, file, size, f'"{job_id}"',  # a job's result never changes
+                       headers.pop("Content-Type", "application/zip"), headers)
 
 
 @router.delete("/jobs/{job_id}", summary="Cancel a job (its queued windows and encoding stop)",

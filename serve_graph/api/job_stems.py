@@ -4,14 +4,13 @@ import asyncio
 import typing as tp
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from ..engine.options import MEDIA_TYPES
-from ..stored_zip import Member, read_span, stored_members
-from .byte_ranges import range_headers, requested_range
+from ..stored_zip import Member, stored_members
+from .byte_ranges import ranged_file
 from .errors import JobNotFoundError, StemNotFoundError, documented
-from .job_routes import NOT_DONE, JobMethods, not_done
+from .job_routes import NOT_DONE, NOT_SATISFIABLE, PART, JobMethods, not_done
 from .replica import this_replica
 from .separation import request_key
 
@@ -42,16 +41,6 @@ def song_name(headers: dict) -> str:
     disposition = headers.get("Content-Disposition", "")
     name = disposition.partition('filename="')[2].rstrip('"')
     return name[:-len("_stems.zip")] if name.endswith("_stems.zip") else "song"
-
-
-async def span_chunks(file: tp.BinaryIO, start: int, length: int) -> tp.AsyncIterator[bytes]:
-    """`length` bytes of `file` from `start`, read off the event loop; closes it."""
-    try:
-        pieces = read_span(file, start, length)
-        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
-            yield piece
-    finally:
-        file.close()
 
 
 async def stored_stems(ingress: JobMethods, request: Request, job: dict
@@ -96,30 +85,21 @@ async def job_stems(request: Request, job_id: str,
             "element or a download manager asks", response_class=Response,
             responses={200: {"content": {t: {} for t in dict.fromkeys(MEDIA_TYPES.values())},
                              "description": "the stem's file"},
-                       206: {"description": "the byte range asked for (Content-Range)"},
+                       206: PART,
                        404: documented("no such job, or no such stem in its result"),
-                       409: NOT_DONE, 416: documented("the range starts beyond the file")})
+                       409: NOT_DONE, 416: NOT_SATISFIABLE})
 async def job_stem(request: Request, job_id: str, stem: str,
                    ingress: JobMethods = Depends(this_replica)) -> Response:
     job = await ingress.job(request, job_id)
     if job["status"] != "done":
         return not_done(job)
     file, members, song = await stored_stems(ingress, request, job)
-    try:
-        member = members.get(stem)
-        if member is None:
-            raise StemNotFoundError(f"no stem {stem!r} in this job's result; it has: "
-                                    f"{', '.join(members)}")
-        etag = f'"{job_id}-{stem}"'  # a job's result never changes
-        asked = request.headers.get("range") if request.headers.get(
-            "if-range", etag) == etag else None
-        span = requested_range(asked, member.size)
-    except BaseException:
+    member = members.get(stem)
+    if member is None:
         file.close()
-        raise
-    first, last = span or (0, member.size - 1)
-    return StreamingResponse(
-        span_chunks(file, member.offset + first, last - first + 1),
-        status_code=200 if span is None else 206, media_type=media_type(member.name),
-        headers={**range_headers(span, member.size), "ETag": etag,
-                 "Content-Disposition": f'inline; filename="{song}_{member.name}"'})
+        raise StemNotFoundError(f"no stem {stem!r} in this job's result; it has: "
+                                f"{', '.join(members)}")
+    return ranged_file(request, file, member.size, f'"{job_id}-{stem}"',  # never changes
+                       media_type(member.name),
+                       {"Content-Disposition": f'inline; filename="{song}_{member.name}"'},
+                       offset=member.offset)

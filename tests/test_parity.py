@@ -17,19 +17,46 @@ def residual_db(ours: th.Tensor, ref: th.Tensor) -> th.Tensor:
     return 10 * th.log10(error.clamp_min(1e-30) / (ref ** 2).sum(dim=(-1, -2)))
 
 
-@pytest.fixture(scope="module",
-                params=["htdemucs", "tinybag", "tiny6s", "tinymmi", "tinymdx"])
-def models(request, tiny_repo):
+MODELS = ["htdemucs", "tinybag", "tiny6s", "tinymmi", "tinymdx"]
+SHORT, ONE, SEVERAL = 30000, 44100, 150000  # samples: under one window, one, several
+# (shifts, overlap, length) per model: a covering design instead of all 12 for each of the 5
+# (60 cases, ~70 s). Every model meets both shifts, both overlaps and the three lengths, and
+# every one of the 12 combinations is run on at least one model (bags and HDemucs included).
+CASES = {"htdemucs": [(0, .25, SHORT), (2, .5, ONE), (0, .5, SEVERAL), (2, .25, SEVERAL)],
+         "tinybag": [(2, .25, SHORT), (0, .5, ONE), (2, .5, SEVERAL), (0, .25, SEVERAL)],
+         "tiny6s": [(0, .5, SHORT), (2, .25, ONE), (0, .25, ONE), (2, .25, SEVERAL)],
+         "tinymmi": [(2, .5, SHORT), (0, .5, ONE), (0, .25, SEVERAL), (2, .25, ONE)],
+         "tinymdx": [(2, .25, SHORT), (2, .5, ONE), (0, .5, SEVERAL), (0, .25, SEVERAL)]}
+
+
+def loaded(name: str, repo) -> tuple:
     """(reference Separator, our runner) loaded from the repo through get_model."""
-    reference = Separator(request.param, repo=tiny_repo, device="cpu", progress=False)
-    return reference, ModelRunner(load_model(request.param, tiny_repo), device="cpu")
+    reference = Separator(name, repo=repo, device="cpu", progress=False)
+    return reference, ModelRunner(load_model(name, repo), device="cpu")
 
 
-@pytest.mark.parametrize("length", [30000, 44100, 150000], ids=["short", "one", "several"])
-@pytest.mark.parametrize("overlap", [0.25, 0.5])
-@pytest.mark.parametrize("shifts", [0, 2])
-def test_matches_reference(models, length, overlap, shifts):
-    reference, runner = models
+@pytest.fixture(scope="module")
+def models_by_name(tiny_repo) -> dict:
+    return {name: loaded(name, tiny_repo) for name in MODELS}
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def models(request, models_by_name):
+    return models_by_name[request.param]
+
+
+def test_the_cases_cover_every_combination_and_every_model_every_level():
+    combinations = {case for cases in CASES.values() for case in cases}
+    assert combinations == set(itertools.product([0, 2], [.25, .5], [SHORT, ONE, SEVERAL]))
+    for name, cases in CASES.items():
+        assert [set(levels) for levels in zip(*cases)] == [
+            {0, 2}, {.25, .5}, {SHORT, ONE, SEVERAL}], name
+
+
+@pytest.mark.parametrize("name, shifts, overlap, length",
+                         [(name, *case) for name in MODELS for case in CASES[name]])
+def test_matches_reference(models_by_name, name, shifts, overlap, length):
+    reference, runner = models_by_name[name]
     mix = th.randn(2, length, generator=th.Generator().manual_seed(length)) * 0.3 + 0.01
     reference.update_parameter(shifts=shifts, overlap=overlap)
     random.seed(SEED)

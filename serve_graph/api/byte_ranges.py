@@ -20,7 +20,8 @@ class RangeNotSatisfiableError(SeparationError):
     error = "range_not_satisfiable"
 
     def __init__(self, size: int):
-        super().__init__(f"the range asked for starts beyond the file's {size} bytes")
+        super().__init__(f"the range asked for starts at or past the end of the file "
+                         f"({size} bytes)")
         self.headers = {"Content-Range": f"bytes */{size}"}
 
 

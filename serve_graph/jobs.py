@@ -423,11 +423,12 @@ def job_store(ttl_seconds: float = 3600., storage: tp.Optional[str] = None,
         running = ray.get_actor(NAME, namespace=NAMESPACE)
     except ValueError:  # none yet: a new one (its start is not waited for here)
         return _running_or_new(*args)
-    if _made_with(running) != store_settings(*args):
-        logger.info("the job store was started with other settings or code: replacing it")
-        ray.kill(running, no_restart=True)
-        _wait_unnamed(running)
-    return _running_or_new(*args)  # the running one, or one another replica just started
+    if _made_with(running) == store_settings(*args):
+        return running
+    logger.info("the job store was started with other settings or code: replacing it")
+    ray.kill(running, no_restart=True)
+    _wait_unnamed(running)
+    return _running_or_new(*args)  # a new one, or the one another replica just started
 
 
 def store_settings(ttl_seconds: float, storage: tp.Optional[str], limits: tp.Optional[dict],

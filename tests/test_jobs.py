@@ -177,6 +177,7 @@ def test_cancel_stops_the_work(service, song):
     for route in (job["result_url"], job["stems_url"], job["stems_url"] + "/vocals"):
         result = requests.get(service.url + route, headers=auth(), timeout=10)
         assert result.status_code == 409 and result.json()["error"] == "job_not_done", route
+        assert result.json()["job_status"] == "cancelled", route
 
 
 def test_bad_request_is_refused_before_a_job_and_bad_audio_fails_the_job(service, song):

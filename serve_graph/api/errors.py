@@ -49,6 +49,19 @@ class JobNotFoundError(SeparationError):
     error = "job_not_found"
 
 
+class JobNotDoneError(SeparationError):
+    """A job's result asked for before it is done; the body says its status (`job_status`)."""
+    status_code = 409
+    error = "job_not_done"
+
+    def __init__(self, job: dict):
+        detail = f"the job is {job['status']}"
+        if job["error"]:
+            detail += f": {job['error']['detail']}"
+        super().__init__(detail)
+        self.extra = {"job_status": job["status"]}
+
+
 class StemNotFoundError(SeparationError):
     status_code = 404
     error = "stem_not_found"
@@ -78,7 +91,7 @@ class UploadCapExceeded(HTTPException):
 
 
 async def _separation_error(request: Request, exc: SeparationError) -> JSONResponse:
-    response = error(exc.status_code, exc.error, exc.detail)
+    response = error(exc.status_code, exc.error, exc.detail, **getattr(exc, "extra", {}))
     response.headers.update(getattr(exc, "headers", None) or {})  # Retry-After of a 429
     return response
 

@@ -16,7 +16,7 @@ from ..engine import InvalidParameterError, SeparationOptions
 from ..jobs import FINAL, STATUSES, with_links
 from ..webhooks import key_secret
 from .byte_ranges import ranged_file
-from .errors import ERROR_RESPONSES, JobNotFoundError, documented, error
+from .errors import ERROR_RESPONSES, JobNotDoneError, JobNotFoundError, documented
 from .forms import AUDIO_FILE, AUDIO_URL, CALLBACK_URL, with_option_fields
 from .middleware import client_address
 from .replica import this_replica
@@ -72,14 +72,6 @@ def found(job: tp.Optional[dict], job_id: str) -> dict:
     return job
 
 
-def not_done(job: dict) -> JSONResponse:
-    """409 `job_not_done` for what asks for a job's result before it is done."""
-    detail = f"the job is {job['status']}"
-    if job["error"]:
-        detail += f": {job['error']['detail']}"
-    return error(409, "job_not_done", detail, job_status=job["status"])
-
-
 def request_client(request: Request) -> str:
     """Who the job limits count a request against: its key, or its address without keys."""
     key = request_key(request)
@@ -98,6 +90,18 @@ class JobMethods:
         """The store's record of `job_id` for this request's key, or `JobNotFoundError`."""
         self._runner.watch()
         return found(await self._jobs.get.remote(job_id, request_key(request)), job_id)
+
+    async def finished_result(self, request: Request, job_id: str
+                              ) -> tp.Tuple[tp.BinaryIO, int, dict]:
+        """`(open file, size, headers)` of job `job_id`'s stored result, for this request's
+        key; `JobNotFoundError`, or `JobNotDoneError` before it is done."""
+        job = await self.job(request, job_id)
+        if job["status"] != "done":
+            raise JobNotDoneError(job)
+        stored = await self._runner.result(job_id, request_key(request))
+        if stored is None:
+            raise JobNotFoundError(f"job {job_id} has no result any more")
+        return stored
 
     async def events(self, job: dict, key: tp.Optional[str]):
         """One `status` event per change of `job`, comments to keep the line open while it
@@ -212,13 +216,7 @@ async def job_events(request: Request, job_id: str,
                        416: NOT_SATISFIABLE})
 async def job_result(request: Request, job_id: str,
                      ingress: JobMethods = Depends(this_replica)) -> Response:
-    job = await ingress.job(request, job_id)
-    if job["status"] != "done":
-        return not_done(job)
-    stored = await ingress._runner.result(job_id, request_key(request))
-    if stored is None:
-        raise JobNotFoundError(f"job {job_id} has no result any more")
-    file, size, headers = stored
+    file, size, headers = await ingress.finished_result(request, job_id)
     headers = dict(headers)
     return ranged_file(request, file, size, f'"{job_id}"',  # a job's result never changes
                        headers.pop("Content-Type", "application/zip"), headers)

@@ -9,10 +9,9 @@ from pydantic import BaseModel, Field
 from ..engine.options import MEDIA_TYPES
 from ..stored_zip import Member, stored_members
 from .byte_ranges import ranged_file
-from .errors import JobNotFoundError, StemNotFoundError, documented
-from .job_routes import NOT_DONE, NOT_SATISFIABLE, PART, JobMethods, not_done
+from .errors import StemNotFoundError, documented
+from .job_routes import NOT_DONE, NOT_SATISFIABLE, PART, JobMethods
 from .replica import this_replica
-from .separation import request_key
 
 router = APIRouter()
 
@@ -43,14 +42,12 @@ def song_name(headers: dict) -> str:
     return name[:-len("_stems.zip")] if name.endswith("_stems.zip") else "song"
 
 
-async def stored_stems(ingress: JobMethods, request: Request, job: dict
+async def stored_stems(ingress: JobMethods, request: Request, job_id: str
                        ) -> tp.Tuple[tp.BinaryIO, tp.Dict[str, Member], str]:
-    """A finished `job`'s stored ZIP (open: the caller closes it), where each stem lies in it,
-    and the song's name; `StemNotFoundError` when its result is one file."""
-    stored = await ingress._runner.result(job["id"], request_key(request))
-    if stored is None:
-        raise JobNotFoundError(f"job {job['id']} has no result any more")
-    file, _, headers = stored
+    """Job `job_id`'s stored ZIP (open: the caller closes it), where each stem lies in it, and
+    the song's name (`finished_result`'s errors); `StemNotFoundError` when its result is one
+    file."""
+    file, _, headers = await ingress.finished_result(request, job_id)
     try:
         if headers.get("Content-Type", "application/zip") != "application/zip":
             raise StemNotFoundError("this job's result is one file (a remix or a STEMS "
@@ -68,11 +65,8 @@ async def stored_stems(ingress: JobMethods, request: Request, job: dict
             responses={404: documented("no such job, or its result is one file (remix, "
                                        "STEMS)"), 409: NOT_DONE})
 async def job_stems(request: Request, job_id: str,
-                    ingress: JobMethods = Depends(this_replica)) -> tp.Any:
-    job = await ingress.job(request, job_id)
-    if job["status"] != "done":
-        return not_done(job)
-    file, members, _ = await stored_stems(ingress, request, job)
+                    ingress: JobMethods = Depends(this_replica)) -> JobStems:
+    file, members, _ = await stored_stems(ingress, request, job_id)
     file.close()
     return JobStems.model_validate({"id": job_id, "stems": [
         {"name": stem, "file": member.name, "bytes": member.size,
@@ -90,10 +84,7 @@ async def job_stems(request: Request, job_id: str,
                        409: NOT_DONE, 416: NOT_SATISFIABLE})
 async def job_stem(request: Request, job_id: str, stem: str,
                    ingress: JobMethods = Depends(this_replica)) -> Response:
-    job = await ingress.job(request, job_id)
-    if job["status"] != "done":
-        return not_done(job)
-    file, members, song = await stored_stems(ingress, request, job)
+    file, members, song = await stored_stems(ingress, request, job_id)
     member = members.get(stem)
     if member is None:
         file.close()

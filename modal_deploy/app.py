@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 import time
 import typing as tp
+import uuid
 from pathlib import Path
 
 import modal
@@ -48,6 +49,7 @@ def _env(name: str, default: str) -> str:
 
 GPU = _env("SEPARATION_GPU", "B200")
 TIMEOUT = int(_env("SEPARATION_TIMEOUT", "600"))
+RETRIED_STATUSES = (429, 502, 503, 504)  # a job's POST is sent again after these
 SCALEDOWN_WINDOW = int(_env("SEPARATION_SCALEDOWN_WINDOW", "60"))
 MIN_CONTAINERS = int(_env("SEPARATION_MIN_CONTAINERS", "0"))
 # idle containers kept beyond those serving (started as load rises, before a request waits on
@@ -273,15 +275,38 @@ def main(audio_file: str, **options) -> None:
     print(f"wrote {output} in {time.perf_counter() - start:.1f} s")
 
 
-def run_job(url: str, song: Path, fields: dict, headers: dict, poll: float = 1.) -> bytes:
-    """Submit `song` as a job, print its progress until it ends, return its ZIP."""
+def submit_job(url: str, song: Path, fields: dict, headers: dict, attempts: int = 5) -> dict:
+    """`POST /jobs` of `song` under one `Idempotency-Key`, sent again when its answer is lost
+    or is a 429, 502, 503 or 504 (a container starting: after Retry-After, at most 30 s): a
+    retry gets the job the first attempt made, never a second one. The job's view."""
     import requests
-    with song.open("rb") as audio:
-        answer = requests.post(f"{url}/jobs", files={"audio_file": (song.name, audio)},
-                               data=fields, headers=headers, timeout=120)
-    if answer.status_code != 202:
-        raise SystemExit(f"{answer.status_code}: {answer.text}")
-    job = answer.json()
+    headers = {**headers, "Idempotency-Key": str(uuid.uuid4())}
+    for attempt in range(1, attempts + 1):
+        wait = 2. ** attempt
+        try:
+            with song.open("rb") as audio:
+                answer = requests.post(f"{url}/jobs", files={"audio_file": (song.name, audio)},
+                                       data=fields, headers=headers, timeout=120)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            problem = f"no answer: {exc}"
+        else:
+            if answer.status_code == 202:
+                return answer.json()
+            problem = f"{answer.status_code}: {answer.text}"
+            if answer.status_code not in RETRIED_STATUSES:
+                break
+            wait = float(answer.headers.get("Retry-After", wait))
+        print(f"attempt {attempt} of {attempts}: {problem}")
+        if attempt < attempts:
+            time.sleep(min(wait, 30.))
+    raise SystemExit(problem)
+
+
+def run_job(url: str, song: Path, fields: dict, headers: dict, poll: float = 1.) -> bytes:
+    """Submit `song` as a job (`submit_job`), print its progress until it ends, return its
+    ZIP."""
+    import requests
+    job = submit_job(url, song, fields, headers)
     while job["status"] not in ("done", "failed", "cancelled"):
         time.sleep(poll)
         job = requests.get(url + job["status_url"], headers=headers, timeout=60).json()

@@ -34,6 +34,12 @@ class JobRefusedError(SeparationError):
         self.headers = {"Retry-After": str(refused["retry_after"])}
 
 
+class IdempotencyKeyReusedError(SeparationError):
+    """An `Idempotency-Key` this client used for another request (`JobStore.replay`)."""
+    status_code = 422
+    error = "idempotency_key_reused"
+
+
 class JobStorageError(SeparationError):
     """This replica does not see the job storage the store writes to (a local folder on a
     cluster: configure `job_storage` as shared storage)."""
@@ -68,10 +74,24 @@ class JobRunner:
 
     async def submit(self, key: tp.Optional[str], client: str, data: bytes,
                      options: SeparationOptions, name: str,
-                     callback: tp.Optional[dict] = None) -> dict:
+                     callback: tp.Optional[dict] = None,
+                     idempotency: tp.Optional[dict] = None) -> tp.Tuple[dict, bool]:
         """Queue a job: its upload written to the storage, then its record (with its
-        `callback`, `JobStore.create`); the public view. Over a limit: `JobRefusedError`,
-        and nothing is kept."""
+        `callback` and `idempotency`, `JobStore.create`); `(public view, replayed)`. A key
+        of `idempotency` this client used before for the same request: the job it created,
+        replayed true, nothing queued. Over a limit: `JobRefusedError`; the key under
+        another request: `IdempotencyKeyReusedError`; nothing is kept."""
+        answer = await self.store.replay.remote(client, idempotency)
+        if answer is None:
+            answer = await self._queue(key, client, data, options, name, callback, idempotency)
+        if "reused" in answer:
+            raise IdempotencyKeyReusedError(answer["reused"])
+        return answer["job"], answer.get("replayed", False)
+
+    async def _queue(self, key: tp.Optional[str], client: str, data: bytes,
+                     options: SeparationOptions, name: str, callback: tp.Optional[dict],
+                     idempotency: tp.Optional[dict]) -> dict:
+        """`JobStore.create`'s answer for a new job (its upload kept only when queued)."""
         refused = await self.store.admission.remote(client, len(data))
         if refused is not None:
             raise JobRefusedError(refused)
@@ -79,13 +99,17 @@ class JobRunner:
         job_id = uuid.uuid4().hex
         await asyncio.to_thread(files.write, "uploads", job_id, data)
         answer = await self.store.create.remote(job_id, key, client, len(data),
-                                                options.model_dump(), name, callback)
+                                                options.model_dump(), name, callback,
+                                                idempotency)
         if "refused" in answer:
             await asyncio.to_thread(files.delete, "uploads", job_id)
             raise JobRefusedError(answer["refused"])
+        if "job" not in answer or answer.get("replayed"):  # the same key, sent at once twice
+            await asyncio.to_thread(files.delete, "uploads", job_id)
+            return answer
         self.watch()
         self._poke.set()
-        return answer["job"]
+        return answer
 
     async def result(self, job_id: str, key: tp.Optional[str]):
         """`(open file, size, headers)` of a finished job's ZIP, None when it is gone."""

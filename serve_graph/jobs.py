@@ -24,6 +24,11 @@ One store per cluster outlives the service's replicas (it is detached): a servic
 again with other job settings or other code for the store (`STORE_VERSION`) replaces it at its
 Ingress replicas' start (`job_store`); the records are read back from the storage.
 
+Retried requests (`replay`): a `POST /jobs` with an `Idempotency-Key` header whose key this
+client used before gets the job that key created, not a second one, for as long as that job
+is kept (until it expires); the key under another request (another fingerprint) is refused.
+The key is kept in the job's record, so a restarted store still knows it.
+
 Callbacks (`webhooks`): a job created with a `callback_url` has its status JSON POSTed there,
 signed, when it ends; the store's thread makes the attempts, and each is kept in the record
 (`callback: {url, state, attempts}`), so a restarted store resumes the pending ones.
@@ -158,14 +163,38 @@ class JobStore:
                            min(ends, default=time.time() + JOBS_RETRY_AFTER_S) - time.time())
         return None
 
+    def replay(self, client: str, idempotency: tp.Optional[dict]) -> tp.Optional[dict]:
+        """What a request of `client` under `idempotency` (`{"key", "fingerprint"}` of its
+        `Idempotency-Key` header; None without one) gets again: `{"job": view, "replayed":
+        True}`, the job an earlier request of the same fingerprint created under that key;
+        `{"reused": detail}` when that request differed; None when the key is new to this
+        client (or its job expired)."""
+        if idempotency is None:
+            return None
+        self._expire()
+        job = next((job for job in self.jobs.values() if job["client"] == client
+                    and (job.get("idempotency") or {}).get("key") == idempotency["key"]), None)
+        if job is None:
+            return None
+        if job["idempotency"]["fingerprint"] != idempotency["fingerprint"]:
+            return {"reused": f"this Idempotency-Key was used for job {job['id']}, created "
+                              f"by another request (another song, options or callback); a new "
+                              f"request takes a new key"}
+        return {"job": public(job, self.ttl), "replayed": True}
+
     def create(self, job_id: str, key: tp.Optional[str], client: str, nbytes: int,
-               options: dict, filename: str, callback: tp.Optional[dict] = None) -> dict:
+               options: dict, filename: str, callback: tp.Optional[dict] = None,
+               idempotency: tp.Optional[dict] = None) -> dict:
         """Queue job `job_id`, whose upload of `nbytes` is on the storage: `{"job": view}`,
-        or `{"refused": refusal}` over a limit (the caller then deletes the upload).
+        or `{"refused": refusal}` over a limit (the caller then deletes the upload), or what
+        `replay` answers for `idempotency` when its key is not new (the upload is not used).
         `callback`: `{"url", "secret"}` (secret None: the configured one), called when the
         job ends."""
         if job_id in self.jobs:
             return {"job": public(self.jobs[job_id], self.ttl)}
+        replayed = self.replay(client, idempotency)
+        if replayed is not None:
+            return replayed
         refused = self.admission(client, nbytes)
         if refused is not None:
             return {"refused": refused}
@@ -177,7 +206,8 @@ class JobStore:
                "started_at": None, "separating_since": None, "finished_at": None,
                "error": None, "owner": None, "heard_at": now, "attempts": 0,
                "upload_bytes": nbytes, "result_bytes": 0, "result": None, "headers": None,
-               "callback": callback and {**callback, "state": None, "attempts": []}}
+               "callback": callback and {**callback, "state": None, "attempts": []},
+               "idempotency": idempotency}
         self.jobs[job_id] = job
         self._save(job)
         return {"job": public(job, self.ttl)}

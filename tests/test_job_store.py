@@ -44,6 +44,24 @@ view = ray.get(store.get.remote("job1", None))
 found = {"answered_s": answered_s, "created": created["job"]["status"],
          "stage": view["stage"], "progress": view["progress"]}
 
+# a request sent again under its Idempotency-Key (its fingerprint f1): the job it created
+same = {"key": "k1", "fingerprint": "f1"}
+ray.get(store.create.remote("job2", None, "client", 10, {}, "b.wav", None, same))
+
+
+def replayed(store, client="client", idempotency=same):
+    answer = ray.get(store.replay.remote(client, idempotency))
+    return {"id": answer["job"]["id"]} if answer and "job" in answer else answer
+
+
+twin = ray.get(store.create.remote("job3", None, "client", 10, {}, "b.wav", None, same))
+found["idempotency"] = {
+    "again": replayed(store), "sent_twice_at_once": {"id": twin["job"]["id"],
+                                                     "replayed": twin["replayed"]},
+    "another_request": replayed(store, idempotency={"key": "k1", "fingerprint": "f2"}),
+    "another_client": replayed(store, "client2"),
+    "no_key": replayed(store, idempotency=None)}
+
 # the store replaced when a deployment with other settings or code asks for it
 import serve_graph.jobs as jobs
 again = jobs.job_store(60., sys.argv[1])  # the same settings and code: the same store
@@ -59,7 +77,8 @@ found["replaced"] = {
     "ids": [handle._actor_id.hex() for handle in (store, again, other_ttl, other_code)],
     "first_stopped": first_stopped,
     "ttl": ray.get(other_code.made_with.remote())["ttl_seconds"],
-    "job_found": ray.get(other_code.get.remote("job1", None))["status"]}
+    "job_found": ray.get(other_code.get.remote("job1", None))["status"],
+    "replayed": replayed(other_code)}
 print(json.dumps(found))
 ray.shutdown()
 '''
@@ -101,7 +120,8 @@ class Replica:  # async, as an Ingress replica
         await asyncio.sleep(60)
 
     async def submit(self):
-        return await self.runner.submit(None, "client", b"song", SeparationOptions(), "a.wav")
+        job, _ = await self.runner.submit(None, "client", b"song", SeparationOptions(), "a.wav")
+        return job
 
     def is_separating(self):
         return self.separating
@@ -168,3 +188,12 @@ def test_a_store_of_other_settings_or_code_is_replaced_and_keeps_the_jobs(store_
     assert first == again and len({first, other_ttl, other_code}) == 3, result
     assert result["first_stopped"] and result["ttl"] == 120.
     assert result["job_found"] == "running"  # its record read back from the storage
+    assert result["replayed"] == {"id": "job2"}  # its Idempotency-Key too
+
+
+def test_a_job_request_sent_again_under_its_idempotency_key_gets_the_same_job(store_run):
+    result = store_run["idempotency"]
+    assert result["again"] == {"id": "job2"}
+    assert result["sent_twice_at_once"] == {"id": "job2", "replayed": True}  # no job3
+    assert "job2" in result["another_request"]["reused"]
+    assert result["another_client"] is None and result["no_key"] is None

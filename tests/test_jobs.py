@@ -6,7 +6,9 @@ import json
 import os
 import signal
 import time
+import typing as tp
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -15,6 +17,7 @@ from audio_files import encode, tone
 from serve_graph.engine import decode
 from serve_graph.procs import actor_pids, alive, replica_pids
 from serve_process import tiny_service
+from web_servers import LosingProxy
 
 pytestmark = pytest.mark.serve
 KEYS = ("key-one", "key-two")
@@ -35,10 +38,11 @@ def auth(key: str = KEYS[0]) -> dict:
     return {"Authorization": f"Bearer {key}"}
 
 
-def submit(url: str, song: bytes, key: str = KEYS[0], **fields) -> requests.Response:
+def submit(url: str, song: bytes, key: str = KEYS[0], headers: tp.Optional[dict] = None,
+           **fields) -> requests.Response:
     return requests.post(url + "/jobs", files={"audio_file": ("song.mp3", song)},
-                         data={k: str(v) for k, v in fields.items()}, headers=auth(key),
-                         timeout=60)
+                         data={k: str(v) for k, v in fields.items()},
+                         headers={**auth(key), **(headers or {})}, timeout=60)
 
 
 def wait_for(url: str, job_id: str, statuses=("done", "failed", "cancelled"),
@@ -194,6 +198,33 @@ def test_bad_request_is_refused_before_a_job_and_bad_audio_fails_the_job(service
     assert failed["error"]["status"] == 415 and failed["error"]["error"] == "invalid_audio"
 
 
+def test_a_job_request_sent_again_under_its_idempotency_key_gets_the_same_job(service,
+                                                                               song):
+    """A client that lost the 202 (a dropped connection) sends the request again: one job,
+    not two, whether the first had ended or was still being taken in."""
+    retry = {"Idempotency-Key": f"order-{time.time_ns()}"}
+    first, again = (submit(service.url, song, headers=retry, stems="vocals") for _ in "12")
+    assert first.status_code == again.status_code == 202, again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    other = submit(service.url, song, headers=retry, stems="drums")  # the key, another request
+    assert other.status_code == 422 and other.json()["error"] == "idempotency_key_reused"
+    assert first.json()["id"] in other.json()["detail"]
+    at_once = {"Idempotency-Key": f"twice-{time.time_ns()}"}
+    with ThreadPoolExecutor(2) as pool:
+        twins = list(pool.map(lambda _: submit(service.url, song, headers=at_once), "12"))
+    assert [twin.status_code for twin in twins] == [202, 202]
+    assert twins[0].json()["id"] == twins[1].json()["id"]
+    assert sorted(twin.headers.get("idempotent-replayed", "") for twin in twins) == ["", "true"]
+    for bad in ("", "x" * 256, "two words", "caf\xe9"):
+        refused = submit(service.url, song, headers={"Idempotency-Key": bad})
+        assert refused.status_code == 422, bad
+        assert refused.json()["error"] == "invalid_parameter", bad
+    for job in (first.json(), twins[0].json()):
+        assert wait_for(service.url, job["id"])["status"] == "done"
+
+
 def test_a_job_is_visible_only_to_its_key(service, song):
     job = submit(service.url, song).json()
     for method in (requests.get, requests.delete):
@@ -248,10 +279,14 @@ def test_no_job_is_lost_when_the_job_store_is_killed(service, song):
     """SIGKILL the store while one job runs and one waits: the restarted store reads their
     records back from the job storage, and both finish with their ZIPs."""
     long_song = encode(tone(12.0, 44100, 2, seed=7), 44100, "mp3")
-    jobs = [submit(service.url, long_song, shifts=3).json() for _ in range(3)]
+    retry = {"Idempotency-Key": f"kept-{time.time_ns()}"}
+    jobs = [submit(service.url, long_song, headers=retry if n == 2 else None,
+                   shifts=3).json() for n in range(3)]
     wait_for(service.url, jobs[0]["id"], statuses=("running",), timeout=60)
     store, = actor_pids(service.pid, "JobStore")
     os.kill(store, signal.SIGKILL)
+    again = submit(service.url, long_song, headers=retry, shifts=3)  # its key read back too
+    assert again.status_code == 202 and again.json()["id"] == jobs[2]["id"], again.text
     finished = [wait_for(service.url, job["id"], timeout=300) for job in jobs]
     assert [job["status"] for job in finished] == ["done"] * 3, finished
     assert not alive(store) and actor_pids(service.pid, "JobStore") != [store]
@@ -260,13 +295,26 @@ def test_no_job_is_lost_when_the_job_store_is_killed(service, song):
         assert len(zipfile.ZipFile(io.BytesIO(result.content)).namelist()) == 4
 
 
-def test_modal_client_runs_a_song_as_a_job(service, song, tmp_path):
-    """The Modal local entrypoint's client half (`run_job`) against this service."""
+def test_modal_client_runs_a_song_as_a_job_and_a_lost_answer_makes_no_second_job(
+        service, song, tmp_path):
+    """The Modal local entrypoint's client half (`run_job`) against this service, through a
+    proxy that loses the answer to its first POST: the client sends it again under the same
+    Idempotency-Key and follows the job the first one made."""
     from modal_deploy.app import run_job
     path = tmp_path / "song.mp3"
     path.write_bytes(song)
-    archive = run_job(service.url, path, {"two_stems": "drums"}, auth(), poll=0.2)
+    proxy = LosingProxy(service.url)
+    try:
+        archive = run_job(proxy.url, path, {"two_stems": "drums"}, auth(), poll=0.2)
+    finally:
+        proxy.close()
     assert zipfile.ZipFile(io.BytesIO(archive)).namelist() == ["drums.mp3", "no_drums.mp3"]
+    (status, body), = proxy.lost
+    first = json.loads(body)["id"]
+    assert status == 202 and wait_for(service.url, first)["status"] == "done"
+    mine = requests.get(service.url + "/jobs?limit=100", headers=auth(), timeout=30).json()
+    assert [job["id"] for job in mine["jobs"]].count(first) == 1
+    assert mine["jobs"][0]["id"] == first  # the newest: no second job after it
 
 
 def test_a_finished_job_is_forgotten_after_its_ttl(service, expiring_job):

@@ -103,3 +103,47 @@ class Receiver:
 
     def close(self) -> None:
         self.server.close()
+
+
+class LosingProxy:
+    """A reverse proxy to `upstream` that loses the answers to the first `lose` POSTs: it
+    sends each on, keeps what came back (`lost`: `(status, body)`), and closes the client's
+    connection without a word, as a network that dropped the answer. Everything else it
+    relays."""
+
+    def __init__(self, upstream: str, lose: int = 1):
+        import requests
+        self.lost: tp.List[tp.Tuple[int, bytes]] = []
+        proxy = self
+
+        class Relay(_Quiet):
+            def _relay(self, method: str) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = {name: value for name, value in self.headers.items()
+                           if name.lower() not in ("host", "content-length", "connection")}
+                answer = requests.request(method, upstream + self.path, data=body,
+                                          headers=headers, timeout=120)
+                if method == "POST" and len(proxy.lost) < lose:
+                    proxy.lost.append((answer.status_code, answer.content))
+                    self.close_connection = True
+                    return
+                self.send_response(answer.status_code)
+                for name, value in answer.headers.items():
+                    if name.lower() not in ("content-length", "transfer-encoding",
+                                            "connection", "content-encoding"):
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            def do_GET(self) -> None:
+                self._relay("GET")
+
+            def do_POST(self) -> None:
+                self._relay("POST")
+
+        self.server = Server(Relay)
+        self.url = self.server.url
+
+    def close(self) -> None:
+        self.server.close()

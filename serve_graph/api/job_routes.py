@@ -2,12 +2,13 @@
 result and cancellation (`router`, and `JobMethods`, a mixin of `Ingress`; the queue and the
 runs are `jobs.JobStore`'s and `job_runner.JobRunner`'s)."""
 import asyncio
+import hashlib
 import json
 import time
 import typing as tp
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -63,6 +64,26 @@ class JobList(BaseModel):
 
 
 job_links = with_links
+IDEMPOTENCY_KEY = Header(
+    None, alias="Idempotency-Key", min_length=1, max_length=255, pattern="^[!-~]+$",
+    description="A key of the client's choosing (a UUID), 1-255 visible ASCII characters: "
+    "the request sent again with the same key (a retry after a lost answer) gets the job "
+    "the first one created, 202 with `Idempotent-Replayed: true`, not a second job, for as "
+    "long as that job is kept; the same key with another song, options or callback is "
+    "refused, 422 idempotency_key_reused")
+
+
+def idempotency_of(key: tp.Optional[str], song: Song,
+                   callback: tp.Optional[dict]) -> tp.Optional[dict]:
+    """`{"key", "fingerprint"}` of a job request with an `Idempotency-Key` (None without
+    one): the fingerprint hashes what the job is made of, the song's bytes and name, its
+    options and its callback URL."""
+    if key is None:
+        return None
+    described = json.dumps({"name": song.name, "options": song.options.model_dump(),
+                            "callback_url": callback and callback["url"]}, sort_keys=True)
+    fingerprint = hashlib.sha256(hashlib.sha256(song.data).digest() + described.encode())
+    return {"key": key, "fingerprint": fingerprint.hexdigest()}
 
 
 def found(job: tp.Optional[dict], job_id: str) -> dict:
@@ -159,18 +180,25 @@ class JobMethods:
 async def create_job(request: Request, audio_file: tp.Optional[UploadFile] = AUDIO_FILE,
                      audio_url: tp.Optional[str] = AUDIO_URL,
                      callback_url: tp.Optional[str] = CALLBACK_URL,
+                     idempotency_key: tp.Optional[str] = IDEMPOTENCY_KEY,
                      ingress: JobMethods = Depends(this_replica), **fields) -> JSONResponse:
     """The same fields as `POST /separate`, checked the same way before the 202, and a
     `callback_url`. The song's headers are read before the 202 too (`engine.probe`): a file
     that is not audio, or states a length over the limit, is refused at once; what only its
-    decoding shows (a truncated file) fails the job."""
+    decoding shows (a truncated file) fails the job. With an `Idempotency-Key`, a request
+    sent again gets the job the first one created."""
     callback = await ingress.callback_for(request, callback_url)
     async with ingress.song_in(request, audio_file, audio_url, fields) as song:
         await ingress._decode.probe.remote(song.data)  # not audio, or too long: refused now
-        job = await ingress._runner.submit(request_key(request), request_client(request),
-                                           song.data, song.options, song.name, callback)
+        idempotency = await asyncio.to_thread(idempotency_of, idempotency_key, song, callback)
+        job, replayed = await ingress._runner.submit(
+            request_key(request), request_client(request), song.data, song.options,
+            song.name, callback, idempotency)
     links = job_links(job)
-    return JSONResponse(links, status_code=202, headers={"Location": links["status_url"]})
+    headers = {"Location": links["status_url"]}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(links, status_code=202, headers=headers)
 
 
 @router.get("/jobs", summary="This client's jobs (its API key's; its address's without "

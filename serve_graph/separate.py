@@ -48,6 +48,8 @@ class Separate:
     for every window of every song in flight; `@serve.batch` stacks the windows waiting at
     that moment (of one song or of several) into one forward pass per model."""
 
+    UNCLAIMED_S = 60.  # how long a model loaded for callers that all went away waits for one
+
     def __init__(self, settings: ServiceSettings):
         keep_replica_server_on_loopback()
         # chosen on this replica's machine; what must precede torch's import is set now
@@ -112,11 +114,22 @@ class Separate:
         return self._started.pop(name)
 
     async def _build_in_thread(self, name: str) -> None:
-        """Loads model `name` into `_started`; its error, if any, goes to whoever waits."""
+        """Loads model `name` into `_started`; its error, if any, goes to whoever waits. A
+        model no caller takes in `UNCLAIMED_S` (all went away) is let go (`_let_go`)."""
         try:
-            self._started[name] = await asyncio.to_thread(self._build, name, False)
+            runner = await asyncio.to_thread(self._build, name, False)
+            self._started[name] = runner
+            asyncio.get_running_loop().call_later(self.UNCLAIMED_S, self._let_go, name,
+                                                  weakref.ref(runner))
         finally:
             del self._builds[name]
+
+    def _let_go(self, name: str, loaded: "weakref.ref[ModelRunner]") -> None:
+        """Drops model `name` if the load `loaded` is still untaken: held here, outside the
+        multiplexer's count, it would stay beyond `MODELS_PER_REPLICA` for good."""
+        if loaded() is not None and self._started.get(name) is loaded():
+            del self._started[name]
+            logger.info("model %r, loaded for a request that went away, let go", name)
 
     def reconfigure(self, config: dict) -> None:
         """`user_config` from serve_config.yaml: batching knobs, changeable without restart."""

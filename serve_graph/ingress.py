@@ -18,6 +18,7 @@ from .api.job_routes import JobMethods
 from .api.replica import configure
 from .api.separation import Separations
 from .job_runner import JobRunner
+from .job_store_handle import StoreHandle
 from .jobs import job_store
 from .launch import SHUTDOWN_POLL_S, keep_replica_server_on_loopback, log_replica_ready
 from .messages import ModelHandles
@@ -57,8 +58,8 @@ class Ingress(ModelStates, Separations, JobMethods):
         self._geometries: tp.Dict[str, tp.Any] = {}
         self._for_model = ModelHandles(separate)  # Separate, routed by model
         self._max_bytes = settings.max_upload_bytes
-        self._jobs = job_store(settings.job_ttl_s, settings.job_storage, settings.job_limits,
-                               settings.webhooks)
+        self._jobs = StoreHandle(job_store(settings.job_ttl_s, settings.job_storage,
+                                           settings.job_limits, settings.webhooks))
         self._cache = result_cache(settings)
         self._runner = JobRunner(self._jobs, uuid.uuid4().hex, settings.jobs_per_replica,
                                  self.run_for_job, self.can_start_jobs)

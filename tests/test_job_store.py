@@ -2,7 +2,8 @@
 reached the `JobStore` does not hold up the calls after it, a late update never moves a job
 back, and a `JobRunner` (as an Ingress replica holds it) runs its jobs to their end when the
 request that started it is cancelled, as Serve cancels a request whose client went away; a store
-started with other settings or code is replaced, its jobs kept."""
+started with other settings or code is replaced, its jobs kept, and a replica's handle of
+the old one finds the new one."""
 import json
 
 import pytest
@@ -10,8 +11,9 @@ import pytest
 from serve_process import run_python
 
 STORE = '''
-import json, sys, time
+import asyncio, json, sys, time
 import ray
+from serve_graph.job_store_handle import StoreHandle
 from serve_graph.jobs import job_store
 from serve_graph.serve_run import init_ray
 
@@ -79,6 +81,13 @@ found["replaced"] = {
     "ttl": ray.get(other_code.made_with.remote())["ttl_seconds"],
     "job_found": ray.get(other_code.get.remote("job1", None))["status"],
     "replayed": replayed(other_code)}
+
+
+async def through_the_first():  # as a replica of the deployment before calls it
+    return await StoreHandle(store).get.remote("job1", None)
+
+
+found["replaced"]["through_the_first"] = asyncio.run(through_the_first())["status"]
 print(json.dumps(found))
 ray.shutdown()
 '''
@@ -189,6 +198,9 @@ def test_a_store_of_other_settings_or_code_is_replaced_and_keeps_the_jobs(store_
     assert result["first_stopped"] and result["ttl"] == 120.
     assert result["job_found"] == "running"  # its record read back from the storage
     assert result["replayed"] == {"id": "job2"}  # its Idempotency-Key too
+    # a replica of the deployment before (during a rolling update) calls the first store, now
+    # stopped: its call goes to the store that replaced it (before: ActorDiedError, a 500)
+    assert result["through_the_first"] == "running"
 
 
 def test_a_job_request_sent_again_under_its_idempotency_key_gets_the_same_job(store_run):

@@ -24,11 +24,27 @@ class StoreHandle:
 
     def __init__(self, handle):
         self._handle = handle
+        self._calls: tp.Set[asyncio.Task] = set()  # under way (the loop holds tasks weakly)
 
     def __getattr__(self, method: str) -> "_Method":
+        if method.startswith("_"):  # not a store method (copy, pickle, an unset attribute)
+            raise AttributeError(method)
         return _Method(self, method)
 
-    async def call(self, method: str, args: tuple, kwargs: dict) -> tp.Any:
+    def send(self, method: str, args: tuple, kwargs: dict) -> "asyncio.Task":
+        """`method(*args, **kwargs)` as a task of this event loop: awaited for its answer, or
+        left to run (an update: its failure, as a plain handle's, goes unreported)."""
+        task = asyncio.ensure_future(self._call(method, args, kwargs))
+        self._calls.add(task)
+        task.add_done_callback(self._ended)
+        return task
+
+    def _ended(self, task: "asyncio.Task") -> None:
+        self._calls.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a call left to run fails in silence
+
+    async def _call(self, method: str, args: tuple, kwargs: dict) -> tp.Any:
         handle = self._handle
         try:
             return await getattr(handle, method).remote(*args, **kwargs)
@@ -45,8 +61,7 @@ class _Method:
         self._store, self._name = store, name
 
     def remote(self, *args, **kwargs) -> "asyncio.Task":
-        """The call, as a task of this event loop: awaited for its answer, or left to run."""
-        return asyncio.ensure_future(self._store.call(self._name, args, kwargs))
+        return self._store.send(self._name, args, kwargs)
 
 
 def _replacement_of(handle) -> tp.Optional[tp.Any]:

@@ -1,6 +1,6 @@
-"""Access control over real HTTP: API keys from the environment, 401 JSON without a valid one,
-health and docs open, a per-key concurrency limit answering 429 with Retry-After, CORS only
-for the configured origins."""
+"""Access control over real HTTP: API keys from the environment and from a keys file (rotated
+while the service runs), 401 JSON without a valid one, health and docs open, a per-key
+concurrency limit answering 429 with Retry-After, CORS only for the configured origins."""
 import threading
 import time
 
@@ -18,12 +18,20 @@ ORIGIN = "https://app.example"
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, tiny_repo):
+def keys_file(tmp_path_factory):
+    """The service's keys file (beside the keys of its environment)."""
+    path = tmp_path_factory.mktemp("keys") / "api_keys"
+    path.write_text("file-key-one\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_repo, keys_file):
     folder = tmp_path_factory.mktemp("access")
     port = free_port()
     config = write_config(folder / "serve_config.yaml", port=port, host="127.0.0.1",
                           args={"max_concurrent_per_client": 1, "cors_origins": [ORIGIN],
-                                **UNCACHED})
+                                "api_keys_file": str(keys_file), **UNCACHED})
     server = ServeProcess(config, port, {"SERVE_GRAPH_MODEL_REPO": str(tiny_repo),
                                          "SERVE_GRAPH_API_KEYS": ",".join(KEYS)},
                           folder / "serve.log")
@@ -54,6 +62,29 @@ def test_work_needs_a_valid_key(service, song, key):
     assert response.json()["error"] == "unauthorized"
     assert response.headers["WWW-Authenticate"] == "Bearer"
     assert requests.get(service + "/stats", timeout=30).status_code == 401
+
+
+def test_keys_added_to_or_revoked_from_the_keys_file_work_without_a_restart(service,
+                                                                             keys_file):
+    """As a mounted secret is rotated: the file's new key works and its old one is refused
+    within seconds; a file emptied refuses its keys and never opens the service."""
+    def status(key) -> int:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return requests.get(service + "/stats", headers=headers, timeout=30).status_code
+
+    def until(key, expected: int) -> None:
+        deadline = time.monotonic() + 20
+        while status(key) != expected:
+            assert time.monotonic() < deadline, (key, expected)
+            time.sleep(0.5)
+
+    assert (status("file-key-one"), status("file-key-two")) == (200, 401)
+    keys_file.write_text("file-key-two\n")  # one key revoked, one added
+    until("file-key-two", 200)
+    assert status("file-key-one") == 401 and status(KEYS[0]) == 200  # the environment's kept
+    keys_file.write_text("")
+    until("file-key-two", 401)
+    assert status(None) == 401 and status(KEYS[1]) == 200
 
 
 @pytest.mark.parametrize("key", KEYS)

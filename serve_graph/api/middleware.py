@@ -76,10 +76,10 @@ async def access(request: Request, call_next):
     on separations; both answered from the headers, before the upload is read."""
     keys = replica.api_keys
     if (request.url.path in OPEN_PATHS or request.url.path.startswith("/static/") or
-            request.method == "OPTIONS"):
+            request.method == "OPTIONS" or keys is None):
         return await call_next(request)
-    key = matching_key(keys, bearer_token(request.headers.get("authorization")))
-    if keys and key is None:
+    key = matching_key(keys.current(), bearer_token(request.headers.get("authorization")))
+    if keys.required and key is None:
         response = error(401, "unauthorized", "send a valid API key as "
                          "'Authorization: Bearer <key>'")
         response.headers["WWW-Authenticate"] = "Bearer"

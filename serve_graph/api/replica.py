@@ -7,10 +7,10 @@ deployment class is decorated, so middleware must be registered before that and 
 """
 import types
 
-from ..access import ByteBudget, ConcurrencyLimit, load_keys
+from ..access import ApiKeys, ByteBudget, ConcurrencyLimit
 from ..settings import ServiceSettings
 
-settings = types.SimpleNamespace(max_upload_bytes=None, api_keys=[], limit=None,
+settings = types.SimpleNamespace(max_upload_bytes=None, api_keys=None, limit=None,
                                  cors_origins=(), models=(), upload_budget=ByteBudget(0))
 
 
@@ -19,7 +19,7 @@ def configure(service: ServiceSettings) -> None:
     `Ingress.__init__` (whose class Serve may pickle by value, copying the globals it names)
     reaches this module's `settings` in the replica."""
     settings.max_upload_bytes = service.max_upload_bytes
-    settings.api_keys = load_keys(service.api_keys_file)
+    settings.api_keys = ApiKeys(service.api_keys_file)
     settings.limit = ConcurrencyLimit(service.max_concurrent_per_client)
     settings.cors_origins = service.cors_origins
     settings.models = service.served_models

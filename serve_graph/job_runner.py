@@ -25,6 +25,15 @@ Run = tp.Callable[[bytes, SeparationOptions, str, str, tp.Optional[str]],
 Ready = tp.Callable[[], tp.Awaitable[bool]]
 
 
+class StoredResult(tp.NamedTuple):
+    """A finished job's result on the job storage: its `file` (open: the reader closes it),
+    `size` in bytes, the `headers` /separate would have sent with it, and the `song`'s name."""
+    file: tp.BinaryIO
+    size: int
+    headers: dict
+    song: str
+
+
 class JobRefusedError(SeparationError):
     """A job over one of the limits (`jobs.JobLimits`): 429 with Retry-After, or 507."""
 
@@ -111,13 +120,15 @@ class JobRunner:
         self._poke.set()
         return answer
 
-    async def result(self, job_id: str, key: tp.Optional[str]):
-        """`(open file, size, headers)` of a finished job's ZIP, None when it is gone."""
+    async def result(self, job_id: str, key: tp.Optional[str]) -> tp.Optional[StoredResult]:
+        """A finished job's ZIP, open, None when it is gone."""
         found = await self.store.result.remote(job_id, key)
         if found is None:
             return None
         file = await asyncio.to_thread((await self.files()).open, "results", found["name"])
-        return None if file is None else (file, found["bytes"], found["headers"])
+        if file is None:
+            return None
+        return StoredResult(file, found["bytes"], found["headers"], found["song"])
 
     def cancel(self, job_id: str) -> None:
         task = self.running.get(job_id)

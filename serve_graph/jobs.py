@@ -297,19 +297,25 @@ class JobStore:
 
     def cancel(self, job_id: str, key: tp.Optional[str]) -> tp.Optional[dict]:
         """Cancel a queued or running job (its runner sees it on its next heartbeat and stops
-        its work); None when unknown or another key's."""
+        its work); forget one that has ended now, as at its expiry (its result and record
+        deleted: its view's `expires_at` is now). None when unknown or another key's."""
         job = self._owned(job_id, key)
         if job is None:
             return None
+        if job["status"] in FINAL:
+            self._forget(job_id)
+            return {**public(job, self.ttl), "expires_at": time.time()}
         self._end(job_id, "cancelled")
         return public(job, self.ttl)
 
     def result(self, job_id: str, key: tp.Optional[str]) -> tp.Optional[dict]:
-        """`{"name", "headers", "bytes"}` of a finished job's ZIP on the storage."""
+        """`{"name", "headers", "bytes", "song"}` of a finished job's ZIP on the storage
+        (`song`: the song's name, as its upload's file name gave it)."""
         job = self._owned(job_id, key)
         if job is None or job["result"] is None:
             return None
-        return {"name": job["result"], "headers": job["headers"], "bytes": job["result_bytes"]}
+        return {"name": job["result"], "headers": job["headers"], "bytes": job["result_bytes"],
+                "song": job["filename"]}
 
     def heartbeat(self, owner: str, running: tp.List[str]) -> tp.Dict[str, tp.List[str]]:
         """From an Ingress replica running `running`: marks them heard of (and its own, after
@@ -376,10 +382,14 @@ class JobStore:
         now = time.time()
         for job_id in [job_id for job_id, job in self.jobs.items()
                        if job["finished_at"] and now - job["finished_at"] > self.ttl]:
-            job = self.jobs.pop(job_id)
-            if job["result"]:
-                self.files.delete("results", job["result"])
-            self.files.delete("records", job_id)
+            self._forget(job_id)
+
+    def _forget(self, job_id: str) -> None:
+        """Drop ended job `job_id`: its record, and its result from the storage."""
+        job = self.jobs.pop(job_id)
+        if job["result"]:
+            self.files.delete("results", job["result"])
+        self.files.delete("records", job_id)
 
 
 def forward_only(job: dict, fields: dict) -> dict:

@@ -7,8 +7,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from .job_files import CHUNK
-
 LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 LOCAL_SIGNATURE = b"PK\x03\x04"
 
@@ -48,14 +46,3 @@ def stored_members(file: tp.BinaryIO) -> tp.Dict[str, Member]:
         members[member.stem] = member
     return members
 
-
-def read_span(file: tp.BinaryIO, start: int, length: int,
-              chunk: int = CHUNK) -> tp.Iterator[bytes]:
-    """`length` bytes of `file` from `start`, in pieces of at most `chunk`."""
-    file.seek(start)
-    while length > 0:
-        piece = file.read(min(chunk, length))
-        if not piece:
-            raise ValueError("the file ends before the span")
-        length -= len(piece)
-        yield piece

@@ -29,7 +29,9 @@ def service(tmp_path_factory, tiny_repo):
     folder = tmp_path_factory.mktemp("jobs")
     (folder / "keys").write_text("\n".join(KEYS) + "\n")
     server = tiny_service(folder, tiny_repo, {"max_windows": 100_000, "job_ttl_s": TTL,
-                                              "api_keys_file": str(folder / "keys")})
+                                              "api_keys_file": str(folder / "keys"),
+                                              "job_storage": str(folder / "storage")})
+    server.storage = folder / "storage"
     yield server
     server.kill()
 
@@ -182,6 +184,26 @@ def test_cancel_stops_the_work(service, song):
         result = requests.get(service.url + route, headers=auth(), timeout=10)
         assert result.status_code == 409 and result.json()["error"] == "job_not_done", route
         assert result.json()["job_status"] == "cancelled", route
+
+
+def test_deleting_an_ended_job_forgets_it_and_deletes_its_result_now(service, song):
+    """A client's "delete my files": DELETE on a job that has ended forgets it at once, as
+    its expiry would (before: a 200 that did nothing, the ZIP kept for job_ttl_s)."""
+    done = wait_for(service.url, submit(service.url, song, stems="vocals").json()["id"])
+
+    def stored() -> list:
+        return [path.name for kind in ("results", "records")
+                for path in (service.storage / kind).iterdir() if done["id"] in path.name]
+    assert len(stored()) == 2  # its ZIP and its record
+    forgotten = requests.delete(service.url + done["status_url"], headers=auth(), timeout=10)
+    assert forgotten.status_code == 200 and forgotten.json()["status"] == "done"
+    assert forgotten.json()["expires_at"] <= time.time()
+    assert stored() == []
+    for route in (done["status_url"], done["result_url"], done["stems_url"]):
+        gone = requests.get(service.url + route, headers=auth(), timeout=10)
+        assert gone.status_code == 404 and gone.json()["error"] == "job_not_found", route
+    again = requests.delete(service.url + done["status_url"], headers=auth(), timeout=10)
+    assert again.status_code == 404
 
 
 def test_bad_request_is_refused_before_a_job_and_bad_audio_fails_the_job(service, song):

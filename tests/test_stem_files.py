@@ -6,9 +6,9 @@ import zipfile
 import pytest
 
 from serve_graph.api.byte_ranges import (RangeNotSatisfiableError, range_headers,
-                                         requested_range)
+                                         read_span, requested_range)
 from serve_graph.engine.audio import _zip_with_zipfile, zip_files
-from serve_graph.stored_zip import read_span, stored_members
+from serve_graph.stored_zip import stored_members
 
 FILES = {"vocals.mp3": bytes(range(256)) * 40, "no_vocals.mp3": b"\x00\xff" * 777,
          "empty.wav": b""}

@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..engine.errors import SeparationError
-from ..stored_zip import read_span
+from ..job_files import CHUNK
 
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
@@ -80,3 +80,15 @@ async def span_chunks(file: tp.BinaryIO, start: int, length: int) -> tp.AsyncIte
             yield piece
     finally:
         file.close()
+
+
+def read_span(file: tp.BinaryIO, start: int, length: int,
+              chunk: int = CHUNK) -> tp.Iterator[bytes]:
+    """`length` bytes of `file` from `start`, in pieces of at most `chunk`."""
+    file.seek(start)
+    while length > 0:
+        piece = file.read(min(chunk, length))
+        if not piece:
+            raise ValueError("the file ends before the span")
+        length -= len(piece)
+        yield piece

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from .. import url_fetch
 from ..engine import InvalidParameterError, SeparationOptions
+from ..job_runner import StoredResult
 from ..jobs import FINAL, STATUSES, with_links
 from ..webhooks import key_secret
 from .byte_ranges import ranged_file
@@ -112,10 +113,9 @@ class JobMethods:
         self._runner.watch()
         return found(await self._jobs.get.remote(job_id, request_key(request)), job_id)
 
-    async def finished_result(self, request: Request, job_id: str
-                              ) -> tp.Tuple[tp.BinaryIO, int, dict]:
-        """`(open file, size, headers)` of job `job_id`'s stored result, for this request's
-        key; `JobNotFoundError`, or `JobNotDoneError` before it is done."""
+    async def finished_result(self, request: Request, job_id: str) -> StoredResult:
+        """Job `job_id`'s stored result, for this request's key; `JobNotFoundError`, or
+        `JobNotDoneError` before it is done."""
         job = await self.job(request, job_id)
         if job["status"] != "done":
             raise JobNotDoneError(job)
@@ -244,13 +244,15 @@ async def job_events(request: Request, job_id: str,
                        416: NOT_SATISFIABLE})
 async def job_result(request: Request, job_id: str,
                      ingress: JobMethods = Depends(this_replica)) -> Response:
-    file, size, headers = await ingress.finished_result(request, job_id)
-    headers = dict(headers)
-    return ranged_file(request, file, size, f'"{job_id}"',  # a job's result never changes
+    stored = await ingress.finished_result(request, job_id)
+    headers = dict(stored.headers)
+    return ranged_file(request, stored.file, stored.size, f'"{job_id}"',  # it never changes
                        headers.pop("Content-Type", "application/zip"), headers)
 
 
-@router.delete("/jobs/{job_id}", summary="Cancel a job (its queued windows and encoding stop)",
+@router.delete("/jobs/{job_id}", summary="Cancel a job (its queued windows and encoding "
+               "stop), or forget one that has ended now: its result is deleted and it answers "
+               "404 from then on (`expires_at`: now)",
                response_model=JobLinks, responses={404: NO_JOB})
 async def cancel_job(request: Request, job_id: str,
                      ingress: JobMethods = Depends(this_replica)) -> dict:

@@ -12,6 +12,7 @@ from .byte_ranges import ranged_file
 from .errors import StemNotFoundError, documented
 from .job_routes import NOT_DONE, NOT_SATISFIABLE, PART, JobMethods
 from .replica import this_replica
+from .separation import ascii_name
 
 router = APIRouter()
 
@@ -35,19 +36,12 @@ def media_type(file_name: str) -> str:
     return MEDIA_TYPES.get(file_name.rsplit(".", 1)[-1], "application/octet-stream")
 
 
-def song_name(headers: dict) -> str:
-    """The song's name in a result's file name (`<song>_stems.zip`), for a stem's file name."""
-    disposition = headers.get("Content-Disposition", "")
-    name = disposition.partition('filename="')[2].rstrip('"')
-    return name[:-len("_stems.zip")] if name.endswith("_stems.zip") else "song"
-
-
 async def stored_stems(ingress: JobMethods, request: Request, job_id: str
                        ) -> tp.Tuple[tp.BinaryIO, tp.Dict[str, Member], str]:
     """Job `job_id`'s stored ZIP (open: the caller closes it), where each stem lies in it, and
     the song's name (`finished_result`'s errors); `StemNotFoundError` when its result is one
     file."""
-    file, _, headers = await ingress.finished_result(request, job_id)
+    file, _, headers, song = await ingress.finished_result(request, job_id)
     try:
         if headers.get("Content-Type", "application/zip") != "application/zip":
             raise StemNotFoundError("this job's result is one file (a remix or a STEMS "
@@ -56,7 +50,7 @@ async def stored_stems(ingress: JobMethods, request: Request, job_id: str
     except BaseException:
         file.close()
         raise
-    return file, members, song_name(headers)
+    return file, members, ascii_name(song)
 
 
 @router.get("/jobs/{job_id}/stems", summary="A finished job's stems: name, file, bytes, "

@@ -149,6 +149,28 @@ def test_a_done_job_answers_each_stem_alone_and_byte_ranges_of_it(service, song)
     assert other_key.status_code == 404 and other_key.json()["error"] == "job_not_found"
 
 
+def test_signed_urls_answer_a_job_s_files_without_the_key(service, song):
+    """What a web page sets as an `<audio>` element's src: it cannot send the key."""
+    done = wait_for(service.url, submit(service.url, song, stems="drums,vocals").json()["id"])
+    listing = requests.get(service.url + done["stems_url"], headers=auth(), timeout=30).json()
+    drums, vocals = listing["stems"]
+    assert requests.get(service.url + vocals["url"], timeout=30).status_code == 401
+    whole = requests.get(service.url + vocals["signed_url"], timeout=30)  # no key sent
+    assert whole.status_code == 200 and len(whole.content) == vocals["bytes"]
+    part = requests.get(service.url + vocals["signed_url"], headers={"Range": "bytes=10-19"},
+                        timeout=30)
+    assert part.status_code == 206 and part.content == whole.content[10:20]
+    result = requests.get(service.url + listing["result_signed_url"], timeout=60)
+    assert result.status_code == 200 and zipfile.ZipFile(io.BytesIO(result.content)).read(
+        "vocals.mp3") == whole.content
+    signature = vocals["signed_url"].partition("?")[2]
+    for refused in (drums["url"] + "?" + signature,  # another file
+                    done["status_url"] + "?" + signature,  # not a file
+                    vocals["signed_url"][:-1] + ("1" if signature[-1] != "1" else "2")):
+        answer = requests.get(service.url + refused, timeout=30)
+        assert answer.status_code == 401 and answer.json()["error"] == "unauthorized", refused
+
+
 def test_events_stream_the_progress_until_the_end(service, song):
     job = submit(service.url, song, shifts=3, format="wav").json()
     events = []

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 
 from ..engine.options import MEDIA_TYPES
+from ..signed_urls import SIGNED_FOR_S, signed
 from ..stored_zip import Member, stored_members
 from .byte_ranges import ranged_file
 from .errors import StemNotFoundError, documented
@@ -17,6 +18,11 @@ from .separation import ascii_name
 router = APIRouter()
 
 
+SIGNED_HELP = (f"with API keys on: the same URL signed for this key, answered without it "
+               f"(for an `<audio>` element or a link) for {SIGNED_FOR_S} s; without keys: "
+               f"the URL")
+
+
 class StemFile(BaseModel):
     """One stem of a finished job's ZIP."""
     name: str = Field(description="the stem, e.g. vocals or no_vocals")
@@ -24,12 +30,20 @@ class StemFile(BaseModel):
     bytes: int
     content_type: str
     url: str = Field(description="answers this stem alone, and byte ranges of it")
+    signed_url: str = Field(description=SIGNED_HELP)
 
 
 class JobStems(BaseModel):
     """A finished job's stems, in the ZIP's order."""
     id: str
     stems: tp.List[StemFile]
+    result_signed_url: str = Field(description=f"the job's result_url: {SIGNED_HELP}")
+
+
+def signed_for(request: Request, path: str) -> str:
+    """`path` signed for the request's API key (`signed_urls`); as it is without keys."""
+    api_key = getattr(request.state, "api_key", None)
+    return path if api_key is None else signed(path, api_key)
 
 
 def media_type(file_name: str) -> str:
@@ -64,8 +78,10 @@ async def job_stems(request: Request, job_id: str,
     file.close()
     return JobStems.model_validate({"id": job_id, "stems": [
         {"name": stem, "file": member.name, "bytes": member.size,
-         "content_type": media_type(member.name), "url": f"/jobs/{job_id}/stems/{stem}"}
-        for stem, member in members.items()]})
+         "content_type": media_type(member.name), "url": f"/jobs/{job_id}/stems/{stem}",
+         "signed_url": signed_for(request, f"/jobs/{job_id}/stems/{stem}")}
+        for stem, member in members.items()],
+        "result_signed_url": signed_for(request, f"/jobs/{job_id}/result")})
 
 
 @router.get("/jobs/{job_id}/stems/{stem}", summary="One stem of a finished job, read from its "

@@ -1,6 +1,8 @@
 """The middleware, innermost first: the upload cap and the replica's upload budget, API keys
 and the per-client limit on separations, request counts, CORS. Each reads the replica's
 settings from `replica.settings`."""
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.formparsers import MultiPartParser
@@ -8,6 +10,7 @@ from starlette.formparsers import MultiPartParser
 from .. import metrics
 from ..access import bearer_token, matching_key
 from ..engine import UploadTooLargeError
+from ..signed_urls import SIGNED_PATH, SignatureError, signing_key
 from .replica import settings as replica
 from .errors import UploadCapExceeded, error, retry_later, too_large_detail
 
@@ -71,6 +74,12 @@ class CappedBody:
         await self.app(scope, capped_receive, send)
 
 
+def _signed_file(request: Request) -> bool:
+    """A GET of a job's file with a signature in its query (`signed_urls`)."""
+    return (request.method in ("GET", "HEAD") and "signature" in request.query_params
+            and re.match(SIGNED_PATH, request.url.path) is not None)
+
+
 async def access(request: Request, call_next):
     """API keys (when configured) on everything but health and docs, then the per-client limit
     on separations; both answered from the headers, before the upload is read."""
@@ -78,7 +87,13 @@ async def access(request: Request, call_next):
     if (request.url.path in OPEN_PATHS or request.url.path.startswith("/static/") or
             request.method == "OPTIONS" or keys is None):
         return await call_next(request)
-    key = matching_key(keys.current(), bearer_token(request.headers.get("authorization")))
+    token = bearer_token(request.headers.get("authorization"))
+    key = matching_key(keys.current(), token)
+    if keys.required and key is None and token is None and _signed_file(request):
+        try:
+            key = signing_key(request.url.path, request.query_params, keys.current())
+        except SignatureError as exc:
+            return error(401, exc.error, exc.detail)
     if keys.required and key is None:
         response = error(401, "unauthorized", "send a valid API key as "
                          "'Authorization: Bearer <key>'")

@@ -44,6 +44,16 @@ def song_done(model: str, audio_seconds: float, stages: tp.Dict[str, float]) -> 
         histogram.observe(seconds, {"stage": stage})
 
 
+def client_audio(client: tp.Optional[str], model: str, audio_seconds: float,
+                 answer: str) -> None:
+    """A song answered to API key `client` (its id, `jobs.key_id`; None without keys):
+    `answer` is "separated" or "cached" (from the result cache). What a client is billed by."""
+    _metric(metrics.Counter, "serve_graph_client_audio_seconds", "seconds of audio answered, "
+            "by API key id (none without keys), model, and whether separated or cached",
+            ("client", "model", "answer")).inc(
+        audio_seconds, {"client": client or "none", "model": model, "answer": answer})
+
+
 def cache_answer(outcome: str) -> None:
     """A separation request looked up in the result cache: "hit" or "miss"."""
     _metric(metrics.Counter, "serve_graph_result_cache", "separation requests answered from "

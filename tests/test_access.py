@@ -9,8 +9,10 @@ import requests
 
 from audio_files import encode, tone
 from serve_graph.access import ConcurrencyLimit, bearer_token, matching_key
+from serve_graph.jobs import key_id
 from serve_graph.launch import write_config
 from serve_process import UNCACHED, ServeProcess, free_port
+from test_service import scrape, total
 
 pytestmark = pytest.mark.serve
 KEYS = ("key-one", "key-two")
@@ -90,6 +92,21 @@ def test_keys_added_to_or_revoked_from_the_keys_file_work_without_a_restart(serv
 @pytest.mark.parametrize("key", KEYS)
 def test_each_key_works(service, song, key):
     assert separate(service, song, key, two_stems="vocals").status_code == 200
+
+
+def test_each_key_s_audio_is_counted_for_billing(service, song):
+    """`/metrics` counts the seconds of audio answered to each key, by the key's id (a hash:
+    the key itself never appears there)."""
+    sample = ("ray_serve_graph_client_audio_seconds_total",
+              {"client": key_id(KEYS[1]), "answer": "separated", "model": "htdemucs"})
+    before = total(scrape(service), sample[0], **sample[1])
+    seconds = float(separate(service, song, KEYS[1]).headers["x-audio-seconds"])
+    deadline = time.monotonic() + 60
+    while (moved := total(after := scrape(service), sample[0], **sample[1]) - before) < seconds:
+        assert time.monotonic() < deadline, moved
+        time.sleep(0.5)
+    assert moved == pytest.approx(seconds, abs=1e-3)
+    assert not any(value in KEYS for _, labels in after for _, value in labels)
 
 
 def test_a_second_request_of_one_key_gets_429_while_other_keys_go_on(service, song):

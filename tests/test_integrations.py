@@ -16,7 +16,9 @@ from standardwebhooks import Webhook
 
 from audio_files import encode, tone
 from bad_inputs import REDIRECTS_INSIDE
+from serve_graph.jobs import key_id
 from serve_process import tiny_service
+from test_service import scrape, total
 from web_servers import Receiver, song_server
 
 pytestmark = pytest.mark.serve
@@ -224,6 +226,9 @@ def test_a_callback_inside_the_network_is_refused_before_the_job(service, songs,
 def test_the_cache_answers_in_milliseconds_without_the_model_and_never_across_keys(
         service, songs):
     data = songs["cached.mp3"]
+    billed = ("ray_serve_graph_client_audio_seconds_total",
+              {"client": key_id(KEYS[0]), "answer": "cached"})
+    billed_before = total(scrape(service), billed[0], **billed[1])
     first = separate(service, data=data, format="wav")
     assert first.status_code == 200 and first.headers["x-cache"] == "miss", first.text
     before = settled_windows(service)
@@ -231,6 +236,11 @@ def test_the_cache_answers_in_milliseconds_without_the_model_and_never_across_ke
         again = separate(service, data=data, format="wav")
         assert again.headers["x-cache"] == "hit" and again.content == first.content
     assert again.headers["x-audio-seconds"] == first.headers["x-audio-seconds"]
+    deadline = time.monotonic() + 60  # a cached answer is counted for billing as one
+    while total(scrape(service), billed[0], **billed[1]) - billed_before < \
+            4 * float(first.headers["x-audio-seconds"]) - 1e-3:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
     assert float(again.headers["server-timing"].split("dur=")[1]) < 1000  # ms
     assert windows_run(service) == before  # the model did not run
     other_options = separate(service, data=data, format="flac")

@@ -265,6 +265,8 @@ def total(samples: dict, name: str, **labels) -> float:
 MOVED_BY_A_SEPARATION = {
     "requests": ("ray_serve_graph_requests_total", {"route": "/separate", "status": "200"}),
     "audio": ("ray_serve_graph_audio_seconds_total", {"model": "htdemucs"}),
+    "billed": ("ray_serve_graph_client_audio_seconds_total", {"client": "none",
+                                                             "answer": "separated"}),
     "windows": ("ray_serve_graph_windows_total", {}),
     "batches": ("ray_serve_graph_batch_size_count", {}),
     "stage": ("ray_serve_graph_stage_seconds_count", {"stage": "total"}),
@@ -286,7 +288,7 @@ def test_metrics_move_with_a_request(service, song_mp3):
             break
         time.sleep(0.5)
     assert all(value > 0 for value in moved.values()), moved
-    assert moved["audio"] >= seconds - 1e-3
+    assert moved["audio"] >= seconds - 1e-3 and moved["billed"] >= seconds - 1e-3
 
 
 def test_concurrent_songs_share_forward_passes(service):

@@ -148,10 +148,13 @@ class Separations:
             if kept is not None:
                 archive, headers = kept
                 metrics.cache_answer("hit")
+                metrics.client_audio(scope, song.options.model,
+                                     float(headers.get("X-Audio-Seconds", 0)), "cached")
                 return archive, {**headers, **named(song.name, song.options),
                                  "X-Cache": "hit", "Server-Timing":
                                  f"cache;dur={(time.perf_counter() - start) * 1000:.0f}"}
         separated, archive, timing = await self.separate_song(song.data, song.options, job_id)
+        metrics.client_audio(scope, song.options.model, separated.seconds, "separated")
         headers = result_headers(song.name, separated, song.options, timing)
         if key is not None:
             kept = {name: value for name, value in headers.items() if name in CACHED_HEADERS}

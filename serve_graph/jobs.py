@@ -16,7 +16,7 @@ held on the storage: 507.
 
 A job record's public view (`public`):
 `{id, status, stage, progress: {windows_done, windows_total, fraction}, eta_seconds, model,
-audio_seconds, created_at, updated_at, expires_at, error, callback}`; status is queued,
+song, audio_seconds, created_at, updated_at, expires_at, error, callback}`; status is queued,
 running, done, failed or cancelled; stage is queued, decoding, separating, encoding or the
 final status.
 
@@ -418,7 +418,7 @@ def public(job: dict, ttl: float) -> dict:
     return {"id": job["id"], "status": job["status"], "stage": job["stage"],
             "progress": {"windows_done": done, "windows_total": total,
                          "fraction": round(fraction, 4)},
-            "eta_seconds": _eta(job), "model": job["model"],
+            "eta_seconds": _eta(job), "model": job["model"], "song": job["filename"],
             "audio_seconds": job["audio_seconds"], "created_at": job["created_at"],
             "updated_at": job["updated_at"],
             "expires_at": job["finished_at"] + ttl if job["finished_at"] else None,

@@ -82,6 +82,7 @@ def test_job_runs_to_a_zip_with_progress(service, song):
         job["status_url"] == f"/jobs/{job['id']}"
     done = wait_for(service.url, job["id"])
     assert done["status"] == "done" and done["progress"]["fraction"] == 1.0
+    assert done["song"] == "song"  # its file's name, song.mp3, without the extension
     assert done["progress"]["windows_done"] == done["progress"]["windows_total"] > 0
     assert done["eta_seconds"] == 0 and done["expires_at"] > time.time()
     result = requests.get(service.url + done["result_url"], headers=auth(), timeout=60)
@@ -163,6 +164,17 @@ def test_signed_urls_answer_a_job_s_files_without_the_key(service, song):
     result = requests.get(service.url + listing["result_signed_url"], timeout=60)
     assert result.status_code == 200 and zipfile.ZipFile(io.BytesIO(result.content)).read(
         "vocals.mp3") == whole.content
+    # HEAD, as a download manager asks the size first: GET's headers, no body
+    for url, size in ((vocals["signed_url"], vocals["bytes"]),
+                      (listing["result_signed_url"], len(result.content))):
+        head = requests.head(service.url + url, timeout=30)
+        assert head.status_code == 200 and head.content == b"", url
+        assert int(head.headers["content-length"]) == size
+        assert head.headers["accept-ranges"] == "bytes" and head.headers["etag"]
+    head = requests.head(service.url + vocals["signed_url"], headers={"Range": "bytes=0-9"},
+                         timeout=30)
+    assert head.status_code == 206 and head.headers["content-range"] == \
+        f"bytes 0-9/{vocals['bytes']}"
     signature = vocals["signed_url"].partition("?")[2]
     for refused in (drums["url"] + "?" + signature,  # another file
                     done["status_url"] + "?" + signature,  # not a file

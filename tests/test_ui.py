@@ -1,6 +1,7 @@
 """The web page at /ui in a real browser (Debian's chromium driven by Playwright) against the
 real service: upload a song, follow the job to 100 %, play the stems together with mute, solo
-and gain (checked in the page's Web Audio graph), download the mix as heard (a remix job).
+and gain (checked in the page's Web Audio graph), download the mix as heard (a remix job), find
+both jobs again after a reload and open them.
 Also /docs, offline.
 Screenshots go to `test-artifacts/` (or $SERVE_GRAPH_TEST_ARTIFACTS)."""
 import os
@@ -83,7 +84,25 @@ def test_upload_follow_progress_and_play_the_stems_together(service, page, tmp_p
     page.wait_for_function("[...document.querySelectorAll('.stem canvas')].every("
                            "(c) => c.width > 0)")
     page.screenshot(path=str(ARTIFACTS / "ui_done.png"), full_page=True)
+    reopen_the_job_after_a_reload(page)
     assert page.hosts == {"127.0.0.1"}  # nothing from elsewhere
+
+
+def reopen_the_job_after_a_reload(page) -> None:
+    """A page reloaded (or the tab closed and opened again) lists this client's jobs, newest
+    first: the mix's job, then the stems'; the stems' one opens in the player again (without
+    "Download this mix": the page no longer holds the song), the mix's as its one file."""
+    page.reload()
+    page.wait_for_selector("#jobs li", timeout=30_000)
+    rows = page.locator("#jobs li").all_text_contents()
+    assert len(rows) == 2 and all(row.startswith("my song — htdemucs — done") for row in rows)
+    page.locator("#jobs li").nth(1).locator(".open").click()
+    page.wait_for_selector("#transport #play", timeout=60_000)
+    assert page.locator(".stem strong").all_text_contents() == ["drums.mp3", "bass.mp3",
+                                                                "vocals.mp3"]
+    assert page.locator("#mixdown").is_hidden() and page.locator("#error").text_content() == ""
+    page.locator("#jobs li").nth(0).locator(".open").click()
+    page.wait_for_selector("#results a[download='my song_remix.mp3']", timeout=60_000)
 
 
 def test_a_roformer_model_offers_its_own_stems(service, page, tmp_path):

@@ -7,7 +7,7 @@ import re
 import typing as tp
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from ..engine.errors import SeparationError
 from ..job_files import CHUNK
@@ -55,9 +55,10 @@ def range_headers(span: tp.Optional[tp.Tuple[int, int]], size: int) -> tp.Dict[s
 
 
 def ranged_file(request: Request, file: tp.BinaryIO, size: int, etag: str, media_type: str,
-                headers: tp.Dict[str, str], offset: int = 0) -> StreamingResponse:
+                headers: tp.Dict[str, str], offset: int = 0) -> Response:
     """The answer to `request` of the `size` bytes of `file` from `offset`: whole (200), or
-    the range its `Range` header asks for (206; `If-Range` naming another `etag`: whole).
+    the range its `Range` header asks for (206; `If-Range` naming another `etag`: whole); to
+    a HEAD, the same headers alone (a download manager learning the size).
     `RangeNotSatisfiableError` for a range past the end. `file` is closed when the answer has
     been sent, or now on an error."""
     try:
@@ -67,9 +68,13 @@ def ranged_file(request: Request, file: tp.BinaryIO, size: int, etag: str, media
         file.close()
         raise
     first, last = span or (0, size - 1)
+    status, headers = 200 if span is None else 206, {**headers, **range_headers(span, size),
+                                                     "ETag": etag}
+    if request.method == "HEAD":  # what a GET would answer, without its body
+        file.close()
+        return Response(status_code=status, media_type=media_type, headers=headers)
     return StreamingResponse(span_chunks(file, offset + first, last - first + 1),
-                             status_code=200 if span is None else 206, media_type=media_type,
-                             headers={**headers, **range_headers(span, size), "ETag": etag})
+                             status_code=status, media_type=media_type, headers=headers)
 
 
 async def span_chunks(file: tp.BinaryIO, start: int, length: int) -> tp.AsyncIterator[bytes]:

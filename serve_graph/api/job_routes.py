@@ -41,6 +41,8 @@ class JobLinks(BaseModel):
     progress: dict = Field(description="windows_done, windows_total, fraction (0-1)")
     eta_seconds: tp.Optional[float] = Field(description="seconds left at the pace so far")
     model: tp.Optional[str]
+    song: str = Field(description="the song's name: its file's (or URL path's) without the "
+                      "folders and extension")
     audio_seconds: tp.Optional[float]
     created_at: float
     updated_at: float
@@ -237,6 +239,7 @@ async def job_events(request: Request, job_id: str,
                              headers={"Cache-Control": "no-cache"})
 
 
+@router.head("/jobs/{job_id}/result", include_in_schema=False)
 @router.get("/jobs/{job_id}/result", summary="A finished job's ZIP of stems (or its remix), "
             "whole or the byte range a `Range` header asks for (206): a download resumed",
             response_class=Response,

@@ -84,6 +84,7 @@ async def job_stems(request: Request, job_id: str,
         "result_signed_url": signed_for(request, f"/jobs/{job_id}/result")})
 
 
+@router.head("/jobs/{job_id}/stems/{stem}", include_in_schema=False)
 @router.get("/jobs/{job_id}/stems/{stem}", summary="One stem of a finished job, read from its "
             "ZIP: whole, or the byte range a `Range` header asks for (206), as an `<audio>` "
             "element or a download manager asks", response_class=Response,

@@ -195,6 +195,9 @@ def _batch_parser(sub) -> None:
                    help="larger files fail with unreadable")
     p.add_argument("--retry-failed", action="store_true",
                    help="run again the songs an earlier run recorded as failed")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say how many songs INPUT names, how many OUTPUT holds done and "
+                   "failed, and which would run; run nothing, write nothing")
     p.add_argument("--failed-songs-ok", action="store_true",
                    help="exit 0 also when some songs failed (the manifest says which): for job "
                    "runners that retry failed jobs, such as a KubeRay RayJob")
@@ -231,7 +234,7 @@ def batch_job(args, options: SeparationOptions, runner) -> "BatchJob":
 def run_batch(args) -> int:
     """Exit 0 when every song is done, 1 when some failed (their rows say why; 0 with
     --failed-songs-ok), 2 when the batch cannot start (bad INPUT, options, model or OUTPUT)."""
-    from .batch.pipeline import run
+    from .batch.pipeline import plan, run
     try:
         options = _options(args)
     except SeparationError as exc:
@@ -242,6 +245,9 @@ def run_batch(args) -> int:
         return 2
     try:
         geometry = _model_geometry(options, args.model_repo)
+        if args.dry_run:
+            print(plan(batch_job(args, options, runner)), file=sys.stderr)
+            return 0
         progress, manifest, rows = run(batch_job(args, options, runner), geometry)
     except REFUSED as exc:
         print(_refusal(exc, options.model), file=sys.stderr)

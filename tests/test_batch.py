@@ -194,6 +194,28 @@ def test_other_options_on_the_same_output_are_refused(first_run, songs, tiny_rep
     assert "resume" in err
 
 
+def test_a_dry_run_says_what_would_run_and_writes_nothing(first_run, songs, tiny_repo):
+    """Before a week-long run: how many songs, how many done and failed, which would run."""
+    _, _, output = first_run
+    written = {str(path): path.stat().st_mtime_ns for path in output.rglob("*")}
+    rows = manifest(output)
+    failed = sorted(song_id for song_id, row in rows.items() if row["status"] == "failed")
+    code, err = batch(songs, output, tiny_repo, "--max-audio-seconds", "10", "--dry-run")
+    assert code == 0, err
+    assert f"dry run: 7 songs in INPUT; in OUTPUT {7 - len(failed)} done, {len(failed)} " \
+           f"failed (run again with --retry-failed); 0 to run" in err, err
+    code, err = batch(songs, output, tiny_repo, "--max-audio-seconds", "10", "--dry-run",
+                      "--retry-failed")
+    assert code == 0 and f"; {len(failed)} to run: {', '.join(failed)}" in err, err
+    code, err = batch(songs, output, tiny_repo, "--dry-run", "--format", "flac")
+    assert code == 2 and "other settings" in err, err  # as the run itself would refuse
+    fresh = output.parent / "not_yet"
+    code, err = batch(songs, fresh, tiny_repo, "--dry-run")
+    assert code == 0 and "in OUTPUT 0 done, 0 failed; 7 to run: album/one, corrupt" in err
+    assert not fresh.exists()
+    assert {str(path): path.stat().st_mtime_ns for path in output.rglob("*")} == written
+
+
 def test_a_killed_run_started_again_runs_only_the_unfinished(tmp_path, tiny_repo):
     """SIGKILL the driver once some songs are recorded; the same command again runs the rest,
     leaves the finished files as they were, and the manifest lists every song once."""

@@ -43,20 +43,26 @@ class BatchOutput:
         `job.json`; a rerun must ask for the same (`BatchInputError` otherwise). Clears the
         files that a killed run left half-written."""
         self.fs.makedirs(f"{self.state}/rows", exist_ok=True)
-        path = f"{self.state}/job.json"
-        if self.fs.exists(path):
-            before = json.loads(self.fs.cat_file(path))
-            if before != job:
-                changed = sorted(key for key in set(before) | set(job)
-                                 if before.get(key) != job.get(key))
-                raise BatchInputError(
-                    f"{self.url} holds a batch run with other settings ({', '.join(changed)}: "
-                    f"{ {key: before.get(key) for key in changed} }); run it with the same "
-                    f"ones to resume it, or give another OUTPUT")
-        else:
+        if not self.check(job):
             self.write(f"{STATE_FOLDER}/job.json", json.dumps(job, indent=1).encode())
         if self.fs.exists(f"{self.state}/tmp"):
             self.fs.rm(f"{self.state}/tmp", recursive=True)
+
+    def check(self, job: dict) -> bool:
+        """Whether OUTPUT holds a run of `job` (false: none yet); `BatchInputError` when it
+        holds a run with other settings. Writes nothing."""
+        path = f"{self.state}/job.json"
+        if not self.fs.exists(path):
+            return False
+        before = json.loads(self.fs.cat_file(path))
+        if before != job:
+            changed = sorted(key for key in set(before) | set(job)
+                             if before.get(key) != job.get(key))
+            raise BatchInputError(
+                f"{self.url} holds a batch run with other settings ({', '.join(changed)}: "
+                f"{ {key: before.get(key) for key in changed} }); run it with the same "
+                f"ones to resume it, or give another OUTPUT")
+        return True
 
     def write(self, relative: str, data: bytes) -> None:
         """`OUTPUT/<relative>` holds `data`, all of it or (killed meanwhile) none: written

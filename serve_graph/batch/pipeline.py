@@ -76,6 +76,29 @@ def to_run(songs: tp.Sequence[SongRef], records: tp.Dict[str, dict],
             (retry_failed and records[song.song_id]["status"] != "done")]
 
 
+def plan(job: BatchJob, shown: int = 10) -> str:
+    """What a run of `job` would do, said before a long one starts (`--dry-run`): INPUT's
+    songs, those OUTPUT holds done and failed, those that would run (the first `shown`).
+    Refuses what the run would refuse (INPUT, other options on OUTPUT); writes nothing and
+    starts no Ray."""
+    songs = list_songs(job.source)
+    output = BatchOutput(job.output)
+    output.check(job.record)
+    records = output.records()
+    statuses = [records[song.song_id]["status"] for song in songs if song.song_id in records]
+    failed = statuses.count("failed")
+    pending = [song.song_id for song in to_run(songs, records, job.retry_failed)]
+    text = (f"dry run: {len(songs)} songs in INPUT; in OUTPUT {statuses.count('done')} done, "
+            f"{failed} failed")
+    if failed and not job.retry_failed:
+        text += " (run again with --retry-failed)"
+    text += f"; {len(pending)} to run"
+    if pending:
+        more = f" and {len(pending) - shown} more" if len(pending) > shown else ""
+        text += f": {', '.join(pending[:shown])}{more}"
+    return text
+
+
 def settings_for(job: BatchJob, samplerate: int, channels: int) -> BatchSettings:
     return BatchSettings(job.output, job.options.model, job.model_repo, samplerate, channels,
                          job.max_seconds, int(job.max_file_mb * 2**20), job.runner,

@@ -140,6 +140,23 @@ def test_cors_only_for_configured_origins(service):
     assert "Access-Control-Allow-Origin" not in other.headers
 
 
+def test_a_web_app_may_cancel_retry_resume_and_read_the_answers_headers(service):
+    """What a web app of an allowed origin needs beyond a POST: DELETE (cancel, forget),
+    Idempotency-Key, Range; and reading the file name, range, retry and facts headers."""
+    cancel = requests.options(service + "/jobs/" + "ab" * 16, timeout=30, headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "DELETE",
+        "Access-Control-Request-Headers": "authorization, idempotency-key, range, if-range"})
+    assert cancel.status_code == 200, cancel.text
+    assert "DELETE" in cancel.headers["Access-Control-Allow-Methods"]
+    allowed = cancel.headers["Access-Control-Allow-Headers"].lower()
+    assert {"idempotency-key", "range", "if-range"} <= set(allowed.replace(" ", "").split(","))
+    answer = requests.get(service + "/", headers={"Origin": ORIGIN}, timeout=30)
+    exposed = set(answer.headers["Access-Control-Expose-Headers"].lower().replace(" ", "")
+                  .split(","))
+    assert {"content-disposition", "content-range", "location", "retry-after",
+            "idempotent-replayed", "x-audio-seconds"} <= exposed
+
+
 def test_key_matching_and_limit_units():
     assert bearer_token("Bearer abc ") == "abc" and bearer_token("Basic abc") is None
     assert bearer_token(None) is None and bearer_token("Bearer") is None

@@ -122,6 +122,16 @@ async def count_requests(request: Request, call_next):
     return response
 
 
+# What a web app of an allowed origin may send and read: DELETE cancels a job; Range and
+# If-Range resume a download or seek; Idempotency-Key makes a job's POST safe to retry; and
+# beyond the headers every page may read, the ones the API's answers carry for it
+CORS_METHODS = ["GET", "HEAD", "POST", "DELETE"]
+CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "Range", "If-Range"]
+CORS_EXPOSED_HEADERS = ["Content-Disposition", "Content-Range", "Accept-Ranges", "ETag",
+                        "Location", "Retry-After", "Idempotent-Replayed", "X-Audio-Seconds",
+                        "X-Windows", "X-Model", "X-Cache", "Server-Timing"]
+
+
 class ConfiguredCORS:
     """CORS for the origins in the replica's settings (none: no CORS headers at all)."""
 
@@ -134,8 +144,9 @@ class ConfiguredCORS:
             return await self.app(scope, receive, send)
         if self._cors is None:
             self._cors = CORSMiddleware(self.app, allow_origins=list(replica.cors_origins),
-                                        allow_methods=["GET", "POST"],
-                                        allow_headers=["Authorization", "Content-Type"])
+                                        allow_methods=CORS_METHODS,
+                                        allow_headers=CORS_REQUEST_HEADERS,
+                                        expose_headers=CORS_EXPOSED_HEADERS)
         await self._cors(scope, receive, send)
 
 

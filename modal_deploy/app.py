@@ -50,6 +50,7 @@ def _env(name: str, default: str) -> str:
 GPU = _env("SEPARATION_GPU", "B200")
 TIMEOUT = int(_env("SEPARATION_TIMEOUT", "600"))
 RETRIED_STATUSES = (429, 502, 503, 504)  # a job's POST is sent again after these
+CHUNK_BYTES = 1 << 20  # read at once from a download
 SCALEDOWN_WINDOW = int(_env("SEPARATION_SCALEDOWN_WINDOW", "60"))
 MIN_CONTAINERS = int(_env("SEPARATION_MIN_CONTAINERS", "0"))
 # idle containers kept beyond those serving (started as load rises, before a request waits on
@@ -316,6 +317,27 @@ def run_job(url: str, song: Path, fields: dict, headers: dict, poll: float = 1.)
     print()
     if job["status"] != "done":
         raise SystemExit(f"job {job['status']}: {job['error']}")
-    result = requests.get(url + job["result_url"], headers=headers, timeout=TIMEOUT)
-    result.raise_for_status()
-    return result.content
+    return download(url + job["result_url"], headers)
+
+
+def download(url: str, headers: dict, attempts: int = 5) -> bytes:
+    """The file at `url`; a transfer cut off is resumed where it stopped (a byte range)."""
+    import requests
+    import urllib3
+    data = bytearray()
+    for attempt in range(1, attempts + 1):
+        asked = {**headers, "Range": f"bytes={len(data)}-"} if data else headers
+        try:
+            with requests.get(url, headers=asked, stream=True, timeout=TIMEOUT) as answer:
+                answer.raise_for_status()
+                if answer.status_code == 200:
+                    data.clear()  # the whole file again
+                # each piece as it arrives: what came before a cut is kept
+                while chunk := answer.raw.read1(CHUNK_BYTES):
+                    data += chunk
+            return bytes(data)
+        except (requests.ConnectionError, urllib3.exceptions.HTTPError) as exc:
+            print(f"download cut off at {len(data)} bytes (attempt {attempt} of {attempts}): "
+                  f"{exc}")
+            time.sleep(min(2. ** attempt, 30.))
+    raise SystemExit(f"could not download {url} in {attempts} attempts")

@@ -354,17 +354,20 @@ def test_no_job_is_lost_when_the_job_store_is_killed(service, song):
 def test_modal_client_runs_a_song_as_a_job_and_a_lost_answer_makes_no_second_job(
         service, song, tmp_path):
     """The Modal local entrypoint's client half (`run_job`) against this service, through a
-    proxy that loses the answer to its first POST: the client sends it again under the same
-    Idempotency-Key and follows the job the first one made."""
+    proxy that loses the answer to its first POST and cuts its first download half-way: the
+    client sends the POST again under the same Idempotency-Key and follows the job the first
+    one made, and resumes the download from where it stopped (a byte range)."""
     from modal_deploy.app import run_job
     path = tmp_path / "song.mp3"
     path.write_bytes(song)
-    proxy = LosingProxy(service.url)
+    proxy = LosingProxy(service.url, cut=1)
     try:
         archive = run_job(proxy.url, path, {"two_stems": "drums"}, auth(), poll=0.2)
     finally:
         proxy.close()
     assert zipfile.ZipFile(io.BytesIO(archive)).namelist() == ["drums.mp3", "no_drums.mp3"]
+    first_half, rest = proxy.ranges
+    assert first_half is None and rest == f"bytes={len(archive) // 2}-"
     (status, body), = proxy.lost
     first = json.loads(body)["id"]
     assert status == 202 and wait_for(service.url, first)["status"] == "done"

@@ -108,12 +108,15 @@ class Receiver:
 class LosingProxy:
     """A reverse proxy to `upstream` that loses the answers to the first `lose` POSTs: it
     sends each on, keeps what came back (`lost`: `(status, body)`), and closes the client's
-    connection without a word, as a network that dropped the answer. Everything else it
-    relays."""
+    connection without a word, as a network that dropped the answer; and cuts the first
+    `cut` answers to a GET of a path ending in `cut_suffix` half-way through their body
+    (`ranges`: the Range header of each such GET). Everything else it relays."""
 
-    def __init__(self, upstream: str, lose: int = 1):
+    def __init__(self, upstream: str, lose: int = 1, cut: int = 0,
+                 cut_suffix: str = "/result"):
         import requests
         self.lost: tp.List[tp.Tuple[int, bytes]] = []
+        self.ranges: tp.List[tp.Optional[str]] = []
         proxy = self
 
         class Relay(_Quiet):
@@ -127,6 +130,12 @@ class LosingProxy:
                     proxy.lost.append((answer.status_code, answer.content))
                     self.close_connection = True
                     return
+                body = answer.content
+                if method == "GET" and self.path.endswith(cut_suffix):
+                    proxy.ranges.append(self.headers.get("Range"))
+                    if len(proxy.ranges) <= cut:
+                        body = body[:len(body) // 2]  # sent under the whole one's length
+                        self.close_connection = True
                 self.send_response(answer.status_code)
                 for name, value in answer.headers.items():
                     if name.lower() not in ("content-length", "transfer-encoding",
@@ -134,7 +143,7 @@ class LosingProxy:
                         self.send_header(name, value)
                 self.send_header("Content-Length", str(len(answer.content)))
                 self.end_headers()
-                self.wfile.write(answer.content)
+                self.wfile.write(body)
 
             def do_GET(self) -> None:
                 self._relay("GET")

@@ -283,7 +283,7 @@ def submit_job(url: str, song: Path, fields: dict, headers: dict, attempts: int 
     import requests
     headers = {**headers, "Idempotency-Key": str(uuid.uuid4())}
     for attempt in range(1, attempts + 1):
-        wait = 2. ** attempt
+        wait = 2. ** (attempt - 1)
         try:
             with song.open("rb") as audio:
                 answer = requests.post(f"{url}/jobs", files={"audio_file": (song.name, audio)},
@@ -339,5 +339,5 @@ def download(url: str, headers: dict, attempts: int = 5) -> bytes:
         except (requests.ConnectionError, urllib3.exceptions.HTTPError) as exc:
             print(f"download cut off at {len(data)} bytes (attempt {attempt} of {attempts}): "
                   f"{exc}")
-            time.sleep(min(2. ** attempt, 30.))
+            time.sleep(min(2. ** (attempt - 1), 30.))
     raise SystemExit(f"could not download {url} in {attempts} attempts")

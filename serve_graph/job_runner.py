@@ -90,7 +90,8 @@ class JobRunner:
         of `idempotency` this client used before for the same request: the job it created,
         replayed true, nothing queued. Over a limit: `JobRefusedError`; the key under
         another request: `IdempotencyKeyReusedError`; nothing is kept."""
-        answer = await self.store.replay.remote(client, idempotency)
+        answer = None if idempotency is None else \
+            await self.store.replay.remote(client, idempotency)
         if answer is None:
             answer = await self._queue(key, client, data, options, name, callback, idempotency)
         if "reused" in answer:

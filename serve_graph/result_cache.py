@@ -28,9 +28,14 @@ def cache_key(data: bytes, options: dict, model: dict, scope: str = "") -> str:
     Separate: name, precision, device kind, sources) and `scope`, never the file's name."""
     facts = {name: model.get(name) for name in MODEL_FACTS}
     facts["device"] = str(model.get("device", "")).split(":")[0]
-    described = json.dumps({"options": options, "model": facts, "scope": scope},
-                           sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(hashlib.sha256(data).digest() + described.encode()).hexdigest()
+    return content_digest(data, {"options": options, "model": facts, "scope": scope})
+
+
+def content_digest(data: bytes, described: dict) -> str:
+    """SHA-256 of `data`'s SHA-256 and `described` (JSON, keys sorted): what a request is made
+    of, its song's bytes and what is said of them (a cache key, a job's fingerprint)."""
+    text = json.dumps(described, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(hashlib.sha256(data).digest() + text.encode()).hexdigest()
 
 
 class ResultCache:

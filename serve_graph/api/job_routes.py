@@ -2,7 +2,6 @@
 result and cancellation (`router`, and `JobMethods`, a mixin of `Ingress`; the queue and the
 runs are `jobs.JobStore`'s and `job_runner.JobRunner`'s)."""
 import asyncio
-import hashlib
 import json
 import time
 import typing as tp
@@ -16,6 +15,7 @@ from .. import url_fetch
 from ..engine import InvalidParameterError, SeparationOptions
 from ..job_runner import StoredResult
 from ..jobs import FINAL, STATUSES, with_links
+from ..result_cache import content_digest
 from ..webhooks import key_secret
 from .byte_ranges import ranged_file
 from .errors import ERROR_RESPONSES, JobNotDoneError, JobNotFoundError, documented
@@ -83,10 +83,9 @@ def idempotency_of(key: tp.Optional[str], song: Song,
     options and its callback URL."""
     if key is None:
         return None
-    described = json.dumps({"name": song.name, "options": song.options.model_dump(),
-                            "callback_url": callback and callback["url"]}, sort_keys=True)
-    fingerprint = hashlib.sha256(hashlib.sha256(song.data).digest() + described.encode())
-    return {"key": key, "fingerprint": fingerprint.hexdigest()}
+    return {"key": key, "fingerprint": content_digest(song.data, {
+        "name": song.name, "options": song.options.model_dump(),
+        "callback_url": callback and callback["url"]})}
 
 
 def found(job: tp.Optional[dict], job_id: str) -> dict:

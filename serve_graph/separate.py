@@ -127,7 +127,8 @@ class Separate:
     def _let_go(self, name: str, loaded: "weakref.ref[ModelRunner]") -> None:
         """Drops model `name` if the load `loaded` is still untaken: held here, outside the
         multiplexer's count, it would stay beyond `MODELS_PER_REPLICA` for good."""
-        if loaded() is not None and self._started.get(name) is loaded():
+        runner = loaded()
+        if runner is not None and self._started.get(name) is runner:
             del self._started[name]
             logger.info("model %r, loaded for a request that went away, let go", name)
 

@@ -87,11 +87,11 @@ async def access(request: Request, call_next):
     if (request.url.path in OPEN_PATHS or request.url.path.startswith("/static/") or
             request.method == "OPTIONS" or keys is None):
         return await call_next(request)
-    token = bearer_token(request.headers.get("authorization"))
-    key = matching_key(keys.current(), token)
+    token, current = bearer_token(request.headers.get("authorization")), keys.current()
+    key = matching_key(current, token)
     if keys.required and key is None and token is None and _signed_file(request):
         try:
-            key = signing_key(request.url.path, request.query_params, keys.current())
+            key = signing_key(request.url.path, request.query_params, current)
         except SignatureError as exc:
             return error(401, exc.error, exc.detail)
     if keys.required and key is None:

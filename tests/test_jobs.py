@@ -109,6 +109,16 @@ def test_a_remix_job_keeps_its_file_type(service, song):
     stems = requests.get(service.url + done["stems_url"], headers=auth(), timeout=30)
     assert stems.status_code == 404 and stems.json()["error"] == "stem_not_found"
     assert "result_url" in stems.json()["detail"]
+    # its one file has no stems listing: the job's view signs it, for an <audio> src
+    assert requests.get(service.url + done["result_url"], timeout=30).status_code == 401
+    signed = requests.get(service.url + done["result_signed_url"], timeout=60)  # no key sent
+    assert signed.status_code == 200 and signed.content == result.content
+    assert signed.headers["content-type"] == "audio/wav"
+    listed = requests.get(service.url + "/jobs?status=done&limit=100", headers=auth(),
+                          timeout=30).json()["jobs"]
+    mine = next(job for job in listed if job["id"] == done["id"])
+    assert requests.get(service.url + mine["result_signed_url"], timeout=60).content == \
+        result.content
 
 
 def test_a_done_job_answers_each_stem_alone_and_byte_ranges_of_it(service, song):
@@ -192,7 +202,8 @@ def test_events_stream_the_progress_until_the_end(service, song):
         for line in stream.iter_lines(decode_unicode=True):
             if line.startswith("data: "):
                 events.append(json.loads(line[len("data: "):]))
-    assert events[-1]["status"] == "done"
+    assert events[-1]["status"] == "done" and events[-1]["result_signed_url"]
+    assert all(e["result_signed_url"] is None for e in events[:-1])
     separating = [e for e in events if e["stage"] == "separating"]
     assert separating, [e["stage"] for e in events]
     done = [e["progress"]["windows_done"] for e in events]

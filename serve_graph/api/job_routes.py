@@ -16,6 +16,7 @@ from ..engine import InvalidParameterError, SeparationOptions
 from ..job_runner import StoredResult
 from ..jobs import FINAL, STATUSES, with_links
 from ..result_cache import content_digest
+from ..signed_urls import SIGNED_FOR_S, signed
 from ..webhooks import key_secret
 from .byte_ranges import ranged_file
 from .errors import ERROR_RESPONSES, JobNotDoneError, JobNotFoundError, documented
@@ -57,6 +58,10 @@ class JobLinks(BaseModel):
     result_url: str
     stems_url: str = Field(description="once done, the stems of its ZIP, each with a URL that "
                            "answers it alone (and byte ranges of it)")
+    result_signed_url: tp.Optional[str] = Field(
+        None, description=f"once done: result_url signed for this request's API key, answered "
+        f"without it (an `<audio>` src, a link) for {SIGNED_FOR_S} s; without keys: result_url; "
+        f"null before the job is done (not in callbacks: ask for the job)")
 
 
 class JobList(BaseModel):
@@ -66,7 +71,21 @@ class JobList(BaseModel):
                                        "last")
 
 
-job_links = with_links
+def signed_for(request: Request, path: str) -> str:
+    """`path` signed for the request's API key (`signed_urls`); as it is without keys."""
+    api_key = getattr(request.state, "api_key", None)
+    return path if api_key is None else signed(path, api_key)
+
+
+def job_links(request: Request, job: dict) -> dict:
+    """`job`'s public view with the URLs to follow it (`jobs.with_links`); once done, its
+    result's URL signed for `request`'s key too."""
+    view = with_links(job)
+    view["result_signed_url"] = (signed_for(request, view["result_url"])
+                                 if job["status"] == "done" else None)
+    return view
+
+
 IDEMPOTENCY_KEY = Header(
     None, alias="Idempotency-Key", min_length=1, max_length=255, pattern="^[!-~]+$",
     description="A key of the client's choosing (a UUID), 1-255 visible ASCII characters: "
@@ -125,13 +144,13 @@ class JobMethods:
             raise JobNotFoundError(f"job {job_id} has no result any more")
         return stored
 
-    async def events(self, job: dict, key: tp.Optional[str]):
+    async def events(self, request: Request, job: dict):
         """One `status` event per change of `job`, comments to keep the line open while it
         does not change, until it ends (or is forgotten)."""
-        last, quiet_since = None, time.monotonic()
+        last, quiet_since, key = None, time.monotonic(), request_key(request)
         current: tp.Optional[dict] = job
         while current is not None:
-            view = job_links(current)
+            view = job_links(request, current)
             if view != last:
                 yield f"event: status\ndata: {json.dumps(view)}\n\n"
                 last, quiet_since = view, time.monotonic()
@@ -195,7 +214,7 @@ async def create_job(request: Request, audio_file: tp.Optional[UploadFile] = AUD
         job, replayed = await ingress._runner.submit(
             request_key(request), request_client(request), song.data, song.options,
             song.name, callback, idempotency)
-    links = job_links(job)
+    links = job_links(request, job)
     headers = {"Location": links["status_url"]}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -213,7 +232,7 @@ async def list_jobs(request: Request,
                         "seconds): the `created_at` of the last job of the page before"),
                     ingress: JobMethods = Depends(this_replica)) -> dict:
     page = await ingress._jobs.listed.remote(request_client(request), status, limit, before)
-    jobs = [job_links(job) for job in page["jobs"]]
+    jobs = [job_links(request, job) for job in page["jobs"]]
     following = {"limit": limit, "before": repr(jobs[-1]["created_at"]) if jobs else None,
                  **({"status": status} if status else {})}
     return {"jobs": jobs, "next_url": f"/jobs?{urlencode(following)}" if page["more"] else None}
@@ -223,7 +242,7 @@ async def list_jobs(request: Request,
             response_model=JobLinks, responses={404: NO_JOB})
 async def job_status(request: Request, job_id: str,
                      ingress: JobMethods = Depends(this_replica)) -> dict:
-    return job_links(await ingress.job(request, job_id))
+    return job_links(request, await ingress.job(request, job_id))
 
 
 @router.get("/jobs/{job_id}/events", summary="A job's status as Server-Sent Events, one "
@@ -233,7 +252,7 @@ async def job_status(request: Request, job_id: str,
 async def job_events(request: Request, job_id: str,
                      ingress: JobMethods = Depends(this_replica)) -> StreamingResponse:
     job = await ingress.job(request, job_id)
-    return StreamingResponse(ingress.events(job, request_key(request)),
+    return StreamingResponse(ingress.events(request, job),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
@@ -260,4 +279,4 @@ async def cancel_job(request: Request, job_id: str,
                      ingress: JobMethods = Depends(this_replica)) -> dict:
     job = found(await ingress._jobs.cancel.remote(job_id, request_key(request)), job_id)
     ingress._runner.cancel(job_id)
-    return job_links(job)
+    return job_links(request, job)

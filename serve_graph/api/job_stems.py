@@ -7,11 +7,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 
 from ..engine.options import MEDIA_TYPES
-from ..signed_urls import SIGNED_FOR_S, signed
+from ..signed_urls import SIGNED_FOR_S
 from ..stored_zip import Member, stored_members
 from .byte_ranges import ranged_file
 from .errors import StemNotFoundError, documented
-from .job_routes import NOT_DONE, NOT_SATISFIABLE, PART, JobMethods
+from .job_routes import NOT_DONE, NOT_SATISFIABLE, PART, JobMethods, signed_for
 from .replica import this_replica
 from .separation import ascii_name
 
@@ -38,12 +38,6 @@ class JobStems(BaseModel):
     id: str
     stems: tp.List[StemFile]
     result_signed_url: str = Field(description=f"the job's result_url: {SIGNED_HELP}")
-
-
-def signed_for(request: Request, path: str) -> str:
-    """`path` signed for the request's API key (`signed_urls`); as it is without keys."""
-    api_key = getattr(request.state, "api_key", None)
-    return path if api_key is None else signed(path, api_key)
 
 
 def media_type(file_name: str) -> str:

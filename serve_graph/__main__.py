@@ -233,8 +233,10 @@ def batch_job(args, options: SeparationOptions, runner) -> "BatchJob":
 
 def run_batch(args) -> int:
     """Exit 0 when every song is done, 1 when some failed (their rows say why; 0 with
-    --failed-songs-ok), 2 when the batch cannot start (bad INPUT, options, model or OUTPUT)."""
-    from .batch.pipeline import plan, run
+    --failed-songs-ok), 2 when the batch cannot start (bad INPUT, options, model or OUTPUT),
+    3 when it stopped because OUTPUT refused writes (full), 130 on Ctrl-C, 143 on SIGTERM
+    (`RunStopped`: the same command again goes on)."""
+    from .batch.pipeline import RunStopped, plan, run
     try:
         options = _options(args)
     except SeparationError as exc:
@@ -249,6 +251,13 @@ def run_batch(args) -> int:
             print(plan(batch_job(args, options, runner)), file=sys.stderr)
             return 0
         progress, manifest, rows = run(batch_job(args, options, runner), geometry)
+    except RunStopped as exc:
+        print(exc.progress.stopped(str(exc)), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:  # before the pipeline started: nothing ran
+        stopped = RunStopped(None, exc)
+        print(f"batch stopped ({stopped}) before any song ran", file=sys.stderr)
+        return stopped.exit_code
     except REFUSED as exc:
         print(_refusal(exc, options.model), file=sys.stderr)
         return 2

@@ -216,25 +216,46 @@ def test_a_dry_run_says_what_would_run_and_writes_nothing(first_run, songs, tiny
     assert {str(path): path.stat().st_mtime_ns for path in output.rglob("*")} == written
 
 
-def test_a_killed_run_started_again_runs_only_the_unfinished(tmp_path, tiny_repo):
-    """SIGKILL the driver once some songs are recorded; the same command again runs the rest,
-    leaves the finished files as they were, and the manifest lists every song once."""
-    folder, output = tmp_path / "songs", tmp_path / "out"
-    ids = [f"song{index}" for index in range(5)]
-    for index, song_id in enumerate(ids):
-        write_song(folder, song_id, "wav16", 6.0, index)
-    process = batch(folder, output, tiny_repo, "--songs-per-call", "1", wait=False)
+def started_until_recorded(folder: Path, output: Path, repo: Path, records: int
+                           ) -> tp.Tuple[subprocess.Popen, tp.List[int]]:
+    """A batch of `folder` started, once OUTPUT holds more than `records` song records: its
+    process and its descendants' PIDs."""
+    process = batch(folder, output, repo, "--songs-per-call", "1", wait=False)
     rows_folder = output / "_batch" / "rows"
     deadline = time.monotonic() + 180
-    while not (rows_folder.exists() and any(rows_folder.iterdir())):
+    while len(list(rows_folder.iterdir()) if rows_folder.exists() else []) <= records:
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
-    started = descendants(process.pid)
+    return process, descendants(process.pid)
+
+
+def test_a_stopped_or_killed_run_started_again_runs_only_the_unfinished(tmp_path, tiny_repo):
+    """SIGTERM the driver once a song is recorded (`ray job stop`, Kubernetes): it stops,
+    saying so, exit 143, its Ray gone, the run's record kept. Then SIGKILL the next run once
+    it recorded one more; the same command again runs the rest, leaves the finished files as
+    they were, and the manifest lists every song once."""
+    folder, output = tmp_path / "songs", tmp_path / "out"
+    ids = [f"song{index}" for index in range(6)]
+    for index, song_id in enumerate(ids):
+        write_song(folder, song_id, "wav16", 6.0, index)
+    process, started = started_until_recorded(folder, output, tiny_repo, 0)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    left = wait_gone(started, 20.)
+    kill_all(left)
+    assert process.returncode == 143 and "batch stopped (SIGTERM) after " in err, err[-3000:]
+    assert "the same command again goes on from the songs recorded" in err and left == []
+    (run,) = BatchOutput(str(output)).runs()
+    assert run["stopped"] == "SIGTERM" and run["songs"] == len(ids)
+
+    rows_folder = output / "_batch" / "rows"
+    process, started = started_until_recorded(folder, output, tiny_repo,
+                                              len(list(rows_folder.iterdir())))
     os.kill(process.pid, signal.SIGKILL)
     process.communicate()
     kill_all(wait_gone(started, 20.))  # its Ray, should any of it outlive the driver
     committed = [json.loads(path.read_text())["song_id"] for path in rows_folder.iterdir()]
-    assert 0 < len(committed) < len(ids), "the run was not killed midway"
+    assert 1 < len(committed) < len(ids), "the run was not killed midway"
     before = file_states(output, committed)
 
     code, err = batch(folder, output, tiny_repo, "--songs-per-call", "1")
@@ -252,6 +273,7 @@ import json, sys, time
 from pathlib import Path
 import pandas as pd
 import ray.data
+from serve_graph.batch.output import OutputUnwritableError
 from serve_graph.batch.pipeline import start_ray
 
 received = Path(sys.argv[1])  # the driver has the first row
@@ -274,16 +296,45 @@ for row in rows.iter_rows():
     if row["song"] == 1:
         received.touch()
     print(json.dumps({"song": int(row["song"]), "waited": bool(row["waited"])}), flush=True)
+
+
+class FullOutput:  # a model actor whose OUTPUT has no space left
+    def __call__(self, batch):
+        raise OutputUnwritableError("cannot write to s3://bucket/out: No space left on device")
+
+
+full = ray.data.from_items([{"song_id": "a"}]).map_batches(
+    FullOutput, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
+try:
+    for row in full.iter_rows():
+        pass
+except OutputUnwritableError as exc:  # as `pipeline.run` catches it
+    print(json.dumps({"stopped": exc.detail, "status_code": exc.status_code}), flush=True)
 '''
 
 
-def test_a_songs_row_reaches_the_driver_before_its_call_ends(tmp_path):
+@pytest.fixture(scope="module")
+def ray_data_answers(tmp_path_factory) -> tp.Tuple[tp.List[dict], str]:
+    """What the driver of `ROWS_AS_WRITTEN` printed (one JSON a line), and its stderr."""
+    out, err = run_python(ROWS_AS_WRITTEN, str(tmp_path_factory.mktemp("rows") / "got"))
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")], err
+
+
+def test_a_songs_row_reaches_the_driver_before_its_call_ends(ray_data_answers):
     """The batch's Ray Data (as `pipeline.start_ray` sets it up): a song's row that a model
     actor's call yields reaches the driver while the call goes on, once the call yields the
     next (Ray Data sends a task's block on when the task goes on to the next), so progress
     moves song by song; at Ray Data's default block size a call's rows came together when it
     ended."""
-    out, err = run_python(ROWS_AS_WRITTEN, str(tmp_path / "got"))
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert rows == [{"song": 1, "waited": False}, {"song": 2, "waited": False},
-                    {"song": 3, "waited": True}], err[-3000:]
+    rows, err = ray_data_answers
+    assert rows[:3] == [{"song": 1, "waited": False}, {"song": 2, "waited": False},
+                        {"song": 3, "waited": True}], err[-3000:]
+
+
+def test_a_full_output_in_a_model_actor_reaches_the_driver_as_itself(ray_data_answers):
+    """A model actor's `OutputUnwritableError` comes out of the driver's rows as one (its
+    detail and code kept), which `pipeline.run` turns into a stop, not a crash (by default
+    Ray Data wraps it in a UserCodeException that has lost it)."""
+    rows, err = ray_data_answers
+    assert rows[3:] == [{"stopped": "cannot write to s3://bucket/out: No space left on device",
+                         "status_code": 507}], err[-3000:]

@@ -275,6 +275,36 @@ def test_the_actor_yields_each_song_once_written_and_a_song_it_cannot_write_fail
     assert records["blocked"]["error"] == "storage_full" and records["good"]["status"] == "done"
 
 
+def test_a_full_output_stops_the_call_and_records_no_song(tmp_path, tiny_repo, monkeypatch):
+    """OUTPUT that refuses every write (no space left): the actor's call raises
+    `OutputUnwritableError` (the run stops, `pipeline.run`) instead of recording each song as
+    failed, so that a rerun once there is room separates them; a song that failed to decode
+    is not recorded either."""
+    import errno
+
+    from serve_graph.batch.output import BatchOutput, OutputUnwritableError
+    from serve_graph.batch.stages import BatchSettings, SeparateSongs, decode_song
+    touch(tmp_path / "in" / "good.wav", encode(tone(3.0, 44100, 2, seed=1), 44100, "wav16"))
+    touch(tmp_path / "in" / "bad.wav", b"not audio")
+    settings = BatchSettings(str(tmp_path / "out"), "htdemucs", str(tiny_repo), 44100, 2,
+                             60., 2**30)
+    decoded = [decode_song({"song_id": name, "uri": str(tmp_path / "in" / f"{name}.wav")},
+                           settings) for name in ("bad", "good")]
+    actor = SeparateSongs(settings, SeparationOptions(model="htdemucs", format="wav").model_dump())
+
+    def full(path, data, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(actor.output.fs, "pipe_file", full)
+    with pytest.raises(OutputUnwritableError, match="No space left on device") as stopped:
+        list(actor({key: np.array([row[key] for row in decoded], dtype=object)
+                    for key in decoded[0]}))
+    assert stopped.value.status_code == 507 and str(tmp_path / "out") in stopped.value.detail
+    actor.writer.shutdown(wait=True)  # the writes already queued meet the full disk too
+    monkeypatch.undo()
+    assert BatchOutput(str(tmp_path / "out")).records() == {}
+    assert not (tmp_path / "out" / "good").exists()
+
+
 def test_the_command_s_model_options_reach_each_actor_s_runner(tiny_repo):
     """`batch --precision --compile --group-norm --dconv --batch-size`, through the job and
     the settings sent to the actors, to the `RunnerOptions` of the actor's model (the fused

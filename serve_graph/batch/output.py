@@ -12,6 +12,7 @@ OUTPUT/_batch/tmp/                 files being written (cleared when a run start
 ```
 Any fsspec URL works as OUTPUT (`s3://bucket/stems`); a local folder by default.
 """
+import errno
 import hashlib
 import json
 import typing as tp
@@ -19,14 +20,26 @@ import uuid
 
 import fsspec
 
+from ..engine.errors import SeparationError
 from .songs import STATE_FOLDER, BatchInputError
 
+# what a write answers when OUTPUT as a whole refuses writes (full, over quota, read-only, no
+# permission: an object store's AccessDenied, expired credentials): no song could be written
+STORAGE_WIDE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 MANIFEST = "manifest.parquet"
 READ_AT_ONCE = 10_000  # records per fsspec call (in flight on an object store: up to 1280)
 # the manifest's columns, in order: what a row of a song holds (`BatchOutput.record`)
 COLUMNS = ("song_id", "uri", "status", "error", "status_code", "detail", "model",
            "audio_seconds", "stems", "decode_seconds", "separate_seconds", "model_seconds",
            "finished_at")
+
+
+class OutputUnwritableError(SeparationError):
+    """OUTPUT refuses every write (`STORAGE_WIDE`): the run stops, where going on would record
+    every song after as failed; run again once OUTPUT can be written, it goes on from the
+    songs recorded."""
+    status_code = 507
+    error = "storage_full"
 
 
 class BatchOutput:
@@ -66,13 +79,20 @@ class BatchOutput:
 
     def write(self, relative: str, data: bytes) -> None:
         """`OUTPUT/<relative>` holds `data`, all of it or (killed meanwhile) none: written
-        under `_batch/tmp/`, then moved into place."""
+        under `_batch/tmp/`, then moved into place. `OutputUnwritableError` when OUTPUT refuses
+        writes as a whole; other `OSError`s (a file in the way of a folder) as they come."""
         temporary = f"{self.state}/tmp/{uuid.uuid4().hex}"
-        self.fs.makedirs(f"{self.state}/tmp", exist_ok=True)
-        self.fs.pipe_file(temporary, data)
         final = f"{self.root}/{relative}"
-        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.mv(temporary, final)
+        try:
+            self.fs.makedirs(f"{self.state}/tmp", exist_ok=True)
+            self.fs.pipe_file(temporary, data)
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.mv(temporary, final)
+        except OSError as exc:
+            if exc.errno not in STORAGE_WIDE:
+                raise
+            raise OutputUnwritableError(f"cannot write to {self.url}: "
+                                        f"{exc.strerror or exc}") from None
 
     def write_song(self, song_id: str, files: tp.Dict[str, bytes]) -> tp.List[str]:
         """A song's files into `OUTPUT/<song_id>/`; their names."""

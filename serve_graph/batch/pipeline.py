@@ -12,12 +12,14 @@ whole dataset before the first group came out), so memory is bounded by the song
 not by the catalogue. A song's record is committed by its actor after its files: a run that is
 killed and started again runs only what has no record (`--retry-failed`: and what failed).
 """
+import signal
+import threading
 import typing as tp
 from dataclasses import dataclass
 
 from ..engine.modes import RunnerOptions
 from ..engine.options import SeparationOptions
-from .output import BatchOutput
+from .output import BatchOutput, OutputUnwritableError
 from .progress import Progress
 from .songs import BatchInputError, SongRef, list_songs
 from .stages import DEFAULT_RUNNER, BatchSettings, SeparateSongs, decode_song
@@ -164,6 +166,46 @@ def on_nodes_with(resource: tp.Optional[str]) -> dict:
     return {"resources": {resource: 0.001}} if resource else {}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`stop_on_sigterm`): stops the run as Ctrl-C does."""
+
+
+def stop_on_sigterm() -> None:
+    """From now on SIGTERM (`ray job stop`, Kubernetes) stops the run as Ctrl-C does: its Ray
+    shut down, the run's record kept, exit 143. Called after Ray's start, whose own handler
+    (it logs the signal and dies) it replaces; only the main thread may set one."""
+    def terminated(signum, frame):
+        raise Terminated()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminated)
+
+
+class RunStopped(Exception):
+    """The run stopped before its end: OUTPUT refused writes (`OutputUnwritableError`), or
+    Ctrl-C / SIGTERM (`KeyboardInterrupt`). The songs recorded so far are kept: the same
+    command again goes on from them. `progress`: the run's until it stopped."""
+
+    def __init__(self, progress: tp.Optional[Progress], cause: BaseException):
+        super().__init__(reason(cause))
+        self.progress, self.cause = progress, cause
+
+    @property
+    def exit_code(self) -> int:
+        """3 when OUTPUT refused writes; as a shell says a signal's end: 130 (SIGINT), 143."""
+        if isinstance(self.cause, Terminated):
+            return 128 + signal.SIGTERM
+        return 128 + signal.SIGINT if isinstance(self.cause, KeyboardInterrupt) else 3
+
+
+def reason(cause: BaseException) -> str:
+    """Why a run stopped, in a few words."""
+    if isinstance(cause, Terminated):
+        return "SIGTERM"
+    if isinstance(cause, KeyboardInterrupt):
+        return "Ctrl-C"
+    return cause.detail if isinstance(cause, OutputUnwritableError) else str(cause)
+
+
 def run(job: BatchJob, geometry: tp.Tuple[int, int],
         progress_every_s: float = 2.) -> tp.Tuple[Progress, str, tp.List[dict]]:
     """Run `job` (`geometry`: the model's sample rate and channels): its progress, the
@@ -176,15 +218,30 @@ def run(job: BatchJob, geometry: tp.Tuple[int, int],
     if pending:
         import ray
         start_ray()
+        stop_on_sigterm()
         resources = ray.cluster_resources()
         progress.pipeline_started(actor_count(job, resources))
-        for row in build(pending, job, settings_for(job, *geometry), resources).iter_rows():
-            progress.song(row)
+        try:
+            for row in build(pending, job, settings_for(job, *geometry), resources).iter_rows():
+                progress.song(row)
+        except (KeyboardInterrupt, OutputUnwritableError) as exc:
+            raise stopped(exc, output, progress) from None
     records = output.records()
     rows = [records[song.song_id] for song in songs if song.song_id in records]
     manifest = output.write_manifest(rows)
     output.record_run(progress.record())
     return progress, manifest, rows
+
+
+def stopped(cause: BaseException, output: BatchOutput, progress: Progress) -> RunStopped:
+    """The pipeline stopped by `cause`: OUTPUT refused writes in a model actor (Ray Data
+    raises it as the actor raised it: `start_ray`), or Ctrl-C / SIGTERM. The run's record is
+    kept where OUTPUT still takes it; the manifest is left as the last full run wrote it."""
+    try:
+        output.record_run({**progress.record(), "stopped": reason(cause)})
+    except OutputUnwritableError:
+        pass  # the songs' records are what a rerun needs
+    return RunStopped(progress, cause)
 
 
 # Ray Data's largest block, bytes: a task's output goes on in blocks of at least this size
@@ -209,3 +266,6 @@ def start_ray() -> None:
     context.enable_progress_bars = False
     context.enable_operator_progress_bars = False
     context.target_max_block_size = ROW_BLOCK_BYTES
+    # a model actor's `OutputUnwritableError` reaches the driver as itself (an instance of
+    # it), not as a UserCodeException whose cause is lost on the way
+    context.raise_original_map_exception = True

@@ -110,6 +110,13 @@ class Progress:
                 f"before; {self.audio_seconds:.0f} s of audio in {duration(elapsed)}{setup}"
                 f"{speed}; manifest: {manifest}")
 
+    def stopped(self, reason: str) -> str:
+        """What a run stopped before its end says: why, and what it did until then."""
+        return (f"batch stopped ({reason}) after {duration(time.monotonic() - self.start)}: "
+                f"{self.done} separated, {self.failed} failed, {self.skipped} done before, of "
+                f"{self.total} (songs finishing as it stopped may be recorded too); the same "
+                f"command again goes on from the songs recorded")
+
     def record(self) -> dict:
         """This run as `_batch/runs/` keeps it: seconds from its start, of which Ray's start
         and what came before it (`setup_seconds`: None when nothing was left to run), the

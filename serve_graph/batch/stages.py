@@ -35,7 +35,8 @@ class UnreadableError(SeparationError):
 
 
 class UnwritableError(SeparationError):
-    """The song's stems cannot be written to OUTPUT (full, no permission)."""
+    """The song's stems cannot be written to OUTPUT (a file where its folder would go); when
+    OUTPUT refuses every write, the run stops instead (`output.OutputUnwritableError`)."""
     status_code = 507
     error = "storage_full"
 

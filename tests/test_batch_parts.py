@@ -305,6 +305,35 @@ def test_a_full_output_stops_the_call_and_records_no_song(tmp_path, tiny_repo, m
     assert not (tmp_path / "out" / "good").exists()
 
 
+def test_a_remote_song_is_read_again_after_a_failure_and_a_local_one_once(tmp_path,
+                                                                          monkeypatch):
+    """A song over HTTP whose first two GETs answer 503 is read on the third; one that always
+    answers 503, or a server that refuses connections, is `unreadable` after three attempts,
+    saying why (the 503, not fsspec's FileNotFoundError); a missing local file is tried once."""
+    from serve_graph.batch import stages
+    from serve_graph.batch.stages import UnreadableError, read_song
+    from web_servers import song_server
+    monkeypatch.setattr(stages, "READ_BACKOFF_S", 0.01)
+    song = encode(tone(1.0, 44100, 2, seed=3), 44100, "wav16")
+    server = song_server({"flaky.wav": song, "down.wav": song},
+                         unavailable={"flaky.wav": 2, "down.wav": 100})
+    try:
+        assert read_song(f"{server.url}/flaky.wav", 2**30) == song
+        with pytest.raises(UnreadableError, match="503") as down:
+            read_song(f"{server.url}/down.wav", 2**30)
+        assert server.gets["down.wav"] <= 2 * stages.READ_ATTEMPTS  # fsspec: size, then read
+        assert server.gets["down.wav"] >= stages.READ_ATTEMPTS and down.value.status_code == 400
+    finally:
+        server.close()
+    with pytest.raises(UnreadableError, match="Connect call failed"):
+        read_song(server.url + "/gone.wav", 2**30)  # nothing listens there any more
+    monkeypatch.setattr(stages, "READ_BACKOFF_S", 30.)  # a second attempt would be seen
+    start = time.monotonic()
+    with pytest.raises(UnreadableError, match="No such file or directory"):
+        read_song(str(tmp_path / "missing.wav"), 2**30)
+    assert time.monotonic() - start < 10
+
+
 def test_the_command_s_model_options_reach_each_actor_s_runner(tiny_repo):
     """`batch --precision --compile --group-norm --dconv --batch-size`, through the job and
     the settings sent to the actors, to the `RunnerOptions` of the actor's model (the fused

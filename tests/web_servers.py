@@ -34,12 +34,22 @@ class Server:
         self.httpd.server_close()
 
 
-def song_server(files: tp.Dict[str, bytes], slow_s: float = 0.) -> Server:
+def song_server(files: tp.Dict[str, bytes], slow_s: float = 0.,
+                unavailable: tp.Optional[tp.Dict[str, int]] = None) -> Server:
     """GET `/<name>` → `files[name]`; `/redirect?to=URL` → 302 to URL; `/slow/<name>` sends
-    `files[name]` after `slow_s`; anything else 404."""
+    `files[name]` after `slow_s`; anything else 404. The first `unavailable[name]` GETs of
+    `/<name>` answer 503 (`server.gets[name]` counts every GET)."""
+    unavailable = dict(unavailable or {})
+    gets: tp.Dict[str, int] = {}
+
     class Songs(_Quiet):
         def do_GET(self) -> None:
             path, _, query = self.path.partition("?")
+            gets[path.lstrip("/")] = gets.get(path.lstrip("/"), 0) + 1
+            if unavailable.get(path.lstrip("/"), 0) > 0:
+                unavailable[path.lstrip("/")] -= 1
+                self.send_error(503)
+                return
             if path == "/redirect":
                 self.send_response(302)
                 self.send_header("Location", query.removeprefix("to="))
@@ -57,7 +67,9 @@ def song_server(files: tp.Dict[str, bytes], slow_s: float = 0.) -> Server:
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
-    return Server(Songs)
+    server = Server(Songs)
+    server.gets = gets
+    return server
 
 
 class Receiver:

@@ -85,18 +85,48 @@ def decode_song(row: dict, settings: BatchSettings) -> dict:
     return out
 
 
-def read_song(uri: str, max_bytes: int) -> bytes:
-    """The file's bytes (`UnreadableError` when missing, unreadable or over `max_bytes`)."""
+READ_ATTEMPTS = 3  # of a remote song: a 503, a connection reset or a timeout may pass
+READ_BACKOFF_S = 1.  # before the second attempt, doubled before each after it
+
+
+def read_song(uri: str, max_bytes: int, attempts: int = READ_ATTEMPTS) -> bytes:
+    """The file's bytes; `UnreadableError` when missing, unreadable or over `max_bytes`. A
+    remote file (http, s3, gs...) is read up to `attempts` times, backing off, a local one
+    once: in a week-long run over a bucket, a request that failed once is no song's fault."""
     import fsspec
+    from fsspec.implementations.local import LocalFileSystem
     try:
         fs, path = fsspec.core.url_to_fs(uri)
-        size = fs.size(path)
-        if size is not None and size > max_bytes:
-            raise UnreadableError(f"the file is {size / 2**20:.0f} MB, over the limit of "
-                                  f"{max_bytes / 2**20:.0f} MB (--max-file-mb)")
-        return fs.cat_file(path)
-    except OSError as exc:
-        raise UnreadableError(f"cannot read {uri}: {exc.strerror or exc}") from None
+    except (ValueError, ImportError) as exc:  # an unknown protocol, or its package missing
+        raise UnreadableError(f"cannot read {uri}: {exc}") from None
+    tries = 1 if isinstance(fs, LocalFileSystem) else max(1, attempts)
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(READ_BACKOFF_S * 2 ** (attempt - 1))
+        try:
+            return read_whole(fs, path, max_bytes)
+        except UnreadableError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the filesystem's, as its library raises them
+            failure = exc
+    raise UnreadableError(f"cannot read {uri}: {first_cause(failure)}")
+
+
+def read_whole(fs, path: str, max_bytes: int) -> bytes:
+    """`path`'s bytes on `fs`, refused (`UnreadableError`) over `max_bytes`."""
+    size = fs.size(path)
+    if size is not None and size > max_bytes:
+        raise UnreadableError(f"the file is {size / 2**20:.0f} MB, over the limit of "
+                              f"{max_bytes / 2**20:.0f} MB (--max-file-mb)")
+    return fs.cat_file(path)
+
+
+def first_cause(exc: BaseException) -> str:
+    """What went wrong first under `exc` (fsspec's HTTP filesystem raises FileNotFoundError
+    from a 503 or a refused connection): its OS message, or its text."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 class SeparateSongs:

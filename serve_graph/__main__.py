@@ -205,6 +205,22 @@ def _batch_parser(sub) -> None:
                    "on the nodes that have it (default: any; on CUDA, where the GPUs are)")
     p.add_argument("--decode-resource", help="a custom Ray resource: decoding runs only on the "
                    "nodes that have it (default: spread over every node)")
+    p.add_argument("--url-allow-networks", type=_networks, default=(),
+                   help="comma-separated networks (10.0.0.0/8,127.0.0.1/32) an http(s) song "
+                   "may be fetched from although private or loopback (the service's "
+                   "url_allow_networks); by default only public addresses")
+
+
+def _networks(text: str) -> tp.Tuple[str, ...]:
+    """`--url-allow-networks`: its networks, each checked (argparse says which is not one)."""
+    import ipaddress
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return items
 
 
 BATCH_WINDOWS = {"cuda": 8, "cpu": 1}  # the batch's windows per forward, by device
@@ -228,7 +244,7 @@ def batch_job(args, options: SeparationOptions, runner) -> "BatchJob":
                     max(1, args.songs_per_call), args.actors, max(1, args.calls_per_actor),
                     args.decoders, max(1, args.encode_threads), args.max_audio_seconds,
                     args.max_file_mb, args.retry_failed, args.actor_resource,
-                    args.decode_resource)
+                    args.decode_resource, args.url_allow_networks)
 
 
 def run_batch(args) -> int:

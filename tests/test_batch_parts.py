@@ -305,28 +305,76 @@ def test_a_full_output_stops_the_call_and_records_no_song(tmp_path, tiny_repo, m
     assert not (tmp_path / "out" / "good").exists()
 
 
-def test_a_remote_song_is_read_again_after_a_failure_and_a_local_one_once(tmp_path,
-                                                                          monkeypatch):
-    """A song over HTTP whose first two GETs answer 503 is read on the third; one that always
-    answers 503, or a server that refuses connections, is `unreadable` after three attempts,
-    saying why (the 503, not fsspec's FileNotFoundError); a missing local file is tried once."""
+def test_a_song_by_url_is_fetched_as_the_service_fetches_one_and_again_after_a_failure(
+        monkeypatch):
+    """An http(s) song goes through `url_fetch`, as `audio_url` does: a loopback address is
+    refused (`url_refused`) unless allowed (`--url-allow-networks`); allowed, a song whose
+    first two GETs answer 503 is read on the third, one that always does fails
+    `url_fetch_failed` after three, saying so."""
+    from serve_graph.__main__ import batch_job, batch_runner, build_parser
     from serve_graph.batch import stages
-    from serve_graph.batch.stages import UnreadableError, read_song
+    from serve_graph.batch.pipeline import settings_for
+    from serve_graph.batch.stages import decode_song, read_song
+    from serve_graph.engine.errors import SeparationError
     from web_servers import song_server
     monkeypatch.setattr(stages, "READ_BACKOFF_S", 0.01)
     song = encode(tone(1.0, 44100, 2, seed=3), 44100, "wav16")
     server = song_server({"flaky.wav": song, "down.wav": song},
                          unavailable={"flaky.wav": 2, "down.wav": 100})
+    here = ("127.0.0.1/32",)
     try:
-        assert read_song(f"{server.url}/flaky.wav", 2**30) == song
-        with pytest.raises(UnreadableError, match="503") as down:
-            read_song(f"{server.url}/down.wav", 2**30)
-        assert server.gets["down.wav"] <= 2 * stages.READ_ATTEMPTS  # fsspec: size, then read
-        assert server.gets["down.wav"] >= stages.READ_ATTEMPTS and down.value.status_code == 400
+        with pytest.raises(SeparationError, match="loopback") as refused:
+            read_song(f"{server.url}/flaky.wav", 2**30)
+        assert refused.value.error == "url_refused" and server.gets == {}
+        assert read_song(f"{server.url}/flaky.wav", 2**30, here) == song
+        assert server.gets["flaky.wav"] == 3
+        with pytest.raises(SeparationError, match="HTTP 503") as down:
+            read_song(f"{server.url}/down.wav", 2**30, here)
+        assert down.value.error == "url_fetch_failed" and server.gets["down.wav"] == 3
+        with pytest.raises(SeparationError, match="larger than the limit") as large:
+            read_song(f"{server.url}/flaky.wav", 100, here)
+        assert large.value.error == "upload_too_large" and server.gets["flaky.wav"] == 4
+        # `batch --url-allow-networks`, through the job and the settings the decode tasks get
+        args = build_parser().parse_args(["batch", "in", "out", "--url-allow-networks",
+                                          "127.0.0.1/32, 10.0.0.0/8"])
+        job = batch_job(args, SeparationOptions(model="htdemucs"), batch_runner(args))
+        settings = settings_for(job, 44100, 2)
+        assert settings.url_allow_networks == ("127.0.0.1/32", "10.0.0.0/8")
+        row = decode_song({"song_id": "flaky", "uri": f"{server.url}/flaky.wav"}, settings)
+        assert row["error"] is None and len(row["pcm"]) == 44100 * 2 * 4
     finally:
         server.close()
-    with pytest.raises(UnreadableError, match="Connect call failed"):
-        read_song(server.url + "/gone.wav", 2**30)  # nothing listens there any more
+
+
+def test_a_bucket_s_song_is_read_again_after_a_failure_and_a_local_one_once(tmp_path,
+                                                                            monkeypatch):
+    """A song on a remote filesystem (fsspec's memory filesystem stands in for a bucket) whose
+    first two reads fail (a connection reset) is read on the third; a missing local file is
+    tried once, `unreadable` saying why."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from serve_graph.batch import stages
+    from serve_graph.batch.stages import UnreadableError, read_song
+    monkeypatch.setattr(stages, "READ_BACKOFF_S", 0.01)
+    fsspec.filesystem("memory").pipe_file("/bucket/song.wav", b"RIFF song")
+    reads, failing = [], [2]  # the reads made; how many more fail
+    whole = MemoryFileSystem.cat_file
+
+    def resetting(fs, path, *args, **kwargs):
+        reads.append(path)
+        if failing[0]:
+            failing[0] -= 1
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return whole(fs, path, *args, **kwargs)
+    monkeypatch.setattr(MemoryFileSystem, "cat_file", resetting)
+    assert read_song("memory://bucket/song.wav", 2**30) == b"RIFF song" and len(reads) == 3
+    reads.clear()
+    failing[0] = 100
+    with pytest.raises(UnreadableError, match="Connection reset by peer"):
+        read_song("memory://bucket/song.wav", 2**30)
+    assert len(reads) == 3
+    fsspec.filesystem("memory").rm("/bucket", recursive=True)
     monkeypatch.setattr(stages, "READ_BACKOFF_S", 30.)  # a second attempt would be seen
     start = time.monotonic()
     with pytest.raises(UnreadableError, match="No such file or directory"):

@@ -43,7 +43,9 @@ class BatchJob:
     - `retry_failed`: run again the songs whose record says failed;
     - `actor_resource`, `decode_resource`: custom Ray resources (of the nodes that have them:
       `ray start --resources`) that place the model actors and the decode tasks (None: any
-      node; the actors go where the GPUs are).
+      node; the actors go where the GPUs are);
+    - `url_allow_networks`: the private networks an http(s) song may be fetched from (the
+      service's `url_allow_networks`; none by default).
     """
     source: str
     output: str
@@ -60,6 +62,7 @@ class BatchJob:
     retry_failed: bool = False
     actor_resource: tp.Optional[str] = None
     decode_resource: tp.Optional[str] = None
+    url_allow_networks: tp.Tuple[str, ...] = ()
 
     @property
     def cuda(self) -> bool:
@@ -104,7 +107,7 @@ def plan(job: BatchJob, shown: int = 10) -> str:
 def settings_for(job: BatchJob, samplerate: int, channels: int) -> BatchSettings:
     return BatchSettings(job.output, job.options.model, job.model_repo, samplerate, channels,
                          job.max_seconds, int(job.max_file_mb * 2**20), job.runner,
-                         job.encode_threads)
+                         job.encode_threads, job.url_allow_networks)
 
 
 def actor_count(job: BatchJob, resources: tp.Dict[str, float]) -> int:

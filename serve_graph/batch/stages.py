@@ -10,6 +10,7 @@
 A song's error (unreadable, not audio, too long...) becomes its row, with the code and detail
 `POST /separate` would answer; the batch goes on.
 """
+import functools
 import logging
 import threading
 import time
@@ -17,12 +18,15 @@ import typing as tp
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..engine.errors import SeparationError
+from .. import url_fetch
+from ..engine.errors import SeparationError, UploadTooLargeError
 from ..engine.modes import RunnerOptions
 from ..engine.options import SeparationOptions
+from ..url_fetch import UrlFetchError, UrlRefusedError
 from .output import BatchOutput
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,7 @@ class BatchSettings:
     max_file_bytes: int
     runner: RunnerOptions = DEFAULT_RUNNER  # max_batch: windows per forward
     encode_threads: int = 2
+    url_allow_networks: tp.Tuple[str, ...] = ()  # private networks a song's URL may reach
 
 
 def error_fields(exc: Exception, uri: str) -> dict:
@@ -76,8 +81,9 @@ def decode_song(row: dict, settings: BatchSettings) -> dict:
     out = {"song_id": row["song_id"], "uri": row["uri"], "pcm": b"",
            "channels": settings.channels, "error": None, "status_code": None, "detail": None}
     try:
-        wav = decode(read_song(row["uri"], settings.max_file_bytes), settings.samplerate,
-                     settings.channels, settings.max_seconds)
+        wav = decode(read_song(row["uri"], settings.max_file_bytes,
+                               settings.url_allow_networks),
+                     settings.samplerate, settings.channels, settings.max_seconds)
         out["pcm"] = wav.tobytes()
     except Exception as exc:  # noqa: BLE001 - the song's row says why; the batch goes on
         out.update(error_fields(exc, row["uri"]))
@@ -87,29 +93,47 @@ def decode_song(row: dict, settings: BatchSettings) -> dict:
 
 READ_ATTEMPTS = 3  # of a remote song: a 503, a connection reset or a timeout may pass
 READ_BACKOFF_S = 1.  # before the second attempt, doubled before each after it
+URL_TIMEOUT_S = 120.  # an http(s) song downloaded within this (the service's url_timeout_s)
 
 
-def read_song(uri: str, max_bytes: int, attempts: int = READ_ATTEMPTS) -> bytes:
-    """The file's bytes; `UnreadableError` when missing, unreadable or over `max_bytes`. A
-    remote file (http, s3, gs...) is read up to `attempts` times, backing off, a local one
-    once: in a week-long run over a bucket, a request that failed once is no song's fault."""
+def read_song(uri: str, max_bytes: int, allow: tp.Sequence[str] = (),
+              attempts: int = READ_ATTEMPTS) -> bytes:
+    """The file's bytes; `UnreadableError` when missing, unreadable or over `max_bytes`. An
+    http(s) URL is fetched as the service fetches an `audio_url` (`url_fetch`: no private,
+    loopback or link-local address, each redirect checked, unless in the `allow` networks;
+    its errors `url_refused`, `url_fetch_failed`, `upload_too_large`). A remote file is read
+    up to `attempts` times, backing off, a local one once: in a week-long run over a bucket,
+    a request that failed once is no song's fault."""
+    read, remote = reader(uri, max_bytes, allow)
+    for attempt in range(max(1, attempts) if remote else 1):
+        if attempt:
+            time.sleep(READ_BACKOFF_S * 2 ** (attempt - 1))
+        try:
+            return read()
+        except (UnreadableError, UrlRefusedError, UploadTooLargeError):
+            raise  # no second attempt answers otherwise
+        except UrlFetchError as exc:
+            failure: SeparationError = exc
+        except Exception as exc:  # noqa: BLE001 - the filesystem's, as its library raises them
+            failure = UnreadableError(f"cannot read {uri}: {first_cause(exc)}")
+    raise failure
+
+
+def reader(uri: str, max_bytes: int, allow: tp.Sequence[str]
+           ) -> tp.Tuple[tp.Callable[[], bytes], bool]:
+    """What reads `uri` (`url_fetch` for http(s), else its fsspec filesystem), and whether it
+    is remote (a local file is read once)."""
     import fsspec
     from fsspec.implementations.local import LocalFileSystem
+    if urlsplit(uri).scheme in ("http", "https"):
+        return functools.partial(url_fetch.fetch, uri, max_bytes, URL_TIMEOUT_S,
+                                 url_fetch.networks(allow)), True
     try:
         fs, path = fsspec.core.url_to_fs(uri)
     except (ValueError, ImportError) as exc:  # an unknown protocol, or its package missing
         raise UnreadableError(f"cannot read {uri}: {exc}") from None
-    tries = 1 if isinstance(fs, LocalFileSystem) else max(1, attempts)
-    for attempt in range(tries):
-        if attempt:
-            time.sleep(READ_BACKOFF_S * 2 ** (attempt - 1))
-        try:
-            return read_whole(fs, path, max_bytes)
-        except UnreadableError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the filesystem's, as its library raises them
-            failure = exc
-    raise UnreadableError(f"cannot read {uri}: {first_cause(failure)}")
+    return (functools.partial(read_whole, fs, path, max_bytes),
+            not isinstance(fs, LocalFileSystem))
 
 
 def read_whole(fs, path: str, max_bytes: int) -> bytes:

@@ -105,6 +105,36 @@ def reopen_the_job_after_a_reload(page) -> None:
     page.wait_for_selector("#results a[download='my song_remix.mp3']", timeout=60_000)
 
 
+def test_a_running_job_is_cancelled_and_an_ended_one_deleted(service, page, tmp_path):
+    """"Cancel this job" while it runs stops it (the page says so, the list shows it
+    cancelled); "Delete" on an ended job forgets it on the service (404 from then on) and
+    takes it off the list."""
+    song = tmp_path / "long song.mp3"
+    song.write_bytes(encode(tone(60.0, 44100, 2, seed=10), 44100, "mp3"))
+    page.goto(service + "/ui")
+    page.wait_for_selector("#model option", state="attached")
+    page.set_input_files("#file", str(song))
+    page.fill("#shifts", "6")  # ~490 windows: within the service's budget of 600
+    page.click("#go")
+    page.wait_for_function("document.getElementById('progress').value > 0 || "
+                           "document.getElementById('error').textContent", timeout=120_000)
+    assert page.locator("#error").text_content() == ""
+    page.click("#cancel")
+    page.wait_for_function("document.getElementById('error').textContent !== ''",
+                           timeout=60_000)
+    assert page.locator("#error").text_content() == "the job cancelled"
+    assert page.locator("#cancel").is_hidden() and page.locator("#progress").evaluate(
+        "(bar) => bar.value") < 1
+    row = page.locator("#jobs li", has_text="long song")
+    row.filter(has_text="cancelled").wait_for(timeout=30_000)
+    job_url = page.evaluate("""async () => (await (await fetch('/jobs?limit=10')).json())
+        .jobs.find((job) => job.song === 'long song').status_url""")
+    row.locator(".delete").click()
+    row.wait_for(state="detached", timeout=30_000)
+    assert page.evaluate("async (url) => (await fetch(url)).status", job_url) == 404
+    assert page.locator("#error").text_content() == ""  # the delete answered 200
+
+
 def test_a_roformer_model_offers_its_own_stems(service, page, tmp_path):
     """Picking a RoFormer shows its stems (the target and the instrumental) and separates
     with it."""

@@ -89,7 +89,7 @@ class Profile(tp.NamedTuple):
 # (ModelRunner runs a non-finite window again in fp32)
 GPU = Profile("cuda", 216., 10., (16, 32, 64), ("fp16", "bf16"), 16, "inductor", 3, 32, "fp16")
 # fp32 only: this CPU may have no fast bf16/fp16 (the steps' code is the same)
-REHEARSAL = Profile("cpu", 4., 2., (2,), ("fp32",), 2, "eager", 1, 3, "fp32")
+REHEARSAL = Profile("cpu", 2., 2., (2,), ("fp32",), 2, "eager", 1, 3, "fp32")
 
 
 class Figures:

@@ -237,7 +237,7 @@ def test_a_stopped_or_killed_run_started_again_runs_only_the_unfinished(tmp_path
     folder, output = tmp_path / "songs", tmp_path / "out"
     ids = [f"song{index}" for index in range(6)]
     for index, song_id in enumerate(ids):
-        write_song(folder, song_id, "wav16", 6.0, index)
+        write_song(folder, song_id, "wav16", 4.0, index)
     process, started = started_until_recorded(folder, output, tiny_repo, 0)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)

@@ -32,7 +32,7 @@ from serve_process import tiny_service
 from web_servers import Receiver, song_server
 
 pytestmark = pytest.mark.serve
-EXAMPLES = int(os.environ.get("SERVE_GRAPH_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("SERVE_GRAPH_FUZZ_EXAMPLES", "12"))
 
 
 # A song server and a webhook receiver on 127.0.0.1, started now: their URLs go into the

@@ -157,7 +157,11 @@ def test_every_accepted_job_is_found_again_after_a_restart(service, folder, tiny
         after = requests.get(no_model.url + finished["result_url"], headers=auth(KEYS[1]),
                              timeout=60)
         assert after.status_code == 200 and after.content == before
-        time.sleep(ORPHAN_AFTER_S + 3 * WATCH_S)  # the running one is back in the queue
+        deadline = time.monotonic() + ORPHAN_AFTER_S + 3 * WATCH_S
+        while status(no_model.url, running, KEYS[0])["status"] == "running":  # its owner gone
+            assert time.monotonic() < deadline, "the orphaned job was not queued again"
+            time.sleep(0.2)
+        time.sleep(2 * WATCH_S)  # and no replica without the model claims it meanwhile
         assert requests.get(no_model.url + "/readyz", timeout=30).status_code == 503
         for job in (running, queued):
             assert status(no_model.url, job, KEYS[0])["status"] == "queued"

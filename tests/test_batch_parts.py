@@ -2,6 +2,7 @@
 windows batched across songs, and several songs separated at once equal to each one alone."""
 import io
 import time
+import typing as tp
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -247,23 +248,29 @@ def relative_db(got: np.ndarray, expected: np.ndarray) -> float:
     return 10 * np.log10(max(error, 1e-30))
 
 
+def actor_with_songs(folder, repo, names) -> tp.Tuple[tp.Any, tp.Dict[str, np.ndarray]]:
+    """A `SeparateSongs` writing to `folder/out` (called here without Ray), and the batch of
+    the songs `folder/in/<name>.wav` decoded, as Ray Data hands it one."""
+    from serve_graph.batch.stages import BatchSettings, SeparateSongs, decode_song
+    settings = BatchSettings(str(folder / "out"), "htdemucs", str(repo), 44100, 2, 60., 2**30)
+    decoded = [decode_song({"song_id": name, "uri": str(folder / "in" / f"{name}.wav")},
+                           settings) for name in names]
+    actor = SeparateSongs(settings, SeparationOptions(model="htdemucs", format="wav").model_dump())
+    return actor, {key: np.array([row[key] for row in decoded], dtype=object)
+                   for key in decoded[0]}
+
+
 def test_the_actor_yields_each_song_once_written_and_a_song_it_cannot_write_fails(
         tmp_path, tiny_repo):
     """`SeparateSongs` (called here without Ray): a song's row comes once its files and record
     are on OUTPUT; a song whose folder cannot be made gets `storage_full` (507) and its record,
     and the call goes on."""
     from serve_graph.batch.output import BatchOutput
-    from serve_graph.batch.stages import BatchSettings, SeparateSongs, decode_song
     for name in ("good", "blocked"):
         touch(tmp_path / "in" / f"{name}.wav", encode(tone(3.0, 44100, 2, seed=1), 44100, "wav16"))
     touch(tmp_path / "out" / "blocked", b"a file where the song's folder would go")
-    settings = BatchSettings(str(tmp_path / "out"), "htdemucs", str(tiny_repo), 44100, 2,
-                             60., 2**30)
-    decoded = [decode_song({"song_id": name, "uri": str(tmp_path / "in" / f"{name}.wav")},
-                           settings) for name in ("good", "blocked")]
-    actor = SeparateSongs(settings, SeparationOptions(model="htdemucs", format="wav").model_dump())
-    frames = list(actor({key: np.array([row[key] for row in decoded], dtype=object)
-                         for key in decoded[0]}))
+    actor, batch = actor_with_songs(tmp_path, tiny_repo, ("good", "blocked"))
+    frames = list(actor(batch))
     rows = {frame.iloc[0]["song_id"]: frame.iloc[0] for frame in frames}
     assert len(frames) == 2 and rows["good"]["status"] == "done"
     assert sorted(p.name for p in (tmp_path / "out" / "good").iterdir()) == [
@@ -283,21 +290,15 @@ def test_a_full_output_stops_the_call_and_records_no_song(tmp_path, tiny_repo, m
     import errno
 
     from serve_graph.batch.output import BatchOutput, OutputUnwritableError
-    from serve_graph.batch.stages import BatchSettings, SeparateSongs, decode_song
     touch(tmp_path / "in" / "good.wav", encode(tone(3.0, 44100, 2, seed=1), 44100, "wav16"))
     touch(tmp_path / "in" / "bad.wav", b"not audio")
-    settings = BatchSettings(str(tmp_path / "out"), "htdemucs", str(tiny_repo), 44100, 2,
-                             60., 2**30)
-    decoded = [decode_song({"song_id": name, "uri": str(tmp_path / "in" / f"{name}.wav")},
-                           settings) for name in ("bad", "good")]
-    actor = SeparateSongs(settings, SeparationOptions(model="htdemucs", format="wav").model_dump())
+    actor, batch = actor_with_songs(tmp_path, tiny_repo, ("bad", "good"))
 
     def full(path, data, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(actor.output.fs, "pipe_file", full)
     with pytest.raises(OutputUnwritableError, match="No space left on device") as stopped:
-        list(actor({key: np.array([row[key] for row in decoded], dtype=object)
-                    for key in decoded[0]}))
+        list(actor(batch))
     assert stopped.value.status_code == 507 and str(tmp_path / "out") in stopped.value.detail
     actor.writer.shutdown(wait=True)  # the writes already queued meet the full disk too
     monkeypatch.undo()

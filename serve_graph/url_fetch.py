@@ -32,8 +32,13 @@ class UrlRefusedError(InvalidParameterError):
 
 
 class UrlFetchError(InvalidParameterError):
-    """The URL was allowed but could not be fetched: unreachable, an HTTP error, too slow."""
+    """The URL was allowed but could not be fetched: unreachable, an HTTP error, too slow.
+    `http_status`: the status the server answered, when it answered one."""
     error = "url_fetch_failed"
+
+    def __init__(self, detail: str, http_status: tp.Optional[int] = None):
+        super().__init__(detail)
+        self.http_status = http_status
 
 
 def networks(allow: tp.Iterable[str]) -> tp.Tuple[Network, ...]:
@@ -110,7 +115,8 @@ def fetch(url: str, max_bytes: int, timeout_s: float, allow: tp.Sequence[Network
                 url = urljoin(url, location)
                 continue
             if response.status != 200:
-                raise UrlFetchError(f"{url!r} answered HTTP {response.status}")
+                raise UrlFetchError(f"{url!r} answered HTTP {response.status}",
+                                    response.status)
             return _body(response, max_bytes, deadline)
         finally:
             connection.close()

@@ -311,7 +311,7 @@ def test_a_song_by_url_is_fetched_as_the_service_fetches_one_and_again_after_a_f
     """An http(s) song goes through `url_fetch`, as `audio_url` does: a loopback address is
     refused (`url_refused`) unless allowed (`--url-allow-networks`); allowed, a song whose
     first two GETs answer 503 is read on the third, one that always does fails
-    `url_fetch_failed` after three, saying so."""
+    `url_fetch_failed` after three, saying so; a 404 after one."""
     from serve_graph.__main__ import batch_job, batch_runner, build_parser
     from serve_graph.batch import stages
     from serve_graph.batch.pipeline import settings_for
@@ -332,6 +332,9 @@ def test_a_song_by_url_is_fetched_as_the_service_fetches_one_and_again_after_a_f
         with pytest.raises(SeparationError, match="HTTP 503") as down:
             read_song(f"{server.url}/down.wav", 2**30, here)
         assert down.value.error == "url_fetch_failed" and server.gets["down.wav"] == 3
+        with pytest.raises(SeparationError, match="HTTP 404") as missing:
+            read_song(f"{server.url}/missing.wav", 2**30, here)
+        assert missing.value.error == "url_fetch_failed" and server.gets["missing.wav"] == 1
         with pytest.raises(SeparationError, match="larger than the limit") as large:
             read_song(f"{server.url}/flaky.wav", 100, here)
         assert large.value.error == "upload_too_large" and server.gets["flaky.wav"] == 4

@@ -94,6 +94,7 @@ def decode_song(row: dict, settings: BatchSettings) -> dict:
 READ_ATTEMPTS = 3  # of a remote song: a 503, a connection reset or a timeout may pass
 READ_BACKOFF_S = 1.  # before the second attempt, doubled before each after it
 URL_TIMEOUT_S = 120.  # an http(s) song downloaded within this (the service's url_timeout_s)
+GONE = frozenset({400, 401, 403, 404, 405, 410, 414, 451})  # answers no second attempt changes
 
 
 def read_song(uri: str, max_bytes: int, allow: tp.Sequence[str] = (),
@@ -113,6 +114,8 @@ def read_song(uri: str, max_bytes: int, allow: tp.Sequence[str] = (),
         except (UnreadableError, UrlRefusedError, UploadTooLargeError):
             raise  # no second attempt answers otherwise
         except UrlFetchError as exc:
+            if exc.http_status in GONE:
+                raise
             failure: SeparationError = exc
         except Exception as exc:  # noqa: BLE001 - the filesystem's, as its library raises them
             failure = UnreadableError(f"cannot read {uri}: {first_cause(exc)}")

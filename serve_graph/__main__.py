@@ -212,14 +212,14 @@ def _batch_parser(sub) -> None:
 
 
 def _networks(text: str) -> tp.Tuple[str, ...]:
-    """`--url-allow-networks`: its networks, each checked (argparse says which is not one)."""
-    import ipaddress
+    """`--url-allow-networks`: its networks, checked as the fetch will parse them
+    (`url_fetch.networks`; argparse says which is not one)."""
+    from .url_fetch import networks
     items = tuple(item.strip() for item in text.split(",") if item.strip())
-    for item in items:
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+    try:
+        networks(items)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return items
 
 

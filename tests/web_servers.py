@@ -45,9 +45,10 @@ def song_server(files: tp.Dict[str, bytes], slow_s: float = 0.,
     class Songs(_Quiet):
         def do_GET(self) -> None:
             path, _, query = self.path.partition("?")
-            gets[path.lstrip("/")] = gets.get(path.lstrip("/"), 0) + 1
-            if unavailable.get(path.lstrip("/"), 0) > 0:
-                unavailable[path.lstrip("/")] -= 1
+            asked = path.lstrip("/")
+            gets[asked] = gets.get(asked, 0) + 1
+            if unavailable.get(asked, 0) > 0:
+                unavailable[asked] -= 1
                 self.send_error(503)
                 return
             if path == "/redirect":

@@ -306,6 +306,37 @@ def test_a_full_output_stops_the_call_and_records_no_song(tmp_path, tiny_repo, m
     assert not (tmp_path / "out" / "good").exists()
 
 
+@pytest.mark.parametrize("cause, exit_code", [
+    (OSError(28, "No space left on device"), 3), (KeyboardInterrupt(), 130)])
+def test_a_run_stopped_while_it_writes_the_manifest_says_it_stopped(tmp_path, monkeypatch,
+                                                                    cause, exit_code):
+    """Every song recorded, then the manifest's write meets a full OUTPUT (errno 28, ENOSPC)
+    or Ctrl-C: `RunStopped` with its exit code (3, 130), as while songs run, not a traceback
+    or "could not start"; no half-written manifest."""
+    from serve_graph.batch.output import BatchOutput
+    from serve_graph.batch.pipeline import BatchJob, RunStopped, run
+    touch(tmp_path / "in" / "song.wav")
+    job = BatchJob(str(tmp_path / "in"), str(tmp_path / "out"), SeparationOptions())
+    output = BatchOutput(job.output)
+    output.start(job.record)
+    output.record({"song_id": "song", "status": "done"})
+    refusals, write = [], output.fs.pipe_file
+
+    def refused(path, data, **kwargs):  # a full disk stays full; Ctrl-C is pressed once
+        if isinstance(cause, OSError) or not refusals:
+            refusals.append(path)
+            raise cause
+        return write(path, data, **kwargs)
+    monkeypatch.setattr(output.fs, "pipe_file", refused)
+    with pytest.raises(RunStopped) as stopped:
+        run(job, (44100, 2))
+    monkeypatch.undo()
+    assert stopped.value.exit_code == exit_code and refusals
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
+    runs = output.runs()  # the stopped run's record, where OUTPUT took it
+    assert [run.get("stopped") for run in runs] == ([] if exit_code == 3 else ["Ctrl-C"])
+
+
 def test_a_song_by_url_is_fetched_as_the_service_fetches_one_and_again_after_a_failure(
         monkeypatch):
     """An http(s) song goes through `url_fetch`, as `audio_url` does: a loopback address is

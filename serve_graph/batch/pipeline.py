@@ -212,28 +212,37 @@ def reason(cause: BaseException) -> str:
 def run(job: BatchJob, geometry: tp.Tuple[int, int],
         progress_every_s: float = 2.) -> tp.Tuple[Progress, str, tp.List[dict]]:
     """Run `job` (`geometry`: the model's sample rate and channels): its progress, the
-    manifest's URL and the manifest's rows (every song of INPUT once, from the records)."""
+    manifest's URL and the manifest's rows (every song of INPUT once, from the records).
+    Ctrl-C, SIGTERM or OUTPUT refusing writes, while songs run or while the manifest is
+    written, raise `RunStopped`."""
     songs = list_songs(job.source)
     output = BatchOutput(job.output)
     output.start(job.record)
     pending = to_run(songs, output.records(), job.retry_failed)
     progress = Progress(len(songs), len(songs) - len(pending), every_s=progress_every_s)
-    if pending:
-        import ray
-        start_ray()
-        stop_on_sigterm()
-        resources = ray.cluster_resources()
-        progress.pipeline_started(actor_count(job, resources))
-        try:
-            for row in build(pending, job, settings_for(job, *geometry), resources).iter_rows():
-                progress.song(row)
-        except (KeyboardInterrupt, OutputUnwritableError) as exc:
-            raise stopped(exc, output, progress) from None
-    records = output.records()
-    rows = [records[song.song_id] for song in songs if song.song_id in records]
-    manifest = output.write_manifest(rows)
-    output.record_run(progress.record())
+    try:
+        if pending:
+            separate(pending, job, geometry, progress)
+        records = output.records()
+        rows = [records[song.song_id] for song in songs if song.song_id in records]
+        manifest = output.write_manifest(rows)
+        output.record_run(progress.record())
+    except (KeyboardInterrupt, OutputUnwritableError) as exc:
+        raise stopped(exc, output, progress) from None
     return progress, manifest, rows
+
+
+def separate(pending: tp.Sequence[SongRef], job: BatchJob, geometry: tp.Tuple[int, int],
+             progress: Progress) -> None:
+    """The pipeline over the `pending` songs on this process' Ray (started now), each song's
+    row counted by `progress` as it reaches the driver."""
+    import ray
+    start_ray()
+    stop_on_sigterm()
+    resources = ray.cluster_resources()
+    progress.pipeline_started(actor_count(job, resources))
+    for row in build(pending, job, settings_for(job, *geometry), resources).iter_rows():
+        progress.song(row)
 
 
 def stopped(cause: BaseException, output: BatchOutput, progress: Progress) -> RunStopped:

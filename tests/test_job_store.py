@@ -10,6 +10,8 @@ import pytest
 
 from serve_process import run_python
 
+pytestmark = pytest.mark.serve
+
 STORE = '''
 import asyncio, json, sys, time
 import ray

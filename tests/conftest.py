@@ -1,5 +1,4 @@
 """Shared fixtures: tiny random HTDemucs models saved in Demucs' checkpoint format."""
-import functools
 import os
 import sys
 from pathlib import Path
@@ -57,36 +56,3 @@ def tiny_repo(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_repo):
     return load_model("htdemucs", tiny_repo)
-
-
-# Two streams (`pytest -n 2`, pytest-xdist): the modules that start a real Ray (marked `serve`)
-# run one after another on one worker, as they would alone: two Rays at once on two cores would
-# slow each other's timed waits, and some bind fixed ports (the README's 8000); the engine's
-# tests run beside them on the other worker. The scheduler sees test ids only, so a module's
-# stream is read from its text: any `mark.serve` in it puts the whole module in the services
-# stream.
-SERVICES, ENGINE = "services", "engine"
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@functools.cache
-def stream_of_module(path: Path) -> str:
-    return SERVICES if "mark.serve" in path.read_text() else ENGINE
-
-
-def stream_of(nodeid: str) -> str:
-    """The stream of the test `nodeid` (`tests/test_x.py::test_y[...]`)."""
-    return stream_of_module(ROOT / nodeid.split("::", 1)[0])
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    from xdist.scheduler import LoadScopeScheduling
-
-    class TwoStreams(LoadScopeScheduling):
-        """xdist's scheduling by scope, the scope a test's stream: one worker each."""
-
-        def _split_scope(self, nodeid: str) -> str:
-            return stream_of(nodeid)
-    return TwoStreams(config, log)
-

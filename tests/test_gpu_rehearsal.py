@@ -18,8 +18,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import gpu_report  # noqa: E402
 from benchmarks.gpu_run import EXPECTED, STEPS  # noqa: E402
 
-pytestmark = pytest.mark.serve  # its steps start the service and the batch's Ray
-
 
 def test_the_gpu_run_rehearsal_writes_every_figure(tmp_path):
     results = tmp_path / "results"

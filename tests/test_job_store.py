@@ -10,8 +10,6 @@ import pytest
 
 from serve_process import run_python
 
-pytestmark = pytest.mark.serve
-
 STORE = '''
 import asyncio, json, sys, time
 import ray

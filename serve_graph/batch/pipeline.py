@@ -183,30 +183,30 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, terminated)
 
 
+# what stops a run: (cause, in a few words (None: the cause's own detail), exit code); the
+# first that matches (Terminated is a KeyboardInterrupt); 130 and 143 as a shell says a
+# signal's end
+STOPS = ((Terminated, "SIGTERM", 128 + signal.SIGTERM),
+         (KeyboardInterrupt, "Ctrl-C", 128 + signal.SIGINT),
+         (OutputUnwritableError, None, 3))
+
+
 class RunStopped(Exception):
     """The run stopped before its end: OUTPUT refused writes (`OutputUnwritableError`), or
     Ctrl-C / SIGTERM (`KeyboardInterrupt`). The songs recorded so far are kept: the same
-    command again goes on from them. `progress`: the run's until it stopped."""
+    command again goes on from them. `progress`: the run's until it stopped; `exit_code`:
+    3 when OUTPUT refused writes, 130 on Ctrl-C, 143 on SIGTERM."""
 
     def __init__(self, progress: tp.Optional[Progress], cause: BaseException):
         super().__init__(reason(cause))
         self.progress, self.cause = progress, cause
-
-    @property
-    def exit_code(self) -> int:
-        """3 when OUTPUT refused writes; as a shell says a signal's end: 130 (SIGINT), 143."""
-        if isinstance(self.cause, Terminated):
-            return 128 + signal.SIGTERM
-        return 128 + signal.SIGINT if isinstance(self.cause, KeyboardInterrupt) else 3
+        self.exit_code = next((code for kind, _, code in STOPS if isinstance(cause, kind)), 3)
 
 
 def reason(cause: BaseException) -> str:
     """Why a run stopped, in a few words."""
-    if isinstance(cause, Terminated):
-        return "SIGTERM"
-    if isinstance(cause, KeyboardInterrupt):
-        return "Ctrl-C"
-    return cause.detail if isinstance(cause, OutputUnwritableError) else str(cause)
+    said = next((words for kind, words, _ in STOPS if isinstance(cause, kind)), None)
+    return said or getattr(cause, "detail", None) or str(cause)
 
 
 def run(job: BatchJob, geometry: tp.Tuple[int, int],

@@ -334,7 +334,7 @@ def test_a_run_stopped_while_it_writes_the_manifest_says_it_stopped(tmp_path, mo
     assert stopped.value.exit_code == exit_code and refusals
     assert not (tmp_path / "out" / "manifest.parquet").exists()
     runs = output.runs()  # the stopped run's record, where OUTPUT took it
-    assert [run.get("stopped") for run in runs] == ([] if exit_code == 3 else ["Ctrl-C"])
+    assert [record.get("stopped") for record in runs] == ([] if exit_code == 3 else ["Ctrl-C"])
 
 
 def test_a_song_by_url_is_fetched_as_the_service_fetches_one_and_again_after_a_failure(

@@ -47,6 +47,15 @@ def submit(url: str, song: bytes, key: str = KEYS[0], headers: tp.Optional[dict]
                          headers={**auth(key), **(headers or {})}, timeout=60)
 
 
+def job_view(url: str, job_id: str) -> tp.Optional[dict]:
+    """The job's view now; None while the HTTP front restarts (or answers other than 200)."""
+    try:
+        response = requests.get(f"{url}/jobs/{job_id}", headers=auth(), timeout=10)
+    except requests.RequestException:
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
 FINAL_STATUSES = ("done", "failed", "cancelled")
 
 
@@ -55,12 +64,9 @@ def wait_for(url: str, job_id: str, statuses=FINAL_STATUSES,
     """Poll the job until it reaches one of `statuses`, riding out a restarting Ingress."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            response = requests.get(f"{url}/jobs/{job_id}", headers=auth(), timeout=10)
-            if response.status_code == 200 and response.json()["status"] in statuses:
-                return response.json()
-        except requests.RequestException:
-            pass  # the HTTP front restarting
+        view = job_view(url, job_id)
+        if view is not None and view["status"] in statuses:
+            return view
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} did not reach {statuses} in {timeout} s")
 
@@ -376,13 +382,9 @@ def results_as_they_end(url: str, job_ids: tp.List[str], timeout: float
     while len(ended) < len(job_ids):
         assert time.monotonic() < deadline, f"jobs not ended in {timeout} s: {ended}"
         for job_id in [job_id for job_id in job_ids if job_id not in ended]:
-            try:
-                answer = requests.get(f"{url}/jobs/{job_id}", headers=auth(), timeout=10)
-            except requests.RequestException:
-                continue  # the HTTP front restarting
-            if answer.status_code != 200 or answer.json()["status"] not in FINAL_STATUSES:
+            view = job_view(url, job_id)
+            if view is None or view["status"] not in FINAL_STATUSES:
                 continue
-            view = answer.json()
             result = (requests.get(url + view["result_url"], headers=auth(), timeout=60)
                       if view["status"] == "done" else None)
             ended[job_id] = view, result

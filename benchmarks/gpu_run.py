@@ -437,11 +437,11 @@ def roformer(args, figures: Figures) -> None:
     from serve_graph.engine.roformer import RoformerSeparator
     from serve_graph.engine.roformer_config import read_config
     gpu = not args.rehearsal
-    scratch = Path(tempfile.mkdtemp(prefix="roformer_"))  # RESULTS_DIR holds figures and logs
     for family in ("bs_roformer", "mel_band_roformer"):
         raw = (roformer_files.TEMPLATES[family] if gpu else
                roformer_files.scaled(family, dim=16, depth=1, heads=2, dim_head=8))
-        config = read_config(roformer_files.write_config(scratch / f"{family}.yaml", raw))
+        with tempfile.TemporaryDirectory(prefix="roformer_") as scratch:  # (not RESULTS_DIR)
+            config = read_config(roformer_files.write_config(Path(scratch) / "config.yaml", raw))
         model = RoformerSeparator(roformer_files.random_model(config))
         gflop = model.roformer.window_gflop(config.chunk_size)
         batch = 8 if gpu else 1

@@ -22,7 +22,7 @@ from .job_store_handle import StoreHandle
 from .jobs import job_store
 from .launch import SHUTDOWN_POLL_S, keep_replica_server_on_loopback, log_replica_ready
 from .messages import ModelHandles
-from .result_cache import ResultCache
+from .result_cache import ResultCache, cache_folder
 from .settings import ServiceSettings
 
 logger = logging.getLogger("ray.serve")
@@ -33,11 +33,8 @@ def result_cache(settings: ServiceSettings) -> tp.Optional[ResultCache]:
     folder in the Ray session's directory, which every Ingress replica of the node shares."""
     if not settings.result_cache_mb:
         return None
-    folder = settings.result_cache_dir
-    if folder is None:
-        from ray._private import worker
-        folder = f"{worker.global_worker.node.get_session_dir_path()}/serve_graph_results"
-    return ResultCache(folder, int(settings.result_cache_mb * 2**20))
+    return ResultCache(cache_folder(settings.result_cache_dir),
+                       int(settings.result_cache_mb * 2**20))
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1},

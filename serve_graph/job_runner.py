@@ -18,9 +18,10 @@ from .job_files import JobFiles
 logger = logging.getLogger("ray.serve")
 WATCH_S = 1.  # how often a replica reports to the store and claims queued jobs
 
-# `run(data, options, name, job_id, key) -> (zip bytes, response headers)`: one separation
+# `run(data, options, name, job_id, key) -> (zip bytes, response headers, cache entry)`: one
+# separation (`api.separation.Answer`; the entry `{"key", "dir"}` of the result cache, or None)
 Run = tp.Callable[[bytes, SeparationOptions, str, str, tp.Optional[str]],
-                  tp.Awaitable[tp.Tuple[bytes, dict]]]
+                  tp.Awaitable[tp.Tuple[bytes, dict, tp.Optional[dict]]]]
 # `ready() -> bool`: whether jobs can start now (false while the model's replica starts)
 Ready = tp.Callable[[], tp.Awaitable[bool]]
 
@@ -189,10 +190,10 @@ class JobRunner:
             data = await asyncio.to_thread(files.read, "uploads", job_id)
             if data is None:  # ended meanwhile (cancelled), its upload deleted
                 return
-            archive, headers = await self._run(data, options, name, job_id, key)
+            archive, headers, cache_entry = await self._run(data, options, name, job_id, key)
             result = f"{job_id}-{uuid.uuid4().hex[:8]}"  # each run its own file
             size = await asyncio.to_thread(files.write, "results", result, archive)
-            await self.store.finish.remote(job_id, result, size, headers)
+            await self.store.finish.remote(job_id, result, size, headers, cache_entry)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - recorded in the job, as /separate answers

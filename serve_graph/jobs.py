@@ -45,6 +45,7 @@ from pathlib import Path
 import ray
 
 from .job_files import JobFiles
+from .result_cache import remove_everywhere
 from .webhooks import Delivery, Sender, body_of
 
 logger = logging.getLogger("ray.serve")
@@ -206,6 +207,7 @@ class JobStore:
                "started_at": None, "separating_since": None, "finished_at": None,
                "error": None, "owner": None, "heard_at": now, "attempts": 0,
                "upload_bytes": nbytes, "result_bytes": 0, "result": None, "headers": None,
+               "cache_entry": None,
                "callback": callback and {**callback, "state": None, "attempts": []},
                "idempotency": idempotency}
         self.jobs[job_id] = job
@@ -284,13 +286,20 @@ class JobStore:
             job["separating_since"] = now
         job.update(fields, updated_at=now, heard_at=now)
 
-    def finish(self, job_id: str, result: str, nbytes: int, headers: dict) -> bool:
-        """The job's ZIP is on the storage as `results/<result>`; false (and the file
-        deleted) when the job had already ended, cancelled or finished by another run."""
-        if not self._end(job_id, "done", result=result, result_bytes=nbytes, headers=headers):
-            self.files.delete("results", result)
-            return False
-        return True
+    def finish(self, job_id: str, result: str, nbytes: int, headers: dict,
+               cache_entry: tp.Optional[dict] = None) -> bool:
+        """The job's ZIP is on the storage as `results/<result>`, and in the result cache as
+        `cache_entry` (`{"key", "dir"}`, or None); false (and the file deleted) when the job
+        had already ended, cancelled or finished by another run. A job deleted while it ran
+        leaves no entry in the cache either."""
+        if self._end(job_id, "done", result=result, result_bytes=nbytes, headers=headers,
+                     cache_entry=cache_entry):
+            return True
+        self.files.delete("results", result)
+        job = self.jobs.get(job_id)
+        if cache_entry and (job is None or job["status"] == "cancelled"):
+            remove_everywhere(cache_entry["dir"], cache_entry["key"])
+        return False
 
     def fail(self, job_id: str, error: dict) -> None:
         self._end(job_id, "failed", error=error)
@@ -298,12 +307,15 @@ class JobStore:
     def cancel(self, job_id: str, key: tp.Optional[str]) -> tp.Optional[dict]:
         """Cancel a queued or running job (its runner sees it on its next heartbeat and stops
         its work); forget one that has ended now, as at its expiry (its result and record
-        deleted: its view's `expires_at` is now). None when unknown or another key's."""
+        deleted: its view's `expires_at` is now), its result's copy in the result cache with
+        it. None when unknown or another key's."""
         job = self._owned(job_id, key)
         if job is None:
             return None
         if job["status"] in FINAL:
             self._forget(job_id)
+            if job.get("cache_entry"):  # the stems' copy in the result cache goes too
+                remove_everywhere(job["cache_entry"]["dir"], job["cache_entry"]["key"])
             return {**public(job, self.ttl), "expires_at": time.time()}
         self._end(job_id, "cancelled")
         return public(job, self.ttl)

@@ -8,8 +8,10 @@ name and renamed, so a reader sees a whole entry or none. A hit touches its file
 past `max_bytes` removes the least recently used files first. The key is a SHA-256 of the
 audio's own hash, the options, the model's facts (name, precision, device kind) and a scope:
 the API key's id unless results are shared across keys. A model's weights replaced under the
-same name are not seen: clear the folder then.
+same name are not seen: clear the folder then. A job's entry is removed from every node's
+folder when the job is deleted (`remove_everywhere`, called by the job store).
 """
+import functools
 import hashlib
 import json
 import os
@@ -38,6 +40,48 @@ def content_digest(data: bytes, described: dict) -> str:
     return hashlib.sha256(hashlib.sha256(data).digest() + text.encode()).hexdigest()
 
 
+def cache_folder(configured: tp.Optional[str]) -> str:
+    """This node's cache folder: `result_cache_dir` when set (`configured`), else a folder in
+    the Ray session's directory (every Ingress replica of the node shares it)."""
+    if configured is not None:
+        return configured
+    from ray._private import worker
+    return f"{worker.global_worker.node.get_session_dir_path()}/serve_graph_results"
+
+
+def entry_path(folder: tp.Union[str, Path], key: str) -> Path:
+    """Where `key`'s entry lives in `folder`; ValueError for what is not a key."""
+    if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+        raise ValueError(f"not a cache key: {key!r}")
+    return Path(folder) / key[:2] / key
+
+
+def remove_here(configured: tp.Optional[str], key: str) -> bool:
+    """Remove `key`'s entry from this node's cache folder; false when it held none."""
+    try:
+        entry_path(cache_folder(configured), key).unlink()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def remove_everywhere(configured: tp.Optional[str], key: str) -> None:
+    """Remove `key`'s entry from the cache of every live node of the Ray cluster (each node
+    keeps its own): a task pinned to each node, sent and not waited for."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    for node in ray.nodes():
+        if node["Alive"]:
+            _remover().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                node["NodeID"], soft=False)).remote(configured, key)
+
+
+@functools.lru_cache(maxsize=None)
+def _remover():
+    import ray
+    return ray.remote(num_cpus=0, max_retries=0)(remove_here)
+
+
 class ResultCache:
     """Results in `folder`, at most `max_bytes` of them; an entry over half of that is not
     kept."""
@@ -47,9 +91,7 @@ class ResultCache:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
-            raise ValueError(f"not a cache key: {key!r}")
-        return self.folder / key[:2] / key
+        return entry_path(self.folder, key)
 
     def get(self, key: str) -> tp.Optional[tp.Tuple[bytes, dict]]:
         """The body and headers kept under `key` (now the most recently used), or None."""

@@ -2,7 +2,8 @@
 server on 127.0.0.1 (allow-listed), refused when they point inside the network; job callbacks
 to a real receiver, signed per API key and verified with the Standard Webhooks library,
 retried with backoff, recorded in the job; and the result cache, hit in milliseconds without
-the model, shared by the node's two Ingress replicas, never across keys."""
+the model, shared by the node's two Ingress replicas, never across keys, gone with its job's
+DELETE."""
 import base64
 import hashlib
 import hmac
@@ -257,3 +258,22 @@ def test_a_job_reuses_a_cached_result(service, songs):
     done = wait_for(service, answer.json()["id"])
     result = requests.get(service + done["result_url"], headers=auth(), timeout=60)
     assert result.headers["x-cache"] == "hit" and result.status_code == 200
+
+
+def test_a_deleted_job_leaves_no_copy_in_the_cache(service, songs):
+    """DELETE of a finished job removes its stems' copy from the result cache too (on every
+    node: one here, shared by both Ingress replicas): the same song, options and key are
+    separated again afterwards, where before the DELETE they were a hit."""
+    data, fields = songs["cached.mp3"], {"two_stems": "bass"}
+    answer = requests.post(service + "/jobs", headers=auth(), timeout=60,
+                           files={"audio_file": ("d.mp3", data)}, data=fields)
+    done = wait_for(service, answer.json()["id"])
+    assert done["status"] == "done", done
+    assert separate(service, data=data, **fields).headers["x-cache"] == "hit"
+    deleted = requests.delete(service + done["status_url"], headers=auth(), timeout=30)
+    assert deleted.status_code == 200, deleted.text
+    deadline = time.monotonic() + 30  # removed by a task on each node, not waited for
+    while (again := separate(service, data=data, **fields)).headers["x-cache"] == "hit":
+        assert time.monotonic() < deadline, "the deleted job's stems are still cached"
+        time.sleep(0.5)
+    assert again.status_code == 200 and again.headers["x-cache"] == "miss", again.text

@@ -88,6 +88,21 @@ async def through_the_first():  # as a replica of the deployment before calls it
 
 
 found["replaced"]["through_the_first"] = asyncio.run(through_the_first())["status"]
+
+# a job deleted while it ran, whose run then kept its stems in the result cache and finished:
+# the copy is removed (by a task on each node)
+from serve_graph.result_cache import ResultCache
+cache, key = ResultCache(sys.argv[1] + "_cache", 2**20), "ab" * 32
+cache.put(key, b"zip", {})
+ray.get(other_code.create.remote("job4", None, "client4", 10, {}, "d.wav"))
+ray.get(other_code.claim.remote("replica", 10))
+ray.get(other_code.cancel.remote("job4", None))
+finished = ray.get(other_code.finish.remote("job4", "job4-r", 3, {},
+                                            {"key": key, "dir": str(cache.folder)}))
+deadline = time.monotonic() + 30
+while cache.get(key) is not None and time.monotonic() < deadline:
+    time.sleep(0.2)
+found["deleted_while_running"] = {"finished": finished, "cached": cache.get(key) is not None}
 print(json.dumps(found))
 ray.shutdown()
 '''
@@ -122,7 +137,7 @@ class Replica:  # async, as an Ingress replica
     async def run(self, data, options, name, job_id, key):
         pending = separation.remote(4.)
         self.separating = True
-        return await pending, {}
+        return await pending, {}, None  # (no result cache)
 
     async def request(self):  # the first request of this replica: it starts the job watcher
         self.runner.watch()
@@ -201,6 +216,13 @@ def test_a_store_of_other_settings_or_code_is_replaced_and_keeps_the_jobs(store_
     # a replica of the deployment before (during a rolling update) calls the first store, now
     # stopped: its call goes to the store that replaced it (before: ActorDiedError, a 500)
     assert result["through_the_first"] == "running"
+
+
+def test_a_job_deleted_while_it_ran_leaves_no_copy_in_the_result_cache(store_run):
+    """Its run, not yet stopped, finished and kept its stems in the cache after the DELETE:
+    the store refuses the result and removes that copy (the DELETE of a finished job removes
+    its copy too: tests/test_integrations.py)."""
+    assert store_run["deleted_while_running"] == {"finished": False, "cached": False}
 
 
 def test_a_job_request_sent_again_under_its_idempotency_key_gets_the_same_job(store_run):

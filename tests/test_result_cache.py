@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from serve_graph.result_cache import ResultCache, cache_key
+from serve_graph.result_cache import ResultCache, cache_key, remove_here
 
 MODEL = {"model": "htdemucs", "precision": "fp32", "device": "cpu",
          "sources": ["drums", "bass", "other", "vocals"], "models_in_bag": 1}
@@ -32,6 +32,15 @@ def test_an_entry_comes_back_whole(tmp_path):
     assert cache.put(key, b"zip bytes", {"X-Windows": "3"})
     assert cache.get(key) == (b"zip bytes", {"X-Windows": "3"})
     assert not list(tmp_path.glob("??/.*.partial"))  # written under a temporary name
+
+
+def test_an_entry_removed_is_a_miss(tmp_path):
+    """What a deleted job's removal does on each node (`remove_everywhere`)."""
+    cache = ResultCache(tmp_path, 10 * 2**20)
+    key = cache_key(b"a", {}, MODEL)
+    cache.put(key, b"zip", {})
+    assert remove_here(str(tmp_path), key)
+    assert cache.get(key) is None and not remove_here(str(tmp_path), key)
 
 
 def test_a_damaged_entry_is_a_miss(tmp_path):

@@ -23,7 +23,7 @@ from .errors import ERROR_RESPONSES, JobNotDoneError, JobNotFoundError, document
 from .forms import AUDIO_FILE, AUDIO_URL, CALLBACK_URL, with_option_fields
 from .middleware import client_address
 from .replica import this_replica
-from .separation import RESULT_RESPONSE, Song, request_key
+from .separation import RESULT_RESPONSE, Answer, Song, request_key
 
 router = APIRouter()
 
@@ -163,9 +163,9 @@ class JobMethods:
             current = await self._jobs.get.remote(job["id"], key)
 
     async def run_for_job(self, data: bytes, options: SeparationOptions, name: str,
-                          job_id: str, scope: tp.Optional[str]) -> tp.Tuple[bytes, dict]:
-        """One job's separation (`JobRunner`): its ZIP and the headers /separate would send
-        (from the result cache, for `scope`, when it holds them)."""
+                          job_id: str, scope: tp.Optional[str]) -> Answer:
+        """One job's separation (`JobRunner`): its ZIP, the headers /separate would send
+        (from the result cache, for `scope`, when it holds them) and the cache's entry."""
         song = Song(options, data, name, await self.ready_model(options.model))
         return await self.separated(song, scope, job_id)
 

@@ -91,6 +91,15 @@ class Song:
     model: dict
 
 
+class Answer(tp.NamedTuple):
+    """A separated song as the Ingress answers it: the ZIP (or remix), its headers and the
+    result cache's entry that holds it (`{"key", "dir"}`; None with the cache off): a job
+    records the entry, and its deletion removes it (`JobStore.cancel`)."""
+    archive: bytes
+    headers: dict
+    cache_entry: tp.Optional[dict]
+
+
 class Separations:
     """How an Ingress replica takes a song in and runs it through the graph (a mixin of
     `Ingress`). Needs `_settings`, `_default`, `_max_bytes`, `_decode`, `_encode`,
@@ -138,10 +147,11 @@ class Separations:
         return options, info
 
     async def separated(self, song: Song, scope: tp.Optional[str],
-                        job_id: tp.Optional[str] = None) -> tp.Tuple[bytes, dict]:
-        """`song`'s answer and its headers: from the result cache when it holds them (for
-        `scope`, the key's id), else separated now (and kept)."""
+                        job_id: tp.Optional[str] = None) -> Answer:
+        """`song`'s answer: from the result cache when it holds it (for `scope`, the key's
+        id), else separated now (and kept)."""
         key = await asyncio.to_thread(self._cache_key, song, scope)  # hashes the whole song
+        entry = None if key is None else {"key": key, "dir": self._settings.result_cache_dir}
         if key is not None:
             start = time.perf_counter()
             kept = await asyncio.to_thread(self._cache.get, key)
@@ -150,9 +160,10 @@ class Separations:
                 metrics.cache_answer("hit")
                 metrics.client_audio(scope, song.options.model,
                                      float(headers.get("X-Audio-Seconds", 0)), "cached")
-                return archive, {**headers, **named(song.name, song.options),
-                                 "X-Cache": "hit", "Server-Timing":
-                                 f"cache;dur={(time.perf_counter() - start) * 1000:.0f}"}
+                return Answer(archive, {**headers, **named(song.name, song.options),
+                                        "X-Cache": "hit", "Server-Timing":
+                                        f"cache;dur={(time.perf_counter() - start) * 1000:.0f}"},
+                              entry)
         separated, archive, timing = await self.separate_song(song.data, song.options, job_id)
         metrics.client_audio(scope, song.options.model, separated.seconds, "separated")
         headers = result_headers(song.name, separated, song.options, timing)
@@ -161,7 +172,7 @@ class Separations:
             await asyncio.to_thread(self._cache.put, key, archive, kept)
             metrics.cache_answer("miss")
             headers["X-Cache"] = "miss"
-        return archive, headers
+        return Answer(archive, headers, entry)
 
     def _cache_key(self, song: Song, scope: tp.Optional[str]) -> tp.Optional[str]:
         if self._cache is None:
@@ -218,5 +229,5 @@ async def separate(request: Request, audio_file: tp.Optional[UploadFile] = AUDIO
     """The song as `audio_file` or `audio_url`; the form's other fields are
     `SeparationOptions`' (`with_option_fields`)."""
     async with ingress.song_in(request, audio_file, audio_url, fields) as song:
-        archive, headers = await ingress.separated(song, request_key(request))
+        archive, headers, _ = await ingress.separated(song, request_key(request))
     return Response(archive, media_type=headers.pop("Content-Type"), headers=headers)

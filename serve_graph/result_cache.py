@@ -65,15 +65,15 @@ def remove_here(configured: tp.Optional[str], key: str) -> bool:
         return False
 
 
-def remove_everywhere(configured: tp.Optional[str], key: str) -> None:
+def remove_everywhere(configured: tp.Optional[str], key: str) -> list:
     """Remove `key`'s entry from the cache of every live node of the Ray cluster (each node
-    keeps its own): a task pinned to each node, sent and not waited for."""
+    keeps its own): a task pinned to each node. Returns their refs (`remove_here`'s answers);
+    the job store sends them and does not wait."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    for node in ray.nodes():
-        if node["Alive"]:
-            _remover().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+    return [_remover().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
                 node["NodeID"], soft=False)).remote(configured, key)
+            for node in ray.nodes() if node["Alive"]]
 
 
 @functools.lru_cache(maxsize=None)

@@ -217,3 +217,30 @@ def test_a_batch_runs_its_model_on_one_node_and_decodes_on_another(cluster, tiny
                              text=True, timeout=300, env=env)
     assert refused.returncode == 2 and "no node of this Ray cluster has the resource 'gpu_node'" \
         in refused.stderr, refused.stderr[-3000:]
+
+
+# Run as a Ray driver: a result cache entry in a folder every node sees (one machine), removed
+# by `remove_everywhere`, as the job store does for a deleted job; what each node's task found.
+REMOVAL = r"""
+import json, sys, ray
+from serve_graph.result_cache import ResultCache, remove_everywhere
+ray.init(address=sys.argv[1], logging_level="warning")
+cache, key = ResultCache(sys.argv[2], 2**20), "cd" * 32
+cache.put(key, b"zip", {})
+found = ray.get(remove_everywhere(sys.argv[2], key), timeout=60)
+print(json.dumps({"found": sorted(found), "cached": cache.get(key) is not None}))
+"""
+
+
+def test_a_deleted_jobs_cache_entry_is_removed_on_every_node(cluster, tmp_path):
+    """Each node keeps its own result cache, so a deleted job's entry is removed by a task on
+    each live node: three tasks here; the folder is the same on these three nodes of one
+    machine, so one of them found the entry."""
+    from serve_graph.launch import LOOPBACK_RAY
+    done = subprocess.run([sys.executable, "-c", REMOVAL, cluster.address, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **LOOPBACK_RAY},
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "found": [False] * (len(NODES) - 1) + [True], "cached": False}

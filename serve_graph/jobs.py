@@ -297,8 +297,8 @@ class JobStore:
             return True
         self.files.delete("results", result)
         job = self.jobs.get(job_id)
-        if cache_entry and (job is None or job["status"] == "cancelled"):
-            remove_everywhere(cache_entry["dir"], cache_entry["key"])
+        if job is None or job["status"] == "cancelled":
+            _remove_cached(cache_entry)
         return False
 
     def fail(self, job_id: str, error: dict) -> None:
@@ -314,8 +314,7 @@ class JobStore:
             return None
         if job["status"] in FINAL:
             self._forget(job_id)
-            if job.get("cache_entry"):  # the stems' copy in the result cache goes too
-                remove_everywhere(job["cache_entry"]["dir"], job["cache_entry"]["key"])
+            _remove_cached(job.get("cache_entry"))  # the stems' copy in the result cache too
             return {**public(job, self.ttl), "expires_at": time.time()}
         self._end(job_id, "cancelled")
         return public(job, self.ttl)
@@ -402,6 +401,17 @@ class JobStore:
         if job["result"]:
             self.files.delete("results", job["result"])
         self.files.delete("records", job_id)
+
+
+def _remove_cached(entry: tp.Optional[dict]) -> None:
+    """Remove a job's result cache `entry` (`{"key", "dir"}`) from every node; a failure to
+    send the removal is logged, never the failure of the call that deleted the job."""
+    if not entry:
+        return
+    try:
+        remove_everywhere(entry["dir"], entry["key"])
+    except Exception:  # noqa: BLE001 - the cache's own eviction removes it in time
+        logger.exception("could not remove a deleted job's result cache entry")
 
 
 def forward_only(job: dict, fields: dict) -> dict:

@@ -8,13 +8,15 @@ lazy loader (`schemathesis.pytest.from_fixture`) would read it from the running 
 but it renames pytest's test items through `Node._nodeid`, which pytest 9.2 (the locked
 version) no longer has: `AttributeError: 'Function' object has no attribute '_nodeid'`.
 
-CI runs a bounded number of examples per operation; `SERVE_GRAPH_FUZZ_EXAMPLES=500 pytest
+Each operation is a test of its own (`test_<method>_<path>_gets_documented_answers`). CI runs
+a bounded number of examples per operation; `SERVE_GRAPH_FUZZ_EXAMPLES=500 pytest
 tests/test_fuzz.py` runs a long one."""
 import base64
 import copy
 import os
 import re
 import time
+import typing as tp
 import uuid
 
 import pytest
@@ -84,12 +86,29 @@ def test_the_fuzzed_schema_is_the_one_served(service):
     assert requests.get(service + "/openapi.json", timeout=30).json() == DOCUMENT
 
 
-@schema.parametrize()
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-          suppress_health_check=list(HealthCheck))
-def test_every_generated_request_gets_a_documented_answer(case, service):
-    """All of schemathesis' checks: no 5xx, documented status, content type, headers and body
-    schema, invalid data refused with 4xx, valid data accepted (see CONFIG)."""
+def fuzz_test(operation) -> tp.Callable:
+    """Schemathesis' test of `operation` alone, all of its checks: no 5xx, documented status,
+    content type, headers and body schema, invalid data refused with 4xx, valid data accepted
+    (see CONFIG). A test function per operation, so that each has a test id of its own
+    (`schema.parametrize()` over all of them gives their items one id under pytest 9.2, which
+    takes an item's id from its function's name: `--lf`, `--durations` and pytest-xdist then
+    see one test)."""
+    @schema.include(method=operation.method.upper(), path=operation.path).parametrize()
+    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    def test(case, service):
+        check_answer(case, service)
+    return test
+
+
+for _operation in (result.ok() for result in schema.get_all_operations()):
+    _name = re.sub(r"[^a-z0-9]+", "_", _operation.label.lower()).strip("_")
+    _name += "_root" if _operation.path == "/" else ""
+    globals()[f"test_{_name}_gets_documented_answers"] = fuzz_test(_operation)
+
+
+def check_answer(case, service: str) -> None:
+    """One generated request sent, its answer checked (`fuzz_test`)."""
     fresh_idempotency_key(case)
     response = case.call_and_validate(base_url=service, timeout=120)
     if response.status_code >= 400:

@@ -53,11 +53,12 @@ NAME, NAMESPACE = "serve_graph_jobs", "serve_graph"
 ORPHAN_AFTER_S = 6.  # a running job whose owner has not been heard of for this long is re-run
 MAX_ATTEMPTS = 3  # a job whose replica died this many times under it fails instead
 FINAL = ("done", "failed", "cancelled")
-# the code the store runs: its module, its files and its callbacks' (a store started by an
-# earlier deployment runs that deployment's code until it is replaced)
+# the code the store runs: its module, its files', its callbacks' and the result cache's
+# removal of a deleted job's entry (a store started by an earlier deployment runs that
+# deployment's code until it is replaced)
 STORE_VERSION = hashlib.sha256(b"".join(
     (Path(__file__).parent / name).read_bytes()
-    for name in ("jobs.py", "job_files.py", "webhooks.py"))).hexdigest()[:16]
+    for name in ("jobs.py", "job_files.py", "webhooks.py", "result_cache.py"))).hexdigest()[:16]
 STATUSES = ("queued", "running") + FINAL
 JOBS_RETRY_AFTER_S = 30  # Retry-After when the queue is full
 

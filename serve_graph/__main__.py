@@ -143,7 +143,8 @@ def _add_runner_arguments(p) -> None:
     """How the model runs (`RunnerOptions`): `separate`'s and `batch`'s."""
     p.add_argument("--model-repo", default=os.environ.get(REPO_ENV),
                    help=f"local model repo folder (env {REPO_ENV})")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; "
+                   "batch: if the Ray cluster has GPUs)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--compile", default="none", choices=COMPILE_MODES,
                    help="graphs: CUDA graphs; compile: torch.compile (+ graphs on CUDA; its "
@@ -155,13 +156,12 @@ def _add_runner_arguments(p) -> None:
                    "as fused Triton kernels (CUDA; not with --compile compile)")
 
 
-def _runner_options(args, max_batch: int, device: tp.Optional[str] = None):
-    """`RunnerOptions` of `separate`'s and `batch`'s model arguments (`device` over
-    `--device`), or None when they cannot run together (e.g. --dconv triton without a GPU),
-    said in one line."""
+def _runner_options(args, max_batch: int):
+    """`RunnerOptions` of `separate`'s and `batch`'s model arguments, or None when they cannot
+    run together (e.g. --dconv triton without a GPU), said in one line."""
     from .engine.modes import RunnerOptions
     try:
-        return RunnerOptions(device or args.device, args.precision, args.compile, max_batch,
+        return RunnerOptions(args.device, args.precision, args.compile, max_batch,
                              group_norm=args.group_norm, dconv=args.dconv)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -169,7 +169,7 @@ def _runner_options(args, max_batch: int, device: tp.Optional[str] = None):
 
 
 def _batch_parser(sub) -> None:
-    from .batch.pipeline import MAX_FILE_MB, MAX_SECONDS
+    from .batch.pipeline import BATCH_WINDOWS, MAX_FILE_MB, MAX_SECONDS
     p = sub.add_parser("batch", help="separate every song of a folder, glob, list or manifest "
                        "into OUTPUT/<song_id>/<stem>.<format> on Ray Data; resumable")
     p.add_argument("input", help="a folder (recursive), a glob, a .txt list, or a .csv/.parquet "
@@ -223,24 +223,19 @@ def _networks(text: str) -> tp.Tuple[str, ...]:
     return items
 
 
-BATCH_WINDOWS = {"cuda": 8, "cpu": 1}  # the batch's windows per forward, by device
-
-
 def batch_runner(args):
-    """The model actors' `RunnerOptions` of a `batch` command line: the device resolved here
-    (cuda if present), `--batch-size` windows per forward (default by device); None when
+    """The model actors' `RunnerOptions` of a `batch` command line, `--device` None where not
+    given (the pipeline chooses it on the Ray cluster: `batch.pipeline.on_cluster`); None when
     they cannot run (`_runner_options`)."""
-    from .engine import default_device
-    device = args.device or default_device()
-    batch_size = args.batch_size or BATCH_WINDOWS["cuda" if device.startswith("cuda") else "cpu"]
-    return _runner_options(args, max(1, batch_size), device)
+    return _runner_options(args, 1)  # windows per forward: the job's `batch_size`, else by device
 
 
 def batch_job(args, options: SeparationOptions, runner) -> "BatchJob":
     """The `BatchJob` of a `batch` command line (`options` from its option fields, `runner`
     from `batch_runner`)."""
     from .batch.pipeline import BatchJob
-    return BatchJob(args.input, args.output, options, args.model_repo, runner,
+    windows = max(1, args.batch_size) if args.batch_size else None  # None: by device
+    return BatchJob(args.input, args.output, options, args.model_repo, runner, windows,
                     max(1, args.songs_per_call), args.actors, max(1, args.calls_per_actor),
                     args.decoders, max(1, args.encode_threads), args.max_audio_seconds,
                     args.max_file_mb, args.retry_failed, args.actor_resource,

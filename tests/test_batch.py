@@ -115,6 +115,9 @@ def test_the_batch_starts_its_own_ray_beside_a_stale_cluster_file(first_run, ray
     `ray_current_cluster` (gone) is not joined."""
     code, err, output = first_run
     assert "3 separated, 4 failed" in err, err
+    # no --device, no GPU in its Ray: the CPU, a window per forward, said before any song
+    assert err.index("7 songs to run on 1 model actor(s), cpu, 1 window(s) per forward") < \
+        err.index("songs 1/7"), err
     assert list((ray_tmpdir / "ray").glob("session_*")), "no Ray of its own was started"
 
 
@@ -181,7 +184,8 @@ def test_retry_failed_reruns_only_the_failed(first_run, songs, tiny_repo):
         (3, 4, 0), (0, 0, 7), (1, 3, 3)]
     assert runs[1]["setup_seconds"] is None  # nothing to run: Ray was not started
     assert 0 < runs[2]["setup_seconds"] < runs[2]["seconds"]
-    assert runs[0]["actors"] == 1 and 0 < runs[0]["model_busy"] < 1
+    assert runs[0]["actors"] == 1 and runs[0]["device"] == "cpu"
+    assert 0 < runs[0]["model_busy"] < 1
     recorded = BatchOutput(str(output)).records()
     assert runs[0]["model_seconds"] == pytest.approx(  # the songs' shares sum to the whole
         sum(recorded[song_id]["model_seconds"] or 0 for song_id in GOOD))

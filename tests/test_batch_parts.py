@@ -422,7 +422,7 @@ def test_the_command_s_model_options_reach_each_actor_s_runner(tiny_repo):
     the settings sent to the actors, to the `RunnerOptions` of the actor's model (the fused
     DConv kernels: Triton's interpreter here, conftest.py)."""
     from serve_graph.__main__ import batch_job, batch_runner, build_parser
-    from serve_graph.batch.pipeline import settings_for
+    from serve_graph.batch.pipeline import on_cluster, settings_for
     from serve_graph.batch.stages import SeparateSongs
     from serve_graph.engine.modes import RunnerOptions
     args = build_parser().parse_args([
@@ -430,9 +430,34 @@ def test_the_command_s_model_options_reach_each_actor_s_runner(tiny_repo):
         "bf16", "--compile", "graphs", "--group-norm", "half", "--dconv", "triton",
         "--batch-size", "3"])
     job = batch_job(args, SeparationOptions(model="htdemucs"), batch_runner(args))
+    job = on_cluster(job, {"CPU": 16., "GPU": 2.})  # --device cpu: whatever the cluster has
     actor = SeparateSongs(settings_for(job, 44100, 2), job.options.model_dump())
     assert actor.runner.options == RunnerOptions("cpu", "bf16", "graphs", max_batch=3,
                                                  group_norm="half", dconv="triton")
+
+
+@pytest.mark.parametrize("resources, device, windows, actors", [
+    ({"CPU": 2.}, "cpu", 1, 1),
+    ({"CPU": 32., "GPU": 2.}, "cuda", 8, 2)])
+def test_without_device_the_model_actors_run_where_the_cluster_has_gpus(
+        resources, device, windows, actors):
+    """`batch` without `--device` from a driver without a GPU (this machine; on a cluster, its
+    head node): the model actors go on the cluster's GPUs where it has some, one per GPU, 8
+    windows per forward; else the CPU, 1 window. `--batch-size` holds on either."""
+    from serve_graph.__main__ import batch_job, batch_runner, build_parser
+    from serve_graph.batch.pipeline import actor_count, actor_env, on_cluster
+    options = SeparationOptions(model="htdemucs")
+    args = build_parser().parse_args(["batch", "in", "out"])
+    job = batch_job(args, options, batch_runner(args))
+    assert job.runner.device is None  # chosen on the cluster, not on the driver
+    ran = on_cluster(job, resources)
+    assert (ran.runner.device, ran.runner.max_batch, ran.cuda) == (device, windows,
+                                                                  device == "cuda")
+    assert actor_count(ran, resources) == actors
+    assert ("GLIBC_TUNABLES" in actor_env(ran)) == (device == "cpu")
+    args = build_parser().parse_args(["batch", "in", "out", "--batch-size", "3"])
+    assert on_cluster(batch_job(args, options, batch_runner(args)),
+                      resources).runner.max_batch == 3
 
 
 def test_model_actors_start_with_the_cpu_settings_of_separates_replicas():

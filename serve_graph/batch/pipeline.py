@@ -15,16 +15,17 @@ killed and started again runs only what has no record (`--retry-failed`: and wha
 import signal
 import threading
 import typing as tp
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..engine.modes import RunnerOptions
 from ..engine.options import SeparationOptions
 from .output import BatchOutput, OutputUnwritableError
 from .progress import Progress
 from .songs import BatchInputError, SongRef, list_songs
-from .stages import DEFAULT_RUNNER, BatchSettings, SeparateSongs, decode_song
+from .stages import BatchSettings, SeparateSongs, decode_song
 
 MAX_FILE_MB = 1024.
+BATCH_WINDOWS = {"cuda": 8, "cpu": 1}  # windows per forward by device, where not given
 MAX_SECONDS = 3600.  # an hour of stereo float32 PCM is 1.3 GB, within one Arrow binary value
 
 
@@ -34,8 +35,10 @@ class BatchJob:
 
     - `source`, `output`: INPUT (`songs.list_songs`) and OUTPUT (`output.BatchOutput`) URLs;
     - `options`: the separation's, as for `POST /separate` (model set);
-    - `runner`: how each model actor runs its model (device set; `max_batch`: windows per
-      forward; compile: each actor captures or compiles at its start);
+    - `runner`: how each model actor runs its model (compile: each actor captures or compiles
+      at its start); its device None: cuda where the Ray cluster has GPUs, else cpu
+      (`on_cluster`: the driver, on a cluster's head node, may have no GPU of its own);
+    - `batch_size`: windows per forward (None: `BATCH_WINDOWS` of the device);
     - `actors`: model actors (default: one per GPU on CUDA, else 1); `songs_per_call`: decoded
       songs each actor call takes (their windows share forwards); `calls_per_actor`: calls
       an actor runs at once (the next call's songs in the actor before the last one ends);
@@ -51,7 +54,8 @@ class BatchJob:
     output: str
     options: SeparationOptions
     model_repo: tp.Optional[str] = None
-    runner: RunnerOptions = DEFAULT_RUNNER
+    runner: RunnerOptions = RunnerOptions()
+    batch_size: tp.Optional[int] = None
     songs_per_call: int = 4
     actors: tp.Optional[int] = None
     calls_per_actor: int = 2
@@ -66,6 +70,7 @@ class BatchJob:
 
     @property
     def cuda(self) -> bool:
+        """Whether the model actors run on GPUs (once `on_cluster` chose the device)."""
         return (self.runner.device or "cpu").startswith("cuda")
 
     @property
@@ -102,6 +107,16 @@ def plan(job: BatchJob, shown: int = 10) -> str:
         more = f" and {len(pending) - shown} more" if len(pending) > shown else ""
         text += f": {', '.join(pending[:shown])}{more}"
     return text
+
+
+def on_cluster(job: BatchJob, resources: tp.Dict[str, float]) -> BatchJob:
+    """`job` as it runs on a cluster of `resources` (`ray.cluster_resources()`): its device
+    where the command left it to choose (cuda where the cluster has GPUs, else cpu) and its
+    windows per forward (`batch_size`, else by device). Raises ValueError where the runner's
+    options cannot run on that device (`RunnerOptions`)."""
+    device = job.runner.device or ("cuda" if resources.get("GPU", 0) > 0 else "cpu")
+    windows = job.batch_size or BATCH_WINDOWS["cuda" if device.startswith("cuda") else "cpu"]
+    return replace(job, runner=replace(job.runner, device=device, max_batch=windows))
 
 
 def settings_for(job: BatchJob, samplerate: int, channels: int) -> BatchSettings:
@@ -240,7 +255,12 @@ def separate(pending: tp.Sequence[SongRef], job: BatchJob, geometry: tp.Tuple[in
     start_ray()
     stop_on_sigterm()
     resources = ray.cluster_resources()
-    progress.pipeline_started(actor_count(job, resources))
+    try:
+        job = on_cluster(job, resources)
+    except ValueError as exc:  # e.g. --dconv triton where the cluster has no GPU
+        raise BatchInputError(str(exc)) from None
+    progress.pipeline_started(actor_count(job, resources), job.runner.device,
+                              job.runner.max_batch)
     for row in build(pending, job, settings_for(job, *geometry), resources).iter_rows():
         progress.song(row)
 

@@ -28,7 +28,7 @@ class Progress:
         self.audio_seconds = 0.
         self.start, self.started_at = time.monotonic(), time.time()
         self.setup_seconds: tp.Optional[float] = None  # until the pipeline could start
-        self.actors = 0
+        self.actors, self.device = 0, ""
         self.model_seconds = 0.  # the model actors' forwards, all songs
         # the first separated song's end (its actor's clock) and the model seconds after it,
         # the last song's end: `model_busy_after_first_song`
@@ -40,10 +40,14 @@ class Progress:
     def to_run(self) -> int:
         return self.total - self.skipped
 
-    def pipeline_started(self, actors: int) -> None:
-        """Ray is up: what follows is the pipeline's, with `actors` model actors."""
+    def pipeline_started(self, actors: int, device: str = "cpu", windows: int = 1) -> None:
+        """Ray is up: what follows is the pipeline's, with `actors` model actors on `device`
+        (cpu, cuda: the one chosen on the cluster) running `windows` windows per forward;
+        said in a line."""
         self.setup_seconds = time.monotonic() - self.start
-        self.actors = actors
+        self.actors, self.device = actors, device
+        print(f"batch: {self.to_run} songs to run on {actors} model actor(s), {device}, "
+              f"{windows} window(s) per forward", file=self.out, flush=True)
 
     @property
     def model_busy(self) -> tp.Optional[float]:
@@ -120,10 +124,11 @@ class Progress:
     def record(self) -> dict:
         """This run as `_batch/runs/` keeps it: seconds from its start, of which Ray's start
         and what came before it (`setup_seconds`: None when nothing was left to run), the
-        model's forward seconds and its busy share of the pipeline's time per actor (and of
-        the time from the first song's end to the last's)."""
+        model actors and their device, the model's forward seconds and its busy share of the
+        pipeline's time per actor (and of the time from the first song's end to the last's)."""
         return {"started_at": self.started_at, "seconds": time.monotonic() - self.start,
                 "setup_seconds": self.setup_seconds, "actors": self.actors,
+                "device": self.device,
                 "model_seconds": self.model_seconds, "model_busy": self.model_busy,
                 "model_busy_after_first_song": self.model_busy_after_first_song,
                 "songs": self.total,

@@ -5,6 +5,7 @@ pages, a module per concern. This class holds the replica's state (the handles o
 deployments, the models seen loaded, the job store and runner); its mixins hold what the routes
 ask of it (`api.health.ModelStates`, `api.separation.Separations`, `api.job_routes.JobMethods`).
 """
+import asyncio
 import logging
 import typing as tp
 import uuid
@@ -34,7 +35,7 @@ def result_cache(settings: ServiceSettings) -> tp.Optional[ResultCache]:
     if not settings.result_cache_mb:
         return None
     return ResultCache(cache_folder(settings.result_cache_dir),
-                       int(settings.result_cache_mb * 2**20))
+                       int(settings.result_cache_mb * 2**20), settings.result_cache_ttl_s)
 
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.1},
@@ -65,8 +66,14 @@ class Ingress(ModelStates, Separations, JobMethods):
 
     async def check_health(self) -> None:
         """Serve's periodic health check: also what starts the job runner of a replica that
-        has had no request yet (one that replaced a dead replica takes the queued jobs)."""
+        has had no request yet (one that replaced a dead replica takes the queued jobs), and
+        what removes the result cache's expired entries while no result is written."""
         self._runner.watch()
+        if self._cache is not None and self._cache.sweep_due():
+            try:
+                await asyncio.to_thread(self._cache.evict)
+            except OSError as exc:  # the folder gone or unreadable: not the replica's health
+                logger.warning("result cache: expired entries not removed: %s", exc)
 
 
 __all__ = ["Ingress", "app"]

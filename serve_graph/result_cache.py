@@ -5,7 +5,9 @@ running the model (`X-Cache: hit`).
 One file per result in a folder shared by the Ingress replicas of a node: `<key[:2]>/<key>`,
 holding an 8-byte length, the answer's headers as JSON, then its body; written to a temporary
 name and renamed, so a reader sees a whole entry or none. A hit touches its file, and a write
-past `max_bytes` removes the least recently used files first. The key is a SHA-256 of the
+past `max_bytes` removes the least recently used files first. An entry older than `max_age_s`
+(from its writing; hits do not extend it) is never answered and is removed by the next
+`evict`, which the Ingress also runs while idle. The key is a SHA-256 of the
 audio's own hash, the options, the model's facts (name, precision, device kind) and a scope:
 the API key's id unless results are shared across keys. A model's weights replaced under the
 same name are not seen: clear the folder then. A job's entry is removed from every node's
@@ -22,6 +24,7 @@ import uuid
 from pathlib import Path
 
 HEADER = struct.Struct("<Q")
+WRITTEN = "_written_at"  # beside the headers in an entry's JSON: when it was written (epoch s)
 MODEL_FACTS = ("model", "precision", "sources", "models_in_bag")
 
 
@@ -83,24 +86,38 @@ def _remover():
 
 
 class ResultCache:
-    """Results in `folder`, at most `max_bytes` of them; an entry over half of that is not
-    kept."""
+    """Results in `folder`, at most `max_bytes` of them, each answered for `max_age_s` after
+    it was written (0: no limit); an entry over half of `max_bytes` is not kept."""
 
-    def __init__(self, folder: tp.Union[str, Path], max_bytes: int):
-        self.folder, self.max_bytes = Path(folder), max_bytes
+    def __init__(self, folder: tp.Union[str, Path], max_bytes: int, max_age_s: float = 0.):
+        self.folder, self.max_bytes, self.max_age_s = Path(folder), max_bytes, max_age_s
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._next_sweep = 0.  # `sweep_due`
+
+    def sweep_due(self) -> bool:
+        """Whether the owner's periodic `evict` (the Ingress' health check) is due: a quarter
+        of `max_age_s` after the last, at most a minute; when it is, the next is counted
+        from now."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return False
+        self._next_sweep = now + min(60., self.max_age_s / 4 if self.max_age_s else 60.)
+        return True
 
     def _path(self, key: str) -> Path:
         return entry_path(self.folder, key)
 
     def get(self, key: str) -> tp.Optional[tp.Tuple[bytes, dict]]:
-        """The body and headers kept under `key` (now the most recently used), or None."""
+        """The body and headers kept under `key` (now the most recently used), or None (an
+        expired entry is removed)."""
         path = self._path(key)
         try:
             with open(path, "rb") as file:
-                size, = HEADER.unpack(file.read(HEADER.size))
-                headers = json.loads(file.read(size))
+                headers = _read_meta(file)
                 body = file.read()
+            if self._expired(headers.pop(WRITTEN, None)):
+                path.unlink(missing_ok=True)
+                return None
             os.utime(path)
         except (OSError, ValueError, struct.error):
             return None  # absent, evicted meanwhile, or not a whole entry
@@ -109,7 +126,7 @@ class ResultCache:
     def put(self, key: str, body: bytes, headers: dict) -> bool:
         """Keep `body` and `headers` under `key`, then evict down to `max_bytes`; false when
         the entry is too large to keep."""
-        meta = json.dumps(headers).encode()
+        meta = json.dumps({**headers, WRITTEN: time.time()}).encode()
         if HEADER.size + len(meta) + len(body) > self.max_bytes // 2:
             return False
         path = self._path(key)
@@ -121,6 +138,25 @@ class ResultCache:
         os.replace(temporary, path)
         self.evict()
         return True
+
+    def _expired(self, written: tp.Optional[float]) -> bool:
+        """Whether an entry written at `written` (None: before entries said when) is past
+        `max_age_s`."""
+        return bool(self.max_age_s) and (written is None or
+                                         time.time() - written > self.max_age_s)
+
+    def _expired_entry(self, last_used: float, path: Path) -> bool:
+        """Whether the entry at `path` is past `max_age_s`: at once when it was last used
+        before that (it was written before it was used), else from its own header."""
+        if not self.max_age_s:
+            return False
+        if time.time() - last_used > self.max_age_s:
+            return True
+        try:
+            with open(path, "rb") as file:
+                return self._expired(_read_meta(file).get(WRITTEN))
+        except (OSError, ValueError, struct.error):
+            return False  # removed meanwhile, or being replaced
 
     def entries(self) -> tp.List[tp.Tuple[float, int, Path]]:
         """`(last used, bytes, path)` of every whole entry."""
@@ -136,8 +172,9 @@ class ResultCache:
         return found
 
     def evict(self) -> int:
-        """Remove the least recently used entries until the rest fit `max_bytes` (and
-        temporary files a dead writer left over an hour ago); the bytes removed."""
+        """Remove the entries past `max_age_s`, the least recently used until the rest fit
+        `max_bytes`, and temporary files a dead writer left over an hour ago; the bytes
+        removed."""
         for stale in self.folder.glob("??/.*.partial"):
             try:
                 if time.time() - stale.stat().st_mtime > 3600:
@@ -146,9 +183,9 @@ class ResultCache:
                 pass
         entries = sorted(self.entries())
         total, removed = sum(size for _, size, _ in entries), 0
-        for _, size, path in entries:
-            if total - removed <= self.max_bytes:
-                break
+        for last_used, size, path in entries:
+            if total - removed <= self.max_bytes and not self._expired_entry(last_used, path):
+                continue
             try:
                 path.unlink()
                 removed += size
@@ -158,3 +195,9 @@ class ResultCache:
 
     def bytes_used(self) -> int:
         return sum(size for _, size, _ in self.entries())
+
+
+def _read_meta(file: tp.BinaryIO) -> dict:
+    """An entry's JSON (its headers, and `WRITTEN`), the file left at its body."""
+    size, = HEADER.unpack(file.read(HEADER.size))
+    return json.loads(file.read(size))

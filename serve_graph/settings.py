@@ -70,6 +70,9 @@ class ServiceSettings:
     result_cache_mb: float = 2048.
     result_cache_dir: tp.Optional[str] = None  # None: a folder in Ray's session directory
     result_cache_shared: bool = False  # true: one key's cached result answers another key
+    # a result is answered from the cache and kept on disk at most this long after it was
+    # made (hits do not extend it); 0: no limit but `result_cache_mb`
+    result_cache_ttl_s: float = 86400.
     # A missing model stops a local `serve run` at start with one clear message; false: the
     # service starts anyway and reports the model missing at GET / and /readyz (as on a cluster)
     require_model: bool = True

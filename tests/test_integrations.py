@@ -3,13 +3,15 @@ server on 127.0.0.1 (allow-listed), refused when they point inside the network; 
 to a real receiver, signed per API key and verified with the Standard Webhooks library,
 retried with backoff, recorded in the job; and the result cache, hit in milliseconds without
 the model, shared by the node's two Ingress replicas, never across keys, gone with its job's
-DELETE."""
+DELETE and past its age."""
 import base64
 import hashlib
 import hmac
 import io
 import time
+import typing as tp
 import zipfile
+from pathlib import Path
 
 import pytest
 import requests
@@ -26,6 +28,8 @@ pytestmark = pytest.mark.serve
 KEYS = ("integration-key-one", "integration-key-two")
 RETRY_S = 6.  # webhook_retry_s: attempts at 0, 1 and 3 s, then the next (7 s) is past it
 URL_TIMEOUT_S = 3.
+CACHE_TTL_S = 10.  # result_cache_ttl_s: each cache test here asks again within a few seconds
+HEALTH_S = 1.  # the Ingress' health check period (Serve's default: 10 s), which sweeps the cache
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +55,29 @@ def receiver():
     hooks.close()
 
 
+class Served(tp.NamedTuple):
+    url: str
+    cache: Path  # its result_cache_dir
+
+
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, tiny_repo):
+def served(tmp_path_factory, tiny_repo):
     folder = tmp_path_factory.mktemp("integrations")
     (folder / "keys").write_text("\n".join(KEYS) + "\n")
     server = tiny_service(folder, tiny_repo, {
         "max_upload_mb": 2, "api_keys_file": str(folder / "keys"),
         "url_allow_networks": ["127.0.0.1/32"], "url_timeout_s": URL_TIMEOUT_S,
-        "webhook_retry_s": RETRY_S, "webhook_timeout_s": 2., "result_cache_mb": 64},
-        deployments={"Ingress": {"num_replicas": 2}})  # the cache is the node's, not theirs
-    yield server.url
+        "webhook_retry_s": RETRY_S, "webhook_timeout_s": 2., "result_cache_mb": 64,
+        "result_cache_ttl_s": CACHE_TTL_S, "result_cache_dir": str(folder / "cache")},
+        # the cache is the node's, not theirs
+        deployments={"Ingress": {"num_replicas": 2, "health_check_period_s": HEALTH_S}})
+    yield Served(server.url, folder / "cache")
     server.kill()
+
+
+@pytest.fixture(scope="module")
+def service(served):
+    return served.url
 
 
 def auth(key: str = KEYS[0]) -> dict:
@@ -258,6 +274,30 @@ def test_a_job_reuses_a_cached_result(service, songs):
     done = wait_for(service, answer.json()["id"])
     result = requests.get(service + done["result_url"], headers=auth(), timeout=60)
     assert result.headers["x-cache"] == "hit" and result.status_code == 200
+
+
+def test_a_cached_result_is_answered_and_kept_only_for_its_ttl(served, songs):
+    """`result_cache_ttl_s` counts from the result's making, hits do not extend it: answered
+    at half its age, its file is removed once past it by the Ingress' health checks, with no
+    request coming, and the same request is separated again."""
+    data, fields = songs["cached.mp3"], {"two_stems": "drums"}
+
+    def entries():
+        return {path for path in served.cache.glob("??/*") if not path.name.startswith(".")}
+    before = entries()
+    first = separate(served.url, data=data, **fields)
+    made = time.monotonic()
+    assert first.status_code == 200 and first.headers["x-cache"] == "miss", first.text
+    entry, = entries() - before
+    time.sleep(CACHE_TTL_S / 2)
+    assert separate(served.url, data=data, **fields).headers["x-cache"] == "hit"
+    deadline = made + CACHE_TTL_S * 1.25 + HEALTH_S + 20  # a sweep each quarter of the TTL
+    while entry.exists():
+        assert time.monotonic() < deadline, "an expired result is still on disk"
+        time.sleep(0.2)
+    assert time.monotonic() - made > CACHE_TTL_S - 1, "removed before its time"
+    again = separate(served.url, data=data, **fields)
+    assert again.status_code == 200 and again.headers["x-cache"] == "miss", again.text
 
 
 def test_a_deleted_job_leaves_no_copy_in_the_cache(service, songs):

@@ -90,3 +90,57 @@ def test_processes_on_one_node_share_the_folder(tmp_path):
     assert writer.exitcode == 0
     assert ResultCache(tmp_path, 10 * 2**20).get(key) == (b"from another process",
                                                           {"X-Model": "m"})
+
+
+def test_an_entry_past_its_age_is_a_miss_and_removed_though_it_was_used(tmp_path,
+                                                                       monkeypatch):
+    """`max_age_s` counts from the entry's writing: hits do not extend it. Past it, `get`
+    misses and removes the file, and `evict` (the Ingress runs it while idle) removes every
+    expired entry, those used recently included; the others stay."""
+    from serve_graph import result_cache
+    clock = [time.time()]
+    monkeypatch.setattr(result_cache.time, "time", lambda: clock[0])
+    cache = ResultCache(tmp_path, 10 * 2**20, max_age_s=60.)
+    old, used, young = (cache_key(bytes([n]), {}, MODEL) for n in range(3))
+
+    def at_the_clock(key):  # the file's times as the (moved) clock says, as a hit sets them
+        os.utime(next(tmp_path.glob(f"??/{key}")), (clock[0], clock[0]))
+    for key in (old, used):
+        cache.put(key, b"zip", {"X-Windows": "3"})
+        at_the_clock(key)
+    clock[0] += 50
+    assert cache.get(used) == (b"zip", {"X-Windows": "3"})  # 50 s old: answered
+    at_the_clock(used)
+    cache.put(young, b"zip", {})
+    at_the_clock(young)
+    clock[0] += 11  # 61 s after the first two were written, 11 s after the third
+    assert cache.get(old) is None and not list(tmp_path.glob(f"??/{old}"))
+    assert cache.evict() > 0
+    assert [path.name for _, _, path in cache.entries()] == [young]
+    assert cache.get(young) == (b"zip", {})
+
+
+def test_without_an_age_limit_only_the_size_evicts(tmp_path, monkeypatch):
+    from serve_graph import result_cache
+    clock = [time.time()]
+    monkeypatch.setattr(result_cache.time, "time", lambda: clock[0])
+    cache = ResultCache(tmp_path, 10 * 2**20)
+    key = cache_key(b"a", {}, MODEL)
+    cache.put(key, b"zip", {})
+    clock[0] += 10 * 365 * 86400.
+    assert cache.evict() == 0 and cache.get(key) == (b"zip", {})
+
+
+def test_an_entry_written_before_entries_said_when_counts_as_expired(tmp_path):
+    """An entry left in `result_cache_dir` by an earlier version (its JSON without the time
+    of writing): with an age limit, a miss, not an answer of unknown age."""
+    import json
+
+    from serve_graph.result_cache import HEADER
+    key = cache_key(b"a", {}, MODEL)
+    path = tmp_path / key[:2] / key
+    path.parent.mkdir()
+    meta = json.dumps({"X-Windows": "3"}).encode()
+    path.write_bytes(HEADER.pack(len(meta)) + meta + b"zip")
+    assert ResultCache(tmp_path, 10 * 2**20).get(key) == (b"zip", {"X-Windows": "3"})
+    assert ResultCache(tmp_path, 10 * 2**20, max_age_s=3600.).get(key) is None

@@ -49,12 +49,20 @@ def test_spectral_transforms_are_htdemucs_own(htdemucs):
                     htdemucs._ispec(estimate, inputs.shape[-1]))
 
 
-def test_compiled_runner_matches_eager(tiny_model):
+def test_compiled_runner_matches_eager_and_compiles_nothing_on_a_request_s_path(tiny_model):
+    """What the runner compiled at its start serves every request's windows: a song's (made
+    outside inference mode), a piece of a larger batch at an offset into its storage, a lone
+    last window at one. A guard that failed would compile again, on the request's path."""
     eager = separate(ModelRunner(copy.deepcopy(tiny_model), "cpu"), MIX, batch_size=3)
-    options = RunnerOptions("cpu", compile="compile", compile_backend="eager")
-    compiled = separate(ModelRunner(copy.deepcopy(tiny_model), options=options), MIX,
-                        batch_size=3)
+    options = RunnerOptions("cpu", compile="compile", compile_backend="eager", max_batch=3)
+    runner = ModelRunner(copy.deepcopy(tiny_model), options=options)
+    length = runner.geometry.input_length(0, runner.geometry.segment_lengths[0])
+    windows = th.randn(5, runner.geometry.audio_channels, length) * 0.1
+    with th._dynamo.config.patch(error_on_recompile=True):
+        compiled = separate(runner, MIX, batch_size=3)
+        pieces = [runner(0, windows[1:4]), runner(0, windows[4:])]
     assert residual_db(compiled, eager).max() <= -120
+    assert [piece.shape[0] for piece in pieces] == [3, 1]
 
 
 def test_random_positional_shift_is_not_graph_safe(htdemucs):

@@ -128,8 +128,11 @@ class ModelRunner:
             if self.options.compile != "none" and graph_safe(model):
                 self._capture(index, channels, length)
         elif self.options.compile == "compile" and graph_safe(model):
-            with th.inference_mode():  # compiles for a batch of 1 and for any larger batch
-                for size in (2, 1):
+            # compiles for any batch of 2 or more and for a batch of 1 (a graph of its own):
+            # the frames after the inner network's graph breaks become dynamic in the batch
+            # only at their second size, hence 2 then 3
+            with th.inference_mode():
+                for size in (2, 3, 1):
                     forward(th.zeros(size, channels, length))
 
     def _capture(self, index: int, channels: int, length: int) -> None:

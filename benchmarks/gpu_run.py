@@ -82,6 +82,7 @@ class Profile(tp.NamedTuple):
     repeats: int
     batch_songs: int  # the batch step's
     served: str  # the precision compiled (model step) and served (http, batch)
+    warmups: int = 1  # runs before each timed one (the rehearsal's figures need none)
 
 
 # served in fp16: issue #24's target is <= 3 ms a window at <= -60 dB vs fp32, and on the H100
@@ -89,7 +90,7 @@ class Profile(tp.NamedTuple):
 # (ModelRunner runs a non-finite window again in fp32)
 GPU = Profile("cuda", 216., 10., (16, 32, 64), ("fp16", "bf16"), 16, "inductor", 3, 32, "fp16")
 # fp32 only: this CPU may have no fast bf16/fp16 (the steps' code is the same)
-REHEARSAL = Profile("cpu", 2., 2., (2,), ("fp32",), 2, "eager", 1, 3, "fp32")
+REHEARSAL = Profile("cpu", 2., 2., (2,), ("fp32",), 2, "eager", 1, 3, "fp32", warmups=0)
 
 
 class Figures:
@@ -284,12 +285,14 @@ def measure(args, figures: Figures, runner: ModelRunner, windows: th.Tensor,
             excerpt: th.Tensor, fp32: th.Tensor, precision: str, variant: str) -> None:
     for size in args.profile.batch_sizes:
         batch = th.cat([windows] * -(-size // len(windows)))[:size]
-        seconds = timed(lambda: runner(0, batch), runner.device, args.profile.repeats)
+        seconds = timed(lambda: runner(0, batch), runner.device, args.profile.repeats,
+                        args.profile.warmups)
         figures.record("ms_per_window", round(seconds / size * 1000, 3), "ms",
                        precision=precision, variant=variant, batch=size)
     # one song's windows at once, as a lone request sends them (compiled: CUDA graphs, padded
     # up to a bucket; H100 bf16 on 2026-11-24: eager 375 ms, graphs cut 32 + 4 + 1 526 ms)
-    seconds = timed(lambda: runner(0, windows), runner.device, args.profile.repeats)
+    seconds = timed(lambda: runner(0, windows), runner.device, args.profile.repeats,
+                    args.profile.warmups)
     figures.record("song_alone_ms", round(seconds * 1000, 1), "ms", precision=precision,
                    variant=variant, windows=len(windows))
     stems = separate(runner, excerpt, batch_size=max(args.profile.batch_sizes))
@@ -448,7 +451,8 @@ def roformer(args, figures: Figures) -> None:
         runner = ModelRunner(model, options=RunnerOptions(
             args.profile.device, "bf16" if gpu else "fp32", max_batch=batch))
         windows = th.randn(batch, 2, config.chunk_size)
-        seconds = timed(lambda: runner(0, windows), runner.device, args.profile.repeats) / batch
+        seconds = timed(lambda: runner(0, windows), runner.device, args.profile.repeats,
+                        args.profile.warmups) / batch
         figures.record("roformer_ms_per_window", round(seconds * 1000, 2), "ms",
                        family=family, batch=batch, gflop=round(gflop, 1),
                        tflops=round(gflop / seconds / 1000, 1))

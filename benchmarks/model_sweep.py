@@ -30,9 +30,11 @@ def sync(device: th.device) -> None:
         th.cuda.synchronize(device)
 
 
-def timed(fn: tp.Callable[[], tp.Any], device: th.device, repeats: int) -> float:
-    """Median seconds of `fn()` over `repeats` runs after one warm-up."""
-    fn()
+def timed(fn: tp.Callable[[], tp.Any], device: th.device, repeats: int,
+          warmups: int = 1) -> float:
+    """Median seconds of `fn()` over `repeats` runs after `warmups` runs."""
+    for _ in range(warmups):
+        fn()
     times = []
     for _ in range(repeats):
         sync(device)

@@ -426,10 +426,9 @@ def compile_core(core: HTDemucsCore, backend: str = "inductor",
 def canonical(tensor: th.Tensor) -> th.Tensor:
     """`tensor` as the compiled network's guards expect every input: contiguous, at the start
     of its storage, and an inference tensor when inference mode is on (a copy where it is not
-    one already). Without this, a request's windows (a piece of a larger batch, at an offset into
-    its storage; tensors made outside inference mode) failed the guards of
-    what was compiled at start-up, and each new kind was compiled again on the request's
-    path."""
+    one already). Without this, a request's windows (a piece of a larger batch, at an offset
+    into its storage; tensors made outside inference mode) failed the guards of what was
+    compiled at start-up, and each new kind was compiled again on the request's path."""
     if (tensor.is_contiguous() and tensor.storage_offset() == 0 and
             tensor.is_inference() == th.is_inference_mode_enabled()):
         return tensor

@@ -6,8 +6,8 @@ One file per result in a folder shared by the Ingress replicas of a node: `<key[
 holding an 8-byte length, the answer's headers as JSON, then its body; written to a temporary
 name and renamed, so a reader sees a whole entry or none. A hit touches its file, and a write
 past `max_bytes` removes the least recently used files first. An entry older than `max_age_s`
-(from its writing; hits do not extend it) is never answered and is removed by the next
-`evict`, which the Ingress also runs while idle. The key is a SHA-256 of the
+(from its writing; hits do not extend it) is never answered and is removed by the owner's
+periodic `evict` (the Ingress' health check). The key is a SHA-256 of the
 audio's own hash, the options, the model's facts (name, precision, device kind) and a scope:
 the API key's id unless results are shared across keys. A model's weights replaced under the
 same name are not seen: clear the folder then. A job's entry is removed from every node's
@@ -124,8 +124,8 @@ class ResultCache:
         return body, headers
 
     def put(self, key: str, body: bytes, headers: dict) -> bool:
-        """Keep `body` and `headers` under `key`, then evict down to `max_bytes`; false when
-        the entry is too large to keep."""
+        """Keep `body` and `headers` under `key`, then evict down to `max_bytes` (expired
+        entries are left to the periodic `evict`); false when the entry is too large to keep."""
         meta = json.dumps({**headers, WRITTEN: time.time()}).encode()
         if HEADER.size + len(meta) + len(body) > self.max_bytes // 2:
             return False
@@ -136,7 +136,7 @@ class ResultCache:
             file.write(HEADER.pack(len(meta)) + meta)
             file.write(body)
         os.replace(temporary, path)
-        self.evict()
+        self.evict(expired=False)  # the size alone: no entry's header read on a request's path
         return True
 
     def _expired(self, written: tp.Optional[float]) -> bool:
@@ -171,10 +171,10 @@ class ResultCache:
             found.append((stat.st_mtime, stat.st_size, path))
         return found
 
-    def evict(self) -> int:
-        """Remove the entries past `max_age_s`, the least recently used until the rest fit
-        `max_bytes`, and temporary files a dead writer left over an hour ago; the bytes
-        removed."""
+    def evict(self, expired: bool = True) -> int:
+        """Remove the entries past `max_age_s` (with `expired`), the least recently used until
+        the rest fit `max_bytes`, and temporary files a dead writer left over an hour ago; the
+        bytes removed."""
         for stale in self.folder.glob("??/.*.partial"):
             try:
                 if time.time() - stale.stat().st_mtime > 3600:
@@ -184,7 +184,8 @@ class ResultCache:
         entries = sorted(self.entries())
         total, removed = sum(size for _, size, _ in entries), 0
         for last_used, size, path in entries:
-            if total - removed <= self.max_bytes and not self._expired_entry(last_used, path):
+            if total - removed <= self.max_bytes and not (
+                    expired and self._expired_entry(last_used, path)):
                 continue
             try:
                 path.unlink()

@@ -198,13 +198,13 @@ def oom_backoff(args, profile: Profile) -> tp.Tuple[int, int]:
     if profile.device == "cuda":
         th.cuda.set_per_process_memory_fraction(0.1)
     else:
-        forward = runner._forwards[0]
-
-        def fits_two(windows: th.Tensor) -> th.Tensor:
-            if windows.shape[0] > 2:
-                raise RuntimeError("cuFFT error: CUFFT_ALLOC_FAILED (rehearsal)")
-            return forward(windows)
-        runner._forwards[0] = fits_two
+        def fits_two(forward: tp.Callable) -> tp.Callable:
+            def forward_or_fail(windows: th.Tensor) -> th.Tensor:
+                if windows.shape[0] > 2:
+                    raise RuntimeError("cuFFT error: CUFFT_ALLOC_FAILED (rehearsal)")
+                return forward(windows)
+            return forward_or_fail
+        runner.wrap_forward(0, fits_two)
     failed = 0
     with (args.results / "oom.log").open("a") as log, contextlib.redirect_stderr(log):
         import logging

@@ -110,6 +110,11 @@ class FakeAllocator:
     def __init__(self, forward, capacity: int):
         self.forward, self.capacity, self.sizes = forward, capacity, []
 
+    def around(self, forward) -> "FakeAllocator":
+        """This allocator in front of `forward` (`ModelRunner.wrap_forward`'s `wrap`)."""
+        self.forward = forward
+        return self
+
     def __call__(self, batch: th.Tensor) -> th.Tensor:
         self.sizes.append(batch.shape[0])
         if batch.shape[0] > self.capacity:
@@ -156,8 +161,8 @@ def test_runner_survives_out_of_memory_with_the_same_stems(tiny_model):
     """A runner whose device holds only 2 windows still separates, with identical stems."""
     reference = separate(ModelRunner(copy.deepcopy(tiny_model), "cpu"), MIX, batch_size=8)
     runner = ModelRunner(copy.deepcopy(tiny_model), options=RunnerOptions("cpu", max_batch=8))
-    allocator = FakeAllocator(runner._forwards[0], capacity=2)
-    runner._forwards[0] = allocator
+    allocator = FakeAllocator(None, capacity=2)
+    runner.wrap_forward(0, allocator.around)
     stems = separate(runner, MIX, batch_size=8)
     assert th.equal(stems, reference)
     assert runner.batch_limit() == 2 and max(allocator.sizes) > 2  # it did run out first

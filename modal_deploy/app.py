@@ -49,7 +49,7 @@ def _env(name: str, default: str) -> str:
 
 GPU = _env("SEPARATION_GPU", "B200")
 TIMEOUT = int(_env("SEPARATION_TIMEOUT", "600"))
-RETRIED_STATUSES = (429, 502, 503, 504)  # a job's POST is sent again after these
+RETRIED_STATUSES = (429, 502, 503, 504)  # the client's calls are made again after these
 CHUNK_BYTES = 1 << 20  # read at once from a download
 SCALEDOWN_WINDOW = int(_env("SEPARATION_SCALEDOWN_WINDOW", "60"))
 MIN_CONTAINERS = int(_env("SEPARATION_MIN_CONTAINERS", "0"))
@@ -276,41 +276,91 @@ def main(audio_file: str, **options) -> None:
     print(f"wrote {output} in {time.perf_counter() - start:.1f} s")
 
 
+class Transient(Exception):
+    """A call's failure that the next attempt may not meet (no answer, a cut transfer, 429,
+    502, 503, 504: a container starting or replaced); `wait`: the seconds the answer asked
+    for (Retry-After), None for the back-off's."""
+
+    def __init__(self, problem: str, wait: tp.Optional[float] = None):
+        super().__init__(problem)
+        self.wait = wait
+
+
+def retried(attempt: tp.Callable[[], tp.Any], attempts: int = 5) -> tp.Any:
+    """`attempt()`'s answer, calling it again after each `Transient` failure (after its `wait`,
+    else 1, 2, 4... s; at most 30 s), at most `attempts` times; the last failure ends the client
+    saying why. Any other failure ends it at once."""
+    for number in range(1, attempts + 1):
+        try:
+            return attempt()
+        except Transient as exc:
+            problem = str(exc)
+            print(f"attempt {number} of {attempts}: {problem}")
+            if number < attempts:
+                time.sleep(min(exc.wait if exc.wait is not None else 2. ** (number - 1), 30.))
+    raise SystemExit(problem)
+
+
+def answered(answer, expected: int = 200) -> dict:
+    """The JSON of `answer` (a `requests.Response`) when its status is `expected`; raises
+    `Transient` for a status worth another attempt, else ends the client with the answer."""
+    if answer.status_code == expected:
+        return answer.json()
+    problem = f"{answer.status_code}: {answer.text[:1000]}"
+    if answer.status_code in RETRIED_STATUSES:
+        raise Transient(problem, retry_after(answer.headers.get("Retry-After")))
+    raise SystemExit(problem)
+
+
+def retry_after(value: tp.Optional[str]) -> tp.Optional[float]:
+    """Retry-After's seconds; None when absent or an HTTP date (the back-off's wait then)."""
+    try:
+        return None if value is None else max(0., float(value))
+    except ValueError:
+        return None
+
+
 def submit_job(url: str, song: Path, fields: dict, headers: dict, attempts: int = 5) -> dict:
     """`POST /jobs` of `song` under one `Idempotency-Key`, sent again when its answer is lost
-    or is a 429, 502, 503 or 504 (a container starting: after Retry-After, at most 30 s): a
-    retry gets the job the first attempt made, never a second one. The job's view."""
+    or is a 429, 502, 503 or 504 (`retried`): a retry gets the job the first attempt made,
+    never a second one. The job's view."""
     import requests
     headers = {**headers, "Idempotency-Key": str(uuid.uuid4())}
-    for attempt in range(1, attempts + 1):
-        wait = 2. ** (attempt - 1)
+
+    def post() -> dict:
         try:
             with song.open("rb") as audio:
                 answer = requests.post(f"{url}/jobs", files={"audio_file": (song.name, audio)},
                                        data=fields, headers=headers, timeout=120)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            problem = f"no answer: {exc}"
-        else:
-            if answer.status_code == 202:
-                return answer.json()
-            problem = f"{answer.status_code}: {answer.text}"
-            if answer.status_code not in RETRIED_STATUSES:
-                break
-            wait = float(answer.headers.get("Retry-After", wait))
-        print(f"attempt {attempt} of {attempts}: {problem}")
-        if attempt < attempts:
-            time.sleep(min(wait, 30.))
-    raise SystemExit(problem)
+            raise Transient(f"no answer: {exc}") from exc
+        return answered(answer, 202)
+    return retried(post, attempts)
+
+
+POLL_ATTEMPTS = 8  # of one status poll: ~1.5 min of back-off, a container's replacement
+
+
+def job_view(url: str, headers: dict) -> dict:
+    """`GET` of a job's status URL, asked again through a lost answer or a 502 (`retried`)."""
+    import requests
+
+    def get() -> dict:
+        try:
+            answer = requests.get(url, headers=headers, timeout=60)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise Transient(f"no answer: {exc}") from exc
+        return answered(answer)
+    return retried(get, POLL_ATTEMPTS)
 
 
 def run_job(url: str, song: Path, fields: dict, headers: dict, poll: float = 1.) -> bytes:
     """Submit `song` as a job (`submit_job`), print its progress until it ends, return its
     ZIP."""
-    import requests
     job = submit_job(url, song, fields, headers)
     while job["status"] not in ("done", "failed", "cancelled"):
         time.sleep(poll)
-        job = requests.get(url + job["status_url"], headers=headers, timeout=60).json()
+        job = job_view(url + job["status_url"], headers)
         progress = job["progress"]
         print(f"\r{job['stage']}: {progress['windows_done']}/{progress['windows_total'] or '?'}"
               f" windows", end="", flush=True)
@@ -321,23 +371,25 @@ def run_job(url: str, song: Path, fields: dict, headers: dict, poll: float = 1.)
 
 
 def download(url: str, headers: dict, attempts: int = 5) -> bytes:
-    """The file at `url`; a transfer cut off is resumed where it stopped (a byte range)."""
+    """The file at `url`; a transfer cut off is resumed where it stopped (a byte range), one
+    answered 429/502/503/504 asked again (`retried`)."""
     import requests
     import urllib3
     data = bytearray()
-    for attempt in range(1, attempts + 1):
+
+    def get() -> bytes:
         asked = {**headers, "Range": f"bytes={len(data)}-"} if data else headers
         try:
             with requests.get(url, headers=asked, stream=True, timeout=TIMEOUT) as answer:
-                answer.raise_for_status()
+                if answer.status_code not in (200, 206):
+                    answered(answer)
                 if answer.status_code == 200:
                     data.clear()  # the whole file again
                 # each piece as it arrives: what came before a cut is kept
                 while chunk := answer.raw.read1(CHUNK_BYTES):
-                    data += chunk
+                    data.extend(chunk)
             return bytes(data)
-        except (requests.ConnectionError, urllib3.exceptions.HTTPError) as exc:
-            print(f"download cut off at {len(data)} bytes (attempt {attempt} of {attempts}): "
-                  f"{exc}")
-            time.sleep(min(2. ** (attempt - 1), 30.))
-    raise SystemExit(f"could not download {url} in {attempts} attempts")
+        except (requests.ConnectionError, requests.Timeout,
+                urllib3.exceptions.HTTPError) as exc:
+            raise Transient(f"download cut off at {len(data)} bytes: {exc}") from exc
+    return retried(get, attempts)

@@ -397,8 +397,10 @@ def test_modal_client_runs_a_song_as_a_job_and_a_lost_answer_makes_no_second_job
     """The Modal local entrypoint's client half (`run_job`) against this service, through a
     proxy that loses the answer to its first POST and cuts its first download half-way: the
     client sends the POST again under the same Idempotency-Key and follows the job the first
-    one made, and resumes the download from where it stopped (a byte range)."""
-    from modal_deploy.app import run_job
+    one made, and resumes the download from where it stopped (a byte range). Its status
+    polls, answered 502 twice (a load balancer while a container is replaced), ask again; a
+    404 ends the client at once, saying so."""
+    from modal_deploy.app import job_view, run_job
     path = tmp_path / "song.mp3"
     path.write_bytes(song)
     proxy = LosingProxy(service.url, cut=1)
@@ -415,6 +417,15 @@ def test_modal_client_runs_a_song_as_a_job_and_a_lost_answer_makes_no_second_job
     mine = requests.get(service.url + "/jobs?limit=100", headers=auth(), timeout=30).json()
     assert [job["id"] for job in mine["jobs"]].count(first) == 1
     assert mine["jobs"][0]["id"] == first  # the newest: no second job after it
+
+    replaced = LosingProxy(service.url, lose=0, bad_gateway=2)
+    try:
+        assert job_view(f"{replaced.url}/jobs/{first}", auth())["status"] == "done"
+        assert replaced.bad_gateways == [f"/jobs/{first}"] * 2
+        with pytest.raises(SystemExit, match="^404: .*job_not_found"):
+            job_view(f"{replaced.url}/jobs/no-such-job", auth())
+    finally:
+        replaced.close()
 
 
 def test_a_finished_job_is_forgotten_after_its_ttl(service, expiring_job):

@@ -123,18 +123,36 @@ class LosingProxy:
     sends each on, keeps what came back (`lost`: `(status, body)`), and closes the client's
     connection without a word, as a network that dropped the answer; and cuts the first
     `cut` answers to a GET of a path ending in `cut_suffix` half-way through their body
-    (`ranges`: the Range header of each such GET). Everything else it relays."""
+    (`ranges`: the Range header of each such GET); answers the first `bad_gateway` GETs of a
+    job's status (`/jobs/<id>`) itself, 502 with an HTML page, as a load balancer does while
+    the service behind it is replaced (`bad_gateways`: their paths). Everything else it
+    relays."""
 
     def __init__(self, upstream: str, lose: int = 1, cut: int = 0,
-                 cut_suffix: str = "/result"):
+                 cut_suffix: str = "/result", bad_gateway: int = 0):
+        import re
+
         import requests
         self.lost: tp.List[tp.Tuple[int, bytes]] = []
         self.ranges: tp.List[tp.Optional[str]] = []
+        self.bad_gateways: tp.List[str] = []
         proxy = self
 
         class Relay(_Quiet):
+            def _bad_gateway(self) -> None:
+                proxy.bad_gateways.append(self.path)
+                page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+                self.send_response(502)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
             def _relay(self, method: str) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if (method == "GET" and re.fullmatch(r"/jobs/[^/?]+", self.path)
+                        and len(proxy.bad_gateways) < bad_gateway):
+                    return self._bad_gateway()
                 headers = {name: value for name, value in self.headers.items()
                            if name.lower() not in ("host", "content-length", "connection")}
                 answer = requests.request(method, upstream + self.path, data=body,

@@ -1,5 +1,6 @@
 """The batch mode's parts without Ray: INPUT resolved to songs (folder, glob, list, manifest),
 windows batched across songs, and several songs separated at once equal to each one alone."""
+import errno
 import io
 import time
 import typing as tp
@@ -307,7 +308,7 @@ def test_a_full_output_stops_the_call_and_records_no_song(tmp_path, tiny_repo, m
 
 
 @pytest.mark.parametrize("cause, exit_code", [
-    (OSError(28, "No space left on device"), 3), (KeyboardInterrupt(), 130)])
+    (OSError(errno.ENOSPC, "No space left on device"), 3), (KeyboardInterrupt(), 130)])
 def test_a_run_stopped_while_it_writes_the_manifest_says_it_stopped(tmp_path, monkeypatch,
                                                                     cause, exit_code):
     """Every song recorded, then the manifest's write meets a full OUTPUT (errno 28, ENOSPC)

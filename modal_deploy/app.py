@@ -382,7 +382,7 @@ def download(url: str, headers: dict, attempts: int = 5) -> bytes:
         try:
             with requests.get(url, headers=asked, stream=True, timeout=TIMEOUT) as answer:
                 if answer.status_code not in (200, 206):
-                    answered(answer)
+                    answered(answer)  # raises: Transient (asked again) or SystemExit
                 if answer.status_code == 200:
                     data.clear()  # the whole file again
                 # each piece as it arrives: what came before a cut is kept
